@@ -1,0 +1,131 @@
+//! Stable error codes shared by every layer.
+//!
+//! Each failure the library can report has one code. The codes are part of the public API:
+//! JavaScript sees them as `MultifdError.code`, scripts see them in `--json` output, and tests
+//! assert on them. Never rename one; add new ones at the end.
+
+use std::fmt;
+
+macro_rules! error_codes {
+    ($( $(#[$doc:meta])* $variant:ident => $code:literal, )*) => {
+        /// A stable, machine-readable reason for a failure.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum ErrorCode {
+            $( $(#[$doc])* $variant, )*
+        }
+
+        impl ErrorCode {
+            /// Every code, in declaration order.
+            pub const ALL: &'static [ErrorCode] = &[$(ErrorCode::$variant,)*];
+
+            /// The code's string form, e.g. `ERR_MULTIFD_BAD_MAGIC`.
+            pub const fn as_str(self) -> &'static str {
+                match self { $(ErrorCode::$variant => $code,)* }
+            }
+
+            /// The code with this string form, if any.
+            pub fn from_str_code(s: &str) -> Option<ErrorCode> {
+                match s { $($code => Some(ErrorCode::$variant),)* _ => None }
+            }
+        }
+    };
+}
+
+error_codes! {
+    /// The first four bytes are not the multifd magic 0x11223344.
+    BadMagic => "ERR_MULTIFD_BAD_MAGIC",
+    /// The version field is not 1.
+    BadVersion => "ERR_MULTIFD_BAD_VERSION",
+    /// The init packet's session UUID is not the destination's.
+    UuidMismatch => "ERR_MULTIFD_UUID_MISMATCH",
+    /// A channel id at or above the channel count.
+    ChannelIdRange => "ERR_MULTIFD_CHANNEL_ID_RANGE",
+    /// A second channel announced an id already taken.
+    ChannelDuplicate => "ERR_MULTIFD_CHANNEL_DUPLICATE",
+    /// `pages_alloc` above this side's pages per packet.
+    PagesAlloc => "ERR_MULTIFD_PAGES_ALLOC",
+    /// `normal_pages` above `pages_alloc`.
+    NormalPages => "ERR_MULTIFD_NORMAL_PAGES",
+    /// `zero_pages` above `pages_alloc - normal_pages`.
+    ZeroPages => "ERR_MULTIFD_ZERO_PAGES",
+    /// The block name has no NUL within its 256 bytes.
+    BlockName => "ERR_MULTIFD_BLOCK_NAME",
+    /// The block name is not a registered block.
+    UnknownBlock => "ERR_MULTIFD_UNKNOWN_BLOCK",
+    /// A page offset that is not a multiple of the page size.
+    OffsetAlign => "ERR_MULTIFD_OFFSET_ALIGN",
+    /// A page offset whose page does not lie inside the block.
+    OffsetRange => "ERR_MULTIFD_OFFSET_RANGE",
+    /// Flag bits this implementation does not know.
+    UnknownFlags => "ERR_MULTIFD_UNKNOWN_FLAGS",
+    /// A compression method QEMU defines but this implementation does not support.
+    UnsupportedCompression => "ERR_MULTIFD_UNSUPPORTED_COMPRESSION",
+    /// A packet kind this implementation does not accept (device state).
+    UnsupportedPacket => "ERR_MULTIFD_UNSUPPORTED_PACKET",
+    /// The packet's compression method is not the negotiated one.
+    CompressionMismatch => "ERR_MULTIFD_COMPRESSION_MISMATCH",
+    /// `next_packet_size` does not fit the packet's pages or the payload bound.
+    PayloadSize => "ERR_MULTIFD_PAYLOAD_SIZE",
+    /// Fewer bytes than a complete packet or header.
+    Truncated => "ERR_MULTIFD_TRUNCATED",
+    /// An argument outside its allowed range (page size, lengths, names, ranges).
+    InvalidArgument => "ERR_MULTIFD_INVALID_ARGUMENT",
+}
+
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A failure with its stable code and a message that says what was expected and what arrived.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{code}: {message}")]
+pub struct Error {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl Error {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Error { code, message: message.into() }
+    }
+
+    /// Prefixes the message with where it happened, e.g. `channel 3`.
+    pub fn context(mut self, place: impl fmt::Display) -> Self {
+        self.message = format!("{place}: {}", self.message);
+        self
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Shorthand for `Err(Error::new(code, format!(...)))`.
+macro_rules! fail {
+    ($code:ident, $($arg:tt)*) => {
+        return Err($crate::error::Error::new($crate::error::ErrorCode::$code, format!($($arg)*)))
+    };
+}
+pub(crate) use fail;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_are_unique_and_round_trip() {
+        let mut seen = std::collections::HashSet::new();
+        for &code in ErrorCode::ALL {
+            assert!(code.as_str().starts_with("ERR_MULTIFD_"));
+            assert!(seen.insert(code.as_str()), "duplicate {code}");
+            assert_eq!(ErrorCode::from_str_code(code.as_str()), Some(code));
+        }
+        assert_eq!(ErrorCode::from_str_code("ERR_NOPE"), None);
+    }
+
+    #[test]
+    fn display_has_code_then_message() {
+        let e = Error::new(ErrorCode::BadMagic, "got 0x1").context("channel 2");
+        assert_eq!(e.to_string(), "ERR_MULTIFD_BAD_MAGIC: channel 2: got 0x1");
+    }
+}

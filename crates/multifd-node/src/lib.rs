@@ -1,0 +1,4 @@
+//! napi-rs bindings over `multifd-core`: type conversion and error codes only.
+
+pub mod codec;
+mod errors;

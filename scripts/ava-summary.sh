@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Runs ava with TAP output and prints the closing line CI reads: `ava: N passed, N failed`.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+tap="$(mktemp)"
+trap 'rm -f "$tap"' EXIT
+npx ava --tap "$@" 2>&1 | tee "$tap"
+rc=${PIPESTATUS[0]}
+awk '
+  /^ok [0-9]+ /      { if ($0 ~ /# SKIP/) s++; else p++ }
+  /^not ok [0-9]+ /  { if ($0 ~ /# TODO/) t++; else f++ }
+  END { printf "ava: %d passed, %d failed, %d skipped\n", p, f, s }' "$tap"
+exit "$rc"

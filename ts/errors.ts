@@ -1,0 +1,65 @@
+/**
+ * Every failure the package reports is a `MultifdError` with a stable `code`. The codes come
+ * from the Rust core (`crates/multifd-core/src/error.rs`); a test keeps this list in step.
+ */
+export const ERROR_CODES = [
+  'ERR_MULTIFD_BAD_MAGIC',
+  'ERR_MULTIFD_BAD_VERSION',
+  'ERR_MULTIFD_UUID_MISMATCH',
+  'ERR_MULTIFD_CHANNEL_ID_RANGE',
+  'ERR_MULTIFD_CHANNEL_DUPLICATE',
+  'ERR_MULTIFD_PAGES_ALLOC',
+  'ERR_MULTIFD_NORMAL_PAGES',
+  'ERR_MULTIFD_ZERO_PAGES',
+  'ERR_MULTIFD_BLOCK_NAME',
+  'ERR_MULTIFD_UNKNOWN_BLOCK',
+  'ERR_MULTIFD_OFFSET_ALIGN',
+  'ERR_MULTIFD_OFFSET_RANGE',
+  'ERR_MULTIFD_UNKNOWN_FLAGS',
+  'ERR_MULTIFD_UNSUPPORTED_COMPRESSION',
+  'ERR_MULTIFD_UNSUPPORTED_PACKET',
+  'ERR_MULTIFD_COMPRESSION_MISMATCH',
+  'ERR_MULTIFD_PAYLOAD_SIZE',
+  'ERR_MULTIFD_TRUNCATED',
+  'ERR_MULTIFD_INVALID_ARGUMENT',
+] as const
+
+export type MultifdErrorCode = (typeof ERROR_CODES)[number]
+
+const KNOWN = new Set<string>(ERROR_CODES)
+
+function isCode(s: string): s is MultifdErrorCode {
+  return KNOWN.has(s)
+}
+
+export class MultifdError extends Error {
+  override readonly name = 'MultifdError'
+  readonly code: MultifdErrorCode
+
+  constructor(code: MultifdErrorCode, message: string, options?: { cause?: unknown }) {
+    super(message, options)
+    this.code = code
+  }
+}
+
+const NATIVE_PREFIX = /^(ERR_MULTIFD_[A-Z_]+): ([\s\S]*)$/
+
+/**
+ * Turns an error thrown by the native addon (message `ERR_MULTIFD_…: text`) into a
+ * `MultifdError`. Anything else is returned unchanged.
+ */
+export function fromNative(e: unknown): unknown {
+  if (!(e instanceof Error)) return e
+  const m = NATIVE_PREFIX.exec(e.message)
+  if (!m || !isCode(m[1]!)) return e
+  return new MultifdError(m[1]!, m[2]!, { cause: e })
+}
+
+/** Calls into the addon, converting its errors. */
+export function native<T>(call: () => T): T {
+  try {
+    return call()
+  } catch (e) {
+    throw fromNative(e)
+  }
+}

@@ -1,0 +1,2 @@
+// The generated napi-rs loader. It is CommonJS; Node exposes its exports as named ESM imports.
+export * as binding from './native/binding.cjs'
