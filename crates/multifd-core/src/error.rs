@@ -70,6 +70,24 @@ error_codes! {
     Truncated => "ERR_MULTIFD_TRUNCATED",
     /// An argument outside its allowed range (page size, lengths, names, ranges).
     InvalidArgument => "ERR_MULTIFD_INVALID_ARGUMENT",
+    /// A system call failed (socket, file, mapping); the message carries the OS error.
+    Io => "ERR_MULTIFD_IO",
+    /// The peer closed a connection where more bytes were due.
+    ConnectionClosed => "ERR_MULTIFD_CONNECTION_CLOSED",
+    /// Something did not happen in time: channels that never arrived, a silent peer.
+    Timeout => "ERR_MULTIFD_TIMEOUT",
+    /// The migration was cancelled (locally or by the peer).
+    Cancelled => "ERR_MULTIFD_CANCELLED",
+    /// The two sides' block tables differ (names, lengths or page size).
+    BlockMismatch => "ERR_MULTIFD_BLOCK_MISMATCH",
+    /// The two sides disagree on the number of channels.
+    ChannelCountMismatch => "ERR_MULTIFD_CHANNEL_COUNT_MISMATCH",
+    /// The control protocol versions or messages do not match.
+    Protocol => "ERR_MULTIFD_PROTOCOL",
+    /// A connection whose first bytes are neither a control nor a multifd channel.
+    UnknownChannel => "ERR_MULTIFD_UNKNOWN_CHANNEL",
+    /// An operation that the session's current state does not allow.
+    State => "ERR_MULTIFD_STATE",
 }
 
 impl fmt::Display for ErrorCode {

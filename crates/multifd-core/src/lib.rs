@@ -1,10 +1,18 @@
-//! The data plane of `multifd`: QEMU-compatible multifd wire codec, page bitmaps and zero-page
-//! detection. Pure Rust with no N-API, so everything here is tested with `cargo test` and can
-//! be fuzzed; `multifd-node` only binds it to JavaScript.
+//! The data plane of `multifd`: QEMU-compatible multifd wire codec, RAM blocks, page bitmaps,
+//! zero-page detection, and the source and destination channel threads. Pure Rust with no
+//! N-API, so everything here is tested with `cargo test` and can be fuzzed; `multifd-node`
+//! only binds it to JavaScript.
 
 pub mod bitmap;
+pub mod block;
+pub mod control;
+pub mod dest;
 pub mod error;
 mod hex;
+pub mod io;
+pub mod session;
+pub mod source;
+pub mod transport;
 pub mod wire;
 pub mod zero;
 

@@ -1,0 +1,102 @@
+//! The control connection's byte layer: a 4-byte magic, then length-prefixed frames. What the
+//! frames say (hello, sync, complete, error) is decided by the orchestrator (TypeScript);
+//! docs/PROTOCOL.md describes both layers.
+
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crate::error::{Result, fail};
+use crate::io::{read_exact, write_all};
+use crate::session::{Event, EventSink};
+use crate::transport::{Address, Conn};
+
+/// First bytes of a control connection: "MFDC". Distinct from the multifd magic 0x11223344.
+pub const CONTROL_MAGIC: u32 = 0x4d46_4443;
+/// Largest control frame accepted; control messages are small.
+pub const MAX_FRAME: u32 = 1 << 20;
+/// How long a control write may block before the peer is considered gone.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A control connection with its reader thread.
+pub struct Control {
+    conn: Arc<Conn>,
+    write: Mutex<()>,
+    reader: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Control {
+    /// Source side: connects and announces itself with the control magic.
+    pub fn connect(addr: &Address, timeout: Duration, events: EventSink) -> Result<Arc<Control>> {
+        let conn = Conn::connect(addr, timeout)?;
+        write_all(conn.fd(), &[&CONTROL_MAGIC.to_be_bytes()])?;
+        Ok(Self::start(conn, events))
+    }
+
+    /// Destination side: the acceptor already consumed the magic.
+    pub fn accepted(conn: Conn, events: EventSink) -> Arc<Control> {
+        Self::start(conn, events)
+    }
+
+    fn start(conn: Conn, events: EventSink) -> Arc<Control> {
+        let _ = conn.set_write_timeout(Some(WRITE_TIMEOUT));
+        let conn = Arc::new(conn);
+        let reader_conn = conn.clone();
+        let reader = std::thread::Builder::new()
+            .name("multifd/control".into())
+            .spawn(move || {
+                let end = loop {
+                    match read_frame(&reader_conn) {
+                        Ok(Some(frame)) => events(Event::Control(frame)),
+                        Ok(None) => break None,
+                        Err(e) => break Some(e),
+                    }
+                };
+                events(Event::ControlClosed(end));
+            })
+            .expect("spawn control reader");
+        Arc::new(Control { conn, write: Mutex::new(()), reader: Mutex::new(Some(reader)) })
+    }
+
+    pub fn conn(&self) -> &Arc<Conn> {
+        &self.conn
+    }
+
+    pub fn send(&self, frame: &[u8]) -> Result<()> {
+        if frame.len() > MAX_FRAME as usize {
+            fail!(InvalidArgument, "control frame of {} bytes is above the {MAX_FRAME}-byte limit", frame.len());
+        }
+        let _guard = self.write.lock().unwrap();
+        write_all(self.conn.fd(), &[&(frame.len() as u32).to_be_bytes(), frame])
+    }
+
+    /// Shuts the connection down and joins the reader.
+    pub fn close(&self) {
+        self.conn.shutdown();
+        if let Some(r) = self.reader.lock().unwrap().take() {
+            let _ = r.join();
+        }
+    }
+}
+
+impl Drop for Control {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+fn read_frame(conn: &Conn) -> Result<Option<Vec<u8>>> {
+    let mut len = [0u8; 4];
+    if !read_exact(conn.fd(), &mut len)? {
+        return Ok(None);
+    }
+    let len = u32::from_be_bytes(len);
+    if len > MAX_FRAME {
+        fail!(Protocol, "control frame of {len} bytes is above the {MAX_FRAME}-byte limit");
+    }
+    let mut frame = vec![0u8; len as usize];
+    if len > 0 && !read_exact(conn.fd(), &mut frame)? {
+        fail!(ConnectionClosed, "control connection closed inside a frame");
+    }
+    Ok(Some(frame))
+}

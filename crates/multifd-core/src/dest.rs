@@ -1,0 +1,405 @@
+//! The destination data plane: one listener, connections classified by their first bytes,
+//! multifd channels admitted by their init packets, and one receive thread per channel that
+//! reads pages straight into block memory. SYNC packets meet at a barrier.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crate::block::RamBlock;
+use crate::control::{CONTROL_MAGIC, Control};
+use crate::error::{Error, ErrorCode, Result, fail};
+use crate::io::{iovec, read_exact, readv_exact};
+use crate::session::{ChannelStats, Event, EventSink, Failure};
+use crate::transport::{Address, Conn, Listener};
+use crate::wire::{BlockLookup, COMMON_HEADER_LEN, ChannelClaims, CommonHeader, Compression, Geometry, INIT_PACKET_LEN, InitPacket, MAGIC, PacketHeader, PacketValidator};
+
+/// What the destination expects, known once the control handshake has been accepted.
+pub struct DestConfig {
+    pub uuid: [u8; 16],
+    pub channels: u8,
+    pub geometry: Geometry,
+    pub compression: Compression,
+    pub blocks: Vec<Arc<RamBlock>>,
+    /// How long after `configure` every channel must have arrived.
+    pub channel_timeout: Duration,
+}
+
+/// The blocks by name, for the validator.
+struct BlockTable {
+    blocks: Vec<Arc<RamBlock>>,
+    by_name: HashMap<Vec<u8>, usize>,
+}
+
+impl BlockLookup for BlockTable {
+    fn lookup(&self, name: &[u8]) -> Option<(usize, u64)> {
+        self.by_name.get(name).map(|&i| (i, self.blocks[i].len()))
+    }
+}
+
+struct Barrier {
+    state: Mutex<BarrierState>,
+    cv: Condvar,
+}
+
+struct BarrierState {
+    arrived: u32,
+    epoch: u64,
+    high_water: u64,
+    stopping: bool,
+}
+
+struct Session {
+    uuid: [u8; 16],
+    channels: u32,
+    geometry: Geometry,
+    compression: Compression,
+    table: BlockTable,
+    claims: Mutex<ChannelClaims>,
+    deadline: Instant,
+    barrier: Barrier,
+    stats: Vec<ChannelStats>,
+}
+
+struct Inner {
+    failure: Arc<Failure>,
+    events: EventSink,
+    closing: AtomicBool,
+    finishing: AtomicBool,
+    session: Mutex<Option<Arc<Session>>>,
+    /// Channels that arrived before `configure`, with their init packets.
+    pending: Mutex<Vec<(Conn, [u8; INIT_PACKET_LEN])>>,
+    control: Mutex<Option<Arc<Control>>>,
+    channel_conns: Mutex<Vec<Arc<Conn>>>,
+    receivers: Mutex<Vec<JoinHandle<()>>>,
+    classify_timeout: Duration,
+}
+
+/// A listening destination.
+pub struct Destination {
+    inner: Arc<Inner>,
+    address: Address,
+    acceptor: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Destination {
+    /// Binds `address` and starts accepting. `classify_timeout` bounds how long a new
+    /// connection may take to send its first bytes.
+    pub fn listen(address: &Address, classify_timeout: Duration, events: EventSink) -> Result<Destination> {
+        let listener = Listener::bind(address)?;
+        let bound = listener.local_address()?;
+        let inner = Arc::new(Inner {
+            failure: Failure::new(events.clone()),
+            events,
+            closing: AtomicBool::new(false),
+            finishing: AtomicBool::new(false),
+            session: Mutex::new(None),
+            pending: Mutex::new(Vec::new()),
+            control: Mutex::new(None),
+            channel_conns: Mutex::new(Vec::new()),
+            receivers: Mutex::new(Vec::new()),
+            classify_timeout,
+        });
+        let weak = Arc::downgrade(&inner);
+        inner.failure.on_failure(move || {
+            if let Some(i) = weak.upgrade() {
+                i.stop_barrier();
+            }
+        });
+        let i = inner.clone();
+        let acceptor = std::thread::Builder::new()
+            .name("multifd/accept".into())
+            .spawn(move || i.accept_loop(listener))
+            .map_err(|e| Error::new(ErrorCode::Io, format!("spawn acceptor: {e}")))?;
+        Ok(Destination { inner, address: bound, acceptor: Mutex::new(Some(acceptor)) })
+    }
+
+    /// The address peers connect to (the real port when bound to port 0).
+    pub fn address(&self) -> &Address {
+        &self.address
+    }
+
+    pub fn failure(&self) -> &Arc<Failure> {
+        &self.inner.failure
+    }
+
+    /// Sends a frame on the accepted control connection.
+    pub fn send_control(&self, frame: &[u8]) -> Result<()> {
+        match self.inner.control.lock().unwrap().as_ref() {
+            Some(c) => c.send(frame),
+            None => fail!(State, "no control connection yet"),
+        }
+    }
+
+    /// Starts admitting multifd channels for this session (and those that already arrived).
+    pub fn configure(&self, config: DestConfig) -> Result<()> {
+        let mut slot = self.inner.session.lock().unwrap();
+        if slot.is_some() {
+            fail!(State, "the destination is already configured");
+        }
+        for b in &config.blocks {
+            if b.page_size() != config.geometry.page_size() {
+                fail!(BlockMismatch, "block {:?} has {}-byte pages, the session uses {}", b.name(), b.page_size(), config.geometry.page_size());
+            }
+        }
+        let by_name = config.blocks.iter().enumerate().map(|(i, b)| (b.name().as_bytes().to_vec(), i)).collect();
+        let n = u32::from(config.channels);
+        let session = Arc::new(Session {
+            uuid: config.uuid,
+            channels: n,
+            geometry: config.geometry,
+            compression: config.compression,
+            table: BlockTable { blocks: config.blocks, by_name },
+            claims: Mutex::new(ChannelClaims::new(n)?),
+            deadline: Instant::now() + config.channel_timeout,
+            barrier: Barrier { state: Mutex::new(BarrierState { arrived: 0, epoch: 0, high_water: 0, stopping: false }), cv: Condvar::new() },
+            stats: (0..n).map(|_| ChannelStats::default()).collect(),
+        });
+        *slot = Some(session.clone());
+        drop(slot);
+        let pending = std::mem::take(&mut *self.inner.pending.lock().unwrap());
+        for (conn, init) in pending {
+            self.inner.admit(&session, conn, init);
+        }
+        Ok(())
+    }
+
+    pub fn stats(&self) -> Vec<[u64; 5]> {
+        match self.inner.session.lock().unwrap().as_ref() {
+            Some(s) => s.stats.iter().map(|c| c.snapshot()).collect(),
+            None => Vec::new(),
+        }
+    }
+
+    /// Ends a successful migration: channels may now close, their readers stop at the next
+    /// packet boundary and are joined. Returns the first error if the session failed.
+    pub fn finish(&self) -> Result<()> {
+        self.inner.finishing.store(true, Ordering::Release);
+        for c in self.inner.channel_conns.lock().unwrap().iter() {
+            c.shutdown_read();
+        }
+        self.join_receivers();
+        match self.inner.failure.first() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    fn join_receivers(&self) {
+        let handles = std::mem::take(&mut *self.inner.receivers.lock().unwrap());
+        for h in handles {
+            let _ = h.join();
+        }
+    }
+
+    /// Stops accepting, shuts every connection down and joins every thread. Idempotent.
+    pub fn close(&self) {
+        self.inner.closing.store(true, Ordering::Release);
+        self.inner.finishing.store(true, Ordering::Release);
+        self.inner.stop_barrier();
+        for c in self.inner.channel_conns.lock().unwrap().iter() {
+            c.shutdown();
+        }
+        if let Some(a) = self.acceptor.lock().unwrap().take() {
+            let _ = a.join();
+        }
+        self.join_receivers();
+        self.inner.pending.lock().unwrap().clear();
+        if let Some(c) = self.inner.control.lock().unwrap().take() {
+            c.close();
+        }
+    }
+}
+
+impl Drop for Destination {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+impl Inner {
+    fn stop_barrier(&self) {
+        if let Some(s) = self.session.lock().unwrap().as_ref() {
+            s.barrier.state.lock().unwrap().stopping = true;
+            s.barrier.cv.notify_all();
+        }
+    }
+
+    fn accept_loop(self: &Arc<Self>, listener: Listener) {
+        while !self.closing.load(Ordering::Acquire) {
+            self.check_deadline();
+            match listener.accept_timeout(Duration::from_millis(50)) {
+                Ok(Some(conn)) => {
+                    if let Err(e) = self.classify(conn) {
+                        self.failure.fail(e);
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    self.failure.fail(e);
+                    return;
+                }
+            }
+        }
+    }
+
+    fn check_deadline(&self) {
+        let session = self.session.lock().unwrap().clone();
+        if let Some(s) = session {
+            let claims = s.claims.lock().unwrap();
+            if !claims.is_complete() && Instant::now() > s.deadline && !self.failure.is_failed() {
+                let missing = claims.missing();
+                drop(claims);
+                self.failure.fail(Error::new(
+                    ErrorCode::Timeout,
+                    format!("multifd channel(s) {missing:?} of {} never arrived", s.channels),
+                ));
+            }
+        }
+    }
+
+    /// Reads a new connection's first bytes to tell a control connection from a channel.
+    fn classify(self: &Arc<Self>, conn: Conn) -> Result<()> {
+        conn.set_read_timeout(Some(self.classify_timeout))?;
+        let mut magic = [0u8; 4];
+        if !read_exact(conn.fd(), &mut magic)? {
+            return Ok(()); // connected and left without a byte: nothing to do
+        }
+        match u32::from_be_bytes(magic) {
+            CONTROL_MAGIC => {
+                conn.set_read_timeout(None)?;
+                let mut slot = self.control.lock().unwrap();
+                if slot.is_some() {
+                    fail!(Protocol, "a second control connection arrived; one session per destination");
+                }
+                *slot = Some(Control::accepted(conn, self.events.clone()));
+                drop(slot);
+                (self.events)(Event::ControlConnected);
+            }
+            MAGIC => {
+                let mut init = [0u8; INIT_PACKET_LEN];
+                init[..4].copy_from_slice(&magic);
+                if !read_exact(conn.fd(), &mut init[4..])? {
+                    fail!(ConnectionClosed, "a multifd channel closed inside its init packet");
+                }
+                conn.set_read_timeout(None)?;
+                let session = self.session.lock().unwrap().clone();
+                match session {
+                    Some(s) => self.admit(&s, conn, init),
+                    None => self.pending.lock().unwrap().push((conn, init)),
+                }
+            }
+            other => fail!(UnknownChannel, "a connection started with 0x{other:08x}, neither the control magic 0x{CONTROL_MAGIC:08x} nor the multifd magic 0x{MAGIC:08x}"),
+        }
+        Ok(())
+    }
+
+    fn admit(self: &Arc<Self>, s: &Arc<Session>, conn: Conn, init: [u8; INIT_PACKET_LEN]) {
+        let admitted = InitPacket::admit(&init, &s.uuid, &mut s.claims.lock().unwrap());
+        let init = match admitted {
+            Ok(i) => i,
+            Err(e) => {
+                conn.shutdown();
+                self.failure.fail(e.context(format!("multifd channel #{}", self.channel_conns.lock().unwrap().len())));
+                return;
+            }
+        };
+        let conn = Arc::new(conn);
+        self.failure.watch(conn.clone());
+        self.channel_conns.lock().unwrap().push(conn.clone());
+        let (me, s2) = (self.clone(), s.clone());
+        let id = init.channel_id;
+        let spawned = std::thread::Builder::new().name(format!("multifd/recv/{id}")).spawn(move || {
+            if let Err(e) = me.receive(&s2, id, &conn) {
+                me.failure.fail(e.context(format!("channel {id}")));
+            }
+        });
+        match spawned {
+            Ok(h) => {
+                self.receivers.lock().unwrap().push(h);
+                (self.events)(Event::ChannelUp { id });
+            }
+            Err(e) => {
+                self.failure.fail(Error::new(ErrorCode::Io, format!("spawn receive thread: {e}")));
+            }
+        }
+    }
+
+    fn receive(&self, s: &Session, id: u8, conn: &Conn) -> Result<()> {
+        let fd = conn.fd();
+        let stats = &s.stats[id as usize];
+        let page = s.geometry.page_size() as usize;
+        let mut buf = vec![0u8; s.geometry.header_len()];
+        let mut header = PacketHeader::default();
+        let mut iov: Vec<libc::iovec> = Vec::with_capacity(s.geometry.page_count() as usize);
+        let validator = PacketValidator { geometry: s.geometry, compression: s.compression, blocks: &s.table };
+        loop {
+            if !read_exact(fd, &mut buf[..COMMON_HEADER_LEN])? {
+                if self.finishing.load(Ordering::Acquire) {
+                    return Ok(());
+                }
+                fail!(ConnectionClosed, "the source closed the channel before the migration completed");
+            }
+            CommonHeader::decode(&buf[..COMMON_HEADER_LEN])?;
+            if !read_exact(fd, &mut buf[COMMON_HEADER_LEN..])? {
+                fail!(ConnectionClosed, "unexpected end of stream after a packet header's first {COMMON_HEADER_LEN} bytes");
+            }
+            let v = validator.decode(&buf, &mut header)?;
+            if let Some(index) = v.block {
+                let block = &s.table.blocks[index];
+                for &o in header.zero_offsets() {
+                    block.zero_page(o);
+                }
+                iov.clear();
+                for &o in header.normal_offsets() {
+                    block.received.set((o / page as u64) as usize);
+                    let ptr = block.page_ptr(o);
+                    match iov.last_mut() {
+                        Some(last) if last.iov_base.cast::<u8>().wrapping_add(last.iov_len) == ptr => last.iov_len += page,
+                        _ => iov.push(iovec(ptr, page)),
+                    }
+                }
+                // SAFETY: every pointer came from `page_ptr`, which checked the page lies in
+                // the block; the validator checked the offsets first; the session holds an
+                // Arc to every block for as long as this thread runs.
+                if !iov.is_empty() && !unsafe { readv_exact(fd, &mut iov)? } {
+                    fail!(ConnectionClosed, "unexpected end of stream before the packet's pages");
+                }
+                ChannelStats::add(&stats.normal_pages, u64::from(header.normal_pages));
+                ChannelStats::add(&stats.zero_pages, u64::from(header.zero_pages));
+            }
+            ChannelStats::add(&stats.bytes, (buf.len() + header.normal_pages as usize * page) as u64);
+            ChannelStats::add(&stats.packets, 1);
+            if header.flags.is_sync() {
+                ChannelStats::add(&stats.syncs, 1);
+                self.arrive(s, header.packet_num)?;
+            }
+        }
+    }
+
+    /// Parks this channel at the sync barrier until every channel has reached it.
+    fn arrive(&self, s: &Session, packet_num: u64) -> Result<()> {
+        let mut b = s.barrier.state.lock().unwrap();
+        b.high_water = b.high_water.max(packet_num);
+        b.arrived += 1;
+        let epoch = b.epoch;
+        if b.arrived == s.channels {
+            b.arrived = 0;
+            b.epoch += 1;
+            let (e, hw) = (b.epoch, b.high_water);
+            drop(b);
+            s.barrier.cv.notify_all();
+            (self.events)(Event::Synced { epoch: e, packet_num: hw });
+            return Ok(());
+        }
+        while b.epoch == epoch {
+            if b.stopping {
+                return Err(self.failure.first().unwrap_or_else(|| Error::new(ErrorCode::Cancelled, "the destination is closing")));
+            }
+            b = s.barrier.cv.wait(b).unwrap();
+        }
+        Ok(())
+    }
+}

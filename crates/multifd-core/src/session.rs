@@ -1,0 +1,119 @@
+//! What a source or destination session shares between its threads: first-error-wins failure,
+//! the connections to shut down, and the event sink towards the orchestrator.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use crate::error::Error;
+use crate::transport::Conn;
+
+/// Something the data plane tells the orchestrator (TypeScript, through the binding).
+#[derive(Debug)]
+pub enum Event {
+    /// The first error; the session is failed and its channels are shut down.
+    Failed(Error),
+    /// A queued command finished: `result` is pages handled, or the error that stopped it.
+    Done { id: u32, result: Result<u64, Error> },
+    /// Every channel passed sync barrier `epoch`; `packet_num` is the high-water mark.
+    Synced { epoch: u64, packet_num: u64 },
+    /// A multifd channel was admitted (destination) or connected (source).
+    ChannelUp { id: u8 },
+    /// A control-channel message arrived.
+    Control(Vec<u8>),
+    /// The control connection ended: cleanly (`None`) or with an error.
+    ControlClosed(Option<Error>),
+    /// Destination: a control connection was accepted.
+    ControlConnected,
+}
+
+/// Where events go. The binding forwards them to JavaScript; tests collect them.
+pub type EventSink = Arc<dyn Fn(Event) + Send + Sync>;
+
+/// Per-channel counters, read cheaply by polling.
+#[derive(Debug, Default)]
+pub struct ChannelStats {
+    /// Bytes written or read on the channel, headers included.
+    pub bytes: AtomicU64,
+    pub packets: AtomicU64,
+    pub normal_pages: AtomicU64,
+    pub zero_pages: AtomicU64,
+    pub syncs: AtomicU64,
+}
+
+impl ChannelStats {
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn snapshot(&self) -> [u64; 5] {
+        [&self.bytes, &self.packets, &self.normal_pages, &self.zero_pages, &self.syncs].map(|c| c.load(Ordering::Relaxed))
+    }
+}
+
+/// First error wins: the first failure is kept and acted on, later ones only recorded.
+pub struct Failure {
+    failed: AtomicBool,
+    errors: Mutex<Vec<Error>>,
+    conns: Mutex<Vec<Arc<Conn>>>,
+    wake: Mutex<Vec<Box<dyn Fn() + Send + Sync>>>,
+    events: EventSink,
+}
+
+impl Failure {
+    pub fn new(events: EventSink) -> Arc<Self> {
+        Arc::new(Failure { failed: AtomicBool::new(false), errors: Mutex::new(Vec::new()), conns: Mutex::new(Vec::new()), wake: Mutex::new(Vec::new()), events })
+    }
+
+    pub fn events(&self) -> &EventSink {
+        &self.events
+    }
+
+    /// Registers a connection to shut down on failure.
+    pub fn watch(&self, conn: Arc<Conn>) {
+        if self.is_failed() {
+            conn.shutdown();
+        }
+        self.conns.lock().unwrap().push(conn);
+    }
+
+    /// Registers a waker (e.g. a condvar notify) to run on failure, so no thread stays blocked.
+    pub fn on_failure(&self, wake: impl Fn() + Send + Sync + 'static) {
+        self.wake.lock().unwrap().push(Box::new(wake));
+    }
+
+    pub fn is_failed(&self) -> bool {
+        self.failed.load(Ordering::Acquire)
+    }
+
+    /// The first error, if any.
+    pub fn first(&self) -> Option<Error> {
+        self.errors.lock().unwrap().first().cloned()
+    }
+
+    /// Errors after the first, kept for diagnosis.
+    pub fn secondary(&self) -> Vec<Error> {
+        self.errors.lock().unwrap().iter().skip(1).cloned().collect()
+    }
+
+    /// Records `err`. The first one shuts down every watched connection, wakes every waiter
+    /// and emits `Event::Failed`; later ones are only kept. Returns true for the first.
+    pub fn fail(&self, err: Error) -> bool {
+        let first = {
+            let mut errors = self.errors.lock().unwrap();
+            errors.push(err.clone());
+            errors.len() == 1
+        };
+        if !first {
+            return false;
+        }
+        self.failed.store(true, Ordering::Release);
+        for c in self.conns.lock().unwrap().iter() {
+            c.shutdown();
+        }
+        for w in self.wake.lock().unwrap().iter() {
+            w();
+        }
+        (self.events)(Event::Failed(err));
+        true
+    }
+}

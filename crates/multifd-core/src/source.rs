@@ -1,0 +1,386 @@
+//! The source data plane: N channel threads, each with its own connection, fed packet-sized
+//! batches of pages by a dispatcher that hands each batch to the next channel with room.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, mpsc};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crate::block::RamBlock;
+use crate::error::{Error, ErrorCode, Result, fail};
+use crate::io::{iovec, writev_all};
+use crate::session::{ChannelStats, Event, Failure};
+use crate::transport::{Address, Conn};
+use crate::wire::{Compression, Flags, Geometry, InitPacket, PacketHeader};
+use crate::zero::is_zero;
+
+/// Jobs waiting per channel: one being written, one ready behind it, so no channel idles
+/// while the dispatcher finds its next batch.
+const QUEUE_DEPTH: usize = 2;
+
+#[derive(Debug, Clone)]
+pub struct SourceConfig {
+    pub address: Address,
+    pub uuid: [u8; 16],
+    pub channels: u8,
+    pub geometry: Geometry,
+    pub compression: Compression,
+    /// Scan pages on the channel threads and send zero pages as offsets only.
+    pub zero_page_detection: bool,
+    pub connect_timeout: Duration,
+}
+
+/// Which pages of a block to send.
+#[derive(Debug, Clone)]
+pub enum Selection {
+    Whole,
+    /// Byte ranges `(offset, length)`, rounded out to whole pages.
+    Ranges(Vec<(u64, u64)>),
+    /// The pages marked dirty since the last take; the bits are cleared as they are taken.
+    Dirty,
+}
+
+enum Job {
+    Pages { block: Arc<RamBlock>, offsets: Vec<u64> },
+    Sync,
+}
+
+struct Queues {
+    jobs: Vec<VecDeque<Job>>,
+    synced: Vec<u64>,
+    cursor: usize,
+    stopping: bool,
+}
+
+struct Shared {
+    config: SourceConfig,
+    queues: Mutex<Queues>,
+    /// One per channel: work has been queued for it.
+    work: Vec<Condvar>,
+    /// The dispatcher waits here for queue room and sync progress.
+    progress: Condvar,
+    packet_num: AtomicU64,
+    stats: Vec<ChannelStats>,
+    failure: Arc<Failure>,
+}
+
+enum Command {
+    Send { id: u32, block: Arc<RamBlock>, selection: Selection },
+    Sync { id: u32 },
+}
+
+/// A running set of source channels.
+pub struct Source {
+    shared: Arc<Shared>,
+    commands: Mutex<Option<mpsc::Sender<Command>>>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+    syncs: AtomicU64,
+}
+
+impl Source {
+    /// Connects every channel, sends each its init packet, and starts the channel threads and
+    /// the dispatcher. Connections are registered with `failure`, so the first error anywhere
+    /// shuts them all down.
+    pub fn start(config: SourceConfig, failure: Arc<Failure>) -> Result<Source> {
+        if config.channels == 0 {
+            fail!(InvalidArgument, "a session needs at least one channel");
+        }
+        if config.compression != Compression::None {
+            fail!(UnsupportedCompression, "compression {} is not available yet on the source", config.compression.name());
+        }
+        let n = config.channels as usize;
+        let mut conns = Vec::with_capacity(n);
+        for id in 0..config.channels {
+            let conn = Arc::new(Conn::connect(&config.address, config.connect_timeout).map_err(|e| e.context(format!("channel {id}")))?);
+            failure.watch(conn.clone());
+            conns.push(conn);
+        }
+        let shared = Arc::new(Shared {
+            queues: Mutex::new(Queues { jobs: (0..n).map(|_| VecDeque::new()).collect(), synced: vec![0; n], cursor: 0, stopping: false }),
+            work: (0..n).map(|_| Condvar::new()).collect(),
+            progress: Condvar::new(),
+            packet_num: AtomicU64::new(0),
+            stats: (0..n).map(|_| ChannelStats::default()).collect(),
+            failure: failure.clone(),
+            config,
+        });
+        {
+            let weak = Arc::downgrade(&shared);
+            failure.on_failure(move || {
+                if let Some(s) = weak.upgrade() {
+                    s.stop();
+                }
+            });
+        }
+        let mut threads = Vec::with_capacity(n + 1);
+        for (id, conn) in conns.into_iter().enumerate() {
+            let s = shared.clone();
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("multifd/send/{id}"))
+                    .spawn(move || {
+                        if let Err(e) = s.run_channel(id, &conn) {
+                            s.failure.fail(e.context(format!("channel {id}")));
+                        }
+                    })
+                    .map_err(|e| Error::new(ErrorCode::Io, format!("spawn channel thread: {e}")))?,
+            );
+            (failure.events())(Event::ChannelUp { id: id as u8 });
+        }
+        let (tx, rx) = mpsc::channel();
+        let s = shared.clone();
+        threads.push(
+            std::thread::Builder::new()
+                .name("multifd/dispatch".into())
+                .spawn(move || s.run_dispatcher(rx))
+                .map_err(|e| Error::new(ErrorCode::Io, format!("spawn dispatcher: {e}")))?,
+        );
+        Ok(Source { shared, commands: Mutex::new(Some(tx)), threads: Mutex::new(threads), syncs: AtomicU64::new(0) })
+    }
+
+    fn command(&self, c: Command) -> Result<()> {
+        match self.commands.lock().unwrap().as_ref() {
+            Some(tx) if tx.send(c).is_ok() => Ok(()),
+            _ => fail!(State, "the source is closed"),
+        }
+    }
+
+    /// Queues the pages of `block` chosen by `selection`; `Event::Done { id }` follows when all
+    /// are handed to channels (not yet written).
+    pub fn send(&self, id: u32, block: Arc<RamBlock>, selection: Selection) -> Result<()> {
+        if block.page_size() != self.shared.config.geometry.page_size() {
+            fail!(InvalidArgument, "block {:?} has {}-byte pages, the session uses {}", block.name(), block.page_size(), self.shared.config.geometry.page_size());
+        }
+        self.command(Command::Send { id, block, selection })
+    }
+
+    /// Queues a SYNC on every channel after its queued work; `Event::Done { id, result: epoch }`
+    /// follows when every channel has written it. Returns the epoch this sync will reach.
+    pub fn sync(&self, id: u32) -> Result<u64> {
+        self.command(Command::Sync { id })?;
+        Ok(self.syncs.fetch_add(1, Ordering::Relaxed) + 1)
+    }
+
+    pub fn stats(&self) -> Vec<[u64; 5]> {
+        self.shared.stats.iter().map(|s| s.snapshot()).collect()
+    }
+
+    /// Stops every thread and joins it; with `shutdown`, also shuts the sockets down first
+    /// (failure or cancel). Idempotent.
+    pub fn close(&self, shutdown: bool) {
+        self.commands.lock().unwrap().take();
+        if shutdown {
+            self.shared.failure.fail(Error::new(ErrorCode::Cancelled, "the source was closed"));
+        }
+        self.shared.stop();
+        for t in self.threads.lock().unwrap().drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Source {
+    fn drop(&mut self) {
+        self.close(false);
+    }
+}
+
+impl Shared {
+    fn stop(&self) {
+        self.queues.lock().unwrap().stopping = true;
+        self.work.iter().for_each(Condvar::notify_all);
+        self.progress.notify_all();
+    }
+
+    fn stopped_error(&self) -> Error {
+        self.failure.first().unwrap_or_else(|| Error::new(ErrorCode::Cancelled, "the source is closing"))
+    }
+
+    fn run_dispatcher(&self, commands: mpsc::Receiver<Command>) {
+        let events = self.failure.events().clone();
+        while let Ok(cmd) = commands.recv() {
+            match cmd {
+                Command::Send { id, block, selection } => {
+                    let result = self.dispatch_pages(&block, selection);
+                    events(Event::Done { id, result });
+                }
+                Command::Sync { id } => {
+                    let result = self.dispatch_sync();
+                    events(Event::Done { id, result });
+                }
+            }
+        }
+    }
+
+    /// Hands `job` to the next channel (round robin) whose queue has room.
+    fn push(&self, job: Job) -> Result<()> {
+        let n = self.work.len();
+        let mut q = self.queues.lock().unwrap();
+        loop {
+            if q.stopping {
+                return Err(self.stopped_error());
+            }
+            let start = q.cursor;
+            if let Some(c) = (0..n).map(|i| (start + i) % n).find(|&c| q.jobs[c].len() < QUEUE_DEPTH) {
+                q.jobs[c].push_back(job);
+                q.cursor = (c + 1) % n;
+                self.work[c].notify_one();
+                return Ok(());
+            }
+            q = self.progress.wait(q).unwrap();
+        }
+    }
+
+    fn dispatch_pages(&self, block: &Arc<RamBlock>, selection: Selection) -> Result<u64> {
+        let page = u64::from(block.page_size());
+        let per_packet = self.config.geometry.page_count() as usize;
+        let mut batch = Vec::with_capacity(per_packet);
+        let mut total = 0u64;
+        let mut flush = |batch: &mut Vec<u64>| -> Result<()> {
+            if !batch.is_empty() {
+                total += batch.len() as u64;
+                let offsets = std::mem::replace(batch, Vec::with_capacity(per_packet));
+                self.push(Job::Pages { block: block.clone(), offsets })?;
+            }
+            Ok(())
+        };
+        let mut add_run = |first: u64, count: u64, batch: &mut Vec<u64>| -> Result<()> {
+            for p in first..first + count {
+                batch.push(p * page);
+                if batch.len() == per_packet {
+                    flush(batch)?;
+                }
+            }
+            Ok(())
+        };
+        match selection {
+            Selection::Whole => add_run(0, block.pages() as u64, &mut batch)?,
+            Selection::Ranges(ranges) => {
+                for (offset, len) in ranges {
+                    if offset.checked_add(len).is_none_or(|end| end > block.len()) {
+                        fail!(InvalidArgument, "range {offset}+{len} is outside block {:?} of {} bytes", block.name(), block.len());
+                    }
+                    if len > 0 {
+                        let first = offset / page;
+                        add_run(first, (offset + len).div_ceil(page) - first, &mut batch)?;
+                    }
+                }
+            }
+            Selection::Dirty => {
+                for (first, count) in block.dirty.take().runs() {
+                    add_run(first as u64, count as u64, &mut batch)?;
+                }
+            }
+        }
+        flush(&mut batch)?;
+        Ok(total)
+    }
+
+    fn dispatch_sync(&self) -> Result<u64> {
+        let mut q = self.queues.lock().unwrap();
+        let target = q.synced.iter().copied().max().unwrap_or(0) + 1;
+        for c in 0..self.work.len() {
+            while q.jobs[c].len() >= QUEUE_DEPTH && !q.stopping {
+                q = self.progress.wait(q).unwrap();
+            }
+            if q.stopping {
+                return Err(self.stopped_error());
+            }
+            q.jobs[c].push_back(Job::Sync);
+            self.work[c].notify_one();
+        }
+        while q.synced.iter().any(|&s| s < target) {
+            if q.stopping {
+                return Err(self.stopped_error());
+            }
+            q = self.progress.wait(q).unwrap();
+        }
+        Ok(target)
+    }
+
+    fn next_job(&self, id: usize) -> Option<Job> {
+        let mut q = self.queues.lock().unwrap();
+        loop {
+            if q.stopping {
+                return None;
+            }
+            if let Some(job) = q.jobs[id].pop_front() {
+                self.progress.notify_one();
+                return Some(job);
+            }
+            q = self.work[id].wait(q).unwrap();
+        }
+    }
+
+    fn run_channel(&self, id: usize, conn: &Conn) -> Result<()> {
+        let cfg = &self.config;
+        let stats = &self.stats[id];
+        let fd = conn.fd();
+        let init = InitPacket { uuid: cfg.uuid, channel_id: id as u8 }.encode();
+        crate::io::write_all(fd, &[&init])?;
+        ChannelStats::add(&stats.bytes, init.len() as u64);
+
+        let g = cfg.geometry;
+        let page = g.page_size() as usize;
+        let mut wire = vec![0u8; g.header_len()];
+        let mut header = PacketHeader::default();
+        let mut iov: Vec<libc::iovec> = Vec::with_capacity(g.page_count() as usize + 1);
+        while let Some(job) = self.next_job(id) {
+            match job {
+                Job::Pages { block, offsets } => {
+                    header.offsets.clear();
+                    let mut zeros = Vec::new();
+                    for &o in &offsets {
+                        if cfg.zero_page_detection && is_zero(block.page(o)) {
+                            zeros.push(o);
+                        } else {
+                            header.offsets.push(o);
+                        }
+                    }
+                    let normal = header.offsets.len() as u32;
+                    header.offsets.extend_from_slice(&zeros);
+                    header.flags = Flags(cfg.compression.wire_code());
+                    header.pages_alloc = g.page_count();
+                    header.normal_pages = normal;
+                    header.zero_pages = zeros.len() as u32;
+                    header.next_packet_size = normal * g.page_size();
+                    header.packet_num = self.packet_num.fetch_add(1, Ordering::Relaxed);
+                    header.block.clear();
+                    header.block.extend_from_slice(block.name().as_bytes());
+                    header.encode_into(g, &mut wire)?;
+
+                    iov.clear();
+                    iov.push(iovec(wire.as_ptr(), wire.len()));
+                    for &o in header.normal_offsets() {
+                        let ptr = block.page_ptr(o);
+                        // Contiguous pages share one iovec.
+                        let after_header = iov.len() > 1;
+                        match iov.last_mut() {
+                            Some(last) if after_header && last.iov_base.cast::<u8>().wrapping_add(last.iov_len) == ptr => last.iov_len += page,
+                            _ => iov.push(iovec(ptr, page)),
+                        }
+                    }
+                    // SAFETY: the header buffer is ours; every page pointer came from
+                    // `page_ptr` (bounds-checked) on a block this job holds an Arc to.
+                    unsafe { writev_all(fd, &mut iov)? };
+                    ChannelStats::add(&stats.bytes, (wire.len() + normal as usize * page) as u64);
+                    ChannelStats::add(&stats.packets, 1);
+                    ChannelStats::add(&stats.normal_pages, u64::from(normal));
+                    ChannelStats::add(&stats.zero_pages, zeros.len() as u64);
+                }
+                Job::Sync => {
+                    let sync = PacketHeader::sync(self.packet_num.fetch_add(1, Ordering::Relaxed));
+                    sync.encode_into(g, &mut wire)?;
+                    crate::io::write_all(fd, &[&wire])?;
+                    ChannelStats::add(&stats.bytes, wire.len() as u64);
+                    ChannelStats::add(&stats.syncs, 1);
+                    let mut q = self.queues.lock().unwrap();
+                    q.synced[id] += 1;
+                    self.progress.notify_all();
+                }
+            }
+        }
+        Ok(())
+    }
+}

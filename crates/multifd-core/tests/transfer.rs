@@ -1,0 +1,183 @@
+//! Source and destination data planes end to end on loopback, without the orchestrator.
+
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use multifd_core::block::RamBlock;
+use multifd_core::dest::{DestConfig, Destination};
+use multifd_core::session::{Event, EventSink, Failure};
+use multifd_core::source::{Selection, Source, SourceConfig};
+use multifd_core::transport::Address;
+use multifd_core::wire::{Compression, Geometry};
+use multifd_core::ErrorCode;
+
+fn sink() -> (EventSink, mpsc::Receiver<Event>) {
+    let (tx, rx) = mpsc::channel();
+    let tx = Mutex::new(tx);
+    (Arc::new(move |e| drop(tx.lock().unwrap().send(e))), rx)
+}
+
+fn fill(block: &RamBlock, seed: u64) {
+    let mut x = seed | 1;
+    for p in 0..block.pages() as u64 {
+        let ptr = block.page_ptr(p * block.page_size() as u64);
+        if p % 5 == 0 {
+            continue; // leave some zero pages
+        }
+        for i in 0..block.page_size() as usize / 8 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            // SAFETY: test-only write inside the block.
+            unsafe { ptr.cast::<u64>().add(i).write_unaligned(x) };
+        }
+    }
+}
+
+fn same(a: &RamBlock, b: &RamBlock) -> bool {
+    (0..a.pages() as u64).all(|p| a.page(p * 4096) == b.page(p * 4096))
+}
+
+fn wait_for(rx: &mpsc::Receiver<Event>, mut want: impl FnMut(&Event) -> bool) -> Event {
+    loop {
+        let e = rx.recv_timeout(Duration::from_secs(10)).expect("event in time");
+        if want(&e) {
+            return e;
+        }
+    }
+}
+
+fn run(address: &str, channels: u8) {
+    let src_blocks: Vec<Arc<RamBlock>> = [("pc.ram", 4 << 20), ("odd", 3 * 4096 + 128 * 4096 * 2 + 4096)]
+        .iter()
+        .map(|(n, l)| Arc::new(RamBlock::allocate(n, *l, 4096, false).unwrap()))
+        .collect();
+    for (i, b) in src_blocks.iter().enumerate() {
+        fill(b, i as u64 + 7);
+    }
+    let dst_blocks: Vec<Arc<RamBlock>> = src_blocks.iter().map(|b| Arc::new(RamBlock::allocate(b.name(), b.len(), 4096, false).unwrap())).collect();
+    let (dsink, drx) = sink();
+    let dest = Destination::listen(&Address::parse(address).unwrap(), Duration::from_secs(5), dsink).unwrap();
+    let uuid = [9u8; 16];
+    dest.configure(DestConfig {
+        uuid,
+        channels,
+        geometry: Geometry::x86(),
+        compression: Compression::None,
+        blocks: dst_blocks.clone(),
+        channel_timeout: Duration::from_secs(5),
+    })
+    .unwrap();
+    let (ssink, srx) = sink();
+    let failure = Failure::new(ssink);
+    let source = Source::start(
+        SourceConfig {
+            address: dest.address().clone(),
+            uuid,
+            channels,
+            geometry: Geometry::x86(),
+            compression: Compression::None,
+            zero_page_detection: true,
+            connect_timeout: Duration::from_secs(5),
+        },
+        failure.clone(),
+    )
+    .unwrap();
+    for (i, b) in src_blocks.iter().enumerate() {
+        source.send(i as u32, b.clone(), Selection::Whole).unwrap();
+    }
+    source.sync(100).unwrap();
+    wait_for(&srx, |e| matches!(e, Event::Done { id: 100, .. }));
+    wait_for(&drx, |e| matches!(e, Event::Synced { epoch: 1, .. }));
+    assert!(src_blocks.iter().zip(&dst_blocks).all(|(a, b)| same(a, b)));
+
+    // Round 2: change a few pages, send only the dirty ones.
+    // SAFETY: test-only writes inside the block.
+    unsafe { *src_blocks[0].page_ptr(8192) = 0xab };
+    src_blocks[0].mark_dirty(8192, 1).unwrap();
+    src_blocks[1].mark_dirty(0, 4096 * 3).unwrap();
+    // SAFETY: as above.
+    unsafe { std::ptr::write_bytes(src_blocks[1].page_ptr(4096), 0, 4096) };
+    for (i, b) in src_blocks.iter().enumerate() {
+        source.send(200 + i as u32, b.clone(), Selection::Dirty).unwrap();
+    }
+    source.sync(300).unwrap();
+    wait_for(&drx, |e| matches!(e, Event::Synced { epoch: 2, .. }));
+    assert!(src_blocks.iter().zip(&dst_blocks).all(|(a, b)| same(a, b)));
+    let sent: u64 = source.stats().iter().map(|s| s[2] + s[3]).sum();
+    let total: u64 = src_blocks.iter().map(|b| b.pages() as u64).sum::<u64>() + 4;
+    assert_eq!(sent, total);
+
+    dest.finish().unwrap();
+    source.close(false);
+    assert!(!failure.is_failed());
+    dest.close();
+}
+
+#[test]
+fn tcp_one_channel() {
+    run("tcp:127.0.0.1:0", 1);
+}
+
+#[test]
+fn tcp_four_channels() {
+    run("tcp:127.0.0.1:0", 4);
+}
+
+#[test]
+fn unix_sixteen_channels() {
+    run(&format!("unix:{}/multifd-test-{}.sock", std::env::temp_dir().display(), std::process::id()), 16);
+}
+
+#[test]
+fn uuid_mismatch_fails_the_destination() {
+    let (dsink, drx) = sink();
+    let dest = Destination::listen(&Address::parse("tcp:127.0.0.1:0").unwrap(), Duration::from_secs(5), dsink).unwrap();
+    dest.configure(DestConfig {
+        uuid: [1; 16],
+        channels: 2,
+        geometry: Geometry::x86(),
+        compression: Compression::None,
+        blocks: vec![],
+        channel_timeout: Duration::from_secs(5),
+    })
+    .unwrap();
+    let (ssink, _srx) = sink();
+    let source = Source::start(
+        SourceConfig {
+            address: dest.address().clone(),
+            uuid: [2; 16],
+            channels: 2,
+            geometry: Geometry::x86(),
+            compression: Compression::None,
+            zero_page_detection: true,
+            connect_timeout: Duration::from_secs(5),
+        },
+        Failure::new(ssink),
+    )
+    .unwrap();
+    let Event::Failed(e) = wait_for(&drx, |e| matches!(e, Event::Failed(_))) else { unreachable!() };
+    assert_eq!(e.code, ErrorCode::UuidMismatch);
+    source.close(true);
+    dest.close();
+}
+
+#[test]
+fn missing_channels_time_out() {
+    let (dsink, drx) = sink();
+    let dest = Destination::listen(&Address::parse("tcp:127.0.0.1:0").unwrap(), Duration::from_secs(5), dsink).unwrap();
+    dest.configure(DestConfig {
+        uuid: [1; 16],
+        channels: 3,
+        geometry: Geometry::x86(),
+        compression: Compression::None,
+        blocks: vec![],
+        channel_timeout: Duration::from_millis(300),
+    })
+    .unwrap();
+    let Event::Failed(e) = wait_for(&drx, |e| matches!(e, Event::Failed(_))) else { unreachable!() };
+    assert_eq!(e.code, ErrorCode::Timeout);
+    assert!(e.message.contains("[0, 1, 2]"), "{e}");
+    dest.close();
+}
