@@ -44,6 +44,10 @@ function isCode(s: string): s is MultifdErrorCode {
 export class MultifdError extends Error {
   override readonly name = 'MultifdError'
   readonly code: MultifdErrorCode
+  /** True when the peer reported this failure over the control connection. */
+  remote = false
+  /** Errors that happened after this one, kept for diagnosis (first error wins). */
+  secondary: unknown[] = []
 
   constructor(code: MultifdErrorCode, message: string, options?: { cause?: unknown }) {
     super(message, options)
@@ -62,6 +66,13 @@ export function fromNative(e: unknown): unknown {
   const m = NATIVE_PREFIX.exec(e.message)
   if (!m || !isCode(m[1]!)) return e
   return new MultifdError(m[1]!, m[2]!, { cause: e })
+}
+
+/** Any thrown value as a MultifdError (unknown failures become ERR_MULTIFD_IO). */
+export function asMultifdError(e: unknown): MultifdError {
+  const converted = fromNative(e)
+  if (converted instanceof MultifdError) return converted
+  return new MultifdError('ERR_MULTIFD_IO', converted instanceof Error ? converted.message : String(converted), { cause: converted })
 }
 
 /** Calls into the addon, converting its errors. */

@@ -7,6 +7,11 @@ export const PageSize = z
     error: 'page size must be a power of two from 512 to 524288',
   })
 
+/** `tcp:HOST:PORT` (port 0 to let the system choose, when listening) or `unix:PATH`. */
+export const Address = z.string().regex(/^(tcp:(\[[^\]]+\]|[^:\s]+):\d{1,5}|unix:.{1,107})$/, {
+  error: 'address must be tcp:HOST:PORT or unix:PATH',
+})
+
 export const CompressionMethod = z.enum(['none', 'zlib', 'zstd'])
 export type CompressionMethod = z.infer<typeof CompressionMethod>
 

@@ -835,6 +835,9 @@ function __napiStampBindingTarget(exportsObject, target) {
 // linked import resolves to `undefined`.
 module.exports.__napiBindingTarget = __napiStampBindingTarget(nativeBinding, __napiLoadedBindingTarget)
 module.exports = nativeBinding
+module.exports.Block = nativeBinding.Block
+module.exports.NativeDestination = nativeBinding.NativeDestination
+module.exports.NativeSource = nativeBinding.NativeSource
 module.exports.decodeInitPacket = nativeBinding.decodeInitPacket
 module.exports.decodePacketHeader = nativeBinding.decodePacketHeader
 module.exports.encodeInitPacket = nativeBinding.encodeInitPacket

@@ -9,10 +9,98 @@
  */
 export declare const __napiBindingTarget: 'native' | 'wasm32-wasi' | 'wasm32-wasip1'
 
+export declare class Block {
+  /** Anonymous memory, zero-filled; `prefault` faults every page in now. */
+  static allocate(name: string, length: number, pageSize: number, prefault: boolean): Block
+  /** A file mapped MAP_SHARED; with `length` the file is created or resized first. */
+  static mapFile(name: string, path: string, pageSize: number, length: number | undefined | null, prefault: boolean): Block
+  get name(): string
+  get length(): number
+  get pageSize(): number
+  /** `anonymous` or `file`. */
+  get backing(): string
+  /**
+   * A zero-copy view of `length` bytes at `offset`. The view keeps the memory alive; the
+   * block counts as written from now on (zero pages received later are written explicitly).
+   */
+  view(offset?: number | undefined | null, length?: number | undefined | null): Uint8Array
+  /** Marks the pages of `length` bytes at `offset` dirty (rounded out to whole pages). */
+  markDirty(offset: number, length: number): void
+  /** Marks every page dirty. */
+  markAllDirty(): void
+  /** Number of dirty pages. */
+  dirtyPages(): number
+  clearDirty(): void
+}
+
+export declare class NativeDestination {
+  static listen(address: string, classifyTimeoutMs: number, onEvent: (arg: NativeEvent) => void): NativeDestination
+  /** The address sources connect to (`tcp:HOST:PORT` with the real port, or `unix:PATH`). */
+  get address(): string
+  sendControl(frame: Buffer): void
+  /** Adds a block that pages may be written into (before `configure`). */
+  addBlock(block: Block): void
+  /** Starts admitting channels for this session. */
+  configure(options: DestinationOptions): void
+  stats(): Array<ChannelCounters>
+  fail(codeName: string, message: string): boolean
+  /** Completes: channel readers stop at the next packet boundary and are joined. */
+  finish(): void
+  /** Joins every thread and closes every connection and the listener. */
+  close(): void
+}
+
+export declare class NativeSource {
+  /** Opens the control connection; `onEvent` receives every event of this session. */
+  static connect(address: string, connectTimeoutMs: number, onEvent: (arg: NativeEvent) => void): NativeSource
+  sendControl(frame: Buffer): void
+  /** Connects the multifd channels and starts their threads. */
+  startChannels(options: ChannelOptions): void
+  /**
+   * Queues pages of `block`: all of them, `ranges`, or (with `dirty`) the dirty ones.
+   * A `done` event with this `id` follows.
+   */
+  send(id: number, block: Block, ranges: Array<ByteRange> | undefined | null, dirty: boolean): void
+  /** Queues a SYNC on every channel; a `done` event with this `id` and the epoch follows. */
+  sync(id: number): number
+  stats(): Array<ChannelCounters>
+  /** Fails the session with `code` (first error wins): channels are shut down at once. */
+  fail(codeName: string, message: string): boolean
+  /**
+   * Joins every thread and closes every connection. With `abort`, sockets are shut down
+   * first; otherwise channel threads finish their queues (call after the final sync).
+   */
+  close(abort: boolean): void
+}
+
 export interface BlockDescriptor {
   name: string
   /** Used length in bytes. */
   length: number
+}
+
+/** A page range in bytes. */
+export interface ByteRange {
+  offset: number
+  length: number
+}
+
+/** Counters of one channel. */
+export interface ChannelCounters {
+  bytes: number
+  packets: number
+  normalPages: number
+  zeroPages: number
+  syncs: number
+}
+
+export interface ChannelOptions {
+  uuid: Buffer
+  channels: number
+  pageSize: number
+  compression: string
+  zeroPageDetection: boolean
+  connectTimeoutMs: number
 }
 
 /** Decodes a 64-byte init packet; with `expect`, also checks the UUID and the channel id range. */
@@ -20,6 +108,14 @@ export declare function decodeInitPacket(bytes: Uint8Array, expect?: InitExpecta
 
 /** Decodes and validates one RAM packet header in QEMU's order (see the spec). */
 export declare function decodePacketHeader(bytes: Uint8Array, context: HeaderContext): PacketHeaderInfo
+
+export interface DestinationOptions {
+  uuid: Buffer
+  channels: number
+  pageSize: number
+  compression: string
+  channelTimeoutMs: number
+}
 
 export declare function encodeInitPacket(uuid: Uint8Array, channelId: number): Buffer
 
@@ -49,6 +145,20 @@ export interface InitPacketInfo {
   /** The session UUID, 16 bytes. */
   uuid: Buffer
   channelId: number
+}
+
+/** One event as JavaScript receives it. `kind` says which fields are set. */
+export interface NativeEvent {
+  /** `failed` | `done` | `synced` | `channel` | `control` | `controlClosed` | `controlConnected` */
+  kind: string
+  id?: number
+  pages?: number
+  epoch?: number
+  packetNum?: number
+  channel?: number
+  code?: string
+  message?: string
+  frame?: Buffer
 }
 
 export interface PacketHeaderFields {

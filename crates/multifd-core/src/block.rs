@@ -59,7 +59,7 @@ fn check_name(name: &str) -> Result<()> {
 
 fn check_len(name: &str, len: u64, geometry: Geometry) -> Result<usize> {
     let page = u64::from(geometry.page_size());
-    if len == 0 || len % page != 0 {
+    if len == 0 || !len.is_multiple_of(page) {
         fail!(InvalidArgument, "block {name:?}: length {len} must be a positive multiple of the page size {page}");
     }
     usize::try_from(len).map_err(|_| Error::new(ErrorCode::InvalidArgument, format!("block {name:?}: length {len} does not fit in memory")))
@@ -161,7 +161,7 @@ impl RamBlock {
     /// callers pass offsets the wire validator or the page batcher already checked.
     pub fn page_ptr(&self, offset: u64) -> *mut u8 {
         let page = self.page_size() as u64;
-        assert!(offset % page == 0 && offset + page <= self.len as u64, "page 0x{offset:x} outside block {:?}", self.name);
+        assert!(offset.is_multiple_of(page) && offset + page <= self.len as u64, "page 0x{offset:x} outside block {:?}", self.name);
         // SAFETY: offset + page <= len, so the result stays inside the mapping.
         unsafe { self.base.as_ptr().add(offset as usize) }
     }

@@ -206,6 +206,8 @@ impl Destination {
             let _ = a.join();
         }
         self.join_receivers();
+        self.inner.channel_conns.lock().unwrap().clear();
+        self.inner.failure.release_connections();
         self.inner.pending.lock().unwrap().clear();
         if let Some(c) = self.inner.control.lock().unwrap().take() {
             c.close();
@@ -335,6 +337,7 @@ impl Inner {
         let mut header = PacketHeader::default();
         let mut iov: Vec<libc::iovec> = Vec::with_capacity(s.geometry.page_count() as usize);
         let validator = PacketValidator { geometry: s.geometry, compression: s.compression, blocks: &s.table };
+        ChannelStats::add(&stats.bytes, INIT_PACKET_LEN as u64);
         loop {
             if !read_exact(fd, &mut buf[..COMMON_HEADER_LEN])? {
                 if self.finishing.load(Ordering::Acquire) {

@@ -29,9 +29,14 @@ fn advance(mut iov: &mut [libc::iovec], mut n: usize) -> &mut [libc::iovec] {
     iov
 }
 
-/// What a whole-buffer read or write can end in besides success.
+/// An OS error as ours: a peer that went away is `ERR_MULTIFD_CONNECTION_CLOSED`, anything
+/// else `ERR_MULTIFD_IO`.
 pub fn io_error(what: &str, e: io::Error) -> Error {
-    Error::new(ErrorCode::Io, format!("{what}: {e}"))
+    let code = match e.raw_os_error() {
+        Some(libc::EPIPE | libc::ECONNRESET | libc::ESHUTDOWN) => ErrorCode::ConnectionClosed,
+        _ => ErrorCode::Io,
+    };
+    Error::new(code, format!("{what}: {e}"))
 }
 
 /// Writes every byte the iovecs describe to `fd`.

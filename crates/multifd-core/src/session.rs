@@ -76,6 +76,12 @@ impl Failure {
         self.conns.lock().unwrap().push(conn);
     }
 
+    /// Lets go of every watched connection, so they close once their threads are gone. Called
+    /// when the session closes; a failure after that has nothing left to shut down.
+    pub fn release_connections(&self) {
+        self.conns.lock().unwrap().clear();
+    }
+
     /// Registers a waker (e.g. a condvar notify) to run on failure, so no thread stays blocked.
     pub fn on_failure(&self, wake: impl Fn() + Send + Sync + 'static) {
         self.wake.lock().unwrap().push(Box::new(wake));

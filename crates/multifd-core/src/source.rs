@@ -177,6 +177,7 @@ impl Source {
         for t in self.threads.lock().unwrap().drain(..) {
             let _ = t.join();
         }
+        self.shared.failure.release_connections();
     }
 }
 

@@ -1,4 +1,8 @@
 //! napi-rs bindings over `multifd-core`: type conversion and error codes only.
 
+pub mod block;
 pub mod codec;
 mod errors;
+pub mod events;
+mod numbers;
+pub mod sessions;

@@ -1,0 +1,131 @@
+import { createHash, randomFillSync, randomInt } from 'node:crypto'
+import { readdirSync } from 'node:fs'
+import net from 'node:net'
+import { spawn, type ChildProcess } from 'node:child_process'
+import { createInterface } from 'node:readline'
+import { fileURLToPath } from 'node:url'
+import { MultifdError, RamBlock, type MultifdErrorCode } from '../ts/index.js'
+
+export const MiB = 1 << 20
+
+export function sha256(block: RamBlock): string {
+  return createHash('sha256').update(block.view()).digest('hex')
+}
+
+/** Random data, with every fifth page left zero. */
+export function fillRandom(block: RamBlock): void {
+  const view = block.view()
+  randomFillSync(view)
+  for (let off = 0; off < view.length; off += 5 * block.pageSize) view.fill(0, off, off + block.pageSize)
+}
+
+/** Pairs of (source, destination) blocks with the same names and sizes. */
+export function blockPair(specs: Array<[string, number]>, options: { prefault?: boolean } = {}): { src: RamBlock[]; dst: RamBlock[] } {
+  const src = specs.map(([name, size]) => RamBlock.allocate({ name, size, prefault: options.prefault ?? false }))
+  src.forEach(fillRandom)
+  const dst = specs.map(([name, size]) => RamBlock.allocate({ name, size }))
+  return { src, dst }
+}
+
+export function sameBytes(a: RamBlock[], b: RamBlock[]): boolean {
+  return a.length === b.length && a.every((x, i) => sha256(x) === sha256(b[i]!))
+}
+
+/** Writes random bytes into `count` random pages of `block` (marking them dirty). */
+export function scribble(block: RamBlock, count: number): void {
+  const pages = block.size / block.pageSize
+  for (let i = 0; i < count; i++) {
+    const page = randomInt(pages)
+    block.write(page * block.pageSize + randomInt(block.pageSize - 16), randomFillSync(Buffer.alloc(16)))
+  }
+}
+
+export function threadCount(): number {
+  return readdirSync('/proc/self/task').length
+}
+
+export function fdCount(): number {
+  return readdirSync('/proc/self/fd').length
+}
+
+/** The code of a MultifdError a promise rejects with. */
+export async function rejectionCode(p: Promise<unknown>): Promise<MultifdErrorCode> {
+  try {
+    await p
+  } catch (e) {
+    if (e instanceof MultifdError) return e.code
+    throw e
+  }
+  throw new Error('expected a rejection')
+}
+
+/** Waits until `cond()` is true, re-checking on every event of `emitter`'s named events. */
+export function until<T>(p: Promise<T>, ms: number, what: string): Promise<T> {
+  let timer: NodeJS.Timeout
+  return Promise.race([
+    p,
+    new Promise<T>((_, reject) => {
+      timer = setTimeout(() => reject(new Error(`${what} did not happen within ${ms} ms`)), ms)
+    }),
+  ]).finally(() => clearTimeout(timer))
+}
+
+const PEER = fileURLToPath(new URL('./fixtures/peer.ts', import.meta.url))
+
+/** A peer process (fixtures/peer.ts) whose stdout lines are JSON messages. */
+export interface Peer {
+  child: ChildProcess
+  /** Resolves with the first message of `type`. */
+  next(type: string): Promise<Record<string, unknown>>
+  exited: Promise<number | null>
+}
+
+export function spawnPeer(args: string[]): Peer {
+  const child = spawn(process.execPath, ['--import=tsx', PEER, ...args], { stdio: ['ignore', 'pipe', 'inherit'] })
+  const seen: Array<Record<string, unknown>> = []
+  const waiters: Array<{ type: string; resolve: (m: Record<string, unknown>) => void }> = []
+  createInterface({ input: child.stdout! }).on('line', (line) => {
+    const m = JSON.parse(line) as Record<string, unknown>
+    seen.push(m)
+    for (const w of [...waiters]) if (w.type === m.type) {
+      waiters.splice(waiters.indexOf(w), 1)
+      w.resolve(m)
+    }
+  })
+  const exited = new Promise<number | null>((resolve) => child.on('exit', (code) => resolve(code)))
+  return {
+    child,
+    exited,
+    next: (type) => {
+      const found = seen.find((m) => m.type === type)
+      if (found) return Promise.resolve(found)
+      return until(new Promise((resolve) => waiters.push({ type, resolve })), 20_000, `peer message ${type}`)
+    },
+  }
+}
+
+/** A raw control-protocol client, for driving a destination by hand. */
+export async function rawControl(address: string): Promise<{ socket: net.Socket; send: (m: object) => void; frames: AsyncIterable<Record<string, unknown>> }> {
+  const [, host, port] = /^tcp:(.+):(\d+)$/.exec(address)!
+  const socket = net.connect(Number(port), host)
+  await new Promise<void>((resolve, reject) => socket.once('connect', resolve).once('error', reject))
+  socket.write(Buffer.from('MFDC'))
+  const send = (m: object): void => {
+    const body = Buffer.from(JSON.stringify(m))
+    const len = Buffer.alloc(4)
+    len.writeUInt32BE(body.length)
+    socket.write(Buffer.concat([len, body]))
+  }
+  async function* frames(): AsyncGenerator<Record<string, unknown>> {
+    let buf = Buffer.alloc(0)
+    for await (const chunk of socket) {
+      buf = Buffer.concat([buf, chunk as Buffer])
+      while (buf.length >= 4 && buf.length >= 4 + buf.readUInt32BE(0)) {
+        const len = buf.readUInt32BE(0)
+        yield JSON.parse(buf.subarray(4, 4 + len).toString()) as Record<string, unknown>
+        buf = buf.subarray(4 + len)
+      }
+    }
+  }
+  return { socket, send, frames: frames() }
+}

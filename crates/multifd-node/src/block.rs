@@ -1,0 +1,107 @@
+//! RAM blocks for JavaScript: owned by Rust, seen through zero-copy `Uint8Array` views.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use multifd_core::block::{Backing, RamBlock};
+use multifd_core::{Error, ErrorCode};
+use napi::bindgen_prelude::Uint8Array;
+use napi_derive::napi;
+
+use crate::errors::IntoNapi;
+use crate::numbers::to_u64;
+
+#[napi]
+pub struct Block {
+    pub(crate) inner: Arc<RamBlock>,
+}
+
+#[napi]
+impl Block {
+    /// Anonymous memory, zero-filled; `prefault` faults every page in now.
+    #[napi(factory)]
+    pub fn allocate(name: String, length: f64, page_size: u32, prefault: bool) -> napi::Result<Block> {
+        let inner = RamBlock::allocate(&name, to_u64(length, "length")?, page_size, prefault).into_napi()?;
+        Ok(Block { inner: Arc::new(inner) })
+    }
+
+    /// A file mapped MAP_SHARED; with `length` the file is created or resized first.
+    #[napi(factory)]
+    pub fn map_file(name: String, path: String, page_size: u32, length: Option<f64>, prefault: bool) -> napi::Result<Block> {
+        let length = length.map(|l| to_u64(l, "length")).transpose()?;
+        let inner = RamBlock::map_file(&name, Path::new(&path), page_size, length, prefault).into_napi()?;
+        Ok(Block { inner: Arc::new(inner) })
+    }
+
+    #[napi(getter)]
+    pub fn name(&self) -> String {
+        self.inner.name().to_string()
+    }
+
+    #[napi(getter)]
+    pub fn length(&self) -> f64 {
+        self.inner.len() as f64
+    }
+
+    #[napi(getter)]
+    pub fn page_size(&self) -> u32 {
+        self.inner.page_size()
+    }
+
+    /// `anonymous` or `file`.
+    #[napi(getter)]
+    pub fn backing(&self) -> &'static str {
+        match self.inner.backing() {
+            Backing::Anonymous => "anonymous",
+            Backing::File => "file",
+        }
+    }
+
+    /// A zero-copy view of `length` bytes at `offset`. The view keeps the memory alive; the
+    /// block counts as written from now on (zero pages received later are written explicitly).
+    #[napi]
+    pub fn view(&self, offset: Option<f64>, length: Option<f64>) -> napi::Result<Uint8Array> {
+        let offset = to_u64(offset.unwrap_or(0.0), "offset")?;
+        let length = match length {
+            Some(l) => to_u64(l, "length")?,
+            None => self.inner.len().saturating_sub(offset),
+        };
+        if offset.checked_add(length).is_none_or(|end| end > self.inner.len()) || length == 0 {
+            return Err(Error::new(ErrorCode::InvalidArgument, format!("view {offset}+{length} is outside block {:?} of {} bytes (or empty)", self.inner.name(), self.inner.len())))
+                .into_napi();
+        }
+        self.inner.mark_written();
+        let keep = self.inner.clone();
+        // SAFETY: offset + length <= the block's length, checked above, so the pointer and
+        // length describe memory inside the mapping. The finalizer owns an Arc to the block,
+        // so the mapping outlives every JavaScript reference to the view.
+        let view = unsafe {
+            Uint8Array::with_external_data(self.inner.as_ptr().add(offset as usize), length as usize, move |_, _| drop(keep))
+        };
+        Ok(view)
+    }
+
+    /// Marks the pages of `length` bytes at `offset` dirty (rounded out to whole pages).
+    #[napi]
+    pub fn mark_dirty(&self, offset: f64, length: f64) -> napi::Result<()> {
+        self.inner.mark_dirty(to_u64(offset, "offset")?, to_u64(length, "length")?).into_napi()
+    }
+
+    /// Marks every page dirty.
+    #[napi]
+    pub fn mark_all_dirty(&self) {
+        self.inner.mark_written();
+        self.inner.dirty.set_all();
+    }
+
+    /// Number of dirty pages.
+    #[napi]
+    pub fn dirty_pages(&self) -> f64 {
+        self.inner.dirty.count() as f64
+    }
+
+    #[napi]
+    pub fn clear_dirty(&self) {
+        self.inner.dirty.clear_all();
+    }
+}

@@ -1,0 +1,268 @@
+//! Source and destination sessions for the TypeScript orchestrator. Each is a handle over the
+//! core's threads plus the control connection; every decision (when to sync, complete, fail)
+//! is made in TypeScript.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use multifd_core::control::Control;
+use multifd_core::dest::{DestConfig, Destination};
+use multifd_core::session::Failure;
+use multifd_core::source::{Selection, Source, SourceConfig};
+use multifd_core::transport::Address;
+use multifd_core::wire::{Compression, Geometry};
+use multifd_core::{Error, ErrorCode};
+use napi::bindgen_prelude::{Buffer, Function};
+use napi_derive::napi;
+
+use crate::block::Block;
+use crate::errors::IntoNapi;
+use crate::events::{JsEvents, NativeEvent};
+use crate::numbers::{code, to_u64, uuid};
+
+/// Counters of one channel.
+#[napi(object)]
+pub struct ChannelCounters {
+    pub bytes: f64,
+    pub packets: f64,
+    pub normal_pages: f64,
+    pub zero_pages: f64,
+    pub syncs: f64,
+}
+
+fn counters(stats: Vec<[u64; 5]>) -> Vec<ChannelCounters> {
+    stats
+        .into_iter()
+        .map(|[bytes, packets, normal, zero, syncs]| ChannelCounters {
+            bytes: bytes as f64,
+            packets: packets as f64,
+            normal_pages: normal as f64,
+            zero_pages: zero as f64,
+            syncs: syncs as f64,
+        })
+        .collect()
+}
+
+fn ms(v: u32) -> Duration {
+    Duration::from_millis(u64::from(v))
+}
+
+#[napi(object)]
+pub struct ChannelOptions {
+    pub uuid: Buffer,
+    pub channels: u32,
+    pub page_size: u32,
+    pub compression: String,
+    pub zero_page_detection: bool,
+    pub connect_timeout_ms: u32,
+}
+
+/// A page range in bytes.
+#[napi(object)]
+pub struct ByteRange {
+    pub offset: f64,
+    pub length: f64,
+}
+
+#[napi]
+pub struct NativeSource {
+    address: Address,
+    events: JsEvents,
+    failure: Arc<Failure>,
+    control: Mutex<Option<Arc<Control>>>,
+    source: Mutex<Option<Source>>,
+}
+
+#[napi]
+impl NativeSource {
+    /// Opens the control connection; `onEvent` receives every event of this session.
+    #[napi(factory)]
+    pub fn connect(address: String, connect_timeout_ms: u32, on_event: Function<NativeEvent, ()>) -> napi::Result<NativeSource> {
+        let address = Address::parse(&address).into_napi()?;
+        let events = JsEvents::new(on_event)?;
+        let failure = Failure::new(events.sink());
+        let control = match Control::connect(&address, ms(connect_timeout_ms), events.sink()) {
+            Ok(c) => c,
+            Err(e) => {
+                events.release();
+                return Err(e).into_napi();
+            }
+        };
+        Ok(NativeSource { address, events, failure, control: Mutex::new(Some(control)), source: Mutex::new(None) })
+    }
+
+    #[napi]
+    pub fn send_control(&self, frame: Buffer) -> napi::Result<()> {
+        match self.control.lock().unwrap().as_ref() {
+            Some(c) => c.send(&frame).into_napi(),
+            None => Err(Error::new(ErrorCode::State, "the control connection is closed")).into_napi(),
+        }
+    }
+
+    /// Connects the multifd channels and starts their threads.
+    #[napi]
+    pub fn start_channels(&self, options: ChannelOptions) -> napi::Result<()> {
+        let mut slot = self.source.lock().unwrap();
+        if slot.is_some() {
+            return Err(Error::new(ErrorCode::State, "channels are already started")).into_napi();
+        }
+        let channels = u8::try_from(options.channels)
+            .ok()
+            .filter(|&c| c > 0)
+            .ok_or_else(|| Error::new(ErrorCode::InvalidArgument, format!("channels must be 1..255, got {}", options.channels)))
+            .into_napi()?;
+        let config = SourceConfig {
+            address: self.address.clone(),
+            uuid: uuid(&options.uuid)?,
+            channels,
+            geometry: Geometry::new(options.page_size).into_napi()?,
+            compression: Compression::from_name(&options.compression).into_napi()?,
+            zero_page_detection: options.zero_page_detection,
+            connect_timeout: ms(options.connect_timeout_ms),
+        };
+        *slot = Some(Source::start(config, self.failure.clone()).into_napi()?);
+        Ok(())
+    }
+
+    fn with_source<T>(&self, f: impl FnOnce(&Source) -> multifd_core::Result<T>) -> napi::Result<T> {
+        match self.source.lock().unwrap().as_ref() {
+            Some(s) => f(s).into_napi(),
+            None => Err(Error::new(ErrorCode::State, "channels are not started")).into_napi(),
+        }
+    }
+
+    /// Queues pages of `block`: all of them, `ranges`, or (with `dirty`) the dirty ones.
+    /// A `done` event with this `id` follows.
+    #[napi]
+    pub fn send(&self, id: u32, block: &Block, ranges: Option<Vec<ByteRange>>, dirty: bool) -> napi::Result<()> {
+        let selection = match (ranges, dirty) {
+            (_, true) => Selection::Dirty,
+            (Some(r), false) => Selection::Ranges(r.iter().map(|r| Ok((to_u64(r.offset, "offset")?, to_u64(r.length, "length")?))).collect::<napi::Result<_>>()?),
+            (None, false) => Selection::Whole,
+        };
+        self.with_source(|s| s.send(id, block.inner.clone(), selection))
+    }
+
+    /// Queues a SYNC on every channel; a `done` event with this `id` and the epoch follows.
+    #[napi]
+    pub fn sync(&self, id: u32) -> napi::Result<f64> {
+        self.with_source(|s| s.sync(id)).map(|e| e as f64)
+    }
+
+    #[napi]
+    pub fn stats(&self) -> Vec<ChannelCounters> {
+        counters(self.source.lock().unwrap().as_ref().map(|s| s.stats()).unwrap_or_default())
+    }
+
+    /// Fails the session with `code` (first error wins): channels are shut down at once.
+    #[napi]
+    pub fn fail(&self, code_name: String, message: String) -> bool {
+        self.failure.fail(Error::new(code(&code_name), message))
+    }
+
+    /// Joins every thread and closes every connection. With `abort`, sockets are shut down
+    /// first; otherwise channel threads finish their queues (call after the final sync).
+    #[napi]
+    pub fn close(&self, abort: bool) {
+        if let Some(s) = self.source.lock().unwrap().take() {
+            s.close(abort);
+        }
+        if let Some(c) = self.control.lock().unwrap().take() {
+            c.close();
+        }
+        self.events.release();
+    }
+}
+
+#[napi(object)]
+pub struct DestinationOptions {
+    pub uuid: Buffer,
+    pub channels: u32,
+    pub page_size: u32,
+    pub compression: String,
+    pub channel_timeout_ms: u32,
+}
+
+#[napi]
+pub struct NativeDestination {
+    dest: Destination,
+    events: JsEvents,
+    blocks: Mutex<Vec<Arc<multifd_core::block::RamBlock>>>,
+}
+
+#[napi]
+impl NativeDestination {
+    #[napi(factory)]
+    pub fn listen(address: String, classify_timeout_ms: u32, on_event: Function<NativeEvent, ()>) -> napi::Result<NativeDestination> {
+        let address = Address::parse(&address).into_napi()?;
+        let events = JsEvents::new(on_event)?;
+        match Destination::listen(&address, ms(classify_timeout_ms), events.sink()) {
+            Ok(dest) => Ok(NativeDestination { dest, events, blocks: Mutex::new(Vec::new()) }),
+            Err(e) => {
+                events.release();
+                Err(e).into_napi()
+            }
+        }
+    }
+
+    /// The address sources connect to (`tcp:HOST:PORT` with the real port, or `unix:PATH`).
+    #[napi(getter)]
+    pub fn address(&self) -> String {
+        self.dest.address().to_string()
+    }
+
+    #[napi]
+    pub fn send_control(&self, frame: Buffer) -> napi::Result<()> {
+        self.dest.send_control(&frame).into_napi()
+    }
+
+    /// Adds a block that pages may be written into (before `configure`).
+    #[napi]
+    pub fn add_block(&self, block: &Block) {
+        self.blocks.lock().unwrap().push(block.inner.clone());
+    }
+
+    /// Starts admitting channels for this session.
+    #[napi]
+    pub fn configure(&self, options: DestinationOptions) -> napi::Result<()> {
+        let channels = u8::try_from(options.channels)
+            .ok()
+            .filter(|&c| c > 0)
+            .ok_or_else(|| Error::new(ErrorCode::InvalidArgument, format!("channels must be 1..255, got {}", options.channels)))
+            .into_napi()?;
+        self.dest
+            .configure(DestConfig {
+                uuid: uuid(&options.uuid)?,
+                channels,
+                geometry: Geometry::new(options.page_size).into_napi()?,
+                compression: Compression::from_name(&options.compression).into_napi()?,
+                blocks: self.blocks.lock().unwrap().clone(),
+                channel_timeout: ms(options.channel_timeout_ms),
+            })
+            .into_napi()
+    }
+
+    #[napi]
+    pub fn stats(&self) -> Vec<ChannelCounters> {
+        counters(self.dest.stats())
+    }
+
+    #[napi]
+    pub fn fail(&self, code_name: String, message: String) -> bool {
+        self.dest.failure().fail(Error::new(code(&code_name), message))
+    }
+
+    /// Completes: channel readers stop at the next packet boundary and are joined.
+    #[napi]
+    pub fn finish(&self) -> napi::Result<()> {
+        self.dest.finish().into_napi()
+    }
+
+    /// Joins every thread and closes every connection and the listener.
+    #[napi]
+    pub fn close(&self) {
+        self.dest.close();
+        self.blocks.lock().unwrap().clear();
+        self.events.release();
+    }
+}

@@ -1,0 +1,229 @@
+/**
+ * The receiving side: listens on one address, accepts the control connection and the multifd
+ * channels, checks the source's handshake against its blocks (or creates blocks for the
+ * announced table), and writes pages straight into block memory.
+ */
+import { z } from 'zod'
+import { binding, type NativeEvent } from './native.js'
+import { MultifdError, native } from './errors.js'
+import { RamBlock, RamBlockSchema } from './block.js'
+import { Address, parseOptions } from './options.js'
+import { PROTOCOL_VERSION, decodeMessage, encodeMessage, remoteError, type ControlMessage, type Hello } from './protocol.js'
+import { Session, type ChannelStats } from './session.js'
+
+/** One entry of the block table a source announces. */
+export interface AnnouncedBlock {
+  name: string
+  length: number
+  pageSize: number
+}
+
+const DestinationOptions = z.strictObject({
+  /** `tcp:HOST:PORT` (port 0 picks a free port; see `address` after listen) or `unix:PATH`. */
+  address: Address,
+  /**
+   * The blocks pages go into. Either a list (the source's table must match it exactly), or a
+   * function that creates blocks for the table the source announces (e.g. mapped files).
+   */
+  blocks: z.union([
+    z.array(RamBlockSchema),
+    z.custom<(table: AnnouncedBlock[]) => RamBlock[] | Promise<RamBlock[]>>((v) => typeof v === 'function', { error: 'blocks must be an array of RamBlock or a function' }),
+  ]),
+  /** Expected channel count; by default whatever the source announces. */
+  channels: z.int().min(1).max(255).optional(),
+  /** How long, after the handshake, every announced channel has to connect. */
+  channelTimeoutMs: z.int().positive().default(10_000),
+  /** How long a connection may take to send its first bytes, and the source its hello. */
+  handshakeTimeoutMs: z.int().positive().default(10_000),
+})
+export type DestinationOptions = z.input<typeof DestinationOptions>
+
+export class Destination extends Session {
+  #session = ''
+  readonly #options: z.output<typeof DestinationOptions>
+  readonly #native: InstanceType<typeof binding.NativeDestination>
+  #blocks: RamBlock[] = []
+  #channels = 0
+  #epoch = 0
+  #round = 0
+  #closed = false
+  #helloTimer: NodeJS.Timeout | undefined
+
+  get session(): string {
+    return this.#session
+  }
+
+  private constructor(o: z.output<typeof DestinationOptions>) {
+    super('destination')
+    this.#options = o
+    this.#native = native(() => binding.NativeDestination.listen(o.address, o.handshakeTimeoutMs, (ev) => this.#onEvent(ev)))
+  }
+
+  /** Starts listening. The returned destination reports its real `address` (port 0 resolved). */
+  static listen(options: DestinationOptions): Destination {
+    return new Destination(parseOptions(DestinationOptions, options, 'destination options'))
+  }
+
+  /** The address sources connect to. */
+  get address(): string {
+    return this.#native.address
+  }
+
+  /** The blocks receiving pages (known after the handshake when created from the table). */
+  get blocks(): readonly RamBlock[] {
+    return this.#blocks
+  }
+
+  /** Dirty rounds the source has announced. */
+  get round(): number {
+    return this.#round
+  }
+
+  /** Stops listening and fails any migration in progress (as cancelled). */
+  close(): void {
+    if (this.state === 'none' || this.state === 'completed' || this.error) {
+      this.closeNative(true)
+      return
+    }
+    this.fail(new MultifdError('ERR_MULTIFD_CANCELLED', 'the destination was closed'), 'cancelled')
+  }
+
+  #onEvent(ev: NativeEvent): void {
+    switch (ev.kind) {
+      case 'controlConnected':
+        this.setState('setup')
+        this.#helloTimer = setTimeout(() => this.fail(new MultifdError('ERR_MULTIFD_TIMEOUT', `no hello from the source within ${this.#options.handshakeTimeoutMs} ms`)), this.#options.handshakeTimeoutMs)
+        break
+      case 'control':
+        void this.#onControl(ev.frame!)
+        break
+      case 'controlClosed':
+        if (this.state !== 'completed') {
+          this.fail(ev.code ? new MultifdError(ev.code as MultifdError['code'], `control connection: ${ev.message}`) : new MultifdError('ERR_MULTIFD_CONNECTION_CLOSED', 'the source closed the control connection before completing'))
+        }
+        break
+      case 'channel':
+        this.emit('channel', ev.channel!)
+        break
+      case 'synced':
+        this.#epoch = ev.epoch!
+        this.#send({ type: 'synced', epoch: ev.epoch!, packetNum: ev.packetNum! })
+        this.publishSync(ev.epoch!, ev.packetNum!)
+        break
+      case 'failed':
+        this.fail(new MultifdError(ev.code as MultifdError['code'], ev.message ?? ''))
+        break
+    }
+  }
+
+  #send(m: ControlMessage): void {
+    try {
+      native(() => this.#native.sendControl(encodeMessage(m)))
+    } catch (e) {
+      this.fail(e)
+    }
+  }
+
+  async #onControl(frame: Buffer): Promise<void> {
+    try {
+      const m = decodeMessage(frame)
+      switch (m.type) {
+        case 'hello':
+          return await this.#onHello(m)
+        case 'round':
+          this.#round = m.round
+          return
+        case 'complete':
+          return this.#onComplete(m.epoch)
+        case 'cancel':
+          return this.fail(Object.assign(new MultifdError('ERR_MULTIFD_CANCELLED', 'the source cancelled the migration'), { remote: true }), 'cancelled')
+        case 'error':
+          return this.fail(remoteError(m, 'source'))
+        default:
+          throw new MultifdError('ERR_MULTIFD_PROTOCOL', `unexpected control message ${m.type} from the source`)
+      }
+    } catch (e) {
+      this.fail(e)
+    }
+  }
+
+  async #onHello(h: Hello): Promise<void> {
+    clearTimeout(this.#helloTimer)
+    if (this.state !== 'setup') throw new MultifdError('ERR_MULTIFD_PROTOCOL', 'a second hello on the control connection')
+    if (h.protocol !== PROTOCOL_VERSION) throw new MultifdError('ERR_MULTIFD_PROTOCOL', `source speaks control protocol ${h.protocol}, this destination ${PROTOCOL_VERSION}`)
+    this.#session = h.session
+    const expected = this.#options.channels
+    if (expected !== undefined && expected !== h.channels) {
+      throw new MultifdError('ERR_MULTIFD_CHANNEL_COUNT_MISMATCH', `source announced ${h.channels} channel(s), this destination expects ${expected}`)
+    }
+    if (h.compression !== 'none') throw new MultifdError('ERR_MULTIFD_UNSUPPORTED_COMPRESSION', `compression ${h.compression} is not available yet`)
+    const blocks = await this.#resolveBlocks(h)
+    this.#blocks = blocks
+    this.#channels = h.channels
+    for (const b of blocks) this.#native.addBlock(b.native)
+    native(() =>
+      this.#native.configure({
+        uuid: Buffer.from(h.session, 'hex'),
+        channels: h.channels,
+        pageSize: h.pageSize,
+        compression: h.compression,
+        channelTimeoutMs: this.#options.channelTimeoutMs,
+      }),
+    )
+    this.#send({ type: 'welcome', protocol: PROTOCOL_VERSION })
+    this.setState('active')
+  }
+
+  async #resolveBlocks(h: Hello): Promise<RamBlock[]> {
+    const spec = this.#options.blocks
+    const table = h.blocks.map((b) => ({ ...b, pageSize: h.pageSize }))
+    const blocks = typeof spec === 'function' ? await spec(table) : spec
+    const problems: string[] = []
+    const byName = new Map(blocks.map((b) => [b.name, b]))
+    for (const t of table) {
+      const b = byName.get(t.name)
+      if (!b) problems.push(`${JSON.stringify(t.name)} (${t.length} bytes) is not registered here`)
+      else if (b.size !== t.length) problems.push(`${JSON.stringify(t.name)} is ${t.length} bytes on the source, ${b.size} here`)
+      else if (b.pageSize !== h.pageSize) problems.push(`${JSON.stringify(t.name)} has ${b.pageSize}-byte pages here, the source uses ${h.pageSize}`)
+    }
+    const announced = new Set(table.map((t) => t.name))
+    for (const b of blocks) if (!announced.has(b.name)) problems.push(`${JSON.stringify(b.name)} is registered here but not sent by the source`)
+    if (problems.length > 0) throw new MultifdError('ERR_MULTIFD_BLOCK_MISMATCH', `block tables differ: ${problems.join('; ')}`)
+    return table.map((t) => byName.get(t.name)!)
+  }
+
+  #onComplete(epoch: number): void {
+    if (this.state !== 'active') throw new MultifdError('ERR_MULTIFD_PROTOCOL', `complete arrived in state ${this.state}`)
+    if (epoch !== this.#epoch) {
+      throw new MultifdError('ERR_MULTIFD_PROTOCOL', `source completed after sync ${epoch}, but this destination passed sync ${this.#epoch}`)
+    }
+    this.setState('device')
+    native(() => this.#native.finish())
+    this.#send({ type: 'completed' })
+    this.succeed()
+  }
+
+  protected override tellPeer(e: MultifdError): void {
+    if (e.code === 'ERR_MULTIFD_CANCELLED' && e.remote) return
+    try {
+      this.#native.sendControl(encodeMessage({ type: 'error', code: e.code, message: e.message }))
+    } catch {
+      // the control connection may be what failed, or never existed
+    }
+  }
+
+  protected override closeNative(_abort: boolean): void {
+    clearTimeout(this.#helloTimer)
+    if (this.#closed) return
+    this.#closed = true
+    this.#native.close()
+  }
+
+  protected override nativeStats(): ChannelStats[] {
+    return this.#native.stats()
+  }
+
+  protected override channelCount(): number {
+    return this.#channels
+  }
+}

@@ -1,0 +1,55 @@
+/**
+ * The control protocol: JSON messages in length-prefixed frames on the control connection
+ * (docs/PROTOCOL.md). Every frame is validated with zod on receipt.
+ */
+import { z } from 'zod'
+import { ERROR_CODES, MultifdError } from './errors.js'
+
+export const PROTOCOL_VERSION = 1
+
+const BlockEntry = z.strictObject({ name: z.string().min(1).max(255), length: z.int().nonnegative() })
+
+export const ControlMessage = z.discriminatedUnion('type', [
+  z.object({
+    type: z.literal('hello'),
+    protocol: z.int(),
+    session: z.string().regex(/^[0-9a-f]{32}$/),
+    channels: z.int().min(1).max(255),
+    pageSize: z.int(),
+    compression: z.enum(['none', 'zlib', 'zstd']),
+    blocks: z.array(BlockEntry).max(4096),
+  }),
+  z.object({ type: z.literal('welcome'), protocol: z.int() }),
+  z.object({ type: z.literal('round'), round: z.int().nonnegative() }),
+  z.object({ type: z.literal('synced'), epoch: z.int().positive(), packetNum: z.number().nonnegative() }),
+  z.object({ type: z.literal('complete'), epoch: z.int().nonnegative() }),
+  z.object({ type: z.literal('completed') }),
+  z.object({ type: z.literal('cancel') }),
+  z.object({ type: z.literal('error'), code: z.string(), message: z.string() }),
+])
+export type ControlMessage = z.infer<typeof ControlMessage>
+export type Hello = Extract<ControlMessage, { type: 'hello' }>
+
+export function encodeMessage(m: ControlMessage): Buffer {
+  return Buffer.from(JSON.stringify(m))
+}
+
+export function decodeMessage(frame: Uint8Array): ControlMessage {
+  let raw: unknown
+  try {
+    raw = JSON.parse(Buffer.from(frame).toString('utf8'))
+  } catch {
+    throw new MultifdError('ERR_MULTIFD_PROTOCOL', `control frame is not JSON (${frame.length} bytes)`)
+  }
+  const r = ControlMessage.safeParse(raw)
+  if (!r.success) throw new MultifdError('ERR_MULTIFD_PROTOCOL', `invalid control message: ${z.prettifyError(r.error)}`)
+  return r.data
+}
+
+/** The error a peer's `error` message stands for, keeping its code when it is one of ours. */
+export function remoteError(m: { code: string; message: string }, peer: string): MultifdError {
+  const code = (ERROR_CODES as readonly string[]).includes(m.code) ? (m.code as MultifdError['code']) : 'ERR_MULTIFD_PROTOCOL'
+  const e = new MultifdError(code, `${peer} failed: ${m.message}`)
+  e.remote = true
+  return e
+}

@@ -1,0 +1,250 @@
+/**
+ * What Source and Destination share: state transitions with their events, first-error-wins
+ * failure, request promises keyed by id, and stats.
+ */
+import { EventEmitter } from 'node:events'
+import { MultifdError, asMultifdError } from './errors.js'
+import { type MigrationState, type Role, errorChannel, isFinal, stateChannel, syncChannel } from './state.js'
+
+export interface ChannelStats {
+  bytes: number
+  packets: number
+  normalPages: number
+  zeroPages: number
+  syncs: number
+}
+
+export interface Stats extends ChannelStats {
+  channels: ChannelStats[]
+  /** Seconds since the session became active. */
+  seconds: number
+  /** Bytes per second over `seconds`. */
+  bytesPerSecond: number
+}
+
+/** The outcome of a session, as the CLI prints it. */
+export interface Summary {
+  role: Role
+  status: 'completed' | 'failed' | 'cancelled'
+  /** Bytes moved on the multifd channels, headers included. */
+  bytes: number
+  seconds: number
+  bytesPerSecond: number
+  channels: number
+  pages: { normal: number; zero: number }
+  syncs: number
+  perChannel: ChannelStats[]
+  error?: { code: string; message: string }
+}
+
+export interface SessionEvents {
+  state: [state: MigrationState, previous: MigrationState]
+  sync: [epoch: number, packetNum: number]
+  channel: [id: number]
+  failed: [error: MultifdError]
+}
+
+interface Pending {
+  resolve: (v: number) => void
+  reject: (e: MultifdError) => void
+}
+
+export function totals(channels: ChannelStats[], startedAt: number | undefined): Stats {
+  const sum = (k: keyof ChannelStats): number => channels.reduce((a, c) => a + c[k], 0)
+  const seconds = startedAt === undefined ? 0 : (performance.now() - startedAt) / 1000
+  const bytes = sum('bytes')
+  return {
+    channels,
+    bytes,
+    packets: sum('packets'),
+    normalPages: sum('normalPages'),
+    zeroPages: sum('zeroPages'),
+    syncs: channels.length === 0 ? 0 : Math.min(...channels.map((c) => c.syncs)),
+    seconds,
+    bytesPerSecond: seconds > 0 ? bytes / seconds : 0,
+  }
+}
+
+export abstract class Session extends EventEmitter<SessionEvents> {
+  readonly role: Role
+  /** Session UUID as 32 hex digits (a destination learns it from the source's hello). */
+  abstract readonly session: string
+  /** The destination's address (where the source connects, where the destination listens). */
+  abstract readonly address: string
+  #state: MigrationState = 'none'
+  #error: MultifdError | undefined
+  #pending = new Map<number, Pending>()
+  #waiters = new Set<(e?: MultifdError) => void>()
+  #nextId = 1
+  #startedAt: number | undefined
+  /** Counters as they were when the native side closed. */
+  #finalStats: ChannelStats[] | undefined
+  #endedAt: number | undefined
+  #settled: Promise<Summary>
+  #settle!: { resolve: (s: Summary) => void; reject: (e: MultifdError) => void }
+
+  protected constructor(role: Role) {
+    super()
+    this.role = role
+    this.#settled = new Promise<Summary>((resolve, reject) => {
+      this.#settle = { resolve, reject }
+    })
+    // A failure is reported through the promise and the 'failed' event; nobody has to await.
+    this.#settled.catch(() => undefined)
+  }
+
+  get state(): MigrationState {
+    return this.#state
+  }
+
+  /** The first error, once the session has failed or was cancelled. */
+  get error(): MultifdError | undefined {
+    return this.#error
+  }
+
+  /** Settles when the session ends: resolves with the summary, rejects with the first error. */
+  get done(): Promise<Summary> {
+    return this.#settled
+  }
+
+  protected abstract nativeStats(): ChannelStats[]
+  protected abstract channelCount(): number
+  /** Shuts sockets down and joins threads; `abort` for failure or cancel. */
+  protected abstract closeNative(abort: boolean): void
+  /** Tells the peer why this side failed (best effort). */
+  protected abstract tellPeer(e: MultifdError): void
+
+  stats(): Stats {
+    const s = totals(this.#finalStats ?? this.nativeStats(), this.#startedAt)
+    if (this.#endedAt !== undefined && this.#startedAt !== undefined) {
+      s.seconds = (this.#endedAt - this.#startedAt) / 1000
+      s.bytesPerSecond = s.seconds > 0 ? s.bytes / s.seconds : 0
+    }
+    return s
+  }
+
+  protected setState(next: MigrationState): void {
+    const previous = this.#state
+    if (previous === next || isFinal(previous)) return
+    this.#state = next
+    if (next === 'active' && this.#startedAt === undefined) this.#startedAt = performance.now()
+    if (isFinal(next)) this.#endedAt = performance.now()
+    if (stateChannel.hasSubscribers) stateChannel.publish({ role: this.role, session: this.session, address: this.address, from: previous, to: next })
+    this.emit('state', next, previous)
+  }
+
+  protected publishSync(epoch: number, packetNum: number): void {
+    if (syncChannel.hasSubscribers) syncChannel.publish({ role: this.role, session: this.session, address: this.address, epoch, packetNum })
+    this.emit('sync', epoch, packetNum)
+  }
+
+  /** Registers a request the native side will answer with a `done` event. */
+  protected request(start: (id: number) => void): Promise<number> {
+    if (this.#error) return Promise.reject(this.#error)
+    const id = this.#nextId++
+    return new Promise<number>((resolve, reject) => {
+      this.#pending.set(id, { resolve, reject })
+      try {
+        start(id)
+      } catch (e) {
+        this.#pending.delete(id)
+        reject(asMultifdError(e))
+      }
+    })
+  }
+
+  protected answer(id: number, value: number | MultifdError): void {
+    const p = this.#pending.get(id)
+    if (!p) return
+    this.#pending.delete(id)
+    if (value instanceof MultifdError) p.reject(value)
+    else p.resolve(value)
+  }
+
+  /**
+   * Resolves with `check()`'s value once it is defined, re-checked whenever `recheck()` runs;
+   * rejects when the session fails, or after `timeoutMs` (which also fails the session).
+   */
+  protected waitFor<T>(check: () => T | undefined, what: string, timeoutMs?: number): Promise<T> {
+    if (this.#error) return Promise.reject(this.#error)
+    const now = check()
+    if (now !== undefined) return Promise.resolve(now)
+    return new Promise<T>((resolve, reject) => {
+      let timer: NodeJS.Timeout | undefined
+      const waiter = (e?: MultifdError): void => {
+        if (e) return finish(() => reject(e))
+        const v = check()
+        if (v !== undefined) finish(() => resolve(v))
+      }
+      const finish = (settle: () => void): void => {
+        if (timer) clearTimeout(timer)
+        this.#waiters.delete(waiter)
+        settle()
+      }
+      this.#waiters.add(waiter)
+      if (timeoutMs !== undefined) {
+        timer = setTimeout(() => {
+          this.fail(new MultifdError('ERR_MULTIFD_TIMEOUT', `${this.role}: ${what} did not happen within ${timeoutMs} ms`))
+        }, timeoutMs)
+      }
+    })
+  }
+
+  /** Re-checks every `waitFor` condition. */
+  protected recheck(): void {
+    for (const w of [...this.#waiters]) w()
+  }
+
+  /**
+   * First error wins: the first failure fails the session, tells the peer, shuts every socket
+   * down, joins every thread, and rejects every pending promise with that error. Later errors
+   * are kept on the first as `secondary`.
+   */
+  protected fail(e: unknown, final: 'failed' | 'cancelled' = 'failed'): void {
+    const err = asMultifdError(e)
+    if (this.#error) {
+      if (err !== this.#error) this.#error.secondary.push(err)
+      return
+    }
+    if (isFinal(this.#state)) return
+    this.#error = err
+    if (!err.remote) this.tellPeer(err)
+    this.#close(true)
+    for (const [, p] of this.#pending) p.reject(err)
+    this.#pending.clear()
+    for (const w of [...this.#waiters]) w(err)
+    this.setState(final)
+    if (errorChannel.hasSubscribers) errorChannel.publish({ role: this.role, session: this.session, address: this.address, error: err })
+    this.emit('failed', err)
+    this.#settle.reject(err)
+  }
+
+  /** Ends the session successfully. */
+  protected succeed(): void {
+    this.#close(false)
+    this.setState('completed')
+    this.#settle.resolve(this.summary())
+  }
+
+  #close(abort: boolean): void {
+    this.#finalStats ??= this.nativeStats()
+    this.closeNative(abort)
+  }
+
+  summary(): Summary {
+    const s = this.stats()
+    const status = this.#state === 'completed' ? 'completed' : this.#state === 'cancelled' ? 'cancelled' : 'failed'
+    return {
+      role: this.role,
+      status,
+      bytes: s.bytes,
+      seconds: s.seconds,
+      bytesPerSecond: s.bytesPerSecond,
+      channels: this.channelCount(),
+      pages: { normal: s.normalPages, zero: s.zeroPages },
+      syncs: s.syncs,
+      perChannel: s.channels,
+      ...(this.#error ? { error: { code: this.#error.code, message: this.#error.message } } : {}),
+    }
+  }
+}

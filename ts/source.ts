@@ -1,0 +1,269 @@
+/**
+ * The sending side: connects the control channel and N multifd channels to a destination,
+ * moves pages of registered blocks, and drives sync rounds and completion.
+ */
+import { randomBytes } from 'node:crypto'
+import { z } from 'zod'
+import { binding, type NativeEvent } from './native.js'
+import { MultifdError, asMultifdError, native } from './errors.js'
+import { RamBlock, RamBlockSchema } from './block.js'
+import { Address, CompressionMethod, PageSize, parseOptions } from './options.js'
+import { PROTOCOL_VERSION, decodeMessage, encodeMessage, remoteError, type ControlMessage } from './protocol.js'
+import { Session, type ChannelStats, type Summary } from './session.js'
+
+const SourceOptions = z.strictObject({
+  /** `tcp:HOST:PORT` or `unix:PATH`. */
+  address: Address,
+  blocks: z.array(RamBlockSchema).min(1),
+  /** Parallel multifd channels, 1..255 (QEMU's default is 2). */
+  channels: z.int().min(1).max(255).default(2),
+  pageSize: PageSize.default(4096),
+  compression: CompressionMethod.default('none'),
+  /** Send zero pages as offsets only (QEMU's `zero-page-detection=multifd`). */
+  zeroPageDetection: z.enum(['multifd', 'none']).default('multifd'),
+  /** 16 bytes; random by default. */
+  uuid: z.instanceof(Uint8Array).refine((u) => u.length === 16, { error: 'uuid must be 16 bytes' }).optional(),
+  connectTimeoutMs: z.int().positive().default(10_000),
+  /** Bound on each control-channel reply (welcome, completed). */
+  handshakeTimeoutMs: z.int().positive().default(10_000),
+})
+  .superRefine((o, ctx) => {
+    const names = new Set<string>()
+    for (const [i, b] of o.blocks.entries()) {
+      if (names.has(b.name)) ctx.addIssue({ code: 'custom', path: ['blocks', i], message: `duplicate block name ${JSON.stringify(b.name)}` })
+      names.add(b.name)
+      if (b.pageSize !== o.pageSize) ctx.addIssue({ code: 'custom', path: ['blocks', i], message: `block ${JSON.stringify(b.name)} has ${b.pageSize}-byte pages, the session uses ${o.pageSize}` })
+    }
+    if (o.compression !== 'none') ctx.addIssue({ code: 'custom', path: ['compression'], message: 'compression is not available yet; use none' })
+  })
+export type SourceOptions = z.input<typeof SourceOptions>
+
+/** A page range of a block, in bytes (rounded out to whole pages). */
+export interface ByteRange {
+  offset: number
+  length: number
+}
+
+export class Source extends Session {
+  readonly session: string
+  readonly address: string
+  readonly blocks: readonly RamBlock[]
+  readonly #options: z.output<typeof SourceOptions>
+  #native: InstanceType<typeof binding.NativeSource> | undefined
+  #closed = false
+  #welcomed = false
+  #syncedEpoch = 0
+  #completed = false
+  #round = 0
+
+  private constructor(o: z.output<typeof SourceOptions>) {
+    super('source')
+    this.#options = o
+    this.blocks = o.blocks
+    this.address = o.address
+    this.session = Buffer.from(o.uuid ?? randomBytes(16)).toString('hex')
+  }
+
+  /**
+   * Connects to a destination: control handshake (session UUID, protocol version, channel
+   * count, page size, block table), then the multifd channels. Resolves in state `active`.
+   */
+  static async connect(options: SourceOptions): Promise<Source> {
+    const src = new Source(parseOptions(SourceOptions, options, 'source options'))
+    await src.#start()
+    return src
+  }
+
+  async #start(): Promise<void> {
+    const o = this.#options
+    this.setState('setup')
+    try {
+      this.#native = native(() => binding.NativeSource.connect(o.address, o.connectTimeoutMs, (ev) => this.#onEvent(ev)))
+      this.#send({
+        type: 'hello',
+        protocol: PROTOCOL_VERSION,
+        session: this.session,
+        channels: o.channels,
+        pageSize: o.pageSize,
+        compression: o.compression,
+        blocks: o.blocks.map((b) => ({ name: b.name, length: b.size })),
+      })
+      await this.waitFor(() => (this.#welcomed ? true : undefined), 'the destination welcome', o.handshakeTimeoutMs)
+      const nativeSource = this.#native
+      native(() =>
+        nativeSource.startChannels({
+          uuid: Buffer.from(this.session, 'hex'),
+          channels: o.channels,
+          pageSize: o.pageSize,
+          compression: o.compression,
+          zeroPageDetection: o.zeroPageDetection === 'multifd',
+          connectTimeoutMs: o.connectTimeoutMs,
+        }),
+      )
+      this.setState('active')
+    } catch (e) {
+      this.fail(e)
+      throw this.error ?? asMultifdError(e)
+    }
+  }
+
+  #send(m: ControlMessage): void {
+    const n = this.#native
+    if (!n) throw new MultifdError('ERR_MULTIFD_STATE', 'the source is not connected')
+    native(() => n.sendControl(encodeMessage(m)))
+  }
+
+  #onEvent(ev: NativeEvent): void {
+    switch (ev.kind) {
+      case 'done':
+        this.answer(ev.id!, ev.code ? new MultifdError(ev.code as MultifdError['code'], ev.message ?? '') : (ev.pages ?? 0))
+        break
+      case 'failed':
+        this.fail(new MultifdError(ev.code as MultifdError['code'], ev.message ?? ''))
+        break
+      case 'channel':
+        this.emit('channel', ev.channel!)
+        break
+      case 'control':
+        this.#onControl(ev.frame!)
+        break
+      case 'controlClosed':
+        if (!this.#completed) {
+          this.fail(ev.code ? new MultifdError(ev.code as MultifdError['code'], `control connection: ${ev.message}`) : new MultifdError('ERR_MULTIFD_CONNECTION_CLOSED', 'the destination closed the control connection'))
+        }
+        break
+    }
+  }
+
+  #onControl(frame: Buffer): void {
+    let m: ControlMessage
+    try {
+      m = decodeMessage(frame)
+    } catch (e) {
+      return this.fail(e)
+    }
+    switch (m.type) {
+      case 'welcome':
+        if (m.protocol !== PROTOCOL_VERSION) return this.fail(new MultifdError('ERR_MULTIFD_PROTOCOL', `destination speaks control protocol ${m.protocol}, expected ${PROTOCOL_VERSION}`))
+        this.#welcomed = true
+        break
+      case 'synced':
+        this.#syncedEpoch = Math.max(this.#syncedEpoch, m.epoch)
+        this.publishSync(m.epoch, m.packetNum)
+        break
+      case 'completed':
+        this.#completed = true
+        break
+      case 'error':
+        return this.fail(remoteError(m, 'destination'))
+      default:
+        return this.fail(new MultifdError('ERR_MULTIFD_PROTOCOL', `unexpected control message ${m.type} from the destination`))
+    }
+    this.recheck()
+  }
+
+  #requireActive(what: string): InstanceType<typeof binding.NativeSource> {
+    if (this.error) throw this.error
+    if (!this.#native || (this.state !== 'active' && this.state !== 'device')) {
+      throw new MultifdError('ERR_MULTIFD_STATE', `cannot ${what} in state ${this.state}`)
+    }
+    return this.#native
+  }
+
+  #blockOf(block: RamBlock): RamBlock {
+    if (!this.blocks.includes(block)) throw new MultifdError('ERR_MULTIFD_INVALID_ARGUMENT', `block ${JSON.stringify(block.name)} is not one of this session's blocks`)
+    return block
+  }
+
+  /** Sends every page of `block` (or of the given byte ranges). Resolves with pages queued. */
+  sendBlock(block: RamBlock, ranges?: ByteRange[]): Promise<number> {
+    const n = this.#requireActive('send')
+    const b = this.#blockOf(block)
+    return this.request((id) => n.send(id, b.native, ranges, false))
+  }
+
+  /** Sends the pages of every block marked dirty since the last call, clearing their bits. */
+  async sendDirty(): Promise<number> {
+    const n = this.#requireActive('send')
+    const counts = await Promise.all(this.blocks.map((b) => this.request((id) => n.send(id, b.native, undefined, true))))
+    return counts.reduce((a, c) => a + c, 0)
+  }
+
+  /** Sends every page of every block. */
+  async sendAll(): Promise<number> {
+    const counts = await Promise.all(this.blocks.map((b) => this.sendBlock(b)))
+    return counts.reduce((a, c) => a + c, 0)
+  }
+
+  /**
+   * A barrier on both sides: a SYNC packet goes out on every channel after its queued pages,
+   * and this resolves once the destination reports that every channel has passed it, so every
+   * page sent before is in destination memory. Resolves with the sync epoch.
+   */
+  async sync(): Promise<number> {
+    const n = this.#requireActive('sync')
+    const epoch = await this.request((id) => n.sync(id))
+    await this.waitFor(() => (this.#syncedEpoch >= epoch ? epoch : undefined), `sync ${epoch}`)
+    return epoch
+  }
+
+  /** Tells the destination a new dirty round starts (an event there). */
+  markRound(): number {
+    this.#requireActive('mark a round')
+    this.#round += 1
+    this.#send({ type: 'round', round: this.#round })
+    return this.#round
+  }
+
+  /**
+   * Finishes: a final sync, then both sides complete and close. Resolves with the summary.
+   */
+  async complete(): Promise<Summary> {
+    this.#requireActive('complete')
+    this.setState('device')
+    try {
+      const epoch = await this.sync()
+      this.#send({ type: 'complete', epoch })
+      await this.waitFor(() => (this.#completed ? true : undefined), 'the destination completion', this.#options.handshakeTimeoutMs)
+      this.succeed()
+    } catch (e) {
+      this.fail(e)
+    }
+    return this.done
+  }
+
+  /** Cancels: both sides stop, every pending promise rejects with ERR_MULTIFD_CANCELLED. */
+  async cancel(): Promise<void> {
+    if (this.error || this.state === 'completed') return
+    this.setState('cancelling')
+    try {
+      this.#send({ type: 'cancel' })
+    } catch {
+      // the destination may already be gone
+    }
+    this.fail(new MultifdError('ERR_MULTIFD_CANCELLED', 'the migration was cancelled by the source'), 'cancelled')
+  }
+
+  protected override tellPeer(e: MultifdError): void {
+    if (e.code === 'ERR_MULTIFD_CANCELLED') return
+    try {
+      this.#send({ type: 'error', code: e.code, message: e.message })
+    } catch {
+      // best effort: the control connection may be what failed
+    }
+  }
+
+  protected override closeNative(abort: boolean): void {
+    if (this.#closed || !this.#native) return
+    this.#closed = true
+    this.#native.close(abort)
+  }
+
+  protected override nativeStats(): ChannelStats[] {
+    return this.#native?.stats() ?? []
+  }
+
+  protected override channelCount(): number {
+    return this.#options.channels
+  }
+}
