@@ -1,0 +1,61 @@
+//! In-process source -> destination transfer for A/B experiments on the data plane.
+//! `cargo run --release --example loopback_ab -- CHANNELS SIZE_MIB REPS` (ZERO=0 disables
+//! zero-page detection).
+
+use std::sync::{Arc, mpsc, Mutex};
+use std::time::{Duration, Instant};
+
+use multifd_core::block::RamBlock;
+use multifd_core::dest::{DestConfig, Destination};
+use multifd_core::session::{Event, Failure};
+use multifd_core::source::{Selection, Source, SourceConfig};
+use multifd_core::transport::Address;
+use multifd_core::wire::{Compression, Geometry};
+
+fn main() {
+    let args: Vec<u64> = std::env::args().skip(1).map(|a| a.parse().unwrap()).collect();
+    let (channels, mib, reps) = (args[0] as u8, args[1], args.get(2).copied().unwrap_or(3));
+    let zero = std::env::var("ZERO").map(|v| v != "0").unwrap_or(true);
+    let size = mib << 20;
+    let src = Arc::new(match std::env::var("SRC_FILE") {
+        Ok(path) => RamBlock::map_file("b", std::path::Path::new(&path), 4096, Some(size), true).unwrap(),
+        Err(_) => RamBlock::allocate("b", size, 4096, true).unwrap(),
+    });
+    let mut x = 0x9e3779b97f4a7c15u64;
+    for p in 0..src.pages() as u64 {
+        let ptr = src.page_ptr(p * 4096).cast::<u64>();
+        for i in 0..512 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            // SAFETY: inside the block.
+            unsafe { ptr.add(i).write(x) };
+        }
+    }
+    let dst = Arc::new(RamBlock::allocate("b", size, 4096, true).unwrap());
+    for _ in 0..reps {
+        let (tx, rx) = mpsc::channel();
+        let tx = Mutex::new(tx);
+        let sink: multifd_core::session::EventSink = Arc::new(move |e| drop(tx.lock().unwrap().send(e)));
+        let dest = Destination::listen(&Address::parse("tcp:127.0.0.1:0").unwrap(), Duration::from_secs(5), sink.clone()).unwrap();
+        dest.configure(DestConfig { uuid: [0; 16], channels, geometry: Geometry::x86(), compression: Compression::None, blocks: vec![dst.clone()], channel_timeout: Duration::from_secs(5) }).unwrap();
+        let source = Source::start(
+            SourceConfig { address: dest.address().clone(), uuid: [0; 16], channels, geometry: Geometry::x86(), compression: Compression::None, zero_page_detection: zero, connect_timeout: Duration::from_secs(5) },
+            Failure::new(sink),
+        )
+        .unwrap();
+        let t = Instant::now();
+        source.send(1, src.clone(), Selection::Whole).unwrap();
+        source.sync(2).unwrap();
+        loop {
+            if let Event::Synced { .. } = rx.recv().unwrap() {
+                break;
+            }
+        }
+        let secs = t.elapsed().as_secs_f64();
+        println!("channels={channels} zero={zero} gbps={:.2}", size as f64 / secs / 1e9);
+        dest.finish().unwrap();
+        source.close(false);
+        dest.close();
+    }
+}
