@@ -5,14 +5,13 @@
  *
  *   bench/loopback [--size 1G] [--channels 1,2,4,8] [--reps 3] [--json] [--no-qemu] [--no-ceiling]
  */
-import { existsSync, rmSync, statSync } from 'node:fs'
+import { existsSync, rmSync } from 'node:fs'
 import { execFileSync } from 'node:child_process'
-import { randomFillSync } from 'node:crypto'
-import { openSync, writeSync, closeSync } from 'node:fs'
 import { dirname, join } from 'node:path'
 import { fileURLToPath } from 'node:url'
 import { parseArgs } from 'node:util'
-import { median, parseSize, runJson, startJson, type Line } from './lib/run.js'
+import { median, parseSize, runJson, type Line } from './lib/run.js'
+import { nodeNet, ours, settle, sourceFile, timeoutFor, type Result } from './lib/transfer.js'
 
 const here = dirname(fileURLToPath(import.meta.url))
 const root = join(here, '..')
@@ -33,39 +32,9 @@ const reps = Number(values.reps)
 const GiB = 2 ** 30
 const log = (s: string): void => void (values.json ? process.stderr : process.stdout).write(s + '\n')
 
-// One source file for everyone: random bytes in /dev/shm (memory, like guest RAM).
-const srcFile = `/dev/shm/multifd-bench-${size}.ram`
-if (!existsSync(srcFile) || statSync(srcFile).size !== size) {
-  log(`writing ${size} random bytes to ${srcFile}`)
-  const fd = openSync(srcFile, 'w')
-  const chunk = Buffer.alloc(64 << 20)
-  for (let off = 0; off < size; off += chunk.length) writeSync(fd, randomFillSync(chunk).subarray(0, Math.min(chunk.length, size - off)))
-  closeSync(fd)
-}
+const srcFile = sourceFile(size, log)
 
-const node = process.execPath
-const peer = join(here, 'lib', 'peer.ts')
-const tsx = ['--import=tsx', peer]
-const timeout = Math.max(120_000, (size / GiB) * 60_000)
-
-interface Result {
-  gbps: number
-  srcCpu: number
-  dstCpu: number
-  ok: boolean
-}
-
-async function pair(destMode: string, srcMode: string, srcArgs: (address: string) => string[]): Promise<Result> {
-  const dest = startJson(node, [...tsx, destMode, String(size)], timeout, 'listening')
-  const { address } = (await dest.first) as { address: string }
-  const src = await runJson(node, [...tsx, srcMode, address, ...srcArgs(address)], timeout)
-  const d = (await dest.all).find((l) => l.type === 'done')!
-  const s = src.find((l) => l.type === 'done')!
-  return { gbps: size / (s.seconds as number) / 1e9, srcCpu: s.cpuSeconds as number, dstCpu: d.cpuSeconds as number, ok: s.sha256 === d.sha256 }
-}
-
-const ours = (ch: number): Promise<Result> => pair('mfd-dest', 'mfd-src', () => [srcFile, String(size), String(ch)])
-const nodeNet = (): Promise<Result> => pair('net-dest', 'net-src', () => [srcFile, String(size)])
+const timeout = timeoutFor(size)
 
 async function qemu(ch: number): Promise<Result | undefined> {
   const lines = await runJson('python3', [join(here, 'qemu', 'qemu_mig.py'), '--size-mib', String(size >> 20), '--channels', String(ch), '--prealloc', 'both', '--src-ram', srcFile, '--reps', '1'], timeout)
@@ -104,22 +73,20 @@ async function ceiling(ch: number): Promise<Result | undefined> {
   return { gbps: size / Number(s.secs) / 1e9, srcCpu: cpu(s), dstCpu: cpu(r), ok: s.csum !== undefined && s.csum === r.csum }
 }
 
-const settle = (): Promise<void> => new Promise((r) => setTimeout(r, 750))
-
 type Row = { channels: number; ours: Result[]; qemu: Result[]; ceiling: Result[] }
 const rows: Row[] = []
 const net: Result[] = []
 log(`loopback TCP, ${(size / GiB).toFixed(2)} GiB of random data, destination memory preallocated, ${reps} rep(s)`)
 for (let rep = 0; rep < reps; rep++) {
   // node:net reads the whole file into one Buffer, which Node caps at 2 GiB.
-  if (size <= 2 * GiB) net.push(await nodeNet())
+  if (size <= 2 * GiB) net.push(await nodeNet(size, srcFile))
   for (const ch of channelsList) {
     let row = rows.find((r) => r.channels === ch)
     if (!row) rows.push((row = { channels: ch, ours: [], qemu: [], ceiling: [] }))
     // Rotate who goes first each rep, and let the machine settle between runs: a process that
     // just exited may still be giving gigabytes of memory back, which slows whoever runs next.
     const runs: Array<() => Promise<void>> = [
-      async () => void row.ours.push(await ours(ch)),
+      async () => void row.ours.push(await ours(size, srcFile, ch)),
       async () => {
         if (values['no-qemu']) return
         const q = await qemu(ch).catch((e: Error) => (log(`qemu: ${e.message.split('\n')[0]}`), undefined))

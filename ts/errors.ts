@@ -31,6 +31,7 @@ export const ERROR_CODES = [
   'ERR_MULTIFD_PROTOCOL',
   'ERR_MULTIFD_UNKNOWN_CHANNEL',
   'ERR_MULTIFD_STATE',
+  'ERR_MULTIFD_ZERO_COPY_UNAVAILABLE',
 ] as const
 
 export type MultifdErrorCode = (typeof ERROR_CODES)[number]

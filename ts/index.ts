@@ -4,7 +4,7 @@ export { Source, type SourceOptions, type ByteRange } from './source.js'
 export { Destination, type DestinationOptions, type AnnouncedBlock } from './destination.js'
 export { migrate, type MigrateOptions } from './migrate.js'
 export type { ChannelStats, Stats, Summary, SessionEvents } from './session.js'
-export { type MigrationState, type Role, stateChannel, syncChannel, errorChannel } from './state.js'
+export { type MigrationState, type Role, stateChannel, syncChannel, errorChannel, warningChannel } from './state.js'
 export { PROTOCOL_VERSION } from './protocol.js'
 export {
   FLAG_SYNC,

@@ -4,14 +4,25 @@
  */
 import { EventEmitter } from 'node:events'
 import { MultifdError, asMultifdError } from './errors.js'
-import { type MigrationState, type Role, errorChannel, isFinal, stateChannel, syncChannel } from './state.js'
+import { type MigrationState, type Role, errorChannel, isFinal, stateChannel, syncChannel, warningChannel } from './state.js'
 
 export interface ChannelStats {
+  /** Bytes on the channel, headers included. */
   bytes: number
   packets: number
   normalPages: number
   zeroPages: number
   syncs: number
+  /** MSG_ZEROCOPY sends issued (source, with `zeroCopySend`). */
+  zeroCopySends: number
+  /** Zero-copy completions reaped from the socket error queue. */
+  zeroCopyCompletions: number
+  /** Completions where the kernel copied anyway (always on loopback). */
+  zeroCopyCopied: number
+  /** ENOBUFS returns (locked-memory limit); retried after reaping completions. */
+  zeroCopyEnobufs: number
+  /** 1 on a channel that fell back to copying sends. */
+  zeroCopyFallbacks: number
 }
 
 export interface Stats extends ChannelStats {
@@ -42,6 +53,8 @@ export interface SessionEvents {
   sync: [epoch: number, packetNum: number]
   channel: [id: number]
   failed: [error: MultifdError]
+  /** Something degraded without failing the session (e.g. zero-copy fell back to copying). */
+  warning: [warning: MultifdError]
 }
 
 interface Pending {
@@ -59,6 +72,11 @@ export function totals(channels: ChannelStats[], startedAt: number | undefined):
     packets: sum('packets'),
     normalPages: sum('normalPages'),
     zeroPages: sum('zeroPages'),
+    zeroCopySends: sum('zeroCopySends'),
+    zeroCopyCompletions: sum('zeroCopyCompletions'),
+    zeroCopyCopied: sum('zeroCopyCopied'),
+    zeroCopyEnobufs: sum('zeroCopyEnobufs'),
+    zeroCopyFallbacks: sum('zeroCopyFallbacks'),
     syncs: channels.length === 0 ? 0 : Math.min(...channels.map((c) => c.syncs)),
     seconds,
     bytesPerSecond: seconds > 0 ? bytes / seconds : 0,
@@ -138,6 +156,11 @@ export abstract class Session extends EventEmitter<SessionEvents> {
     this.emit('sync', epoch, packetNum)
   }
 
+  protected warn(w: MultifdError): void {
+    if (warningChannel.hasSubscribers) warningChannel.publish({ role: this.role, session: this.session, address: this.address, warning: w })
+    this.emit('warning', w)
+  }
+
   /** Registers a request the native side will answer with a `done` event. */
   protected request(start: (id: number) => void): Promise<number> {
     if (this.#error) return Promise.reject(this.#error)
@@ -201,7 +224,16 @@ export abstract class Session extends EventEmitter<SessionEvents> {
    * are kept on the first as `secondary`.
    */
   protected fail(e: unknown, final: 'failed' | 'cancelled' = 'failed'): void {
-    const err = asMultifdError(e)
+    let err = asMultifdError(e)
+    // While cancelling, whatever breaks (the peer closing its sockets) is the cancellation.
+    if (this.#state === 'cancelling' && !this.#error) {
+      final = 'cancelled'
+      if (err.code !== 'ERR_MULTIFD_CANCELLED') {
+        const cancelled = new MultifdError('ERR_MULTIFD_CANCELLED', 'the migration was cancelled')
+        cancelled.secondary.push(err)
+        err = cancelled
+      }
+    }
     if (this.#error) {
       if (err !== this.#error) this.#error.secondary.push(err)
       return

@@ -3,6 +3,7 @@
  * moves pages of registered blocks, and drives sync rounds and completion.
  */
 import { randomBytes } from 'node:crypto'
+import { setTimeout as delay } from 'node:timers/promises'
 import { z } from 'zod'
 import { binding, type NativeEvent } from './native.js'
 import { MultifdError, asMultifdError, native } from './errors.js'
@@ -23,6 +24,11 @@ const SourceOptions = z.strictObject({
   zeroPageDetection: z.enum(['multifd', 'none']).default('multifd'),
   /** 16 bytes; random by default. */
   uuid: z.instanceof(Uint8Array).refine((u) => u.length === 16, { error: 'uuid must be 16 bytes' }).optional(),
+  /**
+   * Send pages with MSG_ZEROCOPY (Linux, TCP only, no compression, as QEMU's
+   * `zero-copy-send`). On loopback the kernel copies anyway; stats report it.
+   */
+  zeroCopySend: z.boolean().default(false),
   connectTimeoutMs: z.int().positive().default(10_000),
   /** Bound on each control-channel reply (welcome, completed). */
   handshakeTimeoutMs: z.int().positive().default(10_000),
@@ -35,6 +41,12 @@ const SourceOptions = z.strictObject({
       if (b.pageSize !== o.pageSize) ctx.addIssue({ code: 'custom', path: ['blocks', i], message: `block ${JSON.stringify(b.name)} has ${b.pageSize}-byte pages, the session uses ${o.pageSize}` })
     }
     if (o.compression !== 'none') ctx.addIssue({ code: 'custom', path: ['compression'], message: 'compression is not available yet; use none' })
+    if (o.zeroCopySend && !o.address.startsWith('tcp:')) {
+      ctx.addIssue({ code: 'custom', path: ['zeroCopySend'], message: 'zero-copy send needs a tcp: address (the kernel refuses SO_ZEROCOPY on Unix sockets)' })
+    }
+    if (o.zeroCopySend && o.compression !== 'none') {
+      ctx.addIssue({ code: 'custom', path: ['zeroCopySend'], message: 'zero-copy send cannot be combined with compression (QEMU refuses it too)' })
+    }
   })
 export type SourceOptions = z.input<typeof SourceOptions>
 
@@ -54,6 +66,7 @@ export class Source extends Session {
   #welcomed = false
   #syncedEpoch = 0
   #completed = false
+  #controlClosed = false
   #round = 0
 
   private constructor(o: z.output<typeof SourceOptions>) {
@@ -97,6 +110,7 @@ export class Source extends Session {
           pageSize: o.pageSize,
           compression: o.compression,
           zeroPageDetection: o.zeroPageDetection === 'multifd',
+          zeroCopy: o.zeroCopySend,
           connectTimeoutMs: o.connectTimeoutMs,
         }),
       )
@@ -124,11 +138,16 @@ export class Source extends Session {
       case 'channel':
         this.emit('channel', ev.channel!)
         break
+      case 'warning':
+        this.warn(new MultifdError(ev.code as MultifdError['code'], ev.message ?? ''))
+        break
       case 'control':
         this.#onControl(ev.frame!)
         break
       case 'controlClosed':
-        if (!this.#completed) {
+        this.#controlClosed = true
+        this.recheck()
+        if (!this.#completed && this.state !== 'cancelling') {
           this.fail(ev.code ? new MultifdError(ev.code as MultifdError['code'], `control connection: ${ev.message}`) : new MultifdError('ERR_MULTIFD_CONNECTION_CLOSED', 'the destination closed the control connection'))
         }
         break
@@ -232,12 +251,20 @@ export class Source extends Session {
     return this.done
   }
 
-  /** Cancels: both sides stop, every pending promise rejects with ERR_MULTIFD_CANCELLED. */
+  /**
+   * Cancels: both sides stop, every pending promise rejects with ERR_MULTIFD_CANCELLED. The
+   * destination hears it on the control connection first; this side's channels close only
+   * once the destination has stopped (or after 2 s), so it ends `cancelled`, not `failed`.
+   */
   async cancel(): Promise<void> {
-    if (this.error || this.state === 'completed') return
+    if (this.error || this.state === 'completed' || this.state === 'cancelling') return
     this.setState('cancelling')
     try {
       this.#send({ type: 'cancel' })
+      await Promise.race([
+        this.waitFor(() => (this.#controlClosed ? true : undefined), 'the destination to stop'),
+        delay(2000, undefined, { ref: false }),
+      ])
     } catch {
       // the destination may already be gone
     }

@@ -15,6 +15,9 @@ export const syncChannel = diagnostics.channel('multifd:sync')
 /** `multifd:error` — `{ role, session, address, error }` when a session fails. */
 export const errorChannel = diagnostics.channel('multifd:error')
 
+/** `multifd:warning` — `{ role, session, address, warning }` when something degrades. */
+export const warningChannel = diagnostics.channel('multifd:warning')
+
 const FINAL: ReadonlySet<MigrationState> = new Set(['completed', 'failed', 'cancelled'])
 
 export function isFinal(s: MigrationState): boolean {

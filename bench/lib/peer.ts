@@ -3,7 +3,7 @@
  * Prints one JSON line per event on stdout.
  *
  *   mfd-dest SIZE                         listen on loopback, receive into preallocated memory
- *   mfd-src ADDRESS FILE SIZE CHANNELS    send FILE (mapped, prefaulted) over CHANNELS channels
+ *   mfd-src ADDRESS FILE SIZE CHANNELS [zero-copy|copy]   send FILE (mapped, prefaulted)
  *   net-dest SIZE                         node:net server reading into a preallocated Buffer
  *   net-src ADDRESS FILE SIZE             node:net client writing FILE in 512 KiB chunks
  */
@@ -37,13 +37,14 @@ switch (mode) {
     break
   }
   case 'mfd-src': {
-    const [address, file, size, channels] = args
+    const [address, file, size, channels, mode] = args
     const block = RamBlock.mapFile({ name: 'bench', path: file!, size: Number(size), prefault: true })
     const cpu0 = cpu()
     const t0 = performance.now()
-    const s = await migrate({ address: address!, blocks: [block], channels: Number(channels) })
+    const s = await migrate({ address: address!, blocks: [block], channels: Number(channels), zeroCopySend: mode === 'zero-copy' })
     const seconds = (performance.now() - t0) / 1000
-    say({ type: 'done', seconds, cpuSeconds: cpu() - cpu0, bytes: s.bytes, sha256: hashBlock(block) })
+    const zc = s.perChannel.reduce((a, c) => ({ sends: a.sends + c.zeroCopySends, copied: a.copied + c.zeroCopyCopied, enobufs: a.enobufs + c.zeroCopyEnobufs }), { sends: 0, copied: 0, enobufs: 0 })
+    say({ type: 'done', seconds, cpuSeconds: cpu() - cpu0, bytes: s.bytes, sha256: hashBlock(block), zeroCopy: zc })
     break
   }
   case 'net-dest': {

@@ -92,6 +92,16 @@ export interface ChannelCounters {
   normalPages: number
   zeroPages: number
   syncs: number
+  /** MSG_ZEROCOPY sends issued. */
+  zeroCopySends: number
+  /** Zero-copy completions reaped from the error queue. */
+  zeroCopyCompletions: number
+  /** Completions where the kernel copied anyway (QEMU's dirty-sync-missed-zero-copy). */
+  zeroCopyCopied: number
+  /** ENOBUFS returns from zero-copy sends (locked-memory limit). */
+  zeroCopyEnobufs: number
+  /** 1 when this channel fell back to copying sends. */
+  zeroCopyFallbacks: number
 }
 
 export interface ChannelOptions {
@@ -100,6 +110,7 @@ export interface ChannelOptions {
   pageSize: number
   compression: string
   zeroPageDetection: boolean
+  zeroCopy: boolean
   connectTimeoutMs: number
 }
 
@@ -149,7 +160,7 @@ export interface InitPacketInfo {
 
 /** One event as JavaScript receives it. `kind` says which fields are set. */
 export interface NativeEvent {
-  /** `failed` | `done` | `synced` | `channel` | `control` | `controlClosed` | `controlConnected` */
+  /** `failed` | `done` | `synced` | `channel` | `control` | `controlClosed` | `controlConnected` | `warning` */
   kind: string
   id?: number
   pages?: number

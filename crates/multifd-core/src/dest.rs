@@ -12,7 +12,7 @@ use crate::block::RamBlock;
 use crate::control::{CONTROL_MAGIC, Control};
 use crate::error::{Error, ErrorCode, Result, fail};
 use crate::io::{iovec, read_exact, readv_exact};
-use crate::session::{ChannelStats, Event, EventSink, Failure};
+use crate::session::{ChannelStats, Counters, Event, EventSink, Failure};
 use crate::transport::{Address, Conn, Listener};
 use crate::wire::{BlockLookup, COMMON_HEADER_LEN, ChannelClaims, CommonHeader, Compression, Geometry, INIT_PACKET_LEN, InitPacket, MAGIC, PacketHeader, PacketValidator};
 
@@ -166,7 +166,7 @@ impl Destination {
         Ok(())
     }
 
-    pub fn stats(&self) -> Vec<[u64; 5]> {
+    pub fn stats(&self) -> Vec<Counters> {
         match self.inner.session.lock().unwrap().as_ref() {
             Some(s) => s.stats.iter().map(|c| c.snapshot()).collect(),
             None => Vec::new(),

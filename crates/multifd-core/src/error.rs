@@ -88,6 +88,8 @@ error_codes! {
     UnknownChannel => "ERR_MULTIFD_UNKNOWN_CHANNEL",
     /// An operation that the session's current state does not allow.
     State => "ERR_MULTIFD_STATE",
+    /// MSG_ZEROCOPY cannot be used here (kernel, socket type, locked-memory limit).
+    ZeroCopyUnavailable => "ERR_MULTIFD_ZERO_COPY_UNAVAILABLE",
 }
 
 impl fmt::Display for ErrorCode {

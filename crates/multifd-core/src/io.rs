@@ -15,7 +15,7 @@ pub fn iovec(ptr: *const u8, len: usize) -> libc::iovec {
 }
 
 /// Drops the first `n` bytes from the front of `iov`, returning the untouched remainder.
-fn advance(mut iov: &mut [libc::iovec], mut n: usize) -> &mut [libc::iovec] {
+pub fn advance(mut iov: &mut [libc::iovec], mut n: usize) -> &mut [libc::iovec] {
     while let Some(first) = iov.first_mut() {
         if n < first.iov_len {
             // SAFETY: n < iov_len, so the advanced base stays inside the same buffer.
@@ -100,6 +100,23 @@ pub fn write_all(fd: RawFd, bufs: &[&[u8]]) -> Result<()> {
     let mut iov: Vec<libc::iovec> = bufs.iter().map(|b| iovec(b.as_ptr(), b.len())).collect();
     // SAFETY: the iovecs point into the borrowed slices, alive for this call.
     unsafe { writev_all(fd, &mut iov) }
+}
+
+/// Sends all of `buf` with `send(2)` flags (e.g. MSG_MORE).
+pub fn write_all_flags(fd: RawFd, mut buf: &[u8], flags: libc::c_int) -> Result<()> {
+    while !buf.is_empty() {
+        // SAFETY: buf is a live slice of the given length.
+        let n = unsafe { libc::send(fd, buf.as_ptr().cast(), buf.len(), flags | libc::MSG_NOSIGNAL) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(io_error("send to channel", e));
+        }
+        buf = &buf[n as usize..];
+    }
+    Ok(())
 }
 
 /// `readv_exact` into one byte slice.

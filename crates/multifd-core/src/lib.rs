@@ -15,5 +15,6 @@ pub mod source;
 pub mod transport;
 pub mod wire;
 pub mod zero;
+pub mod zerocopy;
 
 pub use error::{Error, ErrorCode, Result};

@@ -24,6 +24,8 @@ pub enum Event {
     ControlClosed(Option<Error>),
     /// Destination: a control connection was accepted.
     ControlConnected,
+    /// Something degraded without failing the session (e.g. zero-copy fell back to copying).
+    Warning(Error),
 }
 
 /// Where events go. The binding forwards them to JavaScript; tests collect them.
@@ -38,6 +40,28 @@ pub struct ChannelStats {
     pub normal_pages: AtomicU64,
     pub zero_pages: AtomicU64,
     pub syncs: AtomicU64,
+    /// MSG_ZEROCOPY sends issued, completions reaped, completions where the kernel copied
+    /// anyway, ENOBUFS returns, and fallbacks to copying sends.
+    pub zc_sends: AtomicU64,
+    pub zc_completions: AtomicU64,
+    pub zc_copied: AtomicU64,
+    pub zc_enobufs: AtomicU64,
+    pub zc_fallbacks: AtomicU64,
+}
+
+/// A snapshot of [`ChannelStats`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counters {
+    pub bytes: u64,
+    pub packets: u64,
+    pub normal_pages: u64,
+    pub zero_pages: u64,
+    pub syncs: u64,
+    pub zc_sends: u64,
+    pub zc_completions: u64,
+    pub zc_copied: u64,
+    pub zc_enobufs: u64,
+    pub zc_fallbacks: u64,
 }
 
 impl ChannelStats {
@@ -45,8 +69,20 @@ impl ChannelStats {
         counter.fetch_add(n, Ordering::Relaxed);
     }
 
-    pub fn snapshot(&self) -> [u64; 5] {
-        [&self.bytes, &self.packets, &self.normal_pages, &self.zero_pages, &self.syncs].map(|c| c.load(Ordering::Relaxed))
+    pub fn snapshot(&self) -> Counters {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        Counters {
+            bytes: get(&self.bytes),
+            packets: get(&self.packets),
+            normal_pages: get(&self.normal_pages),
+            zero_pages: get(&self.zero_pages),
+            syncs: get(&self.syncs),
+            zc_sends: get(&self.zc_sends),
+            zc_completions: get(&self.zc_completions),
+            zc_copied: get(&self.zc_copied),
+            zc_enobufs: get(&self.zc_enobufs),
+            zc_fallbacks: get(&self.zc_fallbacks),
+        }
     }
 }
 

@@ -10,10 +10,11 @@ use std::time::Duration;
 use crate::block::RamBlock;
 use crate::error::{Error, ErrorCode, Result, fail};
 use crate::io::{iovec, writev_all};
-use crate::session::{ChannelStats, Event, Failure};
+use crate::session::{ChannelStats, Counters, Event, Failure};
 use crate::transport::{Address, Conn};
 use crate::wire::{Compression, Flags, Geometry, InitPacket, PacketHeader};
 use crate::zero::is_zero;
+use crate::zerocopy::{self, Notice, ZeroCopySender};
 
 /// Jobs waiting per channel: one being written, one ready behind it, so no channel idles
 /// while the dispatcher finds its next batch.
@@ -28,6 +29,8 @@ pub struct SourceConfig {
     pub compression: Compression,
     /// Scan pages on the channel threads and send zero pages as offsets only.
     pub zero_page_detection: bool,
+    /// Send pages with MSG_ZEROCOPY (TCP only, no compression).
+    pub zero_copy: bool,
     pub connect_timeout: Duration,
 }
 
@@ -89,11 +92,17 @@ impl Source {
         if config.compression != Compression::None {
             fail!(UnsupportedCompression, "compression {} is not available yet on the source", config.compression.name());
         }
+        if config.zero_copy && !matches!(config.address, Address::Tcp { .. }) {
+            fail!(ZeroCopyUnavailable, "zero-copy send needs a TCP address; {} is not (SO_ZEROCOPY is TCP-only)", config.address);
+        }
         let n = config.channels as usize;
         let mut conns = Vec::with_capacity(n);
         for id in 0..config.channels {
             let conn = Arc::new(Conn::connect(&config.address, config.connect_timeout).map_err(|e| e.context(format!("channel {id}")))?);
             failure.watch(conn.clone());
+            if config.zero_copy {
+                zerocopy::enable(conn.fd()).map_err(|e| e.context(format!("channel {id}")))?;
+            }
             conns.push(conn);
         }
         let shared = Arc::new(Shared {
@@ -162,7 +171,7 @@ impl Source {
         Ok(self.syncs.fetch_add(1, Ordering::Relaxed) + 1)
     }
 
-    pub fn stats(&self) -> Vec<[u64; 5]> {
+    pub fn stats(&self) -> Vec<Counters> {
         self.shared.stats.iter().map(|s| s.snapshot()).collect()
     }
 
@@ -327,6 +336,7 @@ impl Shared {
         let mut wire = vec![0u8; g.header_len()];
         let mut header = PacketHeader::default();
         let mut iov: Vec<libc::iovec> = Vec::with_capacity(g.page_count() as usize + 1);
+        let mut zc = cfg.zero_copy.then(|| ZeroCopySender::new(fd));
         while let Some(job) = self.next_job(id) {
             match job {
                 Job::Pages { block, offsets } => {
@@ -362,9 +372,18 @@ impl Shared {
                             _ => iov.push(iovec(ptr, page)),
                         }
                     }
-                    // SAFETY: the header buffer is ours; every page pointer came from
-                    // `page_ptr` (bounds-checked) on a block this job holds an Arc to.
-                    unsafe { writev_all(fd, &mut iov)? };
+                    match zc.as_mut() {
+                        Some(zc) => {
+                            // SAFETY: every page iovec came from `page_ptr` on `block`, which the
+                            // sender keeps alive until the kernel reports the send complete.
+                            if let Some(Notice::FellBack(w)) = unsafe { zc.send(&wire, &mut iov[1..], &block, stats)? } {
+                                (self.failure.events())(Event::Warning(w.context(format!("channel {id}"))));
+                            }
+                        }
+                        // SAFETY: the header buffer is ours; every page pointer came from
+                        // `page_ptr` (bounds-checked) on a block this job holds an Arc to.
+                        None => unsafe { writev_all(fd, &mut iov)? },
+                    }
                     ChannelStats::add(&stats.bytes, (wire.len() + normal as usize * page) as u64);
                     ChannelStats::add(&stats.packets, 1);
                     ChannelStats::add(&stats.normal_pages, u64::from(normal));
@@ -374,6 +393,9 @@ impl Shared {
                     let sync = PacketHeader::sync(self.packet_num.fetch_add(1, Ordering::Relaxed));
                     sync.encode_into(g, &mut wire)?;
                     crate::io::write_all(fd, &[&wire])?;
+                    if let Some(zc) = zc.as_mut() {
+                        zc.flush(stats, || self.queues.lock().unwrap().stopping)?;
+                    }
                     ChannelStats::add(&stats.bytes, wire.len() as u64);
                     ChannelStats::add(&stats.syncs, 1);
                     let mut q = self.queues.lock().unwrap();

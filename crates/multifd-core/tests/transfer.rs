@@ -79,6 +79,7 @@ fn run(address: &str, channels: u8) {
             geometry: Geometry::x86(),
             compression: Compression::None,
             zero_page_detection: true,
+            zero_copy: false,
             connect_timeout: Duration::from_secs(5),
         },
         failure.clone(),
@@ -105,7 +106,7 @@ fn run(address: &str, channels: u8) {
     source.sync(300).unwrap();
     wait_for(&drx, |e| matches!(e, Event::Synced { epoch: 2, .. }));
     assert!(src_blocks.iter().zip(&dst_blocks).all(|(a, b)| same(a, b)));
-    let sent: u64 = source.stats().iter().map(|s| s[2] + s[3]).sum();
+    let sent: u64 = source.stats().iter().map(|s| s.normal_pages + s.zero_pages).sum();
     let total: u64 = src_blocks.iter().map(|b| b.pages() as u64).sum::<u64>() + 4;
     assert_eq!(sent, total);
 
@@ -152,6 +153,7 @@ fn uuid_mismatch_fails_the_destination() {
             geometry: Geometry::x86(),
             compression: Compression::None,
             zero_page_detection: true,
+            zero_copy: false,
             connect_timeout: Duration::from_secs(5),
         },
         Failure::new(ssink),

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use multifd_core::control::Control;
 use multifd_core::dest::{DestConfig, Destination};
-use multifd_core::session::Failure;
+use multifd_core::session::{Counters, Failure};
 use multifd_core::source::{Selection, Source, SourceConfig};
 use multifd_core::transport::Address;
 use multifd_core::wire::{Compression, Geometry};
@@ -28,17 +28,32 @@ pub struct ChannelCounters {
     pub normal_pages: f64,
     pub zero_pages: f64,
     pub syncs: f64,
+    /// MSG_ZEROCOPY sends issued.
+    pub zero_copy_sends: f64,
+    /// Zero-copy completions reaped from the error queue.
+    pub zero_copy_completions: f64,
+    /// Completions where the kernel copied anyway (QEMU's dirty-sync-missed-zero-copy).
+    pub zero_copy_copied: f64,
+    /// ENOBUFS returns from zero-copy sends (locked-memory limit).
+    pub zero_copy_enobufs: f64,
+    /// 1 when this channel fell back to copying sends.
+    pub zero_copy_fallbacks: f64,
 }
 
-fn counters(stats: Vec<[u64; 5]>) -> Vec<ChannelCounters> {
+fn counters(stats: Vec<Counters>) -> Vec<ChannelCounters> {
     stats
         .into_iter()
-        .map(|[bytes, packets, normal, zero, syncs]| ChannelCounters {
-            bytes: bytes as f64,
-            packets: packets as f64,
-            normal_pages: normal as f64,
-            zero_pages: zero as f64,
-            syncs: syncs as f64,
+        .map(|c| ChannelCounters {
+            bytes: c.bytes as f64,
+            packets: c.packets as f64,
+            normal_pages: c.normal_pages as f64,
+            zero_pages: c.zero_pages as f64,
+            syncs: c.syncs as f64,
+            zero_copy_sends: c.zc_sends as f64,
+            zero_copy_completions: c.zc_completions as f64,
+            zero_copy_copied: c.zc_copied as f64,
+            zero_copy_enobufs: c.zc_enobufs as f64,
+            zero_copy_fallbacks: c.zc_fallbacks as f64,
         })
         .collect()
 }
@@ -54,6 +69,7 @@ pub struct ChannelOptions {
     pub page_size: u32,
     pub compression: String,
     pub zero_page_detection: bool,
+    pub zero_copy: bool,
     pub connect_timeout_ms: u32,
 }
 
@@ -118,6 +134,7 @@ impl NativeSource {
             geometry: Geometry::new(options.page_size).into_napi()?,
             compression: Compression::from_name(&options.compression).into_napi()?,
             zero_page_detection: options.zero_page_detection,
+            zero_copy: options.zero_copy,
             connect_timeout: ms(options.connect_timeout_ms),
         };
         *slot = Some(Source::start(config, self.failure.clone()).into_napi()?);
