@@ -1,5 +1,5 @@
 import { createHash, randomFillSync, randomInt } from 'node:crypto'
-import { readdirSync } from 'node:fs'
+import { readFileSync, readdirSync } from 'node:fs'
 import net from 'node:net'
 import { spawn, type ChildProcess } from 'node:child_process'
 import { createInterface } from 'node:readline'
@@ -104,11 +104,27 @@ export function spawnPeer(args: string[]): Peer {
   }
 }
 
-/** A raw control-protocol client, for driving a destination by hand. */
-export async function rawControl(address: string): Promise<{ socket: net.Socket; send: (m: object) => void; frames: AsyncIterable<Record<string, unknown>> }> {
+/** Sends raw bytes as a multifd channel would (init packet, packets) and keeps the socket. */
+export async function rawChannel(address: string, bytes: Uint8Array[]): Promise<net.Socket> {
   const [, host, port] = /^tcp:(.+):(\d+)$/.exec(address)!
   const socket = net.connect(Number(port), host)
   await new Promise<void>((resolve, reject) => socket.once('connect', resolve).once('error', reject))
+  socket.on('error', () => undefined) // the destination may reset it after refusing the bytes
+  for (const b of bytes) socket.write(b)
+  return socket
+}
+
+/** Resident memory of this process, in bytes. */
+export function rss(): number {
+  return Number(/VmRSS:\s+(\d+) kB/.exec(readFileSync('/proc/self/status', 'utf8'))![1]) * 1024
+}
+
+/** A raw control-protocol client, for driving a destination by hand. */
+export async function rawControl(address: string): Promise<{ socket: net.Socket; send: (m: object) => void; next: () => Promise<Record<string, unknown> | undefined> }> {
+  const [, host, port] = /^tcp:(.+):(\d+)$/.exec(address)!
+  const socket = net.connect(Number(port), host)
+  await new Promise<void>((resolve, reject) => socket.once('connect', resolve).once('error', reject))
+  socket.on('error', () => undefined)
   socket.write(Buffer.from('MFDC'))
   const send = (m: object): void => {
     const body = Buffer.from(JSON.stringify(m))
@@ -116,16 +132,27 @@ export async function rawControl(address: string): Promise<{ socket: net.Socket;
     len.writeUInt32BE(body.length)
     socket.write(Buffer.concat([len, body]))
   }
-  async function* frames(): AsyncGenerator<Record<string, unknown>> {
-    let buf = Buffer.alloc(0)
-    for await (const chunk of socket) {
-      buf = Buffer.concat([buf, chunk as Buffer])
-      while (buf.length >= 4 && buf.length >= 4 + buf.readUInt32BE(0)) {
-        const len = buf.readUInt32BE(0)
-        yield JSON.parse(buf.subarray(4, 4 + len).toString()) as Record<string, unknown>
-        buf = buf.subarray(4 + len)
-      }
+  // Frames as they arrive; `next()` takes the oldest, or undefined once the socket closed.
+  const frames: Array<Record<string, unknown>> = []
+  const waiting: Array<(f: Record<string, unknown> | undefined) => void> = []
+  let closed = false
+  let buf = Buffer.alloc(0)
+  socket.on('data', (chunk: Buffer) => {
+    buf = Buffer.concat([buf, chunk])
+    while (buf.length >= 4 && buf.length >= 4 + buf.readUInt32BE(0)) {
+      const len = buf.readUInt32BE(0)
+      const f = JSON.parse(buf.subarray(4, 4 + len).toString()) as Record<string, unknown>
+      buf = buf.subarray(4 + len)
+      const w = waiting.shift()
+      if (w) w(f)
+      else frames.push(f)
     }
-  }
-  return { socket, send, frames: frames() }
+  })
+  socket.on('close', () => {
+    closed = true
+    for (const w of waiting.splice(0)) w(undefined)
+  })
+  const next = (): Promise<Record<string, unknown> | undefined> =>
+    frames.length > 0 ? Promise.resolve(frames.shift()) : closed ? Promise.resolve(undefined) : until(new Promise((r) => waiting.push(r)), 10_000, 'a control frame')
+  return { socket, send, next }
 }

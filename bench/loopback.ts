@@ -10,8 +10,8 @@ import { execFileSync } from 'node:child_process'
 import { dirname, join } from 'node:path'
 import { fileURLToPath } from 'node:url'
 import { parseArgs } from 'node:util'
-import { median, parseSize, runJson, type Line } from './lib/run.js'
-import { nodeNet, ours, settle, sourceFile, timeoutFor, type Result } from './lib/transfer.js'
+import { median, parseSize } from './lib/run.js'
+import { nodeNet, ours, qemu, settle, sourceFile, timeoutFor, type Result } from './lib/transfer.js'
 
 const here = dirname(fileURLToPath(import.meta.url))
 const root = join(here, '..')
@@ -35,13 +35,6 @@ const log = (s: string): void => void (values.json ? process.stderr : process.st
 const srcFile = sourceFile(size, log)
 
 const timeout = timeoutFor(size)
-
-async function qemu(ch: number): Promise<Result | undefined> {
-  const lines = await runJson('python3', [join(here, 'qemu', 'qemu_mig.py'), '--size-mib', String(size >> 20), '--channels', String(ch), '--prealloc', 'both', '--src-ram', srcFile, '--reps', '1'], timeout)
-  const l = lines[0] as Line | undefined
-  if (!l) return undefined
-  return { gbps: (l.bytesPerSecond as number) / 1e9, srcCpu: l.srcCpuSeconds as number, dstCpu: l.dstCpuSeconds as number, ok: l.sha256Match === true }
-}
 
 // The raw ceiling lives in the shared reference folder; it is optional for a user's clone.
 const ceilingSrc = join(root, '..', 'shared', 'bench', 'ceiling')
@@ -86,10 +79,10 @@ for (let rep = 0; rep < reps; rep++) {
     // Rotate who goes first each rep, and let the machine settle between runs: a process that
     // just exited may still be giving gigabytes of memory back, which slows whoever runs next.
     const runs: Array<() => Promise<void>> = [
-      async () => void row.ours.push(await ours(size, srcFile, ch)),
+      async () => void row.ours.push(await ours(size, srcFile, { channels: ch })),
       async () => {
         if (values['no-qemu']) return
-        const q = await qemu(ch).catch((e: Error) => (log(`qemu: ${e.message.split('\n')[0]}`), undefined))
+        const q = await qemu(size, srcFile, { channels: ch }).catch((e: Error) => (log(`qemu: ${e.message.split('\n')[0]}`), undefined))
         if (q) row.qemu.push(q)
       },
       async () => {

@@ -30,7 +30,7 @@ for (let rep = 0; rep < Number(values.reps); rep++) {
     const order = rep % 2 === 0 ? [false, true] : [true, false]
     for (const zc of order) {
       await settle()
-      const r = await ours(size, file, ch, zc)
+      const r = await ours(size, file, { channels: ch, zeroCopySend: zc })
       ;(zc ? row.zc : row.copy).push(r)
       log(`rep ${rep + 1} ch ${ch} ${zc ? 'zero-copy' : 'copy     '}: ${r.gbps.toFixed(2)} GB/s, sender ${(r.srcCpu / (size / GiB)).toFixed(3)} CPU s/GiB`)
     }

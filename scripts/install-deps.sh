@@ -7,8 +7,12 @@ for cmd in node npm cargo; do
   command -v "$cmd" >/dev/null || { echo "install-deps: $cmd is required but missing" >&2; exit 1; }
 done
 command -v cc >/dev/null || need+=(build-essential)
+command -v setpriv >/dev/null && command -v prlimit >/dev/null || need+=(util-linux)
+command -v python3 >/dev/null || need+=(python3)
 if ((${#need[@]})); then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq "${need[@]}" >/dev/null
 fi
+# QEMU 10: the suite checks our decoder against live QEMU multifd streams.
+bash "$(dirname "$0")/install-qemu.sh"

@@ -134,3 +134,32 @@ export function encodePacketHeader(fields: PacketFields): Buffer {
 export function nativeErrorCodes(): string[] {
   return binding.errorCodes()
 }
+
+const RebuildOptions = z.strictObject({
+  pageSize: PageSize.default(4096),
+  /** Refuse blocks larger than this (a hostile capture cannot make it allocate more). */
+  maxBlockBytes: z.int().positive().default(2 ** 34),
+})
+export type RebuildOptions = z.input<typeof RebuildOptions>
+
+export interface CapturedChannel {
+  channelId: number
+  uuid: Buffer
+  compression: CompressionMethod
+  packets: number
+  syncs: number
+  normalPages: number
+  zeroPages: number
+  payloadBytes: number
+}
+
+/**
+ * Rebuilds the blocks carried by captured multifd channel streams (QEMU's or ours; one
+ * buffer per channel, each starting with its init packet; any compression). Pages of
+ * different channels are ordered by their SYNC packets, as a destination applies them.
+ */
+export function rebuildFromCaptures(captures: Uint8Array[], options: RebuildOptions = {}): { blocks: Array<{ name: string; data: Buffer }>; channels: CapturedChannel[] } {
+  const o = parseOptions(RebuildOptions, options, 'rebuild options')
+  const r = native(() => binding.rebuildFromStreams(captures.map((c) => Buffer.from(c.buffer, c.byteOffset, c.byteLength)), o.pageSize, o.maxBlockBytes))
+  return { blocks: r.blocks, channels: r.channels.map((c) => ({ ...c, compression: c.compression as CompressionMethod })) }
+}

@@ -156,7 +156,6 @@ export class Destination extends Session {
     if (expected !== undefined && expected !== h.channels) {
       throw new MultifdError('ERR_MULTIFD_CHANNEL_COUNT_MISMATCH', `source announced ${h.channels} channel(s), this destination expects ${expected}`)
     }
-    if (h.compression !== 'none') throw new MultifdError('ERR_MULTIFD_UNSUPPORTED_COMPRESSION', `compression ${h.compression} is not available yet`)
     const blocks = await this.#resolveBlocks(h)
     this.#blocks = blocks
     this.#channels = h.channels

@@ -32,6 +32,7 @@ export const ERROR_CODES = [
   'ERR_MULTIFD_UNKNOWN_CHANNEL',
   'ERR_MULTIFD_STATE',
   'ERR_MULTIFD_ZERO_COPY_UNAVAILABLE',
+  'ERR_MULTIFD_DECOMPRESS',
 ] as const
 
 export type MultifdErrorCode = (typeof ERROR_CODES)[number]

@@ -20,6 +20,8 @@ const SourceOptions = z.strictObject({
   channels: z.int().min(1).max(255).default(2),
   pageSize: PageSize.default(4096),
   compression: CompressionMethod.default('none'),
+  /** zlib 1..9, zstd 1..20 (default 1, as QEMU). Only the source compresses. */
+  compressionLevel: z.int().optional(),
   /** Send zero pages as offsets only (QEMU's `zero-page-detection=multifd`). */
   zeroPageDetection: z.enum(['multifd', 'none']).default('multifd'),
   /** 16 bytes; random by default. */
@@ -40,7 +42,10 @@ const SourceOptions = z.strictObject({
       names.add(b.name)
       if (b.pageSize !== o.pageSize) ctx.addIssue({ code: 'custom', path: ['blocks', i], message: `block ${JSON.stringify(b.name)} has ${b.pageSize}-byte pages, the session uses ${o.pageSize}` })
     }
-    if (o.compression !== 'none') ctx.addIssue({ code: 'custom', path: ['compression'], message: 'compression is not available yet; use none' })
+    const levels = { none: undefined, zlib: [1, 9], zstd: [1, 20] }[o.compression]
+    if (o.compressionLevel !== undefined && (!levels || o.compressionLevel < levels[0]! || o.compressionLevel > levels[1]!)) {
+      ctx.addIssue({ code: 'custom', path: ['compressionLevel'], message: levels ? `${o.compression} level must be ${levels[0]}..${levels[1]}` : 'a level needs compression zlib or zstd' })
+    }
     if (o.zeroCopySend && !o.address.startsWith('tcp:')) {
       ctx.addIssue({ code: 'custom', path: ['zeroCopySend'], message: 'zero-copy send needs a tcp: address (the kernel refuses SO_ZEROCOPY on Unix sockets)' })
     }
@@ -109,6 +114,7 @@ export class Source extends Session {
           channels: o.channels,
           pageSize: o.pageSize,
           compression: o.compression,
+          ...(o.compressionLevel === undefined ? {} : { compressionLevel: o.compressionLevel }),
           zeroPageDetection: o.zeroPageDetection === 'multifd',
           zeroCopy: o.zeroCopySend,
           connectTimeoutMs: o.connectTimeoutMs,

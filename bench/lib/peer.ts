@@ -3,14 +3,14 @@
  * Prints one JSON line per event on stdout.
  *
  *   mfd-dest SIZE                         listen on loopback, receive into preallocated memory
- *   mfd-src ADDRESS FILE SIZE CHANNELS [zero-copy|copy]   send FILE (mapped, prefaulted)
+ *   mfd-src ADDRESS FILE SIZE OPTIONS_JSON  send FILE (mapped, prefaulted) with these Source options
  *   net-dest SIZE                         node:net server reading into a preallocated Buffer
  *   net-src ADDRESS FILE SIZE             node:net client writing FILE in 512 KiB chunks
  */
 import { createHash } from 'node:crypto'
 import { readFileSync } from 'node:fs'
 import net from 'node:net'
-import { Destination, RamBlock, migrate } from '../../ts/index.js'
+import { Destination, RamBlock, migrate, type SourceOptions } from '../../ts/index.js'
 
 const say = (m: object): void => void process.stdout.write(JSON.stringify(m) + '\n')
 const cpu = (): number => {
@@ -37,11 +37,11 @@ switch (mode) {
     break
   }
   case 'mfd-src': {
-    const [address, file, size, channels, mode] = args
+    const [address, file, size, options] = args
     const block = RamBlock.mapFile({ name: 'bench', path: file!, size: Number(size), prefault: true })
     const cpu0 = cpu()
     const t0 = performance.now()
-    const s = await migrate({ address: address!, blocks: [block], channels: Number(channels), zeroCopySend: mode === 'zero-copy' })
+    const s = await migrate({ address: address!, blocks: [block], ...(JSON.parse(options!) as Partial<SourceOptions>) })
     const seconds = (performance.now() - t0) / 1000
     const zc = s.perChannel.reduce((a, c) => ({ sends: a.sends + c.zeroCopySends, copied: a.copied + c.zeroCopyCopied, enobufs: a.enobufs + c.zeroCopyEnobufs }), { sends: 0, copied: 0, enobufs: 0 })
     say({ type: 'done', seconds, cpuSeconds: cpu() - cpu0, bytes: s.bytes, sha256: hashBlock(block), zeroCopy: zc })

@@ -4,6 +4,7 @@ import { randomFillSync } from 'node:crypto'
 import { dirname, join } from 'node:path'
 import { fileURLToPath } from 'node:url'
 import { runJson, startJson } from './run.js'
+import type { SourceOptions } from '../../ts/index.js'
 
 const peer = join(dirname(fileURLToPath(import.meta.url)), 'peer.ts')
 const GiB = 2 ** 30
@@ -14,18 +15,41 @@ export interface Result {
   dstCpu: number
   /** Both sides' sha256 (or checksum) agree. */
   ok: boolean
+  /** Bytes on the channels, when known. */
+  wireBytes?: number
   /** Extra figures a peer reported (e.g. zero-copy counters). */
   extra?: Record<string, unknown>
 }
 
-/** Random bytes in /dev/shm (memory, like guest RAM), created once per size. */
-export function sourceFile(size: number, log: (s: string) => void): string {
-  const file = `/dev/shm/multifd-bench-${size}.ram`
+/** What a benchmark's source memory holds. */
+export type DataKind = 'random' | 'half-zero' | 'text'
+
+const TEXT = Buffer.from('The quick brown fox jumps over the lazy dog while multifd moves pages over parallel channels. ')
+
+/** Fills one 64 MiB chunk of source data of `kind`; `chunkIndex` keeps text pages varied. */
+function fillChunk(chunk: Buffer, kind: DataKind, chunkIndex: number): Buffer {
+  if (kind === 'text') {
+    for (let off = 0; off < chunk.length; off += 4096) {
+      const line = Buffer.from(`page ${chunkIndex}:${off / 4096} `)
+      let at = off
+      for (const part of [line, TEXT, TEXT, TEXT]) at += part.copy(chunk, at, 0, Math.min(part.length, off + 4096 - at))
+      while (at < off + 4096) at += TEXT.copy(chunk, at, 0, Math.min(TEXT.length, off + 4096 - at))
+    }
+    return chunk
+  }
+  randomFillSync(chunk)
+  if (kind === 'half-zero') for (let off = 0; off < chunk.length; off += 8192) chunk.fill(0, off, off + 4096)
+  return chunk
+}
+
+/** Source bytes in /dev/shm (memory, like guest RAM), created once per size and kind. */
+export function sourceFile(size: number, log: (s: string) => void, kind: DataKind = 'random'): string {
+  const file = `/dev/shm/multifd-bench-${kind}-${size}.ram`
   if (!existsSync(file) || statSync(file).size !== size) {
-    log(`writing ${size} random bytes to ${file}`)
+    log(`writing ${size} bytes of ${kind} data to ${file}`)
     const fd = openSync(file, 'w')
     const chunk = Buffer.alloc(64 << 20)
-    for (let off = 0; off < size; off += chunk.length) writeSync(fd, randomFillSync(chunk).subarray(0, Math.min(chunk.length, size - off)))
+    for (let off = 0, i = 0; off < size; off += chunk.length, i++) writeSync(fd, fillChunk(chunk, kind, i).subarray(0, Math.min(chunk.length, size - off)))
     closeSync(fd)
   }
   return file
@@ -41,12 +65,12 @@ export async function pair(size: number, destMode: string, srcMode: string, srcA
   const src = await runJson(process.execPath, ['--import=tsx', peer, srcMode, address, ...srcArgs], timeout)
   const d = (await dest.all).find((l) => l.type === 'done')!
   const s = src.find((l) => l.type === 'done')!
-  return { gbps: size / (s.seconds as number) / 1e9, srcCpu: s.cpuSeconds as number, dstCpu: d.cpuSeconds as number, ok: s.sha256 === d.sha256, extra: s }
+  return { gbps: size / (s.seconds as number) / 1e9, srcCpu: s.cpuSeconds as number, dstCpu: d.cpuSeconds as number, ok: s.sha256 === d.sha256, wireBytes: s.bytes as number, extra: s }
 }
 
-/** This package: `channels` channels, optionally with MSG_ZEROCOPY. */
-export const ours = (size: number, file: string, channels: number, zeroCopy = false): Promise<Result> =>
-  pair(size, 'mfd-dest', 'mfd-src', [file, String(size), String(channels), zeroCopy ? 'zero-copy' : 'copy'])
+/** This package with these source options (channels, zeroCopySend, compression, ...). */
+export const ours = (size: number, file: string, options: Partial<SourceOptions>): Promise<Result> =>
+  pair(size, 'mfd-dest', 'mfd-src', [file, String(size), JSON.stringify(options)])
 
 /** A single node:net stream of the same bytes. */
 export const nodeNet = (size: number, file: string): Promise<Result> => pair(size, 'net-dest', 'net-src', [file, String(size)])
@@ -54,3 +78,19 @@ export const nodeNet = (size: number, file: string): Promise<Result> => pair(siz
 /** Lets the machine settle between runs: a process that just exited may still be returning
  * gigabytes of memory, which slows whoever runs next. */
 export const settle = (): Promise<void> => new Promise((r) => setTimeout(r, 750))
+
+/** QEMU 10 multifd, QEMU to QEMU, on the same source bytes (bench/qemu/qemu_mig.py). */
+export async function qemu(size: number, file: string, o: { channels: number; compression?: string; zeroCopy?: boolean }): Promise<Result | undefined> {
+  const args = [join(dirname(peer), '..', 'qemu', 'qemu_mig.py'), '--size-mib', String(size >> 20), '--channels', String(o.channels), '--prealloc', 'both', '--src-ram', file, '--reps', '1']
+  if (o.compression) args.push('--compression', o.compression)
+  if (o.zeroCopy) args.push('--zero-copy')
+  const l = (await runJson('python3', args, timeoutFor(size) * 4))[0]
+  if (!l) return undefined
+  return {
+    gbps: (l.bytesPerSecond as number) / 1e9,
+    srcCpu: l.srcCpuSeconds as number,
+    dstCpu: l.dstCpuSeconds as number,
+    ok: l.sha256Match === true,
+    wireBytes: l.multifdBytes as number,
+  }
+}

@@ -843,3 +843,4 @@ module.exports.decodePacketHeader = nativeBinding.decodePacketHeader
 module.exports.encodeInitPacket = nativeBinding.encodeInitPacket
 module.exports.encodePacketHeader = nativeBinding.encodePacketHeader
 module.exports.errorCodes = nativeBinding.errorCodes
+module.exports.rebuildFromStreams = nativeBinding.rebuildFromStreams

@@ -85,6 +85,17 @@ export interface ByteRange {
   length: number
 }
 
+export interface CapturedChannel {
+  channelId: number
+  uuid: Buffer
+  compression: string
+  packets: number
+  syncs: number
+  normalPages: number
+  zeroPages: number
+  payloadBytes: number
+}
+
 /** Counters of one channel. */
 export interface ChannelCounters {
   bytes: number
@@ -109,6 +120,8 @@ export interface ChannelOptions {
   channels: number
   pageSize: number
   compression: string
+  /** zlib 1..9, zstd 1..20; absent for the default (1). */
+  compressionLevel?: number
   zeroPageDetection: boolean
   zeroCopy: boolean
   connectTimeoutMs: number
@@ -200,4 +213,17 @@ export interface PacketHeaderInfo {
   zeroOffsets: Array<bigint>
   /** Bytes of header consumed (320 + 8 x pages per packet). */
   headerBytes: number
+}
+
+/** Rebuilds the blocks carried by captured channel streams (one Buffer per channel). */
+export declare function rebuildFromStreams(streams: Array<Buffer>, pageSize: number, maxBlockBytes: number): RebuiltCapture
+
+export interface RebuiltBlock {
+  name: string
+  data: Buffer
+}
+
+export interface RebuiltCapture {
+  blocks: Array<RebuiltBlock>
+  channels: Array<CapturedChannel>
 }

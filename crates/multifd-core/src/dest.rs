@@ -337,6 +337,9 @@ impl Inner {
         let mut header = PacketHeader::default();
         let mut iov: Vec<libc::iovec> = Vec::with_capacity(s.geometry.page_count() as usize);
         let validator = PacketValidator { geometry: s.geometry, compression: s.compression, blocks: &s.table };
+        let mut decompressor = crate::compress::decompressor(s.compression)?;
+        let mut payload: Vec<u8> = Vec::new();
+        let mut pages: Vec<u8> = Vec::new();
         ChannelStats::add(&stats.bytes, INIT_PACKET_LEN as u64);
         loop {
             if !read_exact(fd, &mut buf[..COMMON_HEADER_LEN])? {
@@ -354,6 +357,29 @@ impl Inner {
                 let block = &s.table.blocks[index];
                 for &o in header.zero_offsets() {
                     block.zero_page(o);
+                }
+                if let Some(d) = decompressor.as_mut().filter(|_| header.normal_pages > 0) {
+                    payload.resize(v.payload_len as usize, 0);
+                    if !read_exact(fd, &mut payload)? {
+                        fail!(ConnectionClosed, "unexpected end of stream before the packet's compressed payload");
+                    }
+                    pages.resize(header.normal_pages as usize * page, 0);
+                    d.decompress(&payload, &mut pages)?;
+                    for (&o, data) in header.normal_offsets().iter().zip(pages.chunks_exact(page)) {
+                        block.received.set((o / page as u64) as usize);
+                        // SAFETY: `page_ptr` checked the page lies inside the block (the
+                        // validator checked the offset first); `data` is one page of our buffer.
+                        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), block.page_ptr(o), page) };
+                    }
+                    ChannelStats::add(&stats.normal_pages, u64::from(header.normal_pages));
+                    ChannelStats::add(&stats.zero_pages, u64::from(header.zero_pages));
+                    ChannelStats::add(&stats.bytes, (buf.len() + payload.len()) as u64);
+                    ChannelStats::add(&stats.packets, 1);
+                    if header.flags.is_sync() {
+                        ChannelStats::add(&stats.syncs, 1);
+                        self.arrive(s, header.packet_num)?;
+                    }
+                    continue;
                 }
                 iov.clear();
                 for &o in header.normal_offsets() {

@@ -90,6 +90,8 @@ error_codes! {
     State => "ERR_MULTIFD_STATE",
     /// MSG_ZEROCOPY cannot be used here (kernel, socket type, locked-memory limit).
     ZeroCopyUnavailable => "ERR_MULTIFD_ZERO_COPY_UNAVAILABLE",
+    /// A compressed payload that does not decode (corrupt, or a stream the method rejects).
+    Decompress => "ERR_MULTIFD_DECOMPRESS",
 }
 
 impl fmt::Display for ErrorCode {

@@ -4,6 +4,7 @@
 //! only binds it to JavaScript.
 
 pub mod bitmap;
+pub mod compress;
 pub mod block;
 pub mod control;
 pub mod dest;
@@ -12,6 +13,7 @@ mod hex;
 pub mod io;
 pub mod session;
 pub mod source;
+pub mod stream;
 pub mod transport;
 pub mod wire;
 pub mod zero;

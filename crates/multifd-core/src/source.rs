@@ -27,6 +27,8 @@ pub struct SourceConfig {
     pub channels: u8,
     pub geometry: Geometry,
     pub compression: Compression,
+    /// Level for zlib (1..9) or zstd (1..20); `None` for the method's default (1).
+    pub compression_level: Option<u32>,
     /// Scan pages on the channel threads and send zero pages as offsets only.
     pub zero_page_detection: bool,
     /// Send pages with MSG_ZEROCOPY (TCP only, no compression).
@@ -89,8 +91,10 @@ impl Source {
         if config.channels == 0 {
             fail!(InvalidArgument, "a session needs at least one channel");
         }
-        if config.compression != Compression::None {
-            fail!(UnsupportedCompression, "compression {} is not available yet on the source", config.compression.name());
+        // Builds one compressor now so a bad level fails before any connection is made.
+        crate::compress::compressor(config.compression, config.compression_level)?;
+        if config.zero_copy && config.compression != Compression::None {
+            fail!(InvalidArgument, "zero-copy send cannot be combined with compression");
         }
         if config.zero_copy && !matches!(config.address, Address::Tcp { .. }) {
             fail!(ZeroCopyUnavailable, "zero-copy send needs a TCP address; {} is not (SO_ZEROCOPY is TCP-only)", config.address);
@@ -337,6 +341,8 @@ impl Shared {
         let mut header = PacketHeader::default();
         let mut iov: Vec<libc::iovec> = Vec::with_capacity(g.page_count() as usize + 1);
         let mut zc = cfg.zero_copy.then(|| ZeroCopySender::new(fd));
+        let mut compressor = crate::compress::compressor(cfg.compression, cfg.compression_level)?;
+        let mut payload: Vec<u8> = Vec::new();
         while let Some(job) = self.next_job(id) {
             match job {
                 Job::Pages { block, offsets } => {
@@ -356,6 +362,10 @@ impl Shared {
                     header.normal_pages = normal;
                     header.zero_pages = zeros.len() as u32;
                     header.next_packet_size = normal * g.page_size();
+                    if let Some(c) = compressor.as_mut().filter(|_| normal > 0) {
+                        c.compress(&mut header.offsets[..normal as usize].iter().map(|&o| block.page(o)), &mut payload)?;
+                        header.next_packet_size = payload.len() as u32;
+                    }
                     header.packet_num = self.packet_num.fetch_add(1, Ordering::Relaxed);
                     header.block.clear();
                     header.block.extend_from_slice(block.name().as_bytes());
@@ -363,6 +373,18 @@ impl Shared {
 
                     iov.clear();
                     iov.push(iovec(wire.as_ptr(), wire.len()));
+                    if compressor.is_some() {
+                        if normal > 0 {
+                            iov.push(iovec(payload.as_ptr(), payload.len()));
+                        }
+                        // SAFETY: both iovecs point into buffers this thread owns.
+                        unsafe { writev_all(fd, &mut iov)? };
+                        ChannelStats::add(&stats.bytes, (wire.len() + header.next_packet_size as usize) as u64);
+                        ChannelStats::add(&stats.packets, 1);
+                        ChannelStats::add(&stats.normal_pages, u64::from(normal));
+                        ChannelStats::add(&stats.zero_pages, zeros.len() as u64);
+                        continue;
+                    }
                     for &o in header.normal_offsets() {
                         let ptr = block.page_ptr(o);
                         // Contiguous pages share one iovec.

@@ -48,7 +48,7 @@ fn wait_for(rx: &mpsc::Receiver<Event>, mut want: impl FnMut(&Event) -> bool) ->
     }
 }
 
-fn run(address: &str, channels: u8) {
+fn run(address: &str, channels: u8, compression: Compression) {
     let src_blocks: Vec<Arc<RamBlock>> = [("pc.ram", 4 << 20), ("odd", 3 * 4096 + 128 * 4096 * 2 + 4096)]
         .iter()
         .map(|(n, l)| Arc::new(RamBlock::allocate(n, *l, 4096, false).unwrap()))
@@ -64,7 +64,7 @@ fn run(address: &str, channels: u8) {
         uuid,
         channels,
         geometry: Geometry::x86(),
-        compression: Compression::None,
+        compression,
         blocks: dst_blocks.clone(),
         channel_timeout: Duration::from_secs(5),
     })
@@ -77,9 +77,10 @@ fn run(address: &str, channels: u8) {
             uuid,
             channels,
             geometry: Geometry::x86(),
-            compression: Compression::None,
+            compression,
             zero_page_detection: true,
             zero_copy: false,
+            compression_level: None,
             connect_timeout: Duration::from_secs(5),
         },
         failure.clone(),
@@ -118,17 +119,27 @@ fn run(address: &str, channels: u8) {
 
 #[test]
 fn tcp_one_channel() {
-    run("tcp:127.0.0.1:0", 1);
+    run("tcp:127.0.0.1:0", 1, Compression::None);
 }
 
 #[test]
 fn tcp_four_channels() {
-    run("tcp:127.0.0.1:0", 4);
+    run("tcp:127.0.0.1:0", 4, Compression::None);
 }
 
 #[test]
 fn unix_sixteen_channels() {
-    run(&format!("unix:{}/multifd-test-{}.sock", std::env::temp_dir().display(), std::process::id()), 16);
+    run(&format!("unix:{}/multifd-test-{}.sock", std::env::temp_dir().display(), std::process::id()), 16, Compression::None);
+}
+
+#[test]
+fn zlib_three_channels() {
+    run("tcp:127.0.0.1:0", 3, Compression::Zlib);
+}
+
+#[test]
+fn zstd_two_channels() {
+    run("tcp:127.0.0.1:0", 2, Compression::Zstd);
 }
 
 #[test]
@@ -154,6 +165,7 @@ fn uuid_mismatch_fails_the_destination() {
             compression: Compression::None,
             zero_page_detection: true,
             zero_copy: false,
+            compression_level: None,
             connect_timeout: Duration::from_secs(5),
         },
         Failure::new(ssink),

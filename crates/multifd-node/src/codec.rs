@@ -167,3 +167,53 @@ pub fn encode_packet_header(fields: PacketHeaderFields, page_size: u32) -> napi:
 pub fn error_codes() -> Vec<&'static str> {
     ErrorCode::ALL.iter().map(|c| c.as_str()).collect()
 }
+
+#[napi(object)]
+pub struct CapturedChannel {
+    pub channel_id: u32,
+    pub uuid: Buffer,
+    pub compression: String,
+    pub packets: f64,
+    pub syncs: f64,
+    pub normal_pages: f64,
+    pub zero_pages: f64,
+    pub payload_bytes: f64,
+}
+
+#[napi(object)]
+pub struct RebuiltBlock {
+    pub name: String,
+    pub data: Buffer,
+}
+
+#[napi(object)]
+pub struct RebuiltCapture {
+    pub blocks: Vec<RebuiltBlock>,
+    pub channels: Vec<CapturedChannel>,
+}
+
+/// Rebuilds the blocks carried by captured channel streams (one Buffer per channel).
+#[napi]
+pub fn rebuild_from_streams(streams: Vec<Buffer>, page_size: u32, max_block_bytes: f64) -> napi::Result<RebuiltCapture> {
+    let geometry = Geometry::new(page_size).into_napi()?;
+    let refs: Vec<&[u8]> = streams.iter().map(|b| b.as_ref()).collect();
+    let max = crate::numbers::to_u64(max_block_bytes, "maxBlockBytes")?;
+    let r = multifd_core::stream::rebuild(&refs, geometry, max).into_napi()?;
+    Ok(RebuiltCapture {
+        blocks: r.blocks.into_iter().map(|(name, data)| RebuiltBlock { name, data: data.into() }).collect(),
+        channels: r
+            .channels
+            .into_iter()
+            .map(|c| CapturedChannel {
+                channel_id: c.channel_id.into(),
+                uuid: c.uuid.to_vec().into(),
+                compression: c.compression.name().into(),
+                packets: c.packets as f64,
+                syncs: c.syncs as f64,
+                normal_pages: c.normal_pages as f64,
+                zero_pages: c.zero_pages as f64,
+                payload_bytes: c.payload_bytes as f64,
+            })
+            .collect(),
+    })
+}

@@ -68,6 +68,8 @@ pub struct ChannelOptions {
     pub channels: u32,
     pub page_size: u32,
     pub compression: String,
+    /// zlib 1..9, zstd 1..20; absent for the default (1).
+    pub compression_level: Option<u32>,
     pub zero_page_detection: bool,
     pub zero_copy: bool,
     pub connect_timeout_ms: u32,
@@ -133,6 +135,7 @@ impl NativeSource {
             channels,
             geometry: Geometry::new(options.page_size).into_napi()?,
             compression: Compression::from_name(&options.compression).into_napi()?,
+            compression_level: options.compression_level,
             zero_page_detection: options.zero_page_detection,
             zero_copy: options.zero_copy,
             connect_timeout: ms(options.connect_timeout_ms),

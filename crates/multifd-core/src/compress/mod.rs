@@ -1,0 +1,163 @@
+//! Payload compression, QEMU-compatible: one persistent stream per channel for the whole
+//! session, flushed at the end of every packet, so each payload decodes given the ones
+//! before it on the same channel.
+//!
+//! Adding a method: a module implementing [`Compressor`] and [`Decompressor`], and an entry in
+//! [`METHODS`]. The wire code lives in `wire::Compression`.
+
+mod zlib;
+mod zstd;
+
+use crate::error::{Result, fail};
+use crate::wire::Compression;
+
+/// Compresses the normal pages of one packet at a time.
+pub trait Compressor: Send {
+    /// Appends the compressed form of `pages` to `out` (cleared first), ending with a flush.
+    fn compress(&mut self, pages: &mut dyn Iterator<Item = &[u8]>, out: &mut Vec<u8>) -> Result<()>;
+}
+
+/// Decompresses one packet's payload.
+pub trait Decompressor: Send {
+    /// Decodes `input` into exactly `out.len()` bytes. Less output, more output, input left
+    /// over or a corrupt stream are errors (`ERR_MULTIFD_PAYLOAD_SIZE`, `ERR_MULTIFD_DECOMPRESS`).
+    fn decompress(&mut self, input: &[u8], out: &mut [u8]) -> Result<()>;
+}
+
+/// One compression method: its name, level range and constructors.
+pub struct Method {
+    pub compression: Compression,
+    pub levels: std::ops::RangeInclusive<u32>,
+    pub default_level: u32,
+    new_compressor: fn(u32) -> Result<Box<dyn Compressor>>,
+    new_decompressor: fn() -> Result<Box<dyn Decompressor>>,
+}
+
+/// The registry of methods with a payload codec.
+pub const METHODS: &[Method] = &[
+    Method { compression: Compression::Zlib, levels: 1..=9, default_level: 1, new_compressor: zlib::compressor, new_decompressor: zlib::decompressor },
+    Method { compression: Compression::Zstd, levels: 1..=20, default_level: 1, new_compressor: zstd::compressor, new_decompressor: zstd::decompressor },
+];
+
+pub fn method(c: Compression) -> Option<&'static Method> {
+    METHODS.iter().find(|m| m.compression == c)
+}
+
+/// A compressor for `c` at `level` (`None` for no compression; level `None` = the default).
+pub fn compressor(c: Compression, level: Option<u32>) -> Result<Option<Box<dyn Compressor>>> {
+    let Some(m) = method(c) else { return Ok(None) };
+    let level = level.unwrap_or(m.default_level);
+    if !m.levels.contains(&level) {
+        fail!(InvalidArgument, "{} level must be {}..{}, got {level}", c.name(), m.levels.start(), m.levels.end());
+    }
+    (m.new_compressor)(level).map(Some)
+}
+
+pub fn decompressor(c: Compression) -> Result<Option<Box<dyn Decompressor>>> {
+    method(c).map(|m| (m.new_decompressor)()).transpose()
+}
+
+/// The checks every decompressor makes after decoding: output exactly filled, input used up.
+fn check_exact(method: &str, produced: usize, expected: usize, consumed: usize, input: usize) -> Result<()> {
+    if produced > expected {
+        fail!(PayloadSize, "{method} payload decompresses to more than the {expected} bytes its pages hold");
+    }
+    if produced < expected {
+        fail!(PayloadSize, "{method} payload decompresses to {produced} bytes, expected {expected}");
+    }
+    if consumed < input {
+        fail!(PayloadSize, "{method} payload has {} bytes left after its {expected} bytes of pages", input - consumed);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::ErrorCode;
+
+    fn pages(seed: u64, n: usize) -> Vec<Vec<u8>> {
+        let mut x = seed | 1;
+        (0..n)
+            .map(|i| {
+                (0..4096)
+                    .map(|j| {
+                        if i % 3 == 0 {
+                            (j % 7) as u8 // compressible
+                        } else {
+                            x ^= x << 13;
+                            x ^= x >> 7;
+                            x ^= x << 17;
+                            x as u8
+                        }
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn streams_round_trip_across_packets() {
+        for m in METHODS {
+            for level in [*m.levels.start(), m.default_level, *m.levels.end()] {
+                let mut c = compressor(m.compression, Some(level)).unwrap().unwrap();
+                let mut d = decompressor(m.compression).unwrap().unwrap();
+                for packet in 0..6 {
+                    let ps = pages(packet, 1 + (packet as usize * 37) % 128);
+                    let mut wire = Vec::new();
+                    c.compress(&mut ps.iter().map(|p| p.as_slice()), &mut wire).unwrap();
+                    assert!(wire.len() <= crate::wire::MAX_COMPRESSED_PAYLOAD as usize);
+                    let mut out = vec![0u8; ps.len() * 4096];
+                    d.decompress(&wire, &mut out).unwrap();
+                    assert_eq!(out, ps.concat(), "{} level {level} packet {packet}", m.compression.name());
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn bad_payloads_are_errors_not_panics() {
+        for m in METHODS {
+            let mut c = compressor(m.compression, None).unwrap().unwrap();
+            let ps = pages(9, 4);
+            let mut wire = Vec::new();
+            c.compress(&mut ps.iter().map(|p| p.as_slice()), &mut wire).unwrap();
+            let name = m.compression.name();
+            let fresh = || decompressor(m.compression).unwrap().unwrap();
+
+            // Expecting more pages than were sent: short.
+            let e = fresh().decompress(&wire, &mut vec![0; 5 * 4096]).unwrap_err();
+            assert_eq!(e.code, ErrorCode::PayloadSize, "{name}: {e}");
+            // Expecting fewer: long (a bomb is the extreme of this).
+            let e = fresh().decompress(&wire, &mut vec![0; 3 * 4096]).unwrap_err();
+            assert_eq!(e.code, ErrorCode::PayloadSize, "{name}: {e}");
+            // Truncated payload.
+            let e = fresh().decompress(&wire[..wire.len() / 2], &mut vec![0; 4 * 4096]).unwrap_err();
+            assert!(matches!(e.code, ErrorCode::PayloadSize | ErrorCode::Decompress), "{name}: {e}");
+            // Garbage.
+            let garbage: Vec<u8> = (0..1000u32).map(|i| (i * 7919 % 251) as u8).collect();
+            let e = fresh().decompress(&garbage, &mut vec![0; 4096]).unwrap_err();
+            assert!(matches!(e.code, ErrorCode::PayloadSize | ErrorCode::Decompress), "{name}: {e}");
+        }
+    }
+
+    #[test]
+    fn a_compression_bomb_stops_at_the_page_budget() {
+        for m in METHODS {
+            // 64 MiB of zeros compresses to a few KiB; the receiver has room for one page.
+            let mut c = compressor(m.compression, None).unwrap().unwrap();
+            let zeros = vec![0u8; 4096];
+            let mut wire = Vec::new();
+            c.compress(&mut std::iter::repeat_n(zeros.as_slice(), 128), &mut wire).unwrap();
+            let e = decompressor(m.compression).unwrap().unwrap().decompress(&wire, &mut vec![0; 4096]).unwrap_err();
+            assert_eq!(e.code, ErrorCode::PayloadSize);
+        }
+    }
+
+    #[test]
+    fn levels_are_checked() {
+        assert_eq!(compressor(Compression::Zlib, Some(10)).err().unwrap().code, ErrorCode::InvalidArgument);
+        assert_eq!(compressor(Compression::Zstd, Some(0)).err().unwrap().code, ErrorCode::InvalidArgument);
+        assert!(compressor(Compression::None, None).unwrap().is_none());
+    }
+}
