@@ -258,13 +258,15 @@ export class Source extends Session {
   }
 
   /**
-   * Cancels: both sides stop, every pending promise rejects with ERR_MULTIFD_CANCELLED. The
-   * destination hears it on the control connection first; this side's channels close only
-   * once the destination has stopped (or after 2 s), so it ends `cancelled`, not `failed`.
+   * Cancels: both sides stop, every pending promise rejects with ERR_MULTIFD_CANCELLED. This
+   * side stops queuing at once (channels finish the packet in hand), the destination hears it
+   * on the control connection, and the channels close only once the destination has stopped
+   * (or after 2 s), so both sides end `cancelled`, not `failed`.
    */
   async cancel(): Promise<void> {
     if (this.error || this.state === 'completed' || this.state === 'cancelling') return
     this.setState('cancelling')
+    this.#native?.stopQueuing()
     try {
       this.#send({ type: 'cancel' })
       await Promise.race([

@@ -64,6 +64,11 @@ export declare class NativeSource {
   /** Queues a SYNC on every channel; a `done` event with this `id` and the epoch follows. */
   sync(id: number): number
   stats(): Array<ChannelCounters>
+  /**
+   * Stops queuing new pages (pending sends and syncs end with ERR_MULTIFD_CANCELLED); the
+   * packets being written finish, so every channel stays at a packet boundary.
+   */
+  stopQueuing(): void
   /** Fails the session with `code` (first error wins): channels are shut down at once. */
   fail(codeName: string, message: string): boolean
   /**

@@ -72,7 +72,11 @@ struct Inner {
     /// Channels that arrived before `configure`, with their init packets.
     pending: Mutex<Vec<(Conn, [u8; INIT_PACKET_LEN])>>,
     control: Mutex<Option<Arc<Control>>>,
+    /// Admitted channels. Admission happens under this lock and is refused once `closing`,
+    /// so `close` (which shuts these down under the same lock) cannot miss one.
     channel_conns: Mutex<Vec<Arc<Conn>>>,
+    /// The connection the acceptor is reading the first bytes of, so `close` can cut it short.
+    classifying: Mutex<Option<Arc<Conn>>>,
     receivers: Mutex<Vec<JoinHandle<()>>>,
     classify_timeout: Duration,
 }
@@ -99,6 +103,7 @@ impl Destination {
             pending: Mutex::new(Vec::new()),
             control: Mutex::new(None),
             channel_conns: Mutex::new(Vec::new()),
+            classifying: Mutex::new(None),
             receivers: Mutex::new(Vec::new()),
             classify_timeout,
         });
@@ -135,6 +140,10 @@ impl Destination {
 
     /// Starts admitting multifd channels for this session (and those that already arrived).
     pub fn configure(&self, config: DestConfig) -> Result<()> {
+        // Lock order everywhere: pending, then session. Holding `pending` while the session is
+        // set means a channel the acceptor classifies meanwhile is either queued before we
+        // drain the queue or sees the session and is admitted directly.
+        let mut pending = self.inner.pending.lock().unwrap();
         let mut slot = self.inner.session.lock().unwrap();
         if slot.is_some() {
             fail!(State, "the destination is already configured");
@@ -159,8 +168,9 @@ impl Destination {
         });
         *slot = Some(session.clone());
         drop(slot);
-        let pending = std::mem::take(&mut *self.inner.pending.lock().unwrap());
-        for (conn, init) in pending {
+        let early = std::mem::take(&mut *pending);
+        drop(pending);
+        for (conn, init) in early {
             self.inner.admit(&session, conn, init);
         }
         Ok(())
@@ -196,12 +206,16 @@ impl Destination {
 
     /// Stops accepting, shuts every connection down and joins every thread. Idempotent.
     pub fn close(&self) {
-        self.inner.closing.store(true, Ordering::Release);
         self.inner.finishing.store(true, Ordering::Release);
-        self.inner.stop_barrier();
-        for c in self.inner.channel_conns.lock().unwrap().iter() {
+        {
+            let conns = self.inner.channel_conns.lock().unwrap();
+            self.inner.closing.store(true, Ordering::Release);
+            conns.iter().for_each(|c| c.shutdown());
+        }
+        if let Some(c) = self.inner.classifying.lock().unwrap().as_ref() {
             c.shutdown();
         }
+        self.inner.stop_barrier();
         if let Some(a) = self.acceptor.lock().unwrap().take() {
             let _ = a.join();
         }
@@ -265,11 +279,15 @@ impl Inner {
     /// Reads a new connection's first bytes to tell a control connection from a channel.
     fn classify(self: &Arc<Self>, conn: Conn) -> Result<()> {
         conn.set_read_timeout(Some(self.classify_timeout))?;
-        let mut magic = [0u8; 4];
-        if !read_exact(conn.fd(), &mut magic)? {
-            return Ok(()); // connected and left without a byte: nothing to do
-        }
-        match u32::from_be_bytes(magic) {
+        let conn = Arc::new(conn);
+        *self.classifying.lock().unwrap() = Some(conn.clone());
+        let first = self.read_first_bytes(&conn);
+        self.classifying.lock().unwrap().take();
+        let Some((magic, init)) = first? else {
+            return Ok(()); // connected and left without a byte, or we are closing
+        };
+        let conn = Arc::try_unwrap(conn).expect("only the acceptor holds the connection now");
+        match magic {
             CONTROL_MAGIC => {
                 conn.set_read_timeout(None)?;
                 let mut slot = self.control.lock().unwrap();
@@ -280,22 +298,42 @@ impl Inner {
                 drop(slot);
                 (self.events)(Event::ControlConnected);
             }
+            _ => {
+                conn.set_read_timeout(None)?;
+                let mut pending = self.pending.lock().unwrap();
+                let session = self.session.lock().unwrap().clone();
+                match session {
+                    Some(s) => {
+                        drop(pending);
+                        self.admit(&s, conn, init);
+                    }
+                    None => pending.push((conn, init)),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads the magic, and for a multifd channel the rest of its init packet. `None` when the
+    /// peer left without a byte or the destination is closing.
+    fn read_first_bytes(&self, conn: &Conn) -> Result<Option<(u32, [u8; INIT_PACKET_LEN])>> {
+        let mut magic = [0u8; 4];
+        let got = read_exact(conn.fd(), &mut magic);
+        if self.closing.load(Ordering::Acquire) || !got? {
+            return Ok(None);
+        }
+        match u32::from_be_bytes(magic) {
+            CONTROL_MAGIC => Ok(Some((CONTROL_MAGIC, [0; INIT_PACKET_LEN]))),
             MAGIC => {
                 let mut init = [0u8; INIT_PACKET_LEN];
                 init[..4].copy_from_slice(&magic);
                 if !read_exact(conn.fd(), &mut init[4..])? {
                     fail!(ConnectionClosed, "a multifd channel closed inside its init packet");
                 }
-                conn.set_read_timeout(None)?;
-                let session = self.session.lock().unwrap().clone();
-                match session {
-                    Some(s) => self.admit(&s, conn, init),
-                    None => self.pending.lock().unwrap().push((conn, init)),
-                }
+                Ok(Some((MAGIC, init)))
             }
             other => fail!(UnknownChannel, "a connection started with 0x{other:08x}, neither the control magic 0x{CONTROL_MAGIC:08x} nor the multifd magic 0x{MAGIC:08x}"),
         }
-        Ok(())
     }
 
     fn admit(self: &Arc<Self>, s: &Arc<Session>, conn: Conn, init: [u8; INIT_PACKET_LEN]) {
@@ -309,8 +347,13 @@ impl Inner {
             }
         };
         let conn = Arc::new(conn);
+        let mut conns = self.channel_conns.lock().unwrap();
+        if self.closing.load(Ordering::Acquire) {
+            conn.shutdown();
+            return;
+        }
         self.failure.watch(conn.clone());
-        self.channel_conns.lock().unwrap().push(conn.clone());
+        conns.push(conn.clone());
         let (me, s2) = (self.clone(), s.clone());
         let id = init.channel_id;
         let spawned = std::thread::Builder::new().name(format!("multifd/recv/{id}")).spawn(move || {
@@ -321,6 +364,7 @@ impl Inner {
         match spawned {
             Ok(h) => {
                 self.receivers.lock().unwrap().push(h);
+                drop(conns);
                 (self.events)(Event::ChannelUp { id });
             }
             Err(e) => {

@@ -175,6 +175,13 @@ impl Source {
         Ok(self.syncs.fetch_add(1, Ordering::Relaxed) + 1)
     }
 
+    /// Stops queuing: the dispatcher refuses new work (pending commands end with
+    /// `ERR_MULTIFD_CANCELLED`) and each channel thread exits after the packet it is writing,
+    /// leaving every stream at a packet boundary. Sockets stay open; `close` shuts them.
+    pub fn stop_queuing(&self) {
+        self.shared.stop();
+    }
+
     pub fn stats(&self) -> Vec<Counters> {
         self.shared.stats.iter().map(|s| s.snapshot()).collect()
     }

@@ -195,3 +195,46 @@ fn missing_channels_time_out() {
     assert!(e.message.contains("[0, 1, 2]"), "{e}");
     dest.close();
 }
+
+/// Regression: `close` right after the source connected (channels still in the accept backlog)
+/// must shut every admitted channel down; it once missed a late one and joined it forever.
+#[test]
+fn close_right_after_channels_connect_never_hangs() {
+    for _ in 0..30 {
+        let (dsink, _drx) = sink();
+        let dest = Destination::listen(&Address::parse("tcp:127.0.0.1:0").unwrap(), Duration::from_secs(5), dsink).unwrap();
+        dest.configure(DestConfig {
+            uuid: [3; 16],
+            channels: 8,
+            geometry: Geometry::x86(),
+            compression: Compression::None,
+            blocks: vec![],
+            channel_timeout: Duration::from_secs(5),
+        })
+        .unwrap();
+        let (ssink, _srx) = sink();
+        let source = Source::start(
+            SourceConfig {
+                address: dest.address().clone(),
+                uuid: [3; 16],
+                channels: 8,
+                geometry: Geometry::x86(),
+                compression: Compression::None,
+                compression_level: None,
+                zero_page_detection: true,
+                zero_copy: false,
+                connect_timeout: Duration::from_secs(5),
+            },
+            Failure::new(ssink),
+        )
+        .unwrap();
+        let (done_tx, done_rx) = mpsc::channel();
+        let closer = std::thread::spawn(move || {
+            dest.close();
+            done_tx.send(()).unwrap();
+        });
+        done_rx.recv_timeout(Duration::from_secs(5)).expect("Destination::close returned");
+        closer.join().unwrap();
+        source.close(true);
+    }
+}

@@ -174,6 +174,15 @@ impl NativeSource {
         counters(self.source.lock().unwrap().as_ref().map(|s| s.stats()).unwrap_or_default())
     }
 
+    /// Stops queuing new pages (pending sends and syncs end with ERR_MULTIFD_CANCELLED); the
+    /// packets being written finish, so every channel stays at a packet boundary.
+    #[napi]
+    pub fn stop_queuing(&self) {
+        if let Some(s) = self.source.lock().unwrap().as_ref() {
+            s.stop_queuing();
+        }
+    }
+
     /// Fails the session with `code` (first error wins): channels are shut down at once.
     #[napi]
     pub fn fail(&self, code_name: String, message: String) -> bool {
