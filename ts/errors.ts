@@ -33,6 +33,9 @@ export const ERROR_CODES = [
   'ERR_MULTIFD_STATE',
   'ERR_MULTIFD_ZERO_COPY_UNAVAILABLE',
   'ERR_MULTIFD_DECOMPRESS',
+  'ERR_MULTIFD_FILE_FORMAT',
+  'ERR_MULTIFD_INCOMPLETE',
+  'ERR_MULTIFD_NO_SPACE',
 ] as const
 
 export type MultifdErrorCode = (typeof ERROR_CODES)[number]

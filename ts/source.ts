@@ -201,7 +201,7 @@ export class Source extends Session {
   }
 
   /** Sends every page of `block` (or of the given byte ranges). Resolves with pages queued. */
-  sendBlock(block: RamBlock, ranges?: ByteRange[]): Promise<number> {
+  async sendBlock(block: RamBlock, ranges?: ByteRange[]): Promise<number> {
     const n = this.#requireActive('send')
     const b = this.#blockOf(block)
     return this.request((id) => n.send(id, b.native, ranges, false))

@@ -4,13 +4,15 @@
  *
  *   mfd-dest SIZE                         listen on loopback, receive into preallocated memory
  *   mfd-src ADDRESS FILE SIZE OPTIONS_JSON  send FILE (mapped, prefaulted) with these Source options
+ *   snap-save FILE SNAPSHOT SIZE CHANNELS     snapshot FILE (mapped, prefaulted) to SNAPSHOT
+ *   snap-restore SNAPSHOT SIZE CHANNELS       restore SNAPSHOT into preallocated memory
  *   net-dest SIZE                         node:net server reading into a preallocated Buffer
  *   net-src ADDRESS FILE SIZE             node:net client writing FILE in 512 KiB chunks
  */
 import { createHash } from 'node:crypto'
 import { readFileSync } from 'node:fs'
 import net from 'node:net'
-import { Destination, RamBlock, migrate, type SourceOptions } from '../../ts/index.js'
+import { Destination, RamBlock, migrate, restore, snapshot, type SourceOptions } from '../../ts/index.js'
 
 const say = (m: object): void => void process.stdout.write(JSON.stringify(m) + '\n')
 const cpu = (): number => {
@@ -92,6 +94,22 @@ switch (mode) {
       say({ type: 'done', seconds, cpuSeconds: cpu() - cpu0, bytes: data.length, sha256: hash(data) })
       sock.destroy()
     })
+    break
+  }
+  case 'snap-save': {
+    const [file, snap, size, channels] = args
+    const block = RamBlock.mapFile({ name: 'bench', path: file!, size: Number(size), prefault: true })
+    const cpu0 = cpu()
+    const s = await snapshot([block], snap!, { channels: Number(channels) })
+    say({ type: 'done', seconds: s.seconds, cpuSeconds: cpu() - cpu0, bytes: s.bytes, sha256: hashBlock(block) })
+    break
+  }
+  case 'snap-restore': {
+    const [snap, size, channels] = args
+    const block = RamBlock.allocate({ name: 'bench', size: Number(size), prefault: true })
+    const cpu0 = cpu()
+    const s = await restore(snap!, { blocks: [block], channels: Number(channels) })
+    say({ type: 'done', seconds: s.seconds, cpuSeconds: cpu() - cpu0, bytes: s.bytes, sha256: hashBlock(block) })
     break
   }
   default:

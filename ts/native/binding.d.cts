@@ -50,6 +50,20 @@ export declare class NativeDestination {
   close(): void
 }
 
+export declare class NativeFileJob {
+  constructor()
+  addBlock(block: Block): void
+  /** Writes the blocks into a snapshot at `path`; a `done` event follows. */
+  startSnapshot(path: string, channels: number, directIo: boolean, incremental: boolean, onEvent: (arg: NativeEvent) => void): void
+  /** Reads the snapshot at `path` into the blocks; a `done` event follows. */
+  startRestore(path: string, channels: number, onEvent: (arg: NativeEvent) => void): void
+  progress(): FileProgress
+  /** The file's description after a successful job. */
+  result(): SnapshotFileInfo | null
+  /** Joins the job's thread and lets go of the event callback (after `done`). */
+  finish(): void
+}
+
 export declare class NativeSource {
   /** Opens the control connection; `onEvent` receives every event of this session. */
   static connect(address: string, connectTimeoutMs: number, onEvent: (arg: NativeEvent) => void): NativeSource
@@ -157,6 +171,15 @@ export declare function encodePacketHeader(fields: PacketHeaderFields, pageSize:
 /** Every stable error code, for the TypeScript facade's type and for tests. */
 export declare function errorCodes(): Array<string>
 
+export interface FileProgress {
+  /** Bytes of block memory covered so far. */
+  bytes: number
+  /** Bytes this job covers in all. */
+  total: number
+  pages: number
+  zeroPages: number
+}
+
 export interface HeaderContext {
   pageSize: number
   /** `none`, `zlib` or `zstd`. */
@@ -175,6 +198,9 @@ export interface InitPacketInfo {
   uuid: Buffer
   channelId: number
 }
+
+/** Reads a snapshot file's description (complete or not). */
+export declare function inspectSnapshot(path: string): SnapshotFileInfo
 
 /** One event as JavaScript receives it. `kind` says which fields are set. */
 export interface NativeEvent {
@@ -231,4 +257,21 @@ export interface RebuiltBlock {
 export interface RebuiltCapture {
   blocks: Array<RebuiltBlock>
   channels: Array<CapturedChannel>
+}
+
+export interface SnapshotBlockInfo {
+  name: string
+  length: number
+  headerOffset: number
+  bitmapOffset: number
+  pagesOffset: number
+  pagesPresent: number
+}
+
+export interface SnapshotFileInfo {
+  complete: boolean
+  pageSize: number
+  generation: number
+  fileLength: number
+  blocks: Array<SnapshotBlockInfo>
 }

@@ -186,6 +186,18 @@ impl RamBlock {
         }
     }
 
+    /// Zeroes `len` bytes at `offset` (whole pages), unless the block is still fresh zero
+    /// memory, in which case nothing is touched (and nothing is faulted in).
+    pub fn zero_pages(&self, offset: u64, len: u64) {
+        if self.known_zero.load(std::sync::atomic::Ordering::Relaxed) || len == 0 {
+            return;
+        }
+        let page = self.page_size() as u64;
+        assert!(offset.is_multiple_of(page) && len.is_multiple_of(page) && offset + len <= self.len as u64, "range {offset}+{len} outside block");
+        // SAFETY: the range was checked to lie inside the mapping.
+        unsafe { std::ptr::write_bytes(self.page_ptr(offset), 0, len as usize) }
+    }
+
     /// Records that the application (or a restore) may have written the block, so zero pages
     /// must be written explicitly from now on.
     pub fn mark_written(&self) {

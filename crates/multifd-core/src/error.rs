@@ -92,6 +92,13 @@ error_codes! {
     ZeroCopyUnavailable => "ERR_MULTIFD_ZERO_COPY_UNAVAILABLE",
     /// A compressed payload that does not decode (corrupt, or a stream the method rejects).
     Decompress => "ERR_MULTIFD_DECOMPRESS",
+    /// A snapshot or QEMU migration file whose structure does not fit (headers, offsets,
+    /// bitmaps, block table).
+    FileFormat => "ERR_MULTIFD_FILE_FORMAT",
+    /// A snapshot file that was not completed (interrupted, failed, or being written).
+    Incomplete => "ERR_MULTIFD_INCOMPLETE",
+    /// The filesystem is full.
+    NoSpace => "ERR_MULTIFD_NO_SPACE",
 }
 
 impl fmt::Display for ErrorCode {

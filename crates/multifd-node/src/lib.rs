@@ -4,5 +4,6 @@ pub mod block;
 pub mod codec;
 mod errors;
 pub mod events;
+pub mod files;
 mod numbers;
 pub mod sessions;

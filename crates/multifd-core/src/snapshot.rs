@@ -1,0 +1,521 @@
+//! Snapshot files: our own small header (magic, version, completion state, generation, block
+//! table; docs/FORMAT.md), then, per block, QEMU's mapped-ram layout. Pages are written and
+//! read by N threads with positioned vectored I/O straight from and into block memory; zero
+//! pages are never written, so the file stays sparse.
+//!
+//! Write order makes an interrupted snapshot recognisable: the header goes out marked
+//! incomplete (and is synced) first, then the pages, then the bitmaps, then `fdatasync`, and
+//! only then the completion marker, synced again.
+
+use std::collections::VecDeque;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use crate::bitmap::AtomicBitmap;
+use crate::block::RamBlock;
+use crate::error::{Error, ErrorCode, Result, fail};
+use crate::io::iovec;
+use crate::mapped_ram::{self, BlockHeader};
+use crate::zero::is_zero;
+
+pub const MAGIC: [u8; 8] = *b"MFDSNAP\0";
+pub const VERSION: u32 = 1;
+const STATE_INCOMPLETE: u32 = 0;
+const STATE_COMPLETE: u32 = 1;
+/// Bytes of the fixed part of the file header.
+const FIXED_LEN: usize = 40;
+/// Byte offset of the state word (the completion marker).
+const STATE_AT: u64 = 12;
+const MAX_BLOCKS: usize = 4096;
+/// The header region (fixed part + block table) is padded to this.
+const HEADER_ALIGN: u64 = 4096;
+/// Largest run of pages one positioned read or write moves.
+const MAX_RUN_PAGES: u64 = 256;
+
+/// One block as the file describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlockEntry {
+    pub name: String,
+    pub len: u64,
+    /// Where the block's mapped-ram header starts.
+    pub header_offset: u64,
+    pub layout: BlockHeader,
+    /// Pages with data in the file.
+    pub pages_present: u64,
+}
+
+/// What a snapshot file holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotInfo {
+    pub complete: bool,
+    pub page_size: u32,
+    /// Completed snapshots written into this file (incremental ones included).
+    pub generation: u64,
+    pub blocks: Vec<BlockEntry>,
+    pub file_len: u64,
+}
+
+/// Counters a running snapshot or restore updates; cheap to poll.
+#[derive(Debug, Default)]
+pub struct Progress {
+    /// Bytes of block memory covered so far (pages written or read, zero pages skipped).
+    pub bytes: AtomicU64,
+    pub pages_written: AtomicU64,
+    pub zero_pages: AtomicU64,
+    /// Bytes of block memory this job covers in all.
+    pub total: AtomicU64,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct SnapshotOptions {
+    pub channels: usize,
+    /// Write pages with O_DIRECT (the headers and bitmaps still go through the page cache).
+    pub direct_io: bool,
+    /// Write only the blocks' dirty pages into an existing complete snapshot of them.
+    pub incremental: bool,
+}
+
+fn io_err(what: &str, path: &Path, e: io::Error) -> Error {
+    let code = if e.raw_os_error() == Some(libc::ENOSPC) { ErrorCode::NoSpace } else { ErrorCode::Io };
+    Error::new(code, format!("{what} {}: {e}", path.display()))
+}
+
+fn be32(b: &[u8], at: usize) -> u32 {
+    u32::from_be_bytes(b[at..at + 4].try_into().unwrap())
+}
+
+fn be64(b: &[u8], at: usize) -> u64 {
+    u64::from_be_bytes(b[at..at + 8].try_into().unwrap())
+}
+
+/// Header region length for these block names.
+fn header_region_len(names: &[&str]) -> u64 {
+    let table: usize = names.iter().map(|n| 1 + n.len() + 16).sum();
+    ((FIXED_LEN + table) as u64).next_multiple_of(HEADER_ALIGN)
+}
+
+fn encode_header(state: u32, page_size: u32, generation: u64, blocks: &[BlockEntry]) -> Vec<u8> {
+    let names: Vec<&str> = blocks.iter().map(|b| b.name.as_str()).collect();
+    let mut out = vec![0u8; header_region_len(&names) as usize];
+    out[0..8].copy_from_slice(&MAGIC);
+    out[8..12].copy_from_slice(&VERSION.to_be_bytes());
+    out[12..16].copy_from_slice(&state.to_be_bytes());
+    out[16..20].copy_from_slice(&page_size.to_be_bytes());
+    out[20..24].copy_from_slice(&(blocks.len() as u32).to_be_bytes());
+    out[24..32].copy_from_slice(&generation.to_be_bytes());
+    let mut at = FIXED_LEN;
+    for b in blocks {
+        out[at] = b.name.len() as u8;
+        out[at + 1..at + 1 + b.name.len()].copy_from_slice(b.name.as_bytes());
+        at += 1 + b.name.len();
+        out[at..at + 8].copy_from_slice(&b.len.to_be_bytes());
+        out[at + 8..at + 16].copy_from_slice(&b.header_offset.to_be_bytes());
+        at += 16;
+    }
+    out[32..40].copy_from_slice(&((at - FIXED_LEN) as u64).to_be_bytes());
+    out
+}
+
+/// Reads and validates a snapshot file's structure: header, block table, every block's
+/// mapped-ram header, and the bitmaps (returned per block). Completion is reported, not
+/// required.
+pub fn read_info(file: &File, path: &Path) -> Result<(SnapshotInfo, Vec<Vec<u64>>)> {
+    let file_len = file.metadata().map_err(|e| io_err("stat", path, e))?.len();
+    let mut fixed = [0u8; FIXED_LEN];
+    if file_len < FIXED_LEN as u64 {
+        fail!(FileFormat, "{} is {file_len} bytes, too short for a snapshot header", path.display());
+    }
+    file.read_exact_at(&mut fixed, 0).map_err(|e| io_err("read", path, e))?;
+    if fixed[0..8] != MAGIC {
+        fail!(BadMagic, "{} does not start with the snapshot magic \"MFDSNAP\\0\"", path.display());
+    }
+    let version = be32(&fixed, 8);
+    if version != VERSION {
+        fail!(BadVersion, "snapshot format version {version}, expected {VERSION}");
+    }
+    let state = be32(&fixed, 12);
+    if state != STATE_COMPLETE && state != STATE_INCOMPLETE {
+        fail!(FileFormat, "snapshot state word {state} is neither 0 (incomplete) nor 1 (complete)");
+    }
+    let page_size = be32(&fixed, 16);
+    if !page_size.is_power_of_two() || !(512..=(1 << 19)).contains(&page_size) {
+        fail!(FileFormat, "snapshot page size {page_size} is not a power of two from 512 to 512 KiB");
+    }
+    let count = be32(&fixed, 20) as usize;
+    if count == 0 || count > MAX_BLOCKS {
+        fail!(FileFormat, "snapshot has {count} blocks; expected 1 to {MAX_BLOCKS}");
+    }
+    let generation = be64(&fixed, 24);
+    let table_len = be64(&fixed, 32);
+    if table_len > (count * (1 + 255 + 16)) as u64 || FIXED_LEN as u64 + table_len > file_len {
+        fail!(FileFormat, "snapshot block table of {table_len} bytes does not fit");
+    }
+    let mut table = vec![0u8; table_len as usize];
+    file.read_exact_at(&mut table, FIXED_LEN as u64).map_err(|e| io_err("read", path, e))?;
+    let mut at = 0usize;
+    let mut blocks = Vec::with_capacity(count);
+    let mut bitmaps = Vec::with_capacity(count);
+    let mut prev_end = header_region_len(&[]);
+    for i in 0..count {
+        let name_len = *table.get(at).ok_or_else(|| Error::new(ErrorCode::FileFormat, format!("block table ends inside entry {i}")))? as usize;
+        let entry_end = at + 1 + name_len + 16;
+        if name_len == 0 || entry_end > table.len() {
+            fail!(FileFormat, "block table entry {i} (name of {name_len} bytes) does not fit the table");
+        }
+        let name = String::from_utf8(table[at + 1..at + 1 + name_len].to_vec()).map_err(|_| Error::new(ErrorCode::FileFormat, format!("block {i} has a name that is not UTF-8")))?;
+        let len = be64(&table, at + 1 + name_len);
+        let header_offset = be64(&table, at + 1 + name_len + 8);
+        at = entry_end;
+        if len == 0 || len % u64::from(page_size) != 0 || len > 1 << 46 {
+            fail!(FileFormat, "block {name:?} length {len} is not a positive multiple of the page size (at most 64 TiB)");
+        }
+        if header_offset < prev_end || header_offset.checked_add(mapped_ram::HEADER_LEN as u64).is_none_or(|e| e > file_len) {
+            fail!(FileFormat, "block {name:?} header offset {header_offset} overlaps the previous region or lies past the end of the file");
+        }
+        let mut hb = [0u8; mapped_ram::HEADER_LEN];
+        file.read_exact_at(&mut hb, header_offset).map_err(|e| io_err("read", path, e))?;
+        let layout = BlockHeader::decode(&hb, header_offset, len, file_len, Some(u64::from(page_size)))?;
+        let pages = len / u64::from(page_size);
+        let mut bm = vec![0u8; mapped_ram::bitmap_len(pages) as usize];
+        file.read_exact_at(&mut bm, layout.bitmap_offset).map_err(|e| io_err("read", path, e))?;
+        let mut words = mapped_ram::bitmap_words(&bm);
+        // Bits past the last page mean nothing; drop them so they cannot index past the block.
+        if pages % 64 != 0 {
+            if let Some(last) = words.last_mut() {
+                *last &= (1u64 << (pages % 64)) - 1;
+            }
+        }
+        let pages_present = words.iter().map(|w| u64::from(w.count_ones())).sum();
+        prev_end = layout.end(len);
+        blocks.push(BlockEntry { name, len, header_offset, layout, pages_present });
+        bitmaps.push(words);
+    }
+    Ok((SnapshotInfo { complete: state == STATE_COMPLETE, page_size, generation, blocks, file_len }, bitmaps))
+}
+
+/// Reads a snapshot file's description.
+pub fn inspect(path: &Path) -> Result<SnapshotInfo> {
+    let file = File::open(path).map_err(|e| io_err("open", path, e))?;
+    Ok(read_info(&file, path)?.0)
+}
+
+/// A unit of page I/O: a run of pages of one block.
+#[derive(Clone, Copy)]
+struct Run {
+    block: usize,
+    first: u64,
+    count: u64,
+}
+
+/// Cuts `(first, count)` runs into units of at most MAX_RUN_PAGES pages.
+fn cut(block: usize, runs: impl Iterator<Item = (u64, u64)>, out: &mut VecDeque<Run>) {
+    for (first, count) in runs {
+        let mut p = first;
+        while p < first + count {
+            let n = MAX_RUN_PAGES.min(first + count - p);
+            out.push_back(Run { block, first: p, count: n });
+            p += n;
+        }
+    }
+}
+
+/// Runs `work(worker, run)` on `channels` threads over the queued runs; first error wins and
+/// stops the rest.
+fn parallel(channels: usize, runs: VecDeque<Run>, work: impl Fn(usize, Run) -> Result<()> + Sync) -> Result<()> {
+    let queue = Mutex::new(runs);
+    let failed: Mutex<Option<Error>> = Mutex::new(None);
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        for worker in 0..channels.max(1) {
+            let (queue, failed, stop, work) = (&queue, &failed, &stop, &work);
+            s.spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let Some(run) = queue.lock().unwrap().pop_front() else { break };
+                    if let Err(e) = work(worker, run) {
+                        stop.store(true, Ordering::Relaxed);
+                        failed.lock().unwrap().get_or_insert(e);
+                    }
+                }
+            });
+        }
+    });
+    match failed.into_inner().unwrap() {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+fn pwritev_all(file: &File, mut iov: libc::iovec, mut offset: u64, path: &Path) -> Result<()> {
+    while iov.iov_len > 0 {
+        // SAFETY: iov describes block memory the caller keeps mapped (it holds an Arc).
+        let n = unsafe { libc::pwritev(file.as_raw_fd(), &iov, 1, offset as libc::off_t) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(io_err("write pages to", path, e));
+        }
+        if n == 0 {
+            return Err(io_err("write pages to", path, io::Error::from_raw_os_error(libc::ENOSPC)));
+        }
+        // SAFETY: n <= iov_len, so the advanced pointer stays inside the same run.
+        iov.iov_base = unsafe { iov.iov_base.cast::<u8>().add(n as usize) }.cast();
+        iov.iov_len -= n as usize;
+        offset += n as u64;
+    }
+    Ok(())
+}
+
+fn preadv_all(file: &File, mut iov: libc::iovec, mut offset: u64, path: &Path) -> Result<()> {
+    while iov.iov_len > 0 {
+        // SAFETY: iov describes writable block memory the caller keeps mapped.
+        let n = unsafe { libc::preadv(file.as_raw_fd(), &iov, 1, offset as libc::off_t) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(io_err("read pages from", path, e));
+        }
+        if n == 0 {
+            fail!(FileFormat, "{}: a page marked present lies past the end of the file (offset {offset})", path.display());
+        }
+        // SAFETY: n <= iov_len, so the advanced pointer stays inside the same run.
+        iov.iov_base = unsafe { iov.iov_base.cast::<u8>().add(n as usize) }.cast();
+        iov.iov_len -= n as usize;
+        offset += n as u64;
+    }
+    Ok(())
+}
+
+fn sync(file: &File, path: &Path) -> Result<()> {
+    file.sync_data().map_err(|e| io_err("fdatasync", path, e))
+}
+
+fn set_state(file: &File, path: &Path, state: u32, generation: u64) -> Result<()> {
+    file.write_all_at(&state.to_be_bytes(), STATE_AT).map_err(|e| io_err("write header of", path, e))?;
+    file.write_all_at(&generation.to_be_bytes(), 24).map_err(|e| io_err("write header of", path, e))
+}
+
+/// Writes `blocks` into a snapshot at `path` (or, incrementally, their dirty pages into an
+/// existing complete snapshot of the same blocks). Returns the file's new description.
+pub fn snapshot(blocks: &[Arc<RamBlock>], path: &Path, options: SnapshotOptions, progress: &Progress) -> Result<SnapshotInfo> {
+    let Some(first) = blocks.first() else { fail!(InvalidArgument, "a snapshot needs at least one block") };
+    let page_size = first.page_size();
+    if let Some(b) = blocks.iter().find(|b| b.page_size() != page_size) {
+        fail!(InvalidArgument, "block {:?} has {}-byte pages, {:?} has {page_size}", b.name(), b.page_size(), first.name());
+    }
+    if blocks.len() > MAX_BLOCKS {
+        fail!(InvalidArgument, "at most {MAX_BLOCKS} blocks per snapshot");
+    }
+    let page = u64::from(page_size);
+    let file = OpenOptions::new().read(true).write(true).create(!options.incremental).truncate(!options.incremental).mode(0o600).open(path).map_err(|e| io_err("open", path, e))?;
+
+    // The layout: ours for a new file, the existing one (checked against the blocks) otherwise.
+    let (entries, generation, bitmaps): (Vec<BlockEntry>, u64, Vec<AtomicBitmap>) = if options.incremental {
+        let (info, words) = read_info(&file, path)?;
+        if !info.complete {
+            fail!(Incomplete, "{} is not a complete snapshot; take a full one first", path.display());
+        }
+        let same = info.page_size == page_size && info.blocks.len() == blocks.len() && info.blocks.iter().zip(blocks).all(|(e, b)| e.name == b.name() && e.len == b.len());
+        if !same {
+            fail!(BlockMismatch, "{} holds other blocks (names, lengths or page size) than the ones given", path.display());
+        }
+        let bitmaps = words
+            .iter()
+            .zip(blocks)
+            .map(|(w, b)| {
+                let bm = AtomicBitmap::new(b.pages());
+                for (i, word) in w.iter().enumerate() {
+                    for bit in 0..64 {
+                        let p = i * 64 + bit;
+                        if word >> bit & 1 == 1 && p < b.pages() {
+                            bm.set(p);
+                        }
+                    }
+                }
+                bm
+            })
+            .collect();
+        (info.blocks, info.generation, bitmaps)
+    } else {
+        let names: Vec<&str> = blocks.iter().map(|b| b.name()).collect();
+        let mut offset = header_region_len(&names);
+        let mut entries = Vec::with_capacity(blocks.len());
+        for b in blocks {
+            let layout = BlockHeader::layout(offset, b.len(), page)?;
+            entries.push(BlockEntry { name: b.name().to_string(), len: b.len(), header_offset: offset, layout, pages_present: 0 });
+            offset = layout.end(b.len());
+        }
+        (entries, 0, blocks.iter().map(|b| AtomicBitmap::new(b.pages())).collect())
+    };
+
+    // 1. Mark the file incomplete, durably, before any page changes.
+    if options.incremental {
+        set_state(&file, path, STATE_INCOMPLETE, generation)?;
+    } else {
+        file.write_all_at(&encode_header(STATE_INCOMPLETE, page_size, generation, &entries), 0).map_err(|e| io_err("write header of", path, e))?;
+        for e in &entries {
+            file.write_all_at(&e.layout.encode(), e.header_offset).map_err(|er| io_err("write block header of", path, er))?;
+        }
+        let end = entries.last().map_or(0, |e| e.layout.end(e.len));
+        file.set_len(end).map_err(|e| io_err("size", path, e))?;
+    }
+    sync(&file, path)?;
+
+    // 2. Pages, in parallel, each thread with its own descriptor (O_DIRECT if asked).
+    let mut runs = VecDeque::new();
+    for (i, b) in blocks.iter().enumerate() {
+        if options.incremental {
+            let dirty = b.dirty.take();
+            cut(i, dirty.runs().map(|(f, c)| (f as u64, c as u64)), &mut runs);
+        } else {
+            b.dirty.clear_all();
+            cut(i, std::iter::once((0, b.pages() as u64)), &mut runs);
+        }
+    }
+    progress.total.store(runs.iter().map(|r| r.count * page).sum(), Ordering::Relaxed);
+    let writers = (0..options.channels.max(1))
+        .map(|_| {
+            let mut o = OpenOptions::new();
+            o.write(true);
+            if options.direct_io {
+                o.custom_flags(libc::O_DIRECT);
+            }
+            o.open(path).map_err(|e| {
+                if options.direct_io && e.raw_os_error() == Some(libc::EINVAL) {
+                    Error::new(ErrorCode::InvalidArgument, format!("direct I/O is not supported for {} (filesystem without O_DIRECT?)", path.display()))
+                } else {
+                    io_err("open", path, e)
+                }
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    parallel(options.channels, runs, |w, run| {
+        let (b, e, bm) = (&blocks[run.block], &entries[run.block], &bitmaps[run.block]);
+        // Split the run at zero pages: data runs are written, zero pages only clear their bit.
+        let mut p = run.first;
+        while p < run.first + run.count {
+            if is_zero(b.page(p * page)) {
+                bm.clear(p as usize);
+                progress.zero_pages.fetch_add(1, Ordering::Relaxed);
+                p += 1;
+                continue;
+            }
+            let start = p;
+            while p < run.first + run.count && !is_zero(b.page(p * page)) {
+                p += 1;
+            }
+            pwritev_all(&writers[w], iovec(b.page_ptr(start * page), ((p - start) * page) as usize), e.layout.pages_offset + start * page, path)?;
+            bm.set_range(start as usize, (p - start) as usize)?;
+            progress.pages_written.fetch_add(p - start, Ordering::Relaxed);
+        }
+        progress.bytes.fetch_add(run.count * page, Ordering::Relaxed);
+        Ok(())
+    })?;
+    for w in &writers {
+        sync(w, path)?;
+    }
+
+    // 3. Bitmaps, then flush, then the completion marker, flushed again.
+    let mut out_entries = entries.clone();
+    for ((e, bm), out) in entries.iter().zip(&bitmaps).zip(&mut out_entries) {
+        let words = bm.snapshot();
+        out.pages_present = words.count() as u64;
+        file.write_all_at(&mapped_ram::bitmap_bytes(words.words()), e.layout.bitmap_offset).map_err(|er| io_err("write bitmap of", path, er))?;
+    }
+    sync(&file, path)?;
+    set_state(&file, path, STATE_COMPLETE, generation + 1)?;
+    sync(&file, path)?;
+    let file_len = file.metadata().map_err(|e| io_err("stat", path, e))?.len();
+    Ok(SnapshotInfo { complete: true, page_size, generation: generation + 1, blocks: out_entries, file_len })
+}
+
+/// Reads a complete snapshot into `blocks` (same names and lengths, in any order). Pages not
+/// in the file become zero. Never reads or writes outside a block or past the file.
+pub fn restore(path: &Path, blocks: &[Arc<RamBlock>], channels: usize, progress: &Progress) -> Result<SnapshotInfo> {
+    let file = File::open(path).map_err(|e| io_err("open", path, e))?;
+    let (info, bitmaps) = read_info(&file, path)?;
+    if !info.complete {
+        fail!(Incomplete, "{} is not a complete snapshot (interrupted or still being written)", path.display());
+    }
+    let page = u64::from(info.page_size);
+    let mut targets = Vec::with_capacity(info.blocks.len());
+    for e in &info.blocks {
+        let Some(b) = blocks.iter().find(|b| b.name() == e.name) else {
+            fail!(BlockMismatch, "the snapshot has block {:?}, which was not given", e.name);
+        };
+        if b.len() != e.len || u64::from(b.page_size()) != page {
+            fail!(BlockMismatch, "block {:?} is {} bytes with {}-byte pages in the snapshot, {} bytes with {}-byte pages here", e.name, e.len, page, b.len(), b.page_size());
+        }
+        targets.push(b.clone());
+    }
+    if blocks.len() != targets.len() {
+        fail!(BlockMismatch, "{} block(s) given, the snapshot has {}", blocks.len(), targets.len());
+    }
+    let mut runs = VecDeque::new();
+    for (i, (words, b)) in bitmaps.iter().zip(&targets).enumerate() {
+        let set = PresentPages { words, len: b.pages() };
+        // Absent pages must read as zero: clear them unless the memory is fresh zero anyway.
+        for (first, count) in set.absent_runs() {
+            b.zero_pages(first * page, count * page);
+        }
+        cut(i, set.present_runs(), &mut runs);
+    }
+    progress.total.store(runs.iter().map(|r| r.count * page).sum(), Ordering::Relaxed);
+    let readers = (0..channels.max(1)).map(|_| File::open(path).map_err(|e| io_err("open", path, e))).collect::<Result<Vec<_>>>()?;
+    parallel(channels, runs, |r, run| {
+        let (b, e) = (&targets[run.block], &info.blocks[run.block]);
+        preadv_all(&readers[r], iovec(b.page_ptr(run.first * page), (run.count * page) as usize), e.layout.pages_offset + run.first * page, path)?;
+        progress.bytes.fetch_add(run.count * page, Ordering::Relaxed);
+        progress.pages_written.fetch_add(run.count, Ordering::Relaxed);
+        Ok(())
+    })?;
+    for b in &targets {
+        b.mark_written();
+    }
+    Ok(info)
+}
+
+/// A block's present-page bitmap as read from the file.
+struct PresentPages<'a> {
+    words: &'a [u64],
+    len: usize,
+}
+
+impl PresentPages<'_> {
+    fn bit(&self, p: usize) -> bool {
+        self.words.get(p / 64).is_some_and(|w| w >> (p % 64) & 1 == 1)
+    }
+
+    fn runs(&self, want: bool) -> impl Iterator<Item = (u64, u64)> + '_ {
+        let mut p = 0usize;
+        std::iter::from_fn(move || {
+            while p < self.len && self.bit(p) != want {
+                p += 1;
+            }
+            if p >= self.len {
+                return None;
+            }
+            let start = p;
+            while p < self.len && self.bit(p) == want {
+                p += 1;
+            }
+            Some((start as u64, (p - start) as u64))
+        })
+    }
+
+    fn present_runs(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
+        self.runs(true)
+    }
+
+    fn absent_runs(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
+        self.runs(false)
+    }
+}
