@@ -160,10 +160,11 @@ test('destination times out on channels that never arrive', async (t) => {
 
 test('cancel mid-transfer with 16 channels, then a fresh migration from the same process completes', async (t) => {
   t.timeout(60_000)
-  const size = 512 * MiB
+  const size = 128 * MiB
   const { src, dst } = blockPair([['big', size]])
   const dest = Destination.listen({ address: 'tcp:127.0.0.1:0', blocks: dst })
-  const source = await Source.connect({ address: dest.address, blocks: src, channels: 16 })
+  // Throttled, as QEMU's cancel test does, so the cancel surely lands mid-transfer.
+  const source = await Source.connect({ address: dest.address, blocks: src, channels: 16, maxBandwidth: 32 * MiB })
   // Handle the rejection from the start: it happens while cancel() runs.
   const sending = rejectionCode(source.sendAll())
   await until(new Promise<void>((resolve) => {
@@ -180,7 +181,7 @@ test('cancel mid-transfer with 16 channels, then a fresh migration from the same
   t.is(await sending, 'ERR_MULTIFD_CANCELLED')
   t.is(await rejectionCode(dest.done), 'ERR_MULTIFD_CANCELLED')
   t.is(dest.state, 'cancelled')
-  t.true(source.stats().bytes < size, 'cancelled before everything was sent')
+  t.true(source.stats().bytes < size / 2, 'cancelled long before everything was sent')
 
   const fresh = blockPair([['big', size]]).dst
   const dest2 = Destination.listen({ address: 'tcp:127.0.0.1:0', blocks: fresh })

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# `npm run demo`: the main job on loopback (see ts/demo.ts). The demo shows speed, so it runs
+# `npm run demo`: the main job on loopback (`multifd demo`). The demo shows speed, so it runs
 # on the optimised addon, built on first use.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/ensure-release-addon.sh
-exec node --import=tsx ts/demo.ts "$@"
+exec node --import=tsx ts/cli/main.ts demo "$@"

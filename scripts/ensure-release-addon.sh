@@ -4,7 +4,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 marker=target/.release-addon
-if [ ! -f "$marker" ] || ! ls ts/native/*.node >/dev/null 2>&1 \
+node_file="$(ls ts/native/*.node 2>/dev/null | head -1)"
+# Rebuild unless the marker is newer than the sources and than the .node (a debug build
+# written after the marker makes the .node newer).
+if [ ! -f "$marker" ] || [ -z "$node_file" ] || [ "$node_file" -nt "$marker" ] \
    || [ -n "$(find crates Cargo.toml Cargo.lock -newer "$marker" -type f | head -1)" ]; then
   npm run --silent build:native
   mkdir -p target && touch "$marker"

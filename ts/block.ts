@@ -23,6 +23,8 @@ const MapFileOptions = z.strictObject({
 })
 export type MapFileOptions = z.input<typeof MapFileOptions>
 
+const ShareToken = z.int().min(1).max(0xffff_ffff)
+
 /**
  * A named, page-aligned memory region owned by Rust. JavaScript reads and writes it through
  * zero-copy views; channel threads hold their own reference, so nothing JavaScript does frees
@@ -42,10 +44,43 @@ export class RamBlock {
     return new RamBlock(native(() => binding.Block.allocate(o.name, o.size, o.pageSize, o.prefault)))
   }
 
+  /**
+   * The block another thread of this process registered with `share()`: same memory, same
+   * dirty bitmap. This is how a `worker_threads` worker writes into a block a Source sends
+   * (`block.write(...)` or its `view()` + `markDirty()`).
+   */
+  static fromShared(token: number): RamBlock {
+    const t = parseOptions(ShareToken, token, 'shared block token')
+    return new RamBlock(native(() => binding.Block.fromShared(t)))
+  }
+
   /** A file (e.g. a VM memory image in /dev/shm) mapped shared: writes reach the file. */
   static mapFile(options: MapFileOptions): RamBlock {
     const o = parseOptions(MapFileOptions, options, 'block options')
     return new RamBlock(native(() => binding.Block.mapFile(o.name, o.path, o.pageSize, o.size, o.prefault)))
+  }
+
+  /**
+   * Registers the block for the other threads of this process and returns a token to pass
+   * them (e.g. in `workerData`); `RamBlock.fromShared(token)` there gives the same memory.
+   * Sharing again returns the same token. The registry keeps the memory alive until
+   * `unshare()` (or process exit), whether or not JavaScript still refers to the block.
+   */
+  share(): number {
+    return native(() => this.native.share())
+  }
+
+  /**
+   * Removes the block from the registry (returns whether it was shared). Blocks already made
+   * with `fromShared` keep working; the memory goes away with the last of them.
+   */
+  unshare(): boolean {
+    return this.native.unshare()
+  }
+
+  /** Whether `other` is the same memory (e.g. made by `fromShared` from this block's token). */
+  sameMemory(other: RamBlock): boolean {
+    return this.native.sameMemory(other.native)
   }
 
   get name(): string {
@@ -75,7 +110,11 @@ export class RamBlock {
     native(() => this.native.markDirty(offset, length))
   }
 
-  /** Copies `data` into the block at `offset` and marks the pages it touched dirty. */
+  /**
+   * Copies `data` into the block at `offset` and marks the pages it touched dirty. Write
+   * first, mark after (as this does): a page marked before it changes may be sent, and its
+   * bit cleared, before the change lands.
+   */
   write(offset: number, data: Uint8Array): void {
     this.view(offset, data.length).set(data)
     this.markDirty(offset, data.length)

@@ -79,9 +79,9 @@ export class Destination extends Session {
     return this.#round
   }
 
-  /** Stops listening and fails any migration in progress (as cancelled). */
+  /** Stops listening; a migration in progress (or still awaited) ends `cancelled`. */
   close(): void {
-    if (this.state === 'none' || this.state === 'completed' || this.error) {
+    if (this.state === 'completed' || this.error) {
       this.closeNative(true)
       return
     }

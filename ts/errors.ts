@@ -36,6 +36,7 @@ export const ERROR_CODES = [
   'ERR_MULTIFD_FILE_FORMAT',
   'ERR_MULTIFD_INCOMPLETE',
   'ERR_MULTIFD_NO_SPACE',
+  'ERR_MULTIFD_NO_CONVERGENCE',
 ] as const
 
 export type MultifdErrorCode = (typeof ERROR_CODES)[number]

@@ -5,6 +5,7 @@
 import { EventEmitter } from 'node:events'
 import { MultifdError, asMultifdError } from './errors.js'
 import { type MigrationState, type Role, errorChannel, isFinal, stateChannel, syncChannel, warningChannel } from './state.js'
+import type { RoundStats } from './live.js'
 
 export interface ChannelStats {
   /** Bytes on the channel, headers included. */
@@ -55,6 +56,8 @@ export interface SessionEvents {
   failed: [error: MultifdError]
   /** Something degraded without failing the session (e.g. zero-copy fell back to copying). */
   warning: [warning: MultifdError]
+  /** Source of a live migration: a round ended (also on `multifd:round`). */
+  round: [stats: RoundStats]
 }
 
 interface Pending {

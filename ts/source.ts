@@ -12,6 +12,8 @@ import { Address, CompressionMethod, PageSize, parseOptions } from './options.js
 import { PROTOCOL_VERSION, decodeMessage, encodeMessage, remoteError, type ControlMessage } from './protocol.js'
 import { Session, type ChannelStats, type Summary } from './session.js'
 
+const Bandwidth = z.int().positive().optional()
+
 const SourceOptions = z.strictObject({
   /** `tcp:HOST:PORT` or `unix:PATH`. */
   address: Address,
@@ -32,6 +34,12 @@ const SourceOptions = z.strictObject({
    */
   zeroCopySend: z.boolean().default(false),
   connectTimeoutMs: z.int().positive().default(10_000),
+  /**
+   * QEMU's `max-bandwidth`: bytes per second over all channels of the session together
+   * (headers included); absent for no limit. Change it while the session runs with
+   * `setMaxBandwidth`.
+   */
+  maxBandwidth: Bandwidth,
   /** Bound on each control-channel reply (welcome, completed). */
   handshakeTimeoutMs: z.int().positive().default(10_000),
 })
@@ -73,6 +81,10 @@ export class Source extends Session {
   #completed = false
   #controlClosed = false
   #round = 0
+  #completedAt: number | undefined
+  #maxBandwidth: number | undefined
+  #throttledMs = 0
+  #aborting: MultifdError | undefined
 
   private constructor(o: z.output<typeof SourceOptions>) {
     super('source')
@@ -80,6 +92,7 @@ export class Source extends Session {
     this.blocks = o.blocks
     this.address = o.address
     this.session = Buffer.from(o.uuid ?? randomBytes(16)).toString('hex')
+    this.#maxBandwidth = o.maxBandwidth
   }
 
   /**
@@ -118,6 +131,7 @@ export class Source extends Session {
           zeroPageDetection: o.zeroPageDetection === 'multifd',
           zeroCopy: o.zeroCopySend,
           connectTimeoutMs: o.connectTimeoutMs,
+          ...(o.maxBandwidth === undefined ? {} : { maxBandwidth: o.maxBandwidth }),
         }),
       )
       this.setState('active')
@@ -178,6 +192,7 @@ export class Source extends Session {
         break
       case 'completed':
         this.#completed = true
+        this.#completedAt ??= performance.now()
         break
       case 'error':
         return this.fail(remoteError(m, 'destination'))
@@ -232,6 +247,72 @@ export class Source extends Session {
     return epoch
   }
 
+  /** The bandwidth limit in bytes per second over all channels, or undefined for none. */
+  get maxBandwidth(): number | undefined {
+    return this.#maxBandwidth
+  }
+
+  /**
+   * Changes the bandwidth limit while the session runs (QEMU's `max-bandwidth`; undefined
+   * lifts it). Applies to the next packet of every channel, including channels waiting for
+   * the old limit.
+   */
+  setMaxBandwidth(bytesPerSecond: number | undefined): void {
+    const rate = parseOptions(Bandwidth, bytesPerSecond, 'max bandwidth')
+    const n = this.#requireActive('set the bandwidth limit')
+    native(() => n.setMaxBandwidth(rate))
+    this.#maxBandwidth = rate
+  }
+
+  /** Milliseconds the channels waited for the bandwidth limit so far, all channels added up. */
+  get throttledMs(): number {
+    return this.#closed ? this.#throttledMs : (this.#native?.throttledMs() ?? 0)
+  }
+
+  /**
+   * When the destination reported completion (`performance.now()` of the `completed` message),
+   * or undefined before. Live migration measures downtime up to here.
+   */
+  get completedAt(): number | undefined {
+    return this.#completedAt
+  }
+
+  /**
+   * Fails the session with `error`, on both sides: for orchestration that decides to give up,
+   * e.g. a live migration that does not converge. Like `cancel()` it is a handshake: this side
+   * stops queuing, tells the destination, and closes its channels only once the destination
+   * has stopped (or after 2 s), so the destination fails with this code rather than with the
+   * closed sockets it would otherwise see first. Pending promises reject with `error`;
+   * resolves once the session is failed. First error wins: if the session already ended,
+   * nothing changes.
+   */
+  async abort(error: MultifdError): Promise<void> {
+    if (!(error instanceof MultifdError)) throw new MultifdError('ERR_MULTIFD_INVALID_ARGUMENT', 'abort needs a MultifdError')
+    if (this.error || this.#aborting || this.state === 'completed' || this.state === 'cancelling') return
+    this.#aborting = error
+    this.#native?.stopQueuing()
+    try {
+      this.#send({ type: 'error', code: error.code, message: error.message })
+      await Promise.race([
+        this.waitFor(() => (this.#controlClosed ? true : undefined), 'the destination to stop'),
+        delay(2000, undefined, { ref: false }),
+      ])
+    } catch {
+      // the destination may already be gone; the session fails with `error` below regardless
+    }
+    this.fail(error)
+  }
+
+  /** While aborting, whatever breaks (the destination closing its sockets) is the abort. */
+  protected override fail(e: unknown, final: 'failed' | 'cancelled' = 'failed'): void {
+    const aborting = this.#aborting
+    if (aborting && !this.error && e !== aborting) {
+      aborting.secondary.push(e)
+      return super.fail(aborting, final)
+    }
+    super.fail(e, final)
+  }
+
   /** Tells the destination a new dirty round starts (an event there). */
   markRound(): number {
     this.#requireActive('mark a round')
@@ -280,7 +361,8 @@ export class Source extends Session {
   }
 
   protected override tellPeer(e: MultifdError): void {
-    if (e.code === 'ERR_MULTIFD_CANCELLED') return
+    // A cancel was announced with `cancel`, an abort with its own `error` message already.
+    if (e.code === 'ERR_MULTIFD_CANCELLED' || e === this.#aborting) return
     try {
       this.#send({ type: 'error', code: e.code, message: e.message })
     } catch {
@@ -290,6 +372,7 @@ export class Source extends Session {
 
   protected override closeNative(abort: boolean): void {
     if (this.#closed || !this.#native) return
+    this.#throttledMs = this.#native.throttledMs()
     this.#closed = true
     this.#native.close(abort)
   }

@@ -18,6 +18,13 @@ export const errorChannel = diagnostics.channel('multifd:error')
 /** `multifd:warning` — `{ role, session, address, warning }` when something degrades. */
 export const warningChannel = diagnostics.channel('multifd:warning')
 
+/**
+ * `multifd:round` — `{ role, session, address, ...RoundStats }` after every round of a live
+ * migration (source side): pages, bytes, duration, bandwidth, dirty pages left, expected
+ * downtime; the final round also carries the real downtime.
+ */
+export const roundChannel = diagnostics.channel('multifd:round')
+
 const FINAL: ReadonlySet<MigrationState> = new Set(['completed', 'failed', 'cancelled'])
 
 export function isFinal(s: MigrationState): boolean {

@@ -844,5 +844,7 @@ module.exports.decodePacketHeader = nativeBinding.decodePacketHeader
 module.exports.encodeInitPacket = nativeBinding.encodeInitPacket
 module.exports.encodePacketHeader = nativeBinding.encodePacketHeader
 module.exports.errorCodes = nativeBinding.errorCodes
+module.exports.extractQemuBlock = nativeBinding.extractQemuBlock
+module.exports.inspectQemuFile = nativeBinding.inspectQemuFile
 module.exports.inspectSnapshot = nativeBinding.inspectSnapshot
 module.exports.rebuildFromStreams = nativeBinding.rebuildFromStreams

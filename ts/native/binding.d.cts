@@ -14,6 +14,20 @@ export declare class Block {
   static allocate(name: string, length: number, pageSize: number, prefault: boolean): Block
   /** A file mapped MAP_SHARED; with `length` the file is created or resized first. */
   static mapFile(name: string, path: string, pageSize: number, length: number | undefined | null, prefault: boolean): Block
+  /**
+   * Registers this block for other threads of the process and returns its token (the same
+   * token every time until `unshare`). The registry keeps the memory alive until then.
+   */
+  share(): number
+  /**
+   * Removes this block from the registry; returns whether it was shared. Blocks already
+   * made from its token keep working.
+   */
+  unshare(): boolean
+  /** The block registered under `token` by `share()` in any thread of this process. */
+  static fromShared(token: number): Block
+  /** Whether `other` is a handle on the same memory (e.g. one made by `fromShared`). */
+  sameMemory(other: Block): boolean
   get name(): string
   get length(): number
   get pageSize(): number
@@ -78,6 +92,13 @@ export declare class NativeSource {
   /** Queues a SYNC on every channel; a `done` event with this `id` and the epoch follows. */
   sync(id: number): number
   stats(): Array<ChannelCounters>
+  /**
+   * Changes the bandwidth limit of all channels together (bytes per second; absent for no
+   * limit). Applies to the next packet of every channel.
+   */
+  setMaxBandwidth(bytesPerSecond?: number | undefined | null): void
+  /** Milliseconds the channels have waited for the bandwidth limit, all channels added up. */
+  throttledMs(): number
   /**
    * Stops queuing new pages (pending sends and syncs end with ERR_MULTIFD_CANCELLED); the
    * packets being written finish, so every channel stays at a packet boundary.
@@ -144,6 +165,8 @@ export interface ChannelOptions {
   zeroPageDetection: boolean
   zeroCopy: boolean
   connectTimeoutMs: number
+  /** Bytes per second over all channels; absent for no limit. */
+  maxBandwidth?: number
 }
 
 /** Decodes a 64-byte init packet; with `expect`, also checks the UUID and the channel id range. */
@@ -170,6 +193,12 @@ export declare function encodePacketHeader(fields: PacketHeaderFields, pageSize:
 
 /** Every stable error code, for the TypeScript facade's type and for tests. */
 export declare function errorCodes(): Array<string>
+
+/**
+ * Writes RAM block `name` of the QEMU file at `path` to `out` (created or truncated; absent
+ * pages read back as zeros). Returns the bytes written.
+ */
+export declare function extractQemuBlock(path: string, name: string, out: string): number
 
 export interface FileProgress {
   /** Bytes of block memory covered so far. */
@@ -198,6 +227,9 @@ export interface InitPacketInfo {
   uuid: Buffer
   channelId: number
 }
+
+/** Parses a QEMU migration file's header, configuration and RAM block list. */
+export declare function inspectQemuFile(path: string): QemuFileInfo
 
 /** Reads a snapshot file's description (complete or not). */
 export declare function inspectSnapshot(path: string): SnapshotFileInfo
@@ -244,6 +276,23 @@ export interface PacketHeaderInfo {
   zeroOffsets: Array<bigint>
   /** Bytes of header consumed (320 + 8 x pages per packet). */
   headerBytes: number
+}
+
+export interface QemuBlockInfo {
+  name: string
+  length: number
+  pageSize: number
+  pagesPresent: number
+  bitmapOffset: number
+  pagesOffset: number
+}
+
+export interface QemuFileInfo {
+  machine: string
+  capabilities: Array<string>
+  fileLength: number
+  complete: boolean
+  blocks: Array<QemuBlockInfo>
 }
 
 /** Rebuilds the blocks carried by captured channel streams (one Buffer per channel). */

@@ -80,9 +80,12 @@ impl AtomicBitmap {
         self.words[bit / BITS].load(Ordering::Relaxed) & (1 << (bit % BITS)) != 0
     }
 
+    /// Release ordering: a writer that changes a page and then marks it dirty makes the change
+    /// visible to whoever takes the bit (`take` acquires), so the round that sends the page
+    /// reads the new bytes, even from another thread on a weakly ordered CPU.
     pub fn set_range(&self, start: usize, count: usize) -> Result<()> {
         self.for_range(start, count, |w, m| {
-            w.fetch_or(m, Ordering::Relaxed);
+            w.fetch_or(m, Ordering::Release);
         })
     }
 

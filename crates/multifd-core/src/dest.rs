@@ -77,6 +77,10 @@ struct Inner {
     channel_conns: Mutex<Vec<Arc<Conn>>>,
     /// The connection the acceptor is reading the first bytes of, so `close` can cut it short.
     classifying: Mutex<Option<Arc<Conn>>>,
+    /// The listening socket while the acceptor owns it, so `close` can wake a waiting accept at
+    /// once instead of after the next poll interval. Cleared (under the lock) before the
+    /// acceptor closes it, so `close` never touches a descriptor that was reused.
+    listener_fd: Mutex<Option<std::os::fd::RawFd>>,
     receivers: Mutex<Vec<JoinHandle<()>>>,
     classify_timeout: Duration,
 }
@@ -104,6 +108,7 @@ impl Destination {
             control: Mutex::new(None),
             channel_conns: Mutex::new(Vec::new()),
             classifying: Mutex::new(None),
+            listener_fd: Mutex::new(None),
             receivers: Mutex::new(Vec::new()),
             classify_timeout,
         });
@@ -215,6 +220,11 @@ impl Destination {
         if let Some(c) = self.inner.classifying.lock().unwrap().as_ref() {
             c.shutdown();
         }
+        if let Some(fd) = *self.inner.listener_fd.lock().unwrap() {
+            // SAFETY: the acceptor still owns this open descriptor (it clears the slot under the
+            // same lock before closing it); shutting a listener down only wakes its poll.
+            unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+        }
         self.inner.stop_barrier();
         if let Some(a) = self.acceptor.lock().unwrap().take() {
             let _ = a.join();
@@ -244,6 +254,14 @@ impl Inner {
     }
 
     fn accept_loop(self: &Arc<Self>, listener: Listener) {
+        *self.listener_fd.lock().unwrap() = Some(listener.fd());
+        self.accept_until_closed(&listener);
+        let mut slot = self.listener_fd.lock().unwrap();
+        slot.take();
+        drop(listener);
+    }
+
+    fn accept_until_closed(self: &Arc<Self>, listener: &Listener) {
         while !self.closing.load(Ordering::Acquire) {
             self.check_deadline();
             match listener.accept_timeout(Duration::from_millis(50)) {
@@ -253,6 +271,8 @@ impl Inner {
                     }
                 }
                 Ok(None) => {}
+                // `close` shut the listener down to wake us: not a failure.
+                Err(_) if self.closing.load(Ordering::Acquire) => return,
                 Err(e) => {
                     self.failure.fail(e);
                     return;
@@ -294,9 +314,11 @@ impl Inner {
                 if slot.is_some() {
                     fail!(Protocol, "a second control connection arrived; one session per destination");
                 }
+                // Announced before the reader thread starts: its first frame (the hello) must
+                // not reach the orchestrator ahead of the connection it came on.
+                (self.events)(Event::ControlConnected);
                 *slot = Some(Control::accepted(conn, self.events.clone()));
                 drop(slot);
-                (self.events)(Event::ControlConnected);
             }
             _ => {
                 conn.set_read_timeout(None)?;

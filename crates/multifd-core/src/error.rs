@@ -32,9 +32,11 @@ macro_rules! error_codes {
 }
 
 error_codes! {
-    /// The first four bytes are not the multifd magic 0x11223344.
+    /// A magic number is wrong: the multifd magic 0x11223344, a snapshot's `MFDSNAP`, a QEMU
+    /// file's `QEVM`.
     BadMagic => "ERR_MULTIFD_BAD_MAGIC",
-    /// The version field is not 1.
+    /// A version field this implementation does not speak (packet, snapshot, QEMU file or
+    /// section).
     BadVersion => "ERR_MULTIFD_BAD_VERSION",
     /// The init packet's session UUID is not the destination's.
     UuidMismatch => "ERR_MULTIFD_UUID_MISMATCH",
@@ -99,6 +101,9 @@ error_codes! {
     Incomplete => "ERR_MULTIFD_INCOMPLETE",
     /// The filesystem is full.
     NoSpace => "ERR_MULTIFD_NO_SPACE",
+    /// A live migration whose dirty pages never fit the downtime limit within its rounds,
+    /// with the policy `onNoConvergence: 'fail'`.
+    NoConvergence => "ERR_MULTIFD_NO_CONVERGENCE",
 }
 
 impl fmt::Display for ErrorCode {

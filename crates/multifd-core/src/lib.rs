@@ -12,6 +12,7 @@ pub mod error;
 mod hex;
 pub mod io;
 pub mod mapped_ram;
+pub mod qemu_file;
 pub mod session;
 pub mod snapshot;
 pub mod source;

@@ -34,7 +34,7 @@ impl BlockHeader {
     /// The layout QEMU writes for a block whose header starts at `header_offset`: bitmap right
     /// after the header, pages at the next 1 MiB boundary.
     pub fn layout(header_offset: u64, used_len: u64, page_size: u64) -> Result<Self> {
-        if page_size == 0 || !page_size.is_power_of_two() || used_len % page_size != 0 {
+        if page_size == 0 || !page_size.is_power_of_two() || !used_len.is_multiple_of(page_size) {
             fail!(InvalidArgument, "mapped-ram block of {used_len} bytes with {page_size}-byte pages");
         }
         let bitmap_offset = header_offset + HEADER_LEN as u64;
@@ -74,7 +74,7 @@ impl BlockHeader {
         if let Some(p) = expect_page_size.filter(|&p| p != h.page_size) {
             fail!(FileFormat, "mapped-ram page size {} differs from the expected {p}", h.page_size);
         }
-        if used_len % h.page_size != 0 {
+        if !used_len.is_multiple_of(h.page_size) {
             fail!(FileFormat, "block length {used_len} is not a multiple of the page size {}", h.page_size);
         }
         let bitmap_end = h.bitmap_offset.checked_add(bitmap_len(used_len / h.page_size));
@@ -82,7 +82,7 @@ impl BlockHeader {
         if h.bitmap_offset < header_offset + HEADER_LEN as u64 || bitmap_end.is_none_or(|e| e > h.pages_offset) {
             fail!(FileFormat, "mapped-ram bitmap at {} does not fit between the header at {header_offset} and the pages at {}", h.bitmap_offset, h.pages_offset);
         }
-        if h.pages_offset % h.page_size != 0 {
+        if !h.pages_offset.is_multiple_of(h.page_size) {
             fail!(FileFormat, "mapped-ram pages offset {} is not page-aligned", h.pages_offset);
         }
         // The pages region may end past the file (a sparse tail); a present page there is an

@@ -48,7 +48,6 @@ pub const MAX_USED_LEN: u64 = 1 << 46;
 /// Largest total RAM accepted (1 PiB).
 pub const MAX_TOTAL_RAM: u64 = 1 << 50;
 
-const EOF: u8 = 0x00;
 const SECTION_START: u8 = 0x01;
 const SECTION_PART: u8 = 0x02;
 const SECTION_END: u8 = 0x03;
@@ -82,8 +81,9 @@ pub struct QemuBlock {
     /// Bytes of guest RAM in the block.
     pub used_len: u64,
     pub header: BlockHeader,
-    /// Pages whose bit is set: the pages whose data is in the file. QEMU leaves zero pages
-    /// clear, so this is the count of non-zero pages of a completed save.
+    /// Pages whose bit is set: the pages whose data is in the file. With zero-page detection
+    /// on (QEMU's default) zero pages are left clear, so for a completed save this is the
+    /// count of non-zero pages; with `zero-page-detection=none` every page is present.
     pub pages_present: u64,
     /// The block's guest address, written only with the x-ignore-shared capability.
     pub addr: Option<u64>,
@@ -262,6 +262,20 @@ fn parse_configuration(cur: &mut Cursor) -> Result<Configuration> {
     Ok(config)
 }
 
+/// The header of an x-ignore-shared block that is not in the file (both offsets 0): checked
+/// like any other except for the offsets.
+fn ignored_header(raw: &[u8; HEADER_LEN], used_len: u64, expect_page_size: Option<u64>) -> Result<BlockHeader> {
+    let version = u32::from_be_bytes(raw[0..4].try_into().unwrap());
+    if version != mapped_ram::HEADER_VERSION {
+        fail!(BadVersion, "mapped-ram header version {version}, expected {}", mapped_ram::HEADER_VERSION);
+    }
+    let page_size = u64::from_be_bytes(raw[4..12].try_into().unwrap());
+    if !page_size.is_power_of_two() || !(512..=(1 << 21)).contains(&page_size) || expect_page_size.is_some_and(|p| p != page_size) || !used_len.is_multiple_of(page_size) {
+        fail!(FileFormat, "mapped-ram page size {page_size} does not fit a block of {used_len} bytes (expected page size {expect_page_size:?})");
+    }
+    Ok(BlockHeader { page_size, bitmap_offset: 0, pages_offset: 0 })
+}
+
 /// Reads the section header that must open the RAM section; returns its section id.
 fn parse_ram_section_header(cur: &mut Cursor) -> Result<u32> {
     let at = cur.pos;
@@ -431,16 +445,10 @@ impl QemuFile {
             let header_offset = cur.pos;
             let raw: [u8; HEADER_LEN] = cur.array("mapped-ram header")?;
             let block = if ignore_shared && raw[12..].iter().all(|&b| b == 0) {
-                // Checked like any header except for the offsets, which say "not in the file".
-                let mut probe = raw;
-                let fake = BlockHeader::layout(header_offset, used_len, 4096).map_err(|e| e.context(format_args!("RAM block '{name}'")))?;
-                probe[12..].copy_from_slice(&fake.encode()[12..]);
-                let h = BlockHeader::decode(&probe, header_offset, 0, u64::MAX, page_size).map_err(|e| e.context(format_args!("RAM block '{name}'")))?;
-                if used_len % h.page_size != 0 {
-                    fail!(FileFormat, "RAM block '{name}' length {used_len} is not a multiple of the page size {}", h.page_size);
-                }
+                let h = ignored_header(&raw, used_len, page_size).map_err(|e| e.context(format_args!("RAM block '{name}'")))?;
                 page_size = Some(h.page_size);
-                QemuBlock { name, used_len, header: BlockHeader { page_size: h.page_size, bitmap_offset: 0, pages_offset: 0 }, pages_present: 0, addr, ignored: true }
+                cur.pos = header_offset + HEADER_LEN as u64;
+                QemuBlock { name, used_len, header: h, pages_present: 0, addr, ignored: true }
             } else {
                 let h = BlockHeader::decode(&raw, header_offset, used_len, file_len, page_size).map_err(|e| e.context(format_args!("RAM block '{name}'")))?;
                 page_size = Some(h.page_size);
@@ -547,43 +555,26 @@ impl QemuFile {
         let b = self.extractable(name)?;
         let mut buf = vec![0u8; b.used_len.min(CHUNK) as usize];
         let zeros = vec![0u8; buf.len()];
-        let seekable = match out.stream_position() {
+        let (mut sink, end) = match out.stream_position() {
             Ok(start) => {
                 let orig_len = out.metadata().map_err(|e| io_error(e, "stat of the output"))?.len();
-                Some((start, orig_len))
-            }
-            Err(e) if e.raw_os_error() == Some(libc::ESPIPE) => None,
-            Err(e) => return Err(io_error(e, "position of the output")),
-        };
-        let end = match seekable {
-            Some((start, orig_len)) => {
                 let Some(end) = start.checked_add(b.used_len) else {
                     fail!(InvalidArgument, "the output position {start} leaves no room for {} bytes", b.used_len);
                 };
-                let mut sink = Sink::At { out, start, orig_len };
-                self.walk(b, |off, n, present| {
-                    if present {
-                        self.read_pages(b, off, &mut buf[..n as usize])?;
-                        sink.data(off, &buf[..n as usize])
-                    } else {
-                        sink.zeros(off, n, &zeros)
-                    }
-                })?;
-                Some(end)
+                (Sink::At { out: &*out, start, orig_len }, Some(end))
             }
-            None => {
-                let mut sink = Sink::Stream { out: &mut *out };
-                self.walk(b, |off, n, present| {
-                    if present {
-                        self.read_pages(b, off, &mut buf[..n as usize])?;
-                        sink.data(off, &buf[..n as usize])
-                    } else {
-                        sink.zeros(off, n, &zeros)
-                    }
-                })?;
-                None
-            }
+            Err(e) if e.raw_os_error() == Some(libc::ESPIPE) => (Sink::Stream { out: &mut *out }, None),
+            Err(e) => return Err(io_error(e, "position of the output")),
         };
+        self.walk(b, |off, n, present| {
+            if present {
+                let data = &mut buf[..n as usize];
+                self.read_pages(b, off, data)?;
+                sink.data(off, data)
+            } else {
+                sink.zeros(off, n, &zeros)
+            }
+        })?;
         if let Some(end) = end {
             let len = out.metadata().map_err(|e| io_error(e, "stat of the output"))?.len();
             if len < end {
@@ -648,7 +639,6 @@ fn ram_section_completes(cur: &mut Cursor, ram_id: u32) -> Result<bool> {
                     is_end = kind == SECTION_END;
                     break;
                 }
-                EOF => return Ok(false),
                 _ => return Ok(false),
             }
         }
@@ -709,6 +699,8 @@ mod tests {
         blocks: Vec<Blk>,
         /// Added to the total RAM size.
         total_delta: i64,
+        /// Bytes before the stream (`file:PATH,offset=N`).
+        prefix: usize,
     }
 
     impl Spec {
@@ -722,6 +714,7 @@ mod tests {
                     Blk { name: "pc.bios", pages: 2, present: vec![1], ignored: false },
                 ],
                 total_delta: 0,
+                prefix: 0,
             }
         }
     }
@@ -753,7 +746,7 @@ mod tests {
 
     /// A mapped-ram file laid out as QEMU 10.0 writes it (see the module docs).
     fn build(spec: &Spec) -> Built {
-        let mut v = Vec::new();
+        let mut v = vec![0x33; spec.prefix];
         v.extend_from_slice(b"QEVM\0\0\0\x03\x07");
         let machine = b"pc-i440fx-10.0";
         v.extend_from_slice(&(machine.len() as u32).to_be_bytes());
@@ -891,6 +884,23 @@ mod tests {
     const PAGES: u64 = mapped_ram::PAGES_ALIGN;
 
     #[test]
+    fn opens_at_an_offset() {
+        let mut spec = Spec::two_blocks();
+        spec.prefix = 5000;
+        let built = build(&spec);
+        let t = Tmp::new(&built.bytes);
+        assert_eq!(t.code(), ErrorCode::BadMagic);
+        let f = QemuFile::open_at(&t.0, 5000).unwrap();
+        assert!(f.is_complete());
+        // Offsets are absolute: the prefix counts.
+        assert_eq!(f.block("pc.ram").unwrap().header, built.headers[0]);
+        assert!(built.headers[0].bitmap_offset > 5000);
+        check_contents(&f, &built, &spec);
+        assert_eq!(QemuFile::open_at(&t.0, 4999).unwrap_err().code, ErrorCode::BadMagic);
+        assert_eq!(QemuFile::open_at(&t.0, u64::MAX - 2).unwrap_err().code, ErrorCode::Truncated);
+    }
+
+    #[test]
     fn extracts_into_a_pipe() {
         let spec = Spec::two_blocks();
         let built = build(&spec);
@@ -964,12 +974,12 @@ mod tests {
         assert_eq!(with(sec, &[0x02]), ErrorCode::FileFormat);
         // A section other than "ram" first; a RAM section of another version.
         assert_eq!(with(sec + 6, b"rom"), ErrorCode::FileFormat);
-        assert_eq!(with(sec + 12, &5u32.to_be_bytes()), ErrorCode::BadVersion);
+        assert_eq!(with(sec + 13, &5u32.to_be_bytes()), ErrorCode::BadVersion);
         // Machine type length 0 and huge.
         assert_eq!(with(9, &0u32.to_be_bytes()), ErrorCode::FileFormat);
         assert_eq!(with(9, &u32::MAX.to_be_bytes()), ErrorCode::FileFormat);
         // The subsection name, version and capability list.
-        assert_eq!(with(0x1c, b"C"), ErrorCode::FileFormat);
+        assert_eq!(with(0x1d, b"C"), ErrorCode::FileFormat);
         assert_eq!(with(0x37, &2u32.to_be_bytes()), ErrorCode::BadVersion);
         assert_eq!(with(0x3b, &u32::MAX.to_be_bytes()), ErrorCode::FileFormat);
         assert_eq!(with(0x3f, &[0]), ErrorCode::FileFormat);
@@ -978,7 +988,7 @@ mod tests {
         let total = u64::from_be_bytes(built.bytes[built.total_at as usize..][..8].try_into().unwrap());
         assert_eq!(with(built.total_at, &(total | 0x10).to_be_bytes()), ErrorCode::FileFormat);
         assert_eq!(with(built.total_at, &4u64.to_be_bytes()), ErrorCode::FileFormat);
-        assert_eq!(with(built.total_at, &(u64::MAX & !0x3ff | 4).to_be_bytes()), ErrorCode::FileFormat);
+        assert_eq!(with(built.total_at, &(!0x3ffu64 | 4).to_be_bytes()), ErrorCode::FileFormat);
     }
 
     #[test]
@@ -999,14 +1009,14 @@ mod tests {
             assert!(matches!(r, Err(ErrorCode::FileFormat | ErrorCode::Truncated)), "length {n}: {r:?}");
         }
         // A duplicate name.
-        assert_eq!(with(b1 + 1, b"pc.ram\0"), Err(ErrorCode::FileFormat));
+        assert_eq!(with(b1, b"\x06pc.ram"), Err(ErrorCode::FileFormat));
         // Block lengths: zero, huge, not page multiples, more than the total.
         assert_eq!(with(b0 + 7, &0u64.to_be_bytes()), Err(ErrorCode::FileFormat));
         assert_eq!(with(b0 + 7, &u64::MAX.to_be_bytes()), Err(ErrorCode::FileFormat));
         assert_eq!(with(b0 + 7, &(16 * P + 1).to_be_bytes()), Err(ErrorCode::FileFormat));
         assert_eq!(with(b1 + 8, &(3 * P).to_be_bytes()), Err(ErrorCode::FileFormat));
         // Used lengths that do not add up to the total, either way.
-        let total = 18 * P | 4;
+        let total = (18 * P) | 4;
         assert_eq!(with(built.total_at, &(total + P).to_be_bytes()), Err(ErrorCode::FileFormat));
         assert_eq!(with(built.total_at, &(total - P).to_be_bytes()), Err(ErrorCode::FileFormat));
         assert_eq!(with(built.total_at, &(total - 16 * P).to_be_bytes()), Err(ErrorCode::FileFormat));
@@ -1015,7 +1025,7 @@ mod tests {
         assert_eq!(with(h1 + 4, &8192u64.to_be_bytes()), Err(ErrorCode::FileFormat));
         assert_eq!(with(h0 + 12, &(h0 + 27).to_be_bytes()), Err(ErrorCode::FileFormat));
         assert_eq!(with(h0 + 20, &(PAGES + 1).to_be_bytes()), Err(ErrorCode::FileFormat));
-        assert_eq!(with(h0 + 20, &(u64::MAX & !(P - 1)).to_be_bytes()), Err(ErrorCode::FileFormat));
+        assert_eq!(with(h0 + 20, &(!(P - 1)).to_be_bytes()), Err(ErrorCode::FileFormat));
         // A pages region moved so that the next block's header is elsewhere.
         let r = with(h0 + 20, &(PAGES + P).to_be_bytes());
         assert!(matches!(r, Err(ErrorCode::FileFormat | ErrorCode::Truncated)), "{r:?}");
@@ -1051,13 +1061,14 @@ mod tests {
                 Err(e) => {
                     assert!(cut < built.list_end, "cut at {cut}: {e}");
                     // A bitmap past the end is FileFormat (mapped_ram::BlockHeader::decode).
-                    let in_bitmap = [h0, h1].iter().any(|h| cut >= h.bitmap_offset && cut < h.pages_offset);
+                    let in_bitmap = [h0, h1].iter().any(|h| cut >= h.bitmap_offset && cut < h.bitmap_offset + 8);
                     let want = if in_bitmap { ErrorCode::FileFormat } else { ErrorCode::Truncated };
                     assert_eq!(e.code, want, "cut at {cut}: {e}");
                 }
                 Ok(f) => {
                     assert!(cut >= built.list_end, "cut at {cut} opened");
-                    assert_eq!(f.is_complete(), cut >= built.list_end + 51, "cut at {cut}");
+                    // The RAM section's tail is 62 bytes (see build()); complete once its END footer is in.
+                    assert_eq!(f.is_complete(), cut >= built.list_end + 62, "cut at {cut}");
                     check_contents(&f, &built, &spec);
                 }
             }

@@ -171,7 +171,7 @@ pub fn read_info(file: &File, path: &Path) -> Result<(SnapshotInfo, Vec<Vec<u64>
         let len = be64(&table, at + 1 + name_len);
         let header_offset = be64(&table, at + 1 + name_len + 8);
         at = entry_end;
-        if len == 0 || len % u64::from(page_size) != 0 || len > 1 << 46 {
+        if len == 0 || !len.is_multiple_of(u64::from(page_size)) || len > 1 << 46 {
             fail!(FileFormat, "block {name:?} length {len} is not a positive multiple of the page size (at most 64 TiB)");
         }
         if header_offset < prev_end || header_offset.checked_add(mapped_ram::HEADER_LEN as u64).is_none_or(|e| e > file_len) {
@@ -185,10 +185,8 @@ pub fn read_info(file: &File, path: &Path) -> Result<(SnapshotInfo, Vec<Vec<u64>
         file.read_exact_at(&mut bm, layout.bitmap_offset).map_err(|e| io_err("read", path, e))?;
         let mut words = mapped_ram::bitmap_words(&bm);
         // Bits past the last page mean nothing; drop them so they cannot index past the block.
-        if pages % 64 != 0 {
-            if let Some(last) = words.last_mut() {
-                *last &= (1u64 << (pages % 64)) - 1;
-            }
+        if let Some(last) = words.last_mut().filter(|_| !pages.is_multiple_of(64)) {
+            *last &= (1u64 << (pages % 64)) - 1;
         }
         let pages_present = words.iter().map(|w| u64::from(w.count_ones())).sum();
         prev_end = layout.end(len);

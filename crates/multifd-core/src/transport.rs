@@ -184,7 +184,7 @@ impl Listener {
         }
     }
 
-    fn fd(&self) -> RawFd {
+    pub(crate) fn fd(&self) -> RawFd {
         match self {
             Listener::Tcp(s) => s.as_raw_fd(),
             Listener::Unix(s, _) => s.as_raw_fd(),

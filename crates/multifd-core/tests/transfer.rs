@@ -82,6 +82,7 @@ fn run(address: &str, channels: u8, compression: Compression) {
             zero_copy: false,
             compression_level: None,
             connect_timeout: Duration::from_secs(5),
+            max_bandwidth: None,
         },
         failure.clone(),
     )
@@ -167,6 +168,7 @@ fn uuid_mismatch_fails_the_destination() {
             zero_copy: false,
             compression_level: None,
             connect_timeout: Duration::from_secs(5),
+            max_bandwidth: None,
         },
         Failure::new(ssink),
     )
@@ -224,6 +226,7 @@ fn close_right_after_channels_connect_never_hangs() {
                 zero_page_detection: true,
                 zero_copy: false,
                 connect_timeout: Duration::from_secs(5),
+                max_bandwidth: None,
             },
             Failure::new(ssink),
         )

@@ -1,7 +1,20 @@
 //! RAM blocks for JavaScript: owned by Rust, seen through zero-copy `Uint8Array` views.
+//!
+//! Sharing with worker threads: the addon is loaded once per process, so a process-wide
+//! registry maps a numeric token to a block. `share()` registers the block (once; sharing again
+//! returns the same token) and `fromShared(token)` in any thread of the process returns a
+//! block over the same memory and the same dirty bitmap. The registry holds a strong
+//! reference: a shared block's memory stays mapped until `unshare()` (or process exit), even
+//! when no JavaScript object refers to it any more. Weak references were rejected: the
+//! thread that shares usually hands the token to a worker and may drop its own object before
+//! the worker attaches, and a token that works or not depending on when the garbage collector
+//! runs is worse than an explicit release. Blocks made by `fromShared` hold their own
+//! reference, so `unshare` only stops new attachments; memory goes away with the last holder.
 
+use std::collections::HashMap;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use multifd_core::block::{Backing, RamBlock};
 use multifd_core::{Error, ErrorCode};
@@ -15,6 +28,15 @@ use crate::numbers::to_u64;
 pub struct Block {
     pub(crate) inner: Arc<RamBlock>,
 }
+
+/// Shared blocks by token. Tokens start at 1 and are never reused, so a stale token fails
+/// instead of reaching another block.
+fn registry() -> &'static Mutex<HashMap<u32, Arc<RamBlock>>> {
+    static REGISTRY: OnceLock<Mutex<HashMap<u32, Arc<RamBlock>>>> = OnceLock::new();
+    REGISTRY.get_or_init(|| Mutex::new(HashMap::new()))
+}
+
+static NEXT_TOKEN: AtomicU32 = AtomicU32::new(1);
 
 #[napi]
 impl Block {
@@ -31,6 +53,47 @@ impl Block {
         let length = length.map(|l| to_u64(l, "length")).transpose()?;
         let inner = RamBlock::map_file(&name, Path::new(&path), page_size, length, prefault).into_napi()?;
         Ok(Block { inner: Arc::new(inner) })
+    }
+
+    /// Registers this block for other threads of the process and returns its token (the same
+    /// token every time until `unshare`). The registry keeps the memory alive until then.
+    #[napi]
+    pub fn share(&self) -> napi::Result<u32> {
+        let mut shared = registry().lock().unwrap();
+        if let Some((&token, _)) = shared.iter().find(|(_, b)| Arc::ptr_eq(b, &self.inner)) {
+            return Ok(token);
+        }
+        let token = NEXT_TOKEN.fetch_add(1, Ordering::Relaxed);
+        if token == 0 {
+            return Err(Error::new(ErrorCode::InvalidArgument, "no block tokens left in this process")).into_napi();
+        }
+        shared.insert(token, self.inner.clone());
+        Ok(token)
+    }
+
+    /// Removes this block from the registry; returns whether it was shared. Blocks already
+    /// made from its token keep working.
+    #[napi]
+    pub fn unshare(&self) -> bool {
+        let mut shared = registry().lock().unwrap();
+        let before = shared.len();
+        shared.retain(|_, b| !Arc::ptr_eq(b, &self.inner));
+        shared.len() != before
+    }
+
+    /// The block registered under `token` by `share()` in any thread of this process.
+    #[napi(factory)]
+    pub fn from_shared(token: u32) -> napi::Result<Block> {
+        match registry().lock().unwrap().get(&token) {
+            Some(b) => Ok(Block { inner: b.clone() }),
+            None => Err(Error::new(ErrorCode::InvalidArgument, format!("no shared block has token {token} (never shared, or unshared)"))).into_napi(),
+        }
+    }
+
+    /// Whether `other` is a handle on the same memory (e.g. one made by `fromShared`).
+    #[napi]
+    pub fn same_memory(&self, other: &Block) -> bool {
+        Arc::ptr_eq(&self.inner, &other.inner)
     }
 
     #[napi(getter)]

@@ -5,5 +5,6 @@ pub mod codec;
 mod errors;
 pub mod events;
 pub mod files;
+pub mod qemu;
 mod numbers;
 pub mod sessions;

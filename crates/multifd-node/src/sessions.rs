@@ -73,6 +73,12 @@ pub struct ChannelOptions {
     pub zero_page_detection: bool,
     pub zero_copy: bool,
     pub connect_timeout_ms: u32,
+    /// Bytes per second over all channels; absent for no limit.
+    pub max_bandwidth: Option<f64>,
+}
+
+fn bandwidth(v: Option<f64>) -> napi::Result<Option<u64>> {
+    v.map(|b| to_u64(b, "max bandwidth")).transpose()
 }
 
 /// A page range in bytes.
@@ -139,6 +145,7 @@ impl NativeSource {
             zero_page_detection: options.zero_page_detection,
             zero_copy: options.zero_copy,
             connect_timeout: ms(options.connect_timeout_ms),
+            max_bandwidth: bandwidth(options.max_bandwidth)?,
         };
         *slot = Some(Source::start(config, self.failure.clone()).into_napi()?);
         Ok(())
@@ -172,6 +179,20 @@ impl NativeSource {
     #[napi]
     pub fn stats(&self) -> Vec<ChannelCounters> {
         counters(self.source.lock().unwrap().as_ref().map(|s| s.stats()).unwrap_or_default())
+    }
+
+    /// Changes the bandwidth limit of all channels together (bytes per second; absent for no
+    /// limit). Applies to the next packet of every channel.
+    #[napi]
+    pub fn set_max_bandwidth(&self, bytes_per_second: Option<f64>) -> napi::Result<()> {
+        let rate = bandwidth(bytes_per_second)?;
+        self.with_source(|s| s.set_max_bandwidth(rate))
+    }
+
+    /// Milliseconds the channels have waited for the bandwidth limit, all channels added up.
+    #[napi]
+    pub fn throttled_ms(&self) -> f64 {
+        self.source.lock().unwrap().as_ref().map_or(0.0, |s| s.throttled().as_secs_f64() * 1000.0)
     }
 
     /// Stops queuing new pages (pending sends and syncs end with ERR_MULTIFD_CANCELLED); the

@@ -1,0 +1,147 @@
+/** The `multifd` command as a user runs it: real processes, exit codes, the --json contract. */
+import test from 'ava'
+import { spawn } from 'node:child_process'
+import { createHash, randomFillSync } from 'node:crypto'
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import { fileURLToPath } from 'node:url'
+import { until } from './helpers.js'
+
+const CLI = fileURLToPath(new URL('../scripts/multifd', import.meta.url))
+const FIXTURES = fileURLToPath(new URL('./fixtures/qemu-captures/', import.meta.url))
+
+interface Run {
+  code: number | null
+  signal: NodeJS.Signals | null
+  stdout: string
+  stderr: string
+}
+
+function cli(args: string[], opts: { onStderr?: (s: string) => void; timeoutMs?: number } = {}): { done: Promise<Run>; kill: (s: NodeJS.Signals) => void } {
+  const child = spawn(CLI, args, { stdio: ['ignore', 'pipe', 'pipe'] })
+  let stdout = ''
+  let stderr = ''
+  child.stdout.on('data', (d: Buffer) => (stdout += d.toString()))
+  child.stderr.on('data', (d: Buffer) => {
+    stderr += d.toString()
+    opts.onStderr?.(stderr)
+  })
+  const timer = setTimeout(() => child.kill('SIGKILL'), opts.timeoutMs ?? 60_000)
+  const done = new Promise<Run>((resolve) => child.on('close', (code, signal) => {
+    clearTimeout(timer)
+    resolve({ code, signal, stdout, stderr })
+  }))
+  return { done, kill: (s) => child.kill(s) }
+}
+
+const sha = (f: string): string => createHash('sha256').update(readFileSync(f)).digest('hex')
+const lastJson = (s: string): Record<string, unknown> => JSON.parse(s.trim().split('\n').pop()!) as Record<string, unknown>
+
+function workdir(t: import('ava').ExecutionContext): string {
+  const d = mkdtempSync(join(tmpdir(), 'multifd-cli-'))
+  t.teardown(() => rmSync(d, { recursive: true, force: true }))
+  return d
+}
+
+/** Starts `multifd recv` on a free port; resolves with its address once it listens. */
+async function receiver(args: string[]): Promise<{ address: string; done: Promise<Run>; kill: (s: NodeJS.Signals) => void }> {
+  let found: (a: string) => void
+  const listening = new Promise<string>((r) => (found = r))
+  const r = cli(['recv', 'tcp:127.0.0.1:0', ...args], { onStderr: (s) => { const m = /listening on (\S+)/.exec(s); if (m) found(m[1]!) } })
+  const address = await until(Promise.race([listening, r.done.then((x) => Promise.reject(new Error(`recv exited: ${x.stderr}`)))]), 20_000, 'recv listening')
+  return { address, ...r }
+}
+
+test('send and recv move image files byte for byte; --json prints one object with the contract fields', async (t) => {
+  t.timeout(90_000)
+  const d = workdir(t)
+  writeFileSync(join(d, 'a.img'), randomFillSync(Buffer.alloc(6 << 20)))
+  writeFileSync(join(d, 'b.img'), Buffer.alloc(2 << 20))
+  const rx = await receiver(['--out', join(d, 'a.out'), '--block', `b.img=${join(d, 'b.out')}`, '--json'])
+  const tx = await cli(['send', rx.address, join(d, 'a.img'), join(d, 'b.img'), '--channels', '3', '--compression', 'zstd', '--json']).done
+  const rr = await rx.done
+  t.is(tx.code, 0, tx.stderr)
+  t.is(rr.code, 0, rr.stderr)
+  for (const out of [tx.stdout, rr.stdout]) {
+    t.is(out.trim().split('\n').length, 1, 'exactly one line of JSON')
+    const j = lastJson(out)
+    t.like(j, { status: 'completed', channels: 3, pages: { normal: 1536, zero: 512 } })
+    for (const k of ['bytes', 'seconds', 'bytesPerSecond']) t.true(typeof j[k] === 'number' && (j[k] as number) > 0, k)
+  }
+  t.is(sha(join(d, 'a.out')), sha(join(d, 'a.img')))
+  t.is(sha(join(d, 'b.out')), sha(join(d, 'b.img')))
+})
+
+test('a failed migration: exit 1 and error {code, message} on both sides', async (t) => {
+  t.timeout(60_000)
+  const d = workdir(t)
+  writeFileSync(join(d, 'a.img'), Buffer.alloc(1 << 20, 1))
+  const rx = await receiver(['--block', `other=${join(d, 'x')}`, '--json'])
+  const tx = await cli(['send', rx.address, join(d, 'a.img'), '--json']).done
+  const rr = await rx.done
+  t.is(tx.code, 1)
+  t.is(rr.code, 1)
+  t.like(lastJson(tx.stdout), { status: 'failed', error: { code: 'ERR_MULTIFD_BLOCK_MISMATCH' } })
+  t.like(lastJson(rr.stdout), { status: 'failed', error: { code: 'ERR_MULTIFD_BLOCK_MISMATCH' } })
+})
+
+test('usage errors exit 2 with a readable message', async (t) => {
+  for (const args of [[], ['send'], ['send', 'tcp:127.0.0.1:1', 'x', '--channels', '0'], ['bench', '--size', 'huge'], ['frobnicate'], ['recv', 'tcp:127.0.0.1:0'], ['send', 'tcp:127.0.0.1:1', 'x', '--bogus']]) {
+    const r = await cli(args).done
+    t.is(r.code, 2, `${args.join(' ')}: ${r.stderr}`)
+  }
+  const r = await cli(['send', 'tcp:127.0.0.1:1', 'x', '--channels', '0']).done
+  t.regex(r.stderr, /"0" must be an integer from 1 to 255[\s\S]*at channels/)
+  t.is((await cli(['help', 'send']).done).code, 0)
+})
+
+test('snapshot, restore and inspect through the CLI', async (t) => {
+  t.timeout(60_000)
+  const d = workdir(t)
+  writeFileSync(join(d, 'a.img'), randomFillSync(Buffer.alloc(3 << 20)))
+  writeFileSync(join(d, 'z.img'), Buffer.alloc(1 << 20))
+  const s = await cli(['snapshot', join(d, 'a.img'), join(d, 'z.img'), '--to', join(d, 's.snap'), '--json']).done
+  t.is(s.code, 0, s.stderr)
+  t.like(lastJson(s.stdout), { status: 'completed', pages: { normal: 768, zero: 256 } })
+  const r = await cli(['restore', join(d, 's.snap'), '--out', join(d, 'out'), '--json']).done
+  t.is(r.code, 0, r.stderr)
+  t.is(sha(join(d, 'out', 'a.img')), sha(join(d, 'a.img')))
+  t.is(sha(join(d, 'out', 'z.img')), sha(join(d, 'z.img')))
+  const i = await cli(['inspect', join(d, 's.snap'), '--json']).done
+  const lines = i.stdout.trim().split('\n').map((l) => JSON.parse(l) as Record<string, unknown>)
+  t.like(lines[0], { type: 'snapshot', complete: true })
+  t.deepEqual(lines.slice(1).map((l) => [l.type, l.name, l.pagesPresent]), [['block', 'a.img', 768], ['block', 'z.img', 0]])
+})
+
+test('inspect decodes QEMU channel captures; --rebuild writes the guest RAM; bad input is exit 1', async (t) => {
+  t.timeout(60_000)
+  const d = workdir(t)
+  const ch = join(FIXTURES, 'zlib', 'channel-0.bin')
+  const i = await cli(['inspect', ch, '--json']).done
+  t.is(i.code, 0, i.stderr)
+  const lines = i.stdout.trim().split('\n').map((l) => JSON.parse(l) as Record<string, unknown>)
+  t.like(lines[0], { type: 'init', uuid: '0'.repeat(32) })
+  const packets = lines.filter((l) => l.type === 'packet')
+  t.true(packets.length > 3)
+  t.true(packets.every((p) => typeof p.packetNum === 'number' && Array.isArray(p.normal) && Array.isArray(p.zero) && typeof p.payloadBytes === 'number'))
+  const manifest = JSON.parse(readFileSync(join(FIXTURES, 'zlib', 'manifest.json'), 'utf8')) as { ramSha256: string }
+  const rb = await cli(['inspect', join(FIXTURES, 'zlib', 'channel-0.bin'), join(FIXTURES, 'zlib', 'channel-1.bin'), '--rebuild', join(d, 'rb')]).done
+  t.is(rb.code, 0, rb.stderr)
+  t.is(sha(join(d, 'rb', 'mem')), manifest.ramSha256)
+  // A capture cut short: the first error is reported, exit 1.
+  writeFileSync(join(d, 'cut.bin'), readFileSync(ch).subarray(0, 5000))
+  const bad = await cli(['inspect', join(d, 'cut.bin'), '--json']).done
+  t.is(bad.code, 1)
+  t.like(lastJson(bad.stdout), { type: 'error', code: 'ERR_MULTIFD_TRUNCATED' })
+})
+
+test('Ctrl-C cancels a running recv cleanly: exit 130, status cancelled', async (t) => {
+  t.timeout(60_000)
+  const d = workdir(t)
+  const rx = await receiver(['--out', join(d, 'x'), '--json'])
+  rx.kill('SIGINT')
+  const r = await rx.done
+  t.is(r.code, 130, r.stderr)
+  t.regex(r.stderr, /interrupted/)
+})

@@ -1,0 +1,114 @@
+#!/usr/bin/env node
+/**
+ * The `multifd` command. Exit status: 0 done, 1 the operation failed, 2 usage error,
+ * 130 interrupted (Ctrl-C cancels cleanly on both sides).
+ */
+import { MultifdError } from '../errors.js'
+import { extractQemuBlock } from '../qemu.js'
+import { UsageError, check, parse } from './args.js'
+import { BENCH_HELP, bench } from './bench.js'
+import { DEMO_HELP, demo } from './demo.js'
+import { RESTORE_HELP, SNAPSHOT_HELP, restoreCommand, snapshotCommand } from './files.js'
+import { bytes } from './format.js'
+import { INSPECT_HELP, inspect } from './inspect.js'
+import { installInterruptHandler, wasInterrupted } from './interrupt.js'
+import type { CommandResult } from './output.js'
+import { RECV_HELP, SEND_HELP, recv, send } from './transfer.js'
+import { z } from 'zod'
+
+const EXTRACT_HELP = `multifd extract QEMU_FILE --block NAME --out FILE
+
+Writes one RAM block of a QEMU migration file saved with mapped-ram (\`migrate file:...\`,
+with or without multifd) to a raw image file. \`multifd inspect QEMU_FILE\` lists the blocks.`
+
+const USAGE = `multifd: move memory between processes and hosts over parallel channels (QEMU multifd compatible)
+
+Usage: multifd COMMAND [options]      multifd help COMMAND
+
+Commands:
+  recv ADDRESS --out FILE...        receive a migration into image files
+  send ADDRESS FILE...              send image files as blocks
+  snapshot FILE... --to SNAPSHOT    write a mapped-ram snapshot
+  restore SNAPSHOT --out DIR        read a snapshot back into image files
+  inspect FILE [--rebuild DIR]      decode a channel capture or a snapshot (ours or QEMU's)
+  extract QEMU_FILE --block NAME --out FILE   a RAM block out of a QEMU file
+  bench [--size 1G] [--channels 1,2,4]        loopback self-benchmark
+  demo [--size 1G] [--channels 4]             a live migration on loopback, verified
+
+Common: --json (machine-readable output only), -h/--help.
+Exit status: 0 done, 1 failed, 2 usage error, 130 interrupted.`
+
+const HELP: Record<string, string> = { recv: RECV_HELP, send: SEND_HELP, snapshot: SNAPSHOT_HELP, restore: RESTORE_HELP, inspect: INSPECT_HELP, extract: EXTRACT_HELP, bench: BENCH_HELP, demo: DEMO_HELP }
+
+function extract(argv: string[]): number {
+  const { values, positionals } = parse(argv, { block: { type: 'string' }, out: { type: 'string' } })
+  const o = check(z.object({ block: z.string({ error: 'extract needs --block NAME' }).min(1), out: z.string({ error: 'extract needs --out FILE' }).min(1) }), values)
+  if (positionals.length !== 1) throw new UsageError('extract takes exactly one QEMU_FILE')
+  const n = extractQemuBlock(positionals[0]!, o.block, o.out)
+  if (values.json === true) process.stdout.write(JSON.stringify({ status: 'completed', block: o.block, out: o.out, bytes: n }) + '\n')
+  else process.stdout.write(`extracted ${JSON.stringify(o.block)}: ${bytes(n)} -> ${o.out}\n`)
+  return 0
+}
+
+const status = (r: CommandResult): number => (wasInterrupted() ? 130 : r.status === 'completed' ? 0 : 1)
+
+async function main(argv: string[]): Promise<number> {
+  const [command, ...rest] = argv
+  if (!command || command === '-h' || command === '--help') {
+    process.stdout.write(USAGE + '\n')
+    return command ? 0 : 2
+  }
+  if (command === 'help') {
+    process.stdout.write((HELP[rest[0] ?? ''] ?? USAGE) + '\n')
+    return 0
+  }
+  if (rest.includes('-h') || rest.includes('--help')) {
+    process.stdout.write((HELP[command] ?? USAGE) + '\n')
+    return HELP[command] ? 0 : 2
+  }
+  installInterruptHandler()
+  switch (command) {
+    case 'send':
+      return status(await send(rest))
+    case 'recv':
+      return status(await recv(rest))
+    case 'snapshot':
+      return status(await snapshotCommand(rest))
+    case 'restore':
+      return status(await restoreCommand(rest))
+    case 'inspect':
+      return inspect(rest)
+    case 'extract':
+      return extract(rest)
+    case 'bench':
+      return status(await bench(rest))
+    case 'demo':
+      return status(await demo(rest))
+    default:
+      throw new UsageError(`unknown command ${JSON.stringify(command)}`)
+  }
+}
+
+// `multifd inspect --json | head`: a closed stdout ends the command quietly.
+process.stdout.on('error', (e: NodeJS.ErrnoException) => {
+  if (e.code === 'EPIPE') process.exit(process.exitCode ?? 0)
+  throw e
+})
+
+main(process.argv.slice(2)).then(
+  (code) => {
+    process.exitCode = code
+  },
+  (e: unknown) => {
+    if (e instanceof UsageError) {
+      process.stderr.write(`multifd: ${e.message}\nRun 'multifd help ${process.argv[2] ?? ''}' for usage.\n`)
+      process.exitCode = 2
+    } else if (e instanceof MultifdError) {
+      process.stderr.write(`multifd: ${e.code}: ${e.message}\n`)
+      process.exitCode = e.code === 'ERR_MULTIFD_INVALID_ARGUMENT' ? 2 : 1
+    } else {
+      process.stderr.write(`multifd: ${e instanceof Error ? (e.stack ?? e.message) : String(e)}\n`)
+      process.exitCode = 1
+    }
+  },
+)

@@ -1,0 +1,158 @@
+/** `multifd send` and `multifd recv`: image files over the network. */
+import { z } from 'zod'
+import { Destination } from '../destination.js'
+import { RamBlock } from '../block.js'
+import { Source } from '../source.js'
+import { MultifdError } from '../errors.js'
+import type { Session, Summary } from '../session.js'
+import { IntString, UsageError, blockFiles, check, parse } from './args.js'
+import { bytes, rate } from './format.js'
+import { type CommandResult, failure, print } from './output.js'
+import { Progress } from './progress.js'
+import { onInterrupt, wasInterrupted } from './interrupt.js'
+
+function fromSummary(s: Summary, extra: Record<string, unknown> = {}): CommandResult {
+  return { status: s.status, bytes: s.bytes, seconds: s.seconds, bytesPerSecond: s.bytesPerSecond, channels: s.channels, pages: s.pages, ...(s.error ? { error: s.error } : {}), perChannel: s.perChannel, ...extra }
+}
+
+function channelLines(s: Summary): string[] {
+  const raw = s.pages.normal * 4096
+  return [
+    `wire: ${bytes(s.bytes)}${raw > 0 ? `, ${(raw / Math.max(1, s.bytes)).toFixed(2)}x compression of the data pages` : ''}`,
+    ...s.perChannel.map((c, i) => `channel ${i}: ${bytes(c.bytes)} in ${c.packets} packets (${rate(s.seconds > 0 ? c.bytes / s.seconds : 0)})`),
+  ]
+}
+
+function progressOf(session: Session, json: boolean, label: string, total?: number): Progress {
+  return new Progress(!json, () => {
+    const st = session.stats()
+    return { done: st.bytes, ...(total === undefined ? {} : { total }), channels: st.channels.map((c) => c.bytes), label }
+  }).start()
+}
+
+export const SEND_HELP = `multifd send ADDRESS FILE... [--block NAME=FILE]... [options]
+
+Sends image files (mapped, never read into the JavaScript heap) as blocks named after the
+files, to a destination started with \`multifd recv\`.
+
+  --channels N             parallel channels, 1..255 (default 2)
+  --compression METHOD     none | zlib | zstd (default none)
+  --level L                zlib 1..9, zstd 1..20 (default 1)
+  --zero-copy              MSG_ZEROCOPY sends (TCP only, no compression)
+  --zero-page MODE         multifd (zero pages as offsets only, default) | none
+  --json                   print one JSON object at the end, nothing else on stdout`
+
+export async function send(argv: string[]): Promise<CommandResult> {
+  const { values, positionals } = parse(argv, {
+    block: { type: 'string', multiple: true },
+    channels: { type: 'string' },
+    compression: { type: 'string' },
+    level: { type: 'string' },
+    'zero-copy': { type: 'boolean' },
+    'zero-page': { type: 'string' },
+  })
+  const o = check(
+    z.object({
+      channels: IntString(1, 255).default(2),
+      compression: z.enum(['none', 'zlib', 'zstd']).default('none'),
+      level: IntString(1, 20).optional(),
+      'zero-copy': z.boolean().default(false),
+      'zero-page': z.enum(['multifd', 'none']).default('multifd'),
+    }),
+    values,
+  )
+  const [address, ...files] = positionals
+  if (!address) throw new UsageError('send needs an ADDRESS (tcp:HOST:PORT or unix:PATH)')
+  const specs = blockFiles(values.block as string[] | undefined, files)
+  if (specs.length === 0) throw new UsageError('send needs at least one FILE (or --block NAME=FILE)')
+  const json = values.json === true
+  const blocks = specs.map((s) => RamBlock.mapFile({ name: s.name, path: s.file }))
+  const total = blocks.reduce((a, b) => a + b.size, 0)
+  let source: Source | undefined
+  onInterrupt(() => source?.cancel())
+  let progress: Progress | undefined
+  try {
+    source = await Source.connect({
+      address,
+      blocks,
+      channels: o.channels,
+      compression: o.compression,
+      ...(o.level === undefined ? {} : { compressionLevel: o.level }),
+      zeroCopySend: o['zero-copy'],
+      zeroPageDetection: o['zero-page'],
+    })
+    progress = progressOf(source, json, 'sending', total)
+    await source.sendAll()
+    const s = await source.complete()
+    progress.stop()
+    const r = fromSummary(s, { blocks: specs })
+    print(r, json, 'send', channelLines(s))
+    return r
+  } catch (e) {
+    progress?.stop()
+    const r = source ? fromSummary(source.summary()) : failure(e, o.channels)
+    if (wasInterrupted()) r.status = 'cancelled'
+    if (!r.error && e instanceof MultifdError) r.error = { code: e.code, message: e.message }
+    print(r, json, 'send')
+    return r
+  }
+}
+
+export const RECV_HELP = `multifd recv ADDRESS (--out FILE... | --block NAME=FILE...) [options]
+
+Listens on ADDRESS (tcp:HOST:PORT, port 0 picks one and prints it; or unix:PATH) for one
+migration and writes each received block to a raw image file: --block maps a block name to a
+file; --out files take the blocks in the order the source announces them.
+
+  --channels N             expect exactly N channels (default: whatever the source announces)
+  --channel-timeout-ms MS  how long the channels may take to connect (default 10000)
+  --json                   print one JSON object at the end, nothing else on stdout`
+
+export async function recv(argv: string[]): Promise<CommandResult> {
+  const { values, positionals } = parse(argv, {
+    out: { type: 'string', multiple: true },
+    block: { type: 'string', multiple: true },
+    channels: { type: 'string' },
+    'channel-timeout-ms': { type: 'string' },
+  })
+  const o = check(z.object({ channels: IntString(1, 255).optional(), 'channel-timeout-ms': IntString(1, 3_600_000).default(10_000) }), values)
+  const [address, ...extra] = positionals
+  if (!address) throw new UsageError('recv needs an ADDRESS (tcp:HOST:PORT or unix:PATH)')
+  if (extra.length > 0) throw new UsageError(`unexpected argument ${JSON.stringify(extra[0])}; output files go after --out`)
+  const named = blockFiles(values.block as string[] | undefined, [])
+  const outs = (values.out as string[] | undefined) ?? []
+  if (named.length === 0 && outs.length === 0) throw new UsageError('recv needs --out FILE or --block NAME=FILE for the received blocks')
+  const json = values.json === true
+  const files: Array<{ name: string; file: string }> = []
+  const dest = Destination.listen({
+    address,
+    ...(o.channels === undefined ? {} : { channels: o.channels }),
+    channelTimeoutMs: o['channel-timeout-ms'],
+    blocks: (table) => {
+      let next = 0
+      return table.map((b) => {
+        const file = named.find((n) => n.name === b.name)?.file ?? outs[next++]
+        if (!file) throw new MultifdError('ERR_MULTIFD_BLOCK_MISMATCH', `no output file for block ${JSON.stringify(b.name)}: give --block ${b.name}=FILE or another --out`)
+        files.push({ name: b.name, file })
+        return RamBlock.mapFile({ name: b.name, path: file, size: b.length, pageSize: b.pageSize })
+      })
+    },
+  })
+  process.stderr.write(`listening on ${dest.address}\n`)
+  onInterrupt(() => dest.close())
+  let progress: Progress | undefined
+  dest.once('state', () => (progress = progressOf(dest, json, 'receiving')))
+  try {
+    const s = await dest.done
+    progress?.stop()
+    const r = fromSummary(s, { address: dest.address, files })
+    print(r, json, 'recv', [...files.map((f) => `${f.name} -> ${f.file}`), ...channelLines(s)])
+    return r
+  } catch {
+    progress?.stop()
+    const r = fromSummary(dest.summary(), { address: dest.address })
+    if (wasInterrupted()) r.status = 'cancelled'
+    print(r, json, 'recv')
+    return r
+  }
+}
