@@ -50,7 +50,7 @@ async function ceiling(ch: number): Promise<Result | undefined> {
   const port = String(47000 + Math.floor(Math.random() * 2000))
   const kv = (s: string): Record<string, string> => Object.fromEntries(s.trim().split(/\s+/).map((p) => p.split('=') as [string, string]))
   const { spawn } = await import('node:child_process')
-  const recv = spawn(ceilingBin, ['recv', `port=${port}`, `n=${ch}`, 'mem=prealloc', `size_mib=${size >> 20}`], { stdio: ['ignore', 'pipe', 'inherit'] })
+  const recv = spawn(ceilingBin, ['recv', `port=${port}`, `n=${ch}`, 'mem=prealloc', `size_mib=${Math.floor(size / 2 ** 20)}`], { stdio: ['ignore', 'pipe', 'inherit'] })
   let recvOut = ''
   const ready = new Promise<void>((resolve) => recv.stdout.on('data', (d: Buffer) => {
     recvOut += d.toString()
@@ -58,7 +58,7 @@ async function ceiling(ch: number): Promise<Result | undefined> {
   }))
   const recvDone = new Promise<void>((r) => recv.on('exit', () => r()))
   await ready
-  const sendOut = execFileSync(ceilingBin, ['send', `port=${port}`, `n=${ch}`, `size_mib=${size >> 20}`], { stdio: ['ignore', 'pipe', 'ignore'], timeout }).toString()
+  const sendOut = execFileSync(ceilingBin, ['send', `port=${port}`, `n=${ch}`, `size_mib=${Math.floor(size / 2 ** 20)}`], { stdio: ['ignore', 'pipe', 'ignore'], timeout }).toString()
   await recvDone
   const s = kv(sendOut.split('\n').filter((l) => l.startsWith('SEND')).pop() ?? '')
   const r = kv(recvOut.split('\n').filter((l) => l.startsWith('RECV')).pop() ?? '')

@@ -71,7 +71,7 @@ try {
       if (!values['no-qemu']) {
         const qfile = join(dir, 'qemu.img')
         const q = (mode: string): Promise<Array<Record<string, unknown>>> =>
-          runJson('python3', [join(import.meta.dirname, 'qemu', 'qemu_mig.py'), '--mode', mode, '--mapped-ram', '--file', qfile, '--src-ram', src, '--size-mib', String(size >> 20), '--channels', String(ch), '--prealloc', 'both', '--reps', '1'], timeout * 4)
+          runJson('python3', [join(import.meta.dirname, 'qemu', 'qemu_mig.py'), '--mode', mode, '--mapped-ram', '--file', qfile, '--src-ram', src, '--size-mib', String(Math.floor(size / 2 ** 20)), '--channels', String(ch), '--prealloc', 'both', '--reps', '1'], timeout * 4)
         await settle()
         const [qs] = await q('save')
         dropCaches()

@@ -82,7 +82,7 @@ export const settle = (): Promise<void> => new Promise((r) => setTimeout(r, 750)
 
 /** QEMU 10 multifd, QEMU to QEMU, on the same source bytes (bench/qemu/qemu_mig.py). */
 export async function qemu(size: number, file: string, o: { channels: number; compression?: string; zeroCopy?: boolean }): Promise<Result | undefined> {
-  const args = [join(dirname(peer), '..', 'qemu', 'qemu_mig.py'), '--size-mib', String(size >> 20), '--channels', String(o.channels), '--prealloc', 'both', '--src-ram', file, '--reps', '1']
+  const args = [join(dirname(peer), '..', 'qemu', 'qemu_mig.py'), '--size-mib', String(Math.floor(size / 2 ** 20)), '--channels', String(o.channels), '--prealloc', 'both', '--src-ram', file, '--reps', '1']
   if (o.compression) args.push('--compression', o.compression)
   if (o.zeroCopy) args.push('--zero-copy')
   const l = (await runJson('python3', args, timeoutFor(size) * 4))[0]

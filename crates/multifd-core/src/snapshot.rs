@@ -248,41 +248,37 @@ fn parallel(channels: usize, runs: VecDeque<Run>, work: impl Fn(usize, Run) -> R
     }
 }
 
-fn pwritev_all(file: &File, mut iov: libc::iovec, mut offset: u64, path: &Path) -> Result<()> {
-    while iov.iov_len > 0 {
-        // SAFETY: iov describes block memory the caller keeps mapped (it holds an Arc).
-        let n = unsafe { libc::pwritev(file.as_raw_fd(), &iov, 1, offset as libc::off_t) };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(io_err("write pages to", path, e));
-        }
-        if n == 0 {
-            return Err(io_err("write pages to", path, io::Error::from_raw_os_error(libc::ENOSPC)));
-        }
-        // SAFETY: n <= iov_len, so the advanced pointer stays inside the same run.
-        iov.iov_base = unsafe { iov.iov_base.cast::<u8>().add(n as usize) }.cast();
-        iov.iov_len -= n as usize;
-        offset += n as u64;
-    }
-    Ok(())
+/// Direction of a positioned transfer between block memory and the file.
+#[derive(Clone, Copy)]
+enum Direction {
+    /// Block memory to the file (`pwritev`).
+    Write,
+    /// The file to block memory (`preadv`).
+    Read,
 }
 
-fn preadv_all(file: &File, mut iov: libc::iovec, mut offset: u64, path: &Path) -> Result<()> {
+/// Moves all of `iov` at `offset`, retrying short transfers. A zero-length write means the
+/// disk is full; a zero-length read means a page marked present lies past the end of the file.
+fn positioned_all(file: &File, dir: Direction, mut iov: libc::iovec, mut offset: u64, path: &Path) -> Result<()> {
     while iov.iov_len > 0 {
-        // SAFETY: iov describes writable block memory the caller keeps mapped.
-        let n = unsafe { libc::preadv(file.as_raw_fd(), &iov, 1, offset as libc::off_t) };
+        let n = match dir {
+            // SAFETY: iov describes block memory the caller keeps mapped (it holds an Arc).
+            Direction::Write => unsafe { libc::pwritev(file.as_raw_fd(), &iov, 1, offset as libc::off_t) },
+            // SAFETY: iov describes writable block memory the caller keeps mapped.
+            Direction::Read => unsafe { libc::preadv(file.as_raw_fd(), &iov, 1, offset as libc::off_t) },
+        };
         if n < 0 {
             let e = io::Error::last_os_error();
             if e.kind() == io::ErrorKind::Interrupted {
                 continue;
             }
-            return Err(io_err("read pages from", path, e));
+            return Err(io_err(if matches!(dir, Direction::Write) { "write pages to" } else { "read pages from" }, path, e));
         }
         if n == 0 {
-            fail!(FileFormat, "{}: a page marked present lies past the end of the file (offset {offset})", path.display());
+            match dir {
+                Direction::Write => return Err(io_err("write pages to", path, io::Error::from_raw_os_error(libc::ENOSPC))),
+                Direction::Read => fail!(FileFormat, "{}: a page marked present lies past the end of the file (offset {offset})", path.display()),
+            }
         }
         // SAFETY: n <= iov_len, so the advanced pointer stays inside the same run.
         iov.iov_base = unsafe { iov.iov_base.cast::<u8>().add(n as usize) }.cast();
@@ -410,7 +406,7 @@ pub fn snapshot(blocks: &[Arc<RamBlock>], path: &Path, options: SnapshotOptions,
             while p < run.first + run.count && !is_zero(b.page(p * page)) {
                 p += 1;
             }
-            pwritev_all(&writers[w], iovec(b.page_ptr(start * page), ((p - start) * page) as usize), e.layout.pages_offset + start * page, path)?;
+            positioned_all(&writers[w], Direction::Write, iovec(b.page_ptr(start * page), ((p - start) * page) as usize), e.layout.pages_offset + start * page, path)?;
             bm.set_range(start as usize, (p - start) as usize)?;
             progress.pages_written.fetch_add(p - start, Ordering::Relaxed);
         }
@@ -470,7 +466,7 @@ pub fn restore(path: &Path, blocks: &[Arc<RamBlock>], channels: usize, progress:
     let readers = (0..channels.max(1)).map(|_| File::open(path).map_err(|e| io_err("open", path, e))).collect::<Result<Vec<_>>>()?;
     parallel(channels, runs, |r, run| {
         let (b, e) = (&targets[run.block], &info.blocks[run.block]);
-        preadv_all(&readers[r], iovec(b.page_ptr(run.first * page), (run.count * page) as usize), e.layout.pages_offset + run.first * page, path)?;
+        positioned_all(&readers[r], Direction::Read, iovec(b.page_ptr(run.first * page), (run.count * page) as usize), e.layout.pages_offset + run.first * page, path)?;
         progress.bytes.fetch_add(run.count * page, Ordering::Relaxed);
         progress.pages_written.fetch_add(run.count, Ordering::Relaxed);
         Ok(())

@@ -48,6 +48,22 @@ fn wait_for(rx: &mpsc::Receiver<Event>, mut want: impl FnMut(&Event) -> bool) ->
     }
 }
 
+/// A source configuration for these tests: zero-page detection on, no zero-copy or throttle.
+fn source_config(address: &Address, uuid: [u8; 16], channels: u8, compression: Compression) -> SourceConfig {
+    SourceConfig {
+        address: address.clone(),
+        uuid,
+        channels,
+        geometry: Geometry::x86(),
+        compression,
+        compression_level: None,
+        zero_page_detection: true,
+        zero_copy: false,
+        max_bandwidth: None,
+        connect_timeout: Duration::from_secs(5),
+    }
+}
+
 fn run(address: &str, channels: u8, compression: Compression) {
     let src_blocks: Vec<Arc<RamBlock>> = [("pc.ram", 4 << 20), ("odd", 3 * 4096 + 128 * 4096 * 2 + 4096)]
         .iter()
@@ -72,18 +88,7 @@ fn run(address: &str, channels: u8, compression: Compression) {
     let (ssink, srx) = sink();
     let failure = Failure::new(ssink);
     let source = Source::start(
-        SourceConfig {
-            address: dest.address().clone(),
-            uuid,
-            channels,
-            geometry: Geometry::x86(),
-            compression,
-            zero_page_detection: true,
-            zero_copy: false,
-            compression_level: None,
-            connect_timeout: Duration::from_secs(5),
-            max_bandwidth: None,
-        },
+        source_config(dest.address(), uuid, channels, compression),
         failure.clone(),
     )
     .unwrap();
@@ -158,18 +163,7 @@ fn uuid_mismatch_fails_the_destination() {
     .unwrap();
     let (ssink, _srx) = sink();
     let source = Source::start(
-        SourceConfig {
-            address: dest.address().clone(),
-            uuid: [2; 16],
-            channels: 2,
-            geometry: Geometry::x86(),
-            compression: Compression::None,
-            zero_page_detection: true,
-            zero_copy: false,
-            compression_level: None,
-            connect_timeout: Duration::from_secs(5),
-            max_bandwidth: None,
-        },
+        source_config(dest.address(), [2; 16], 2, Compression::None),
         Failure::new(ssink),
     )
     .unwrap();
