@@ -1,0 +1,114 @@
+/**
+ * Faults in the middle of a transfer: a channel's connection cut, the destination process
+ * killed and restarted. Both sides end in a consistent state with the first error reported,
+ * within bounded time, and the process can migrate again.
+ */
+import test from 'ava'
+import net from 'node:net'
+import { Destination, MultifdError, Source, migrate } from '../ts/index.js'
+import { readdirSync, readlinkSync } from 'node:fs'
+import { MiB, blockPair, fdCount, rejectionCode, sameBytes, spawnPeer, threadCount, until } from './helpers.js'
+
+const fdList = (): string[] => readdirSync('/proc/self/fd').map((f) => { try { return `${f}:${readlinkSync(`/proc/self/fd/${f}`)}` } catch { return f } })
+
+/** A loopback TCP proxy in front of `target`; `cut(n)` destroys the n-th accepted connection. */
+async function proxy(target: string): Promise<{ address: string; cut: (n: number) => boolean; accepted: () => number; close: () => Promise<void> }> {
+  const [, host, port] = /^tcp:(.+):(\d+)$/.exec(target)!
+  const pairs: Array<[net.Socket, net.Socket]> = []
+  const server = net.createServer((down) => {
+    const up = net.connect(Number(port), host)
+    for (const s of [down, up]) s.on('error', () => undefined)
+    down.pipe(up)
+    up.pipe(down)
+    pairs.push([down, up])
+  })
+  await new Promise<void>((r) => server.listen(0, '127.0.0.1', r))
+  return {
+    address: `tcp:127.0.0.1:${(server.address() as net.AddressInfo).port}`,
+    accepted: () => pairs.length,
+    cut: (n) => {
+      const p = pairs[n]
+      if (!p) return false
+      p[0].destroy()
+      p[1].destroy()
+      return true
+    },
+    /** Resolves once every proxied socket and the listener have released their descriptors. */
+    close: async () => {
+      const closed = (s: net.Socket): Promise<void> => (s.closed ? Promise.resolve() : new Promise((r) => s.once('close', () => r())))
+      const all = pairs.flat().map(closed)
+      for (const s of pairs.flat()) s.destroy()
+      await Promise.all([...all, new Promise<void>((r) => server.close(() => r()))])
+    },
+  }
+}
+
+// Serial: counts the whole process's threads and descriptors.
+test.serial('one channel connection cut mid-transfer: both sides fail with the first error within 5 s, nothing leaks, the next migration completes', async (t) => {
+  t.timeout(60_000)
+  const { src, dst } = blockPair([['pc.ram', 64 * MiB]])
+  const threads = threadCount()
+  const fds = fdCount()
+  const before = fdList()
+  const dest = Destination.listen({ address: 'tcp:127.0.0.1:0', blocks: dst })
+  const p = await proxy(dest.address)
+  t.teardown(() => p.close())
+  // Throttled so the cut surely lands mid-transfer.
+  const source = await Source.connect({ address: p.address, blocks: src, channels: 4, maxBandwidth: 32 * MiB })
+  const sending = rejectionCode(source.sendAll().then(() => source.complete()))
+  await until(new Promise<void>((resolve) => {
+    const poll = setInterval(() => {
+      // Control + 4 channels accepted by the proxy, and data flowing.
+      if (p.accepted() === 5 && source.stats().bytes > 2 * MiB) {
+        clearInterval(poll)
+        resolve()
+      }
+    }, 1)
+  }), 10_000, 'all connections and first bytes')
+  const cutAt = performance.now()
+  t.true(p.cut(2), 'connection 2 (a multifd channel: connection 0 is the control one) exists')
+  t.is(await until(sending, 5000, 'source failure'), 'ERR_MULTIFD_CONNECTION_CLOSED')
+  t.is(await until(rejectionCode(dest.done), 5000, 'destination failure'), 'ERR_MULTIFD_CONNECTION_CLOSED')
+  t.true(performance.now() - cutAt < 5000)
+  t.is(source.state, 'failed')
+  t.is(dest.state, 'failed')
+  t.true(source.error instanceof MultifdError)
+  await p.close()
+  t.is(threadCount(), threads, 'every thread joined')
+  t.is(fdCount(), fds, `every descriptor closed: new ${JSON.stringify(fdList().filter((f) => !before.includes(f)))}`)
+
+  const again = blockPair([['pc.ram', 64 * MiB]]).dst
+  const dest2 = Destination.listen({ address: 'tcp:127.0.0.1:0', blocks: again })
+  await migrate({ address: dest2.address, blocks: src, channels: 4 })
+  await dest2.done
+  t.true(sameBytes(src, again))
+})
+
+test('destination restarted mid-way: the source fails within 5 s, then migrates to the restarted destination', async (t) => {
+  t.timeout(90_000)
+  const first = spawnPeer(['destination', '64'])
+  const { address } = (await first.next('listening')) as { address: string }
+  const { src } = blockPair([['big', 64 * MiB]])
+  const source = await Source.connect({ address, blocks: src, channels: 4, maxBandwidth: 32 * MiB })
+  const sending = rejectionCode(source.sendAll().then(() => source.complete()))
+  await until(new Promise<void>((resolve) => {
+    const poll = setInterval(() => {
+      if (source.stats().bytes > 2 * MiB) {
+        clearInterval(poll)
+        resolve()
+      }
+    }, 1)
+  }), 10_000, 'first bytes')
+  const killedAt = performance.now()
+  first.child.kill('SIGKILL')
+  t.is(await until(sending, 5000, 'source failure'), 'ERR_MULTIFD_CONNECTION_CLOSED')
+  t.true(performance.now() - killedAt < 5000)
+  await first.exited
+  // The destination comes back (a new process); the same source process migrates again.
+  const second = spawnPeer(['destination', '64'])
+  const { address: address2 } = (await second.next('listening')) as { address: string }
+  const summary = await migrate({ address: address2, blocks: src, channels: 4 })
+  t.is(summary.status, 'completed')
+  t.like(await second.next('done'), { type: 'done', status: 'completed' })
+  await second.exited
+})
