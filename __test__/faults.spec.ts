@@ -12,7 +12,7 @@ import { MiB, blockPair, fdCount, rejectionCode, sameBytes, spawnPeer, threadCou
 const fdList = (): string[] => readdirSync('/proc/self/fd').map((f) => { try { return `${f}:${readlinkSync(`/proc/self/fd/${f}`)}` } catch { return f } })
 
 /** A loopback TCP proxy in front of `target`; `cut(n)` destroys the n-th accepted connection. */
-async function proxy(target: string): Promise<{ address: string; cut: (n: number) => boolean; accepted: () => number; close: () => Promise<void> }> {
+async function proxy(target: string): Promise<{ address: string; cut: (n: number) => boolean; stall: () => void; accepted: () => number; close: () => Promise<void> }> {
   const [, host, port] = /^tcp:(.+):(\d+)$/.exec(target)!
   const pairs: Array<[net.Socket, net.Socket]> = []
   const server = net.createServer((down) => {
@@ -32,6 +32,15 @@ async function proxy(target: string): Promise<{ address: string; cut: (n: number
       p[0].destroy()
       p[1].destroy()
       return true
+    },
+    /** Stops forwarding in both directions, as a hung peer whose sockets stay open. */
+    stall: () => {
+      for (const [down, up] of pairs) {
+        down.unpipe(up)
+        up.unpipe(down)
+        down.pause()
+        up.pause()
+      }
     },
     /** Resolves once every proxied socket and the listener have released their descriptors. */
     close: async () => {
@@ -111,4 +120,46 @@ test('destination restarted mid-way: the source fails within 5 s, then migrates 
   t.is(summary.status, 'completed')
   t.like(await second.next('done'), { type: 'done', status: 'completed' })
   await second.exited
+})
+
+test('a peer that stops reading and writing is detected by peerTimeoutMs on both sides within bounded time', async (t) => {
+  t.timeout(60_000)
+  const { src, dst } = blockPair([['pc.ram', 64 * MiB]])
+  const dest = Destination.listen({ address: 'tcp:127.0.0.1:0', blocks: dst, peerTimeoutMs: 1000 })
+  const p = await proxy(dest.address)
+  t.teardown(() => p.close())
+  const source = await Source.connect({ address: p.address, blocks: src, channels: 4, peerTimeoutMs: 1000, maxBandwidth: 32 * MiB })
+  const sending = rejectionCode(source.sendAll().then(() => source.complete()))
+  await until(new Promise<void>((resolve) => {
+    const poll = setInterval(() => {
+      if (p.accepted() === 5 && source.stats().bytes > 2 * MiB) {
+        clearInterval(poll)
+        resolve()
+      }
+    }, 1)
+  }), 10_000, 'all connections and first bytes')
+  const stalledAt = performance.now()
+  p.stall()
+  t.is(await until(sending, 5000, 'source failure'), 'ERR_MULTIFD_TIMEOUT')
+  t.is(await until(rejectionCode(dest.done), 5000, 'destination failure'), 'ERR_MULTIFD_TIMEOUT')
+  const ms = performance.now() - stalledAt
+  t.true(ms >= 900 && ms < 5000, `detected after ${ms} ms`)
+  t.is(source.state, 'failed')
+  t.is(dest.state, 'failed')
+})
+
+test('without traffic, a healthy idle session does not time out (pings keep it alive)', async (t) => {
+  t.timeout(30_000)
+  const { src, dst } = blockPair([['m', MiB]])
+  const dest = Destination.listen({ address: 'tcp:127.0.0.1:0', blocks: dst, peerTimeoutMs: 300 })
+  const source = await Source.connect({ address: dest.address, blocks: src, channels: 2, peerTimeoutMs: 300 })
+  await source.sendAll()
+  await source.sync()
+  // Idle for several timeouts: the channels sit at packet boundaries, control pings flow.
+  await new Promise((r) => setTimeout(r, 1200))
+  t.is(source.state, 'active')
+  t.is(dest.state, 'active')
+  await source.complete()
+  await dest.done
+  t.true(sameBytes(src, dst))
 })

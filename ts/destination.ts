@@ -33,6 +33,12 @@ const DestinationOptions = z.strictObject({
   channels: z.int().min(1).max(255).optional(),
   /** How long, after the handshake, every announced channel has to connect. */
   channelTimeoutMs: z.int().positive().default(10_000),
+  /**
+   * Detect a stalled or hung source: a channel may not stall mid-packet longer than this, TCP
+   * user-timeout and keepalive are set, and the control connection must hear from the peer
+   * this often (both sides ping). Fails with ERR_MULTIFD_TIMEOUT. Off by default.
+   */
+  peerTimeoutMs: z.int().min(100).max(3_600_000).optional(),
   /** How long a connection may take to send its first bytes, and the source its hello. */
   handshakeTimeoutMs: z.int().positive().default(10_000),
 })
@@ -125,9 +131,12 @@ export class Destination extends Session {
   }
 
   async #onControl(frame: Buffer): Promise<void> {
+    this.heard()
     try {
       const m = decodeMessage(frame)
       switch (m.type) {
+        case 'ping':
+          return
         case 'hello':
           return await this.#onHello(m)
         case 'round':
@@ -167,9 +176,11 @@ export class Destination extends Session {
         pageSize: h.pageSize,
         compression: h.compression,
         channelTimeoutMs: this.#options.channelTimeoutMs,
+        ...(this.#options.peerTimeoutMs === undefined ? {} : { peerTimeoutMs: this.#options.peerTimeoutMs }),
       }),
     )
     this.#send({ type: 'welcome', protocol: PROTOCOL_VERSION })
+    if (this.#options.peerTimeoutMs !== undefined) this.startLiveness(this.#options.peerTimeoutMs, () => this.#send({ type: 'ping' }))
     this.setState('active')
   }
 

@@ -25,6 +25,8 @@ export const ControlMessage = z.discriminatedUnion('type', [
   z.object({ type: z.literal('complete'), epoch: z.int().nonnegative() }),
   z.object({ type: z.literal('completed') }),
   z.object({ type: z.literal('cancel') }),
+  /** Liveness: sent every third of `peerTimeoutMs` by a side that has one; ignored otherwise. */
+  z.object({ type: z.literal('ping') }),
   z.object({ type: z.literal('error'), code: z.string(), message: z.string() }),
 ])
 export type ControlMessage = z.infer<typeof ControlMessage>

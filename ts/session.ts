@@ -159,6 +159,42 @@ export abstract class Session extends EventEmitter<SessionEvents> {
     this.emit('sync', epoch, packetNum)
   }
 
+  #liveness: NodeJS.Timeout | undefined
+  #lastHeard = 0
+
+  /**
+   * Peer liveness over the control connection: sends `ping` every third of `timeoutMs` and
+   * fails with ERR_MULTIFD_TIMEOUT when nothing has been heard from the peer for `timeoutMs`
+   * (an idle but healthy peer keeps pinging; a stalled or hung one does not).
+   */
+  protected startLiveness(timeoutMs: number, ping: () => void): void {
+    this.#lastHeard = performance.now()
+    this.#liveness = setInterval(() => {
+      if (isFinal(this.#state)) return this.stopLiveness()
+      if (performance.now() - this.#lastHeard > timeoutMs) {
+        this.stopLiveness()
+        this.fail(new MultifdError('ERR_MULTIFD_TIMEOUT', `${this.role}: nothing heard from the peer for ${timeoutMs} ms (peerTimeoutMs)`))
+        return
+      }
+      try {
+        ping()
+      } catch {
+        // a failing control connection is reported by its own event
+      }
+    }, Math.max(10, Math.floor(timeoutMs / 3)))
+    this.#liveness.unref()
+  }
+
+  /** Records that the peer spoke (any control message). */
+  protected heard(): void {
+    this.#lastHeard = performance.now()
+  }
+
+  protected stopLiveness(): void {
+    clearInterval(this.#liveness)
+    this.#liveness = undefined
+  }
+
   protected warn(w: MultifdError): void {
     if (warningChannel.hasSubscribers) warningChannel.publish({ role: this.role, session: this.session, address: this.address, warning: w })
     this.emit('warning', w)
@@ -262,6 +298,7 @@ export abstract class Session extends EventEmitter<SessionEvents> {
   }
 
   #close(abort: boolean): void {
+    this.stopLiveness()
     this.#finalStats ??= this.nativeStats()
     this.closeNative(abort)
   }

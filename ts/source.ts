@@ -35,6 +35,12 @@ const SourceOptions = z.strictObject({
   zeroCopySend: z.boolean().default(false),
   connectTimeoutMs: z.int().positive().default(10_000),
   /**
+   * Detect a stalled or hung destination: channel writes block at most this long, TCP
+   * user-timeout and keepalive are set, and the control connection must hear from the peer
+   * this often (both sides ping). Fails with ERR_MULTIFD_TIMEOUT. Off by default.
+   */
+  peerTimeoutMs: z.int().min(100).max(3_600_000).optional(),
+  /**
    * QEMU's `max-bandwidth`: bytes per second over all channels of the session together
    * (headers included); absent for no limit. Change it while the session runs with
    * `setMaxBandwidth`.
@@ -131,9 +137,11 @@ export class Source extends Session {
           zeroPageDetection: o.zeroPageDetection === 'multifd',
           zeroCopy: o.zeroCopySend,
           connectTimeoutMs: o.connectTimeoutMs,
+          ...(o.peerTimeoutMs === undefined ? {} : { peerTimeoutMs: o.peerTimeoutMs }),
           ...(o.maxBandwidth === undefined ? {} : { maxBandwidth: o.maxBandwidth }),
         }),
       )
+      if (o.peerTimeoutMs !== undefined) this.startLiveness(o.peerTimeoutMs, () => this.#send({ type: 'ping' }))
       this.setState('active')
     } catch (e) {
       this.fail(e)
@@ -175,6 +183,7 @@ export class Source extends Session {
   }
 
   #onControl(frame: Buffer): void {
+    this.heard()
     let m: ControlMessage
     try {
       m = decodeMessage(frame)
@@ -194,6 +203,8 @@ export class Source extends Session {
         this.#completed = true
         this.#completedAt ??= performance.now()
         break
+      case 'ping':
+        return
       case 'error':
         return this.fail(remoteError(m, 'destination'))
       default:

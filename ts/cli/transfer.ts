@@ -40,6 +40,7 @@ files, to a destination started with \`multifd recv\`.
   --level L                zlib 1..9, zstd 1..20 (default 1)
   --zero-copy              MSG_ZEROCOPY sends (TCP only, no compression)
   --zero-page MODE         multifd (zero pages as offsets only, default) | none
+  --peer-timeout-ms MS     fail if the destination stalls or goes silent this long
   --json                   print one JSON object at the end, nothing else on stdout`
 
 export async function send(argv: string[]): Promise<CommandResult> {
@@ -50,6 +51,7 @@ export async function send(argv: string[]): Promise<CommandResult> {
     level: { type: 'string' },
     'zero-copy': { type: 'boolean' },
     'zero-page': { type: 'string' },
+    'peer-timeout-ms': { type: 'string' },
   })
   const o = check(
     z.object({
@@ -58,6 +60,7 @@ export async function send(argv: string[]): Promise<CommandResult> {
       level: IntString(1, 20).optional(),
       'zero-copy': z.boolean().default(false),
       'zero-page': z.enum(['multifd', 'none']).default('multifd'),
+      'peer-timeout-ms': IntString(100, 3_600_000).optional(),
     }),
     values,
   )
@@ -80,6 +83,7 @@ export async function send(argv: string[]): Promise<CommandResult> {
       ...(o.level === undefined ? {} : { compressionLevel: o.level }),
       zeroCopySend: o['zero-copy'],
       zeroPageDetection: o['zero-page'],
+      ...(o['peer-timeout-ms'] === undefined ? {} : { peerTimeoutMs: o['peer-timeout-ms'] }),
     })
     progress = progressOf(source, json, 'sending', total)
     await source.sendAll()
@@ -106,6 +110,7 @@ file; --out files take the blocks in the order the source announces them.
 
   --channels N             expect exactly N channels (default: whatever the source announces)
   --channel-timeout-ms MS  how long the channels may take to connect (default 10000)
+  --peer-timeout-ms MS     fail if the source stalls or goes silent this long
   --json                   print one JSON object at the end, nothing else on stdout`
 
 export async function recv(argv: string[]): Promise<CommandResult> {
@@ -114,8 +119,9 @@ export async function recv(argv: string[]): Promise<CommandResult> {
     block: { type: 'string', multiple: true },
     channels: { type: 'string' },
     'channel-timeout-ms': { type: 'string' },
+    'peer-timeout-ms': { type: 'string' },
   })
-  const o = check(z.object({ channels: IntString(1, 255).optional(), 'channel-timeout-ms': IntString(1, 3_600_000).default(10_000) }), values)
+  const o = check(z.object({ channels: IntString(1, 255).optional(), 'channel-timeout-ms': IntString(1, 3_600_000).default(10_000), 'peer-timeout-ms': IntString(100, 3_600_000).optional() }), values)
   const [address, ...extra] = positionals
   if (!address) throw new UsageError('recv needs an ADDRESS (tcp:HOST:PORT or unix:PATH)')
   if (extra.length > 0) throw new UsageError(`unexpected argument ${JSON.stringify(extra[0])}; output files go after --out`)
@@ -128,6 +134,7 @@ export async function recv(argv: string[]): Promise<CommandResult> {
     address,
     ...(o.channels === undefined ? {} : { channels: o.channels }),
     channelTimeoutMs: o['channel-timeout-ms'],
+    ...(o['peer-timeout-ms'] === undefined ? {} : { peerTimeoutMs: o['peer-timeout-ms'] }),
     blocks: (table) => {
       let next = 0
       return table.map((b) => {

@@ -165,6 +165,8 @@ export interface ChannelOptions {
   zeroPageDetection: boolean
   zeroCopy: boolean
   connectTimeoutMs: number
+  /** How long a stalled destination may block a channel; absent for no limit. */
+  peerTimeoutMs?: number
   /** Bytes per second over all channels; absent for no limit. */
   maxBandwidth?: number
 }
@@ -181,6 +183,8 @@ export interface DestinationOptions {
   pageSize: number
   compression: string
   channelTimeoutMs: number
+  /** How long a stalled source may keep a channel mid-packet; absent for no limit. */
+  peerTimeoutMs?: number
 }
 
 export declare function encodeInitPacket(uuid: Uint8Array, channelId: number): Buffer

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use crate::block::RamBlock;
 use crate::control::{CONTROL_MAGIC, Control};
 use crate::error::{Error, ErrorCode, Result, fail};
-use crate::io::{iovec, read_exact, readv_exact};
+use crate::io::{Boundary, iovec, read_at_boundary, read_exact, readv_exact};
 use crate::session::{ChannelStats, Counters, Event, EventSink, Failure};
 use crate::transport::{Address, Conn, Listener};
 use crate::wire::{BlockLookup, COMMON_HEADER_LEN, ChannelClaims, CommonHeader, Compression, Geometry, INIT_PACKET_LEN, InitPacket, MAGIC, PacketHeader, PacketValidator};
@@ -25,6 +25,8 @@ pub struct DestConfig {
     pub blocks: Vec<Arc<RamBlock>>,
     /// How long after `configure` every channel must have arrived.
     pub channel_timeout: Duration,
+    /// How long a stalled source may keep a channel mid-packet (see `Conn::set_peer_timeout`).
+    pub peer_timeout: Option<Duration>,
 }
 
 /// The blocks by name, for the validator.
@@ -59,6 +61,7 @@ struct Session {
     table: BlockTable,
     claims: Mutex<ChannelClaims>,
     deadline: Instant,
+    peer_timeout: Option<Duration>,
     barrier: Barrier,
     stats: Vec<ChannelStats>,
 }
@@ -168,6 +171,7 @@ impl Destination {
             table: BlockTable { blocks: config.blocks, by_name },
             claims: Mutex::new(ChannelClaims::new(n)?),
             deadline: Instant::now() + config.channel_timeout,
+            peer_timeout: config.peer_timeout,
             barrier: Barrier { state: Mutex::new(BarrierState { arrived: 0, epoch: 0, high_water: 0, stopping: false }), cv: Condvar::new() },
             stats: (0..n).map(|_| ChannelStats::default()).collect(),
         });
@@ -368,6 +372,13 @@ impl Inner {
                 return;
             }
         };
+        if let Some(t) = s.peer_timeout
+            && let Err(e) = conn.set_peer_timeout(t)
+        {
+            conn.shutdown();
+            self.failure.fail(e);
+            return;
+        }
         let conn = Arc::new(conn);
         let mut conns = self.channel_conns.lock().unwrap();
         if self.closing.load(Ordering::Acquire) {
@@ -408,11 +419,14 @@ impl Inner {
         let mut pages: Vec<u8> = Vec::new();
         ChannelStats::add(&stats.bytes, INIT_PACKET_LEN as u64);
         loop {
-            if !read_exact(fd, &mut buf[..COMMON_HEADER_LEN])? {
-                if self.finishing.load(Ordering::Acquire) {
-                    return Ok(());
-                }
-                fail!(ConnectionClosed, "the source closed the channel before the migration completed");
+            match read_at_boundary(fd, &mut buf[..COMMON_HEADER_LEN])? {
+                Boundary::Data => {}
+                // Idle between packets is fine (the source decides when to send); liveness of
+                // an idle peer is the control connection's business.
+                Boundary::Idle if !self.closing.load(Ordering::Acquire) => continue,
+                Boundary::Idle | Boundary::Eof if self.finishing.load(Ordering::Acquire) => return Ok(()),
+                Boundary::Idle => return Ok(()),
+                Boundary::Eof => fail!(ConnectionClosed, "the source closed the channel before the migration completed"),
             }
             CommonHeader::decode(&buf[..COMMON_HEADER_LEN])?;
             if !read_exact(fd, &mut buf[COMMON_HEADER_LEN..])? {

@@ -34,6 +34,8 @@ pub fn advance(mut iov: &mut [libc::iovec], mut n: usize) -> &mut [libc::iovec] 
 pub fn io_error(what: &str, e: io::Error) -> Error {
     let code = match e.raw_os_error() {
         Some(libc::EPIPE | libc::ECONNRESET | libc::ESHUTDOWN) => ErrorCode::ConnectionClosed,
+        // A send/receive timeout (EAGAIN on a blocking socket) or TCP_USER_TIMEOUT expiring.
+        Some(libc::EAGAIN | libc::ETIMEDOUT) => ErrorCode::Timeout,
         _ => ErrorCode::Io,
     };
     Error::new(code, format!("{what}: {e}"))
@@ -117,6 +119,42 @@ pub fn write_all_flags(fd: RawFd, mut buf: &[u8], flags: libc::c_int) -> Result<
         buf = &buf[n as usize..];
     }
     Ok(())
+}
+
+/// How a read that starts at a packet boundary ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Boundary {
+    /// The buffer is full.
+    Data,
+    /// The peer closed the connection before the first byte.
+    Eof,
+    /// The receive timeout passed with no byte: the peer is idle, which is fine between packets.
+    Idle,
+}
+
+/// Reads `buf` starting at a packet boundary. A timeout before the first byte is `Idle`; once a
+/// byte has arrived, the rest must follow within the timeout (else `ERR_MULTIFD_TIMEOUT`).
+pub fn read_at_boundary(fd: RawFd, buf: &mut [u8]) -> Result<Boundary> {
+    let first = loop {
+        // SAFETY: buf is an exclusively borrowed slice of the given length.
+        let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+        if n >= 0 {
+            break n as usize;
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EINTR) => continue,
+            Some(libc::EAGAIN) => return Ok(Boundary::Idle),
+            _ => return Err(io_error("read from channel", e)),
+        }
+    };
+    if first == 0 {
+        return Ok(Boundary::Eof);
+    }
+    if first < buf.len() && !read_exact(fd, &mut buf[first..])? {
+        return Err(Error::new(ErrorCode::ConnectionClosed, format!("peer closed the channel after {first} of {} bytes", buf.len())));
+    }
+    Ok(Boundary::Data)
 }
 
 /// `readv_exact` into one byte slice.

@@ -37,6 +37,8 @@ pub struct SourceConfig {
     /// QEMU's `max-bandwidth`: bytes per second over all channels together; `None` for no
     /// limit. Changeable while the session runs ([`Source::set_max_bandwidth`]).
     pub max_bandwidth: Option<u64>,
+    /// How long a stalled destination may block a channel (see `Conn::set_peer_timeout`).
+    pub peer_timeout: Option<Duration>,
 }
 
 /// How much a bucket holds: QEMU measures `max-bandwidth` in windows of 100 ms
@@ -229,6 +231,9 @@ impl Source {
         for id in 0..config.channels {
             let conn = Arc::new(Conn::connect(&config.address, config.connect_timeout).map_err(|e| e.context(format!("channel {id}")))?);
             failure.watch(conn.clone());
+            if let Some(t) = config.peer_timeout {
+                conn.set_peer_timeout(t)?;
+            }
             if config.zero_copy {
                 zerocopy::enable(conn.fd()).map_err(|e| e.context(format!("channel {id}")))?;
             }

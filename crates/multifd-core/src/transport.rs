@@ -127,6 +127,32 @@ impl Conn {
         .map_err(|e| io_error("set write timeout", e))
     }
 
+    /// Bounds how long the peer may stall this connection: reads and writes block at most
+    /// `timeout` (then `ERR_MULTIFD_TIMEOUT`), and on TCP unacknowledged data or a silent
+    /// network is detected by TCP_USER_TIMEOUT and keepalive probes within about the same time.
+    pub fn set_peer_timeout(&self, timeout: Duration) -> Result<()> {
+        self.set_read_timeout(Some(timeout))?;
+        self.set_write_timeout(Some(timeout))?;
+        if let Conn::Tcp(_) = self {
+            let ms = timeout.as_millis().clamp(1, u32::MAX as u128) as libc::c_int;
+            let idle = (timeout.as_secs() / 2).clamp(1, 3600) as libc::c_int;
+            for (level, name, value) in [
+                (libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT, ms),
+                (libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1),
+                (libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, idle),
+                (libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, 1),
+                (libc::IPPROTO_TCP, libc::TCP_KEEPCNT, 3),
+            ] {
+                // SAFETY: setsockopt reads one c_int from a live local, on our own descriptor.
+                let rc = unsafe { libc::setsockopt(self.fd(), level, name, (&value as *const libc::c_int).cast(), size_of::<libc::c_int>() as libc::socklen_t) };
+                if rc != 0 {
+                    return Err(io_error("set TCP peer timeout options", io::Error::last_os_error()));
+                }
+            }
+        }
+        Ok(())
+    }
+
     pub fn is_tcp(&self) -> bool {
         matches!(self, Conn::Tcp(_))
     }

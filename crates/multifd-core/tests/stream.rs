@@ -70,6 +70,7 @@ fn record(compression: Compression, channels: u8) -> (Vec<Arc<RamBlock>>, Vec<Ve
             zero_page_detection: true,
             zero_copy: false,
             connect_timeout: Duration::from_secs(5),
+            peer_timeout: None,
             max_bandwidth: None,
         },
         Failure::new(Arc::new(move |e| drop(tx.lock().unwrap().send(e)))),

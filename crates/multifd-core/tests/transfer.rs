@@ -61,6 +61,7 @@ fn source_config(address: &Address, uuid: [u8; 16], channels: u8, compression: C
         zero_copy: false,
         max_bandwidth: None,
         connect_timeout: Duration::from_secs(5),
+            peer_timeout: None,
     }
 }
 
@@ -83,6 +84,7 @@ fn run(address: &str, channels: u8, compression: Compression) {
         compression,
         blocks: dst_blocks.clone(),
         channel_timeout: Duration::from_secs(5),
+        peer_timeout: None,
     })
     .unwrap();
     let (ssink, srx) = sink();
@@ -159,6 +161,7 @@ fn uuid_mismatch_fails_the_destination() {
         compression: Compression::None,
         blocks: vec![],
         channel_timeout: Duration::from_secs(5),
+        peer_timeout: None,
     })
     .unwrap();
     let (ssink, _srx) = sink();
@@ -184,6 +187,7 @@ fn missing_channels_time_out() {
         compression: Compression::None,
         blocks: vec![],
         channel_timeout: Duration::from_millis(300),
+        peer_timeout: None,
     })
     .unwrap();
     let Event::Failed(e) = wait_for(&drx, |e| matches!(e, Event::Failed(_))) else { unreachable!() };
@@ -206,6 +210,7 @@ fn close_right_after_channels_connect_never_hangs() {
             compression: Compression::None,
             blocks: vec![],
             channel_timeout: Duration::from_secs(5),
+        peer_timeout: None,
         })
         .unwrap();
         let (ssink, _srx) = sink();
@@ -220,6 +225,7 @@ fn close_right_after_channels_connect_never_hangs() {
                 zero_page_detection: true,
                 zero_copy: false,
                 connect_timeout: Duration::from_secs(5),
+            peer_timeout: None,
                 max_bandwidth: None,
             },
             Failure::new(ssink),

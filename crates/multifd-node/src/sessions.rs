@@ -73,6 +73,8 @@ pub struct ChannelOptions {
     pub zero_page_detection: bool,
     pub zero_copy: bool,
     pub connect_timeout_ms: u32,
+    /// How long a stalled destination may block a channel; absent for no limit.
+    pub peer_timeout_ms: Option<u32>,
     /// Bytes per second over all channels; absent for no limit.
     pub max_bandwidth: Option<f64>,
 }
@@ -145,6 +147,7 @@ impl NativeSource {
             zero_page_detection: options.zero_page_detection,
             zero_copy: options.zero_copy,
             connect_timeout: ms(options.connect_timeout_ms),
+            peer_timeout: options.peer_timeout_ms.map(ms),
             max_bandwidth: bandwidth(options.max_bandwidth)?,
         };
         *slot = Some(Source::start(config, self.failure.clone()).into_napi()?);
@@ -231,6 +234,8 @@ pub struct DestinationOptions {
     pub page_size: u32,
     pub compression: String,
     pub channel_timeout_ms: u32,
+    /// How long a stalled source may keep a channel mid-packet; absent for no limit.
+    pub peer_timeout_ms: Option<u32>,
 }
 
 #[napi]
@@ -288,6 +293,7 @@ impl NativeDestination {
                 compression: Compression::from_name(&options.compression).into_napi()?,
                 blocks: self.blocks.lock().unwrap().clone(),
                 channel_timeout: ms(options.channel_timeout_ms),
+                peer_timeout: options.peer_timeout_ms.map(ms),
             })
             .into_napi()
     }
