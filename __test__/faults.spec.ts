@@ -7,7 +7,7 @@ import test from 'ava'
 import net from 'node:net'
 import { Destination, MultifdError, Source, migrate } from '../ts/index.js'
 import { readdirSync, readlinkSync } from 'node:fs'
-import { MiB, blockPair, fdCount, rejectionCode, sameBytes, spawnPeer, threadCount, until } from './helpers.js'
+import { MiB, blockPair, fdCount, rejectionCode, sameBytes, spawnPeer, threadCount, until, whenTrue } from './helpers.js'
 
 const fdList = (): string[] => readdirSync('/proc/self/fd').map((f) => { try { return `${f}:${readlinkSync(`/proc/self/fd/${f}`)}` } catch { return f } })
 
@@ -65,15 +65,7 @@ test.serial('one channel connection cut mid-transfer: both sides fail with the f
   // Throttled so the cut surely lands mid-transfer.
   const source = await Source.connect({ address: p.address, blocks: src, channels: 4, maxBandwidth: 32 * MiB })
   const sending = rejectionCode(source.sendAll().then(() => source.complete()))
-  await until(new Promise<void>((resolve) => {
-    const poll = setInterval(() => {
-      // Control + 4 channels accepted by the proxy, and data flowing.
-      if (p.accepted() === 5 && source.stats().bytes > 2 * MiB) {
-        clearInterval(poll)
-        resolve()
-      }
-    }, 1)
-  }), 10_000, 'all connections and first bytes')
+  await whenTrue(() => p.accepted() === 5 && source.stats().bytes > 2 * MiB, 10_000, 'all connections and first bytes')
   const cutAt = performance.now()
   t.true(p.cut(2), 'connection 2 (a multifd channel: connection 0 is the control one) exists')
   t.is(await until(sending, 5000, 'source failure'), 'ERR_MULTIFD_CONNECTION_CLOSED')
@@ -100,14 +92,7 @@ test('destination restarted mid-way: the source fails within 5 s, then migrates 
   const { src } = blockPair([['big', 64 * MiB]])
   const source = await Source.connect({ address, blocks: src, channels: 4, maxBandwidth: 32 * MiB })
   const sending = rejectionCode(source.sendAll().then(() => source.complete()))
-  await until(new Promise<void>((resolve) => {
-    const poll = setInterval(() => {
-      if (source.stats().bytes > 2 * MiB) {
-        clearInterval(poll)
-        resolve()
-      }
-    }, 1)
-  }), 10_000, 'first bytes')
+  await whenTrue(() => source.stats().bytes > 2 * MiB, 10_000, 'first bytes')
   const killedAt = performance.now()
   first.child.kill('SIGKILL')
   t.is(await until(sending, 5000, 'source failure'), 'ERR_MULTIFD_CONNECTION_CLOSED')
@@ -130,14 +115,7 @@ test('a peer that stops reading and writing is detected by peerTimeoutMs on both
   t.teardown(() => p.close())
   const source = await Source.connect({ address: p.address, blocks: src, channels: 4, peerTimeoutMs: 1000, maxBandwidth: 32 * MiB })
   const sending = rejectionCode(source.sendAll().then(() => source.complete()))
-  await until(new Promise<void>((resolve) => {
-    const poll = setInterval(() => {
-      if (p.accepted() === 5 && source.stats().bytes > 2 * MiB) {
-        clearInterval(poll)
-        resolve()
-      }
-    }, 1)
-  }), 10_000, 'all connections and first bytes')
+  await whenTrue(() => p.accepted() === 5 && source.stats().bytes > 2 * MiB, 10_000, 'all connections and first bytes')
   const stalledAt = performance.now()
   p.stall()
   t.is(await until(sending, 5000, 'source failure'), 'ERR_MULTIFD_TIMEOUT')
@@ -151,12 +129,13 @@ test('a peer that stops reading and writing is detected by peerTimeoutMs on both
 test('without traffic, a healthy idle session does not time out (pings keep it alive)', async (t) => {
   t.timeout(30_000)
   const { src, dst } = blockPair([['m', MiB]])
-  const dest = Destination.listen({ address: 'tcp:127.0.0.1:0', blocks: dst, peerTimeoutMs: 300 })
-  const source = await Source.connect({ address: dest.address, blocks: src, channels: 2, peerTimeoutMs: 300 })
+  const dest = Destination.listen({ address: 'tcp:127.0.0.1:0', blocks: dst, peerTimeoutMs: 1000 })
+  const source = await Source.connect({ address: dest.address, blocks: src, channels: 2, peerTimeoutMs: 1000 })
   await source.sendAll()
   await source.sync()
-  // Idle for several timeouts: the channels sit at packet boundaries, control pings flow.
-  await new Promise((r) => setTimeout(r, 1200))
+  // Idle for several timeouts (this wait is the behaviour under test, not synchronisation):
+  // the channels sit at packet boundaries while control pings flow.
+  await new Promise((r) => setTimeout(r, 2500))
   t.is(source.state, 'active')
   t.is(dest.state, 'active')
   await source.complete()

@@ -70,6 +70,22 @@ export function until<T>(p: Promise<T>, ms: number, what: string): Promise<T> {
   ]).finally(() => clearTimeout(timer))
 }
 
+/** Resolves once `check()` is true, checked every millisecond; rejects after `ms`. */
+export function whenTrue(check: () => boolean, ms: number, what: string): Promise<void> {
+  return until(
+    new Promise<void>((resolve) => {
+      const poll = setInterval(() => {
+        if (check()) {
+          clearInterval(poll)
+          resolve()
+        }
+      }, 1)
+    }),
+    ms,
+    what,
+  )
+}
+
 const PEER = fileURLToPath(new URL('./fixtures/peer.ts', import.meta.url))
 
 /** A peer process (fixtures/peer.ts) whose stdout lines are JSON messages. */

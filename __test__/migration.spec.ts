@@ -5,7 +5,7 @@ import { mkdtempSync, readFileSync, rmSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { Destination, MultifdError, RamBlock, Source, migrate, type MigrationState } from '../ts/index.js'
-import { MiB, blockPair, fdCount, rawControl, rejectionCode, sameBytes, scribble, sha256, spawnPeer, threadCount, until } from './helpers.js'
+import { MiB, blockPair, fdCount, rawControl, rejectionCode, sameBytes, scribble, sha256, spawnPeer, threadCount, until, whenTrue } from './helpers.js'
 
 // Odd sizes: not multiples of a 128-page packet.
 const ODD: Array<[string, number]> = [
@@ -167,14 +167,7 @@ test('cancel mid-transfer with 16 channels, then a fresh migration from the same
   const source = await Source.connect({ address: dest.address, blocks: src, channels: 16, maxBandwidth: 32 * MiB })
   // Handle the rejection from the start: it happens while cancel() runs.
   const sending = rejectionCode(source.sendAll())
-  await until(new Promise<void>((resolve) => {
-    const poll = setInterval(() => {
-      if (source.stats().bytes > MiB) {
-        clearInterval(poll)
-        resolve()
-      }
-    }, 1)
-  }), 10_000, 'first bytes')
+  await whenTrue(() => source.stats().bytes > MiB, 10_000, 'first bytes')
   await source.cancel()
   t.is(source.state, 'cancelled')
   t.is(source.error?.code, 'ERR_MULTIFD_CANCELLED')
