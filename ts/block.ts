@@ -124,6 +124,11 @@ export class RamBlock {
     this.native.markAllDirty()
   }
 
+  /** xxh3-64 of the whole block (16 hex digits). */
+  digest(): string {
+    return this.native.digest()
+  }
+
   /** Pages marked dirty and not yet sent. */
   get dirtyPages(): number {
     return this.native.dirtyPages()

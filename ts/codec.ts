@@ -99,6 +99,8 @@ const PacketFields = z.strictObject({
   zeroPages: u32.optional(),
   nextPacketSize: u32.optional(),
   packetNum: u64.default(0n),
+  /** The integrity digest word (bytes 40..48); 0 as QEMU writes it. */
+  digest: u64.default(0n),
   block: z.string().default(''),
   pageSize: PageSize.default(4096),
 })
@@ -122,6 +124,7 @@ export function encodePacketHeader(fields: PacketFields): Buffer {
         zeroPages: f.zeroPages ?? f.zeroOffsets.length,
         nextPacketSize: f.nextPacketSize ?? normalPages * f.pageSize,
         packetNum: f.packetNum,
+        digest: f.digest,
         block: f.block,
         offsets: [...f.normalOffsets, ...f.zeroOffsets],
       },

@@ -51,6 +51,7 @@ export class Destination extends Session {
   #blocks: RamBlock[] = []
   #channels = 0
   #epoch = 0
+  #integrity = false
   #round = 0
   #closed = false
   #helloTimer: NodeJS.Timeout | undefined
@@ -143,7 +144,7 @@ export class Destination extends Session {
           this.#round = m.round
           return
         case 'complete':
-          return this.#onComplete(m.epoch)
+          return this.#onComplete(m.epoch, m.digests)
         case 'cancel':
           return this.fail(Object.assign(new MultifdError('ERR_MULTIFD_CANCELLED', 'the source cancelled the migration'), { remote: true }), 'cancelled')
         case 'error':
@@ -168,6 +169,7 @@ export class Destination extends Session {
     const blocks = await this.#resolveBlocks(h)
     this.#blocks = blocks
     this.#channels = h.channels
+    this.#integrity = h.integrity === 'xxh3'
     for (const b of blocks) this.#native.addBlock(b.native)
     native(() =>
       this.#native.configure({
@@ -176,6 +178,7 @@ export class Destination extends Session {
         pageSize: h.pageSize,
         compression: h.compression,
         channelTimeoutMs: this.#options.channelTimeoutMs,
+        integrity: this.#integrity,
         ...(this.#options.peerTimeoutMs === undefined ? {} : { peerTimeoutMs: this.#options.peerTimeoutMs }),
       }),
     )
@@ -202,10 +205,19 @@ export class Destination extends Session {
     return table.map((t) => byName.get(t.name)!)
   }
 
-  #onComplete(epoch: number): void {
+  #onComplete(epoch: number, digests?: Array<{ name: string; xxh3: string }>): void {
     if (this.state !== 'active') throw new MultifdError('ERR_MULTIFD_PROTOCOL', `complete arrived in state ${this.state}`)
     if (epoch !== this.#epoch) {
       throw new MultifdError('ERR_MULTIFD_PROTOCOL', `source completed after sync ${epoch}, but this destination passed sync ${this.#epoch}`)
+    }
+    if (this.#integrity) {
+      if (!digests || digests.length !== this.#blocks.length) throw new MultifdError('ERR_MULTIFD_PROTOCOL', 'integrity was negotiated but complete carries no block digests')
+      for (const d of digests) {
+        const b = this.#blocks.find((x) => x.name === d.name)
+        if (!b) throw new MultifdError('ERR_MULTIFD_PROTOCOL', `complete carries a digest for unknown block ${JSON.stringify(d.name)}`)
+        const here = b.digest()
+        if (here !== d.xxh3) throw new MultifdError('ERR_MULTIFD_INTEGRITY', `block ${JSON.stringify(d.name)} differs after the migration: xxh3 ${here} here, ${d.xxh3} on the source`)
+      }
     }
     this.setState('device')
     native(() => this.#native.finish())

@@ -37,6 +37,7 @@ export const ERROR_CODES = [
   'ERR_MULTIFD_INCOMPLETE',
   'ERR_MULTIFD_NO_SPACE',
   'ERR_MULTIFD_NO_CONVERGENCE',
+  'ERR_MULTIFD_INTEGRITY',
 ] as const
 
 export type MultifdErrorCode = (typeof ERROR_CODES)[number]

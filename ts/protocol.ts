@@ -18,11 +18,18 @@ export const ControlMessage = z.discriminatedUnion('type', [
     pageSize: z.int(),
     compression: z.enum(['none', 'zlib', 'zstd']),
     blocks: z.array(BlockEntry).max(4096),
+    /** End-to-end integrity: per-packet and per-block xxh3-64 digests. Absent = none. */
+    integrity: z.enum(['none', 'xxh3']).optional(),
   }),
   z.object({ type: z.literal('welcome'), protocol: z.int() }),
   z.object({ type: z.literal('round'), round: z.int().nonnegative() }),
   z.object({ type: z.literal('synced'), epoch: z.int().positive(), packetNum: z.number().nonnegative() }),
-  z.object({ type: z.literal('complete'), epoch: z.int().nonnegative() }),
+  z.object({
+    type: z.literal('complete'),
+    epoch: z.int().nonnegative(),
+    /** With integrity: each block's xxh3-64, compared by the destination before it completes. */
+    digests: z.array(z.strictObject({ name: z.string(), xxh3: z.string().regex(/^[0-9a-f]{16}$/) })).max(4096).optional(),
+  }),
   z.object({ type: z.literal('completed') }),
   z.object({ type: z.literal('cancel') }),
   /** Liveness: sent every third of `peerTimeoutMs` by a side that has one; ignored otherwise. */

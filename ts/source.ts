@@ -41,6 +41,13 @@ const SourceOptions = z.strictObject({
    */
   peerTimeoutMs: z.int().min(100).max(3_600_000).optional(),
   /**
+   * End-to-end integrity (negotiated; not a QEMU feature): every packet carries an xxh3-64
+   * digest of its data pages in a reserved header word (a QEMU peer would ignore it), the
+   * destination checks it after the pages land, and each whole block's digest is compared at
+   * completion. A mismatch fails with ERR_MULTIFD_INTEGRITY naming the channel, block and pages.
+   */
+  integrity: z.enum(['none', 'xxh3']).default('none'),
+  /**
    * QEMU's `max-bandwidth`: bytes per second over all channels of the session together
    * (headers included); absent for no limit. Change it while the session runs with
    * `setMaxBandwidth`.
@@ -124,6 +131,7 @@ export class Source extends Session {
         pageSize: o.pageSize,
         compression: o.compression,
         blocks: o.blocks.map((b) => ({ name: b.name, length: b.size })),
+        ...(o.integrity === 'none' ? {} : { integrity: o.integrity }),
       })
       await this.waitFor(() => (this.#welcomed ? true : undefined), 'the destination welcome', o.handshakeTimeoutMs)
       const nativeSource = this.#native
@@ -136,6 +144,7 @@ export class Source extends Session {
           ...(o.compressionLevel === undefined ? {} : { compressionLevel: o.compressionLevel }),
           zeroPageDetection: o.zeroPageDetection === 'multifd',
           zeroCopy: o.zeroCopySend,
+          integrity: o.integrity === 'xxh3',
           connectTimeoutMs: o.connectTimeoutMs,
           ...(o.peerTimeoutMs === undefined ? {} : { peerTimeoutMs: o.peerTimeoutMs }),
           ...(o.maxBandwidth === undefined ? {} : { maxBandwidth: o.maxBandwidth }),
@@ -340,7 +349,7 @@ export class Source extends Session {
     this.setState('device')
     try {
       const epoch = await this.sync()
-      this.#send({ type: 'complete', epoch })
+      this.#send({ type: 'complete', epoch, ...(this.#options.integrity === 'xxh3' ? { digests: this.blocks.map((b) => ({ name: b.name, xxh3: b.digest() })) } : {}) })
       await this.waitFor(() => (this.#completed ? true : undefined), 'the destination completion', this.#options.handshakeTimeoutMs)
       this.succeed()
     } catch (e) {

@@ -42,6 +42,8 @@ export declare class Block {
   markDirty(offset: number, length: number): void
   /** Marks every page dirty. */
   markAllDirty(): void
+  /** xxh3-64 of the whole block, as 16 hex digits (the integrity check at completion). */
+  digest(): string
   /** Number of dirty pages. */
   dirtyPages(): number
   clearDirty(): void
@@ -167,6 +169,8 @@ export interface ChannelOptions {
   connectTimeoutMs: number
   /** How long a stalled destination may block a channel; absent for no limit. */
   peerTimeoutMs?: number
+  /** Put an xxh3-64 digest of each packet's data pages in its header. */
+  integrity: boolean
   /** Bytes per second over all channels; absent for no limit. */
   maxBandwidth?: number
 }
@@ -185,6 +189,8 @@ export interface DestinationOptions {
   channelTimeoutMs: number
   /** How long a stalled source may keep a channel mid-packet; absent for no limit. */
   peerTimeoutMs?: number
+  /** Check each packet's data pages against the digest in its header. */
+  integrity: boolean
 }
 
 export declare function encodeInitPacket(uuid: Uint8Array, channelId: number): Buffer
@@ -259,6 +265,8 @@ export interface PacketHeaderFields {
   zeroPages: number
   nextPacketSize: number
   packetNum: bigint
+  /** The reserved word carrying our integrity digest (0 when unused, as QEMU writes it). */
+  digest?: bigint
   block: string
   /** Normal offsets first, then zero offsets, as on the wire. */
   offsets: Array<bigint>

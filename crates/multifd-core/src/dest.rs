@@ -27,6 +27,8 @@ pub struct DestConfig {
     pub channel_timeout: Duration,
     /// How long a stalled source may keep a channel mid-packet (see `Conn::set_peer_timeout`).
     pub peer_timeout: Option<Duration>,
+    /// Check each packet's data pages against the digest in its header (negotiated).
+    pub integrity: bool,
 }
 
 /// The blocks by name, for the validator.
@@ -62,6 +64,7 @@ struct Session {
     claims: Mutex<ChannelClaims>,
     deadline: Instant,
     peer_timeout: Option<Duration>,
+    integrity: bool,
     barrier: Barrier,
     stats: Vec<ChannelStats>,
 }
@@ -172,6 +175,7 @@ impl Destination {
             claims: Mutex::new(ChannelClaims::new(n)?),
             deadline: Instant::now() + config.channel_timeout,
             peer_timeout: config.peer_timeout,
+            integrity: config.integrity,
             barrier: Barrier { state: Mutex::new(BarrierState { arrived: 0, epoch: 0, high_water: 0, stopping: false }), cv: Condvar::new() },
             stats: (0..n).map(|_| ChannelStats::default()).collect(),
         });
@@ -445,6 +449,9 @@ impl Inner {
                     }
                     pages.resize(header.normal_pages as usize * page, 0);
                     d.decompress(&payload, &mut pages)?;
+                    if s.integrity {
+                        check_digest(&header, id, block.name(), pages.chunks_exact(page))?;
+                    }
                     for (&o, data) in header.normal_offsets().iter().zip(pages.chunks_exact(page)) {
                         block.received.set((o / page as u64) as usize);
                         // SAFETY: `page_ptr` checked the page lies inside the block (the
@@ -475,6 +482,9 @@ impl Inner {
                 // Arc to every block for as long as this thread runs.
                 if !iov.is_empty() && !unsafe { readv_exact(fd, &mut iov)? } {
                     fail!(ConnectionClosed, "unexpected end of stream before the packet's pages");
+                }
+                if s.integrity {
+                    check_digest(&header, id, block.name(), header.normal_offsets().iter().map(|&o| block.page(o)))?;
                 }
                 ChannelStats::add(&stats.normal_pages, u64::from(header.normal_pages));
                 ChannelStats::add(&stats.zero_pages, u64::from(header.zero_pages));
@@ -511,4 +521,24 @@ impl Inner {
         }
         Ok(())
     }
+}
+
+/// Fails with `ERR_MULTIFD_INTEGRITY`, naming channel, block and pages, unless the data pages
+/// hash to the digest their header carries.
+fn check_digest<'a>(header: &PacketHeader, channel: u8, block: &str, pages: impl Iterator<Item = &'a [u8]>) -> Result<()> {
+    if header.normal_pages == 0 {
+        return Ok(());
+    }
+    let got = crate::integrity::pages_digest(pages);
+    if got != header.digest {
+        let first = header.normal_offsets().first().copied().unwrap_or(0);
+        fail!(
+            Integrity,
+            "channel {channel}, block {block:?}, packet {} ({} data pages from offset 0x{first:x}): data digest 0x{got:016x}, header says 0x{:016x}",
+            header.packet_num,
+            header.normal_pages,
+            header.digest
+        );
+    }
+    Ok(())
 }

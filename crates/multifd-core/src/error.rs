@@ -104,6 +104,8 @@ error_codes! {
     /// A live migration whose dirty pages never fit the downtime limit within its rounds,
     /// with the policy `onNoConvergence: 'fail'`.
     NoConvergence => "ERR_MULTIFD_NO_CONVERGENCE",
+    /// A payload or block digest differs (integrity negotiated): data changed on the way.
+    Integrity => "ERR_MULTIFD_INTEGRITY",
 }
 
 impl fmt::Display for ErrorCode {

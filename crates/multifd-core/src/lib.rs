@@ -10,6 +10,7 @@ pub mod control;
 pub mod dest;
 pub mod error;
 mod hex;
+pub mod integrity;
 pub mod io;
 pub mod mapped_ram;
 pub mod qemu_file;

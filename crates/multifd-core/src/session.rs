@@ -149,13 +149,15 @@ impl Failure {
             return false;
         }
         self.failed.store(true, Ordering::Release);
+        // The event goes out before anything is woken: a waiter that now ends with this error
+        // (and reports it as its own event) is always seen after the session's failure.
+        (self.events)(Event::Failed(err));
         for c in self.conns.lock().unwrap().iter() {
             c.shutdown();
         }
         for w in self.wake.lock().unwrap().iter() {
             w();
         }
-        (self.events)(Event::Failed(err));
         true
     }
 }

@@ -39,6 +39,8 @@ pub struct SourceConfig {
     pub max_bandwidth: Option<u64>,
     /// How long a stalled destination may block a channel (see `Conn::set_peer_timeout`).
     pub peer_timeout: Option<Duration>,
+    /// Put an xxh3-64 digest of each packet's data pages in the header (negotiated).
+    pub integrity: bool,
 }
 
 /// How much a bucket holds: QEMU measures `max-bandwidth` in windows of 100 ms
@@ -516,6 +518,7 @@ impl Shared {
                     header.normal_pages = normal;
                     header.zero_pages = zeros.len() as u32;
                     header.next_packet_size = normal * g.page_size();
+                    header.digest = if cfg.integrity { crate::integrity::pages_digest(header.offsets[..normal as usize].iter().map(|&o| block.page(o))) } else { 0 };
                     if let Some(c) = compressor.as_mut().filter(|_| normal > 0) {
                         c.compress(&mut header.offsets[..normal as usize].iter().map(|&o| block.page(o)), &mut payload)?;
                         header.next_packet_size = payload.len() as u32;

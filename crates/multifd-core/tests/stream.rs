@@ -71,6 +71,7 @@ fn record(compression: Compression, channels: u8) -> (Vec<Arc<RamBlock>>, Vec<Ve
             zero_copy: false,
             connect_timeout: Duration::from_secs(5),
             peer_timeout: None,
+            integrity: false,
             max_bandwidth: None,
         },
         Failure::new(Arc::new(move |e| drop(tx.lock().unwrap().send(e)))),

@@ -62,6 +62,7 @@ fn source_config(address: &Address, uuid: [u8; 16], channels: u8, compression: C
         max_bandwidth: None,
         connect_timeout: Duration::from_secs(5),
             peer_timeout: None,
+            integrity: false,
     }
 }
 
@@ -85,6 +86,7 @@ fn run(address: &str, channels: u8, compression: Compression) {
         blocks: dst_blocks.clone(),
         channel_timeout: Duration::from_secs(5),
         peer_timeout: None,
+        integrity: false,
     })
     .unwrap();
     let (ssink, srx) = sink();
@@ -162,6 +164,7 @@ fn uuid_mismatch_fails_the_destination() {
         blocks: vec![],
         channel_timeout: Duration::from_secs(5),
         peer_timeout: None,
+        integrity: false,
     })
     .unwrap();
     let (ssink, _srx) = sink();
@@ -188,6 +191,7 @@ fn missing_channels_time_out() {
         blocks: vec![],
         channel_timeout: Duration::from_millis(300),
         peer_timeout: None,
+        integrity: false,
     })
     .unwrap();
     let Event::Failed(e) = wait_for(&drx, |e| matches!(e, Event::Failed(_))) else { unreachable!() };
@@ -211,6 +215,7 @@ fn close_right_after_channels_connect_never_hangs() {
             blocks: vec![],
             channel_timeout: Duration::from_secs(5),
         peer_timeout: None,
+        integrity: false,
         })
         .unwrap();
         let (ssink, _srx) = sink();
@@ -226,6 +231,7 @@ fn close_right_after_channels_connect_never_hangs() {
                 zero_copy: false,
                 connect_timeout: Duration::from_secs(5),
             peer_timeout: None,
+            integrity: false,
                 max_bandwidth: None,
             },
             Failure::new(ssink),

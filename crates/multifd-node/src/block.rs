@@ -157,6 +157,12 @@ impl Block {
         self.inner.dirty.set_all();
     }
 
+    /// xxh3-64 of the whole block, as 16 hex digits (the integrity check at completion).
+    #[napi]
+    pub fn digest(&self) -> String {
+        format!("{:016x}", multifd_core::integrity::block_digest(&self.inner))
+    }
+
     /// Number of dirty pages.
     #[napi]
     pub fn dirty_pages(&self) -> f64 {

@@ -89,6 +89,8 @@ pub struct PacketHeaderFields {
     pub zero_pages: u32,
     pub next_packet_size: u32,
     pub packet_num: BigInt,
+    /// The reserved word carrying our integrity digest (0 when unused, as QEMU writes it).
+    pub digest: Option<BigInt>,
     pub block: String,
     /// Normal offsets first, then zero offsets, as on the wire.
     pub offsets: Vec<BigInt>,
@@ -156,6 +158,7 @@ pub fn encode_packet_header(fields: PacketHeaderFields, page_size: u32) -> napi:
         zero_pages: fields.zero_pages,
         next_packet_size: fields.next_packet_size,
         packet_num: u64_of(&fields.packet_num, "packetNum")?,
+        digest: fields.digest.as_ref().map(|d| u64_of(d, "digest")).transpose()?.unwrap_or(0),
         block: fields.block.into_bytes(),
         offsets,
     };

@@ -75,6 +75,8 @@ pub struct ChannelOptions {
     pub connect_timeout_ms: u32,
     /// How long a stalled destination may block a channel; absent for no limit.
     pub peer_timeout_ms: Option<u32>,
+    /// Put an xxh3-64 digest of each packet's data pages in its header.
+    pub integrity: bool,
     /// Bytes per second over all channels; absent for no limit.
     pub max_bandwidth: Option<f64>,
 }
@@ -149,6 +151,7 @@ impl NativeSource {
             connect_timeout: ms(options.connect_timeout_ms),
             peer_timeout: options.peer_timeout_ms.map(ms),
             max_bandwidth: bandwidth(options.max_bandwidth)?,
+            integrity: options.integrity,
         };
         *slot = Some(Source::start(config, self.failure.clone()).into_napi()?);
         Ok(())
@@ -236,6 +239,8 @@ pub struct DestinationOptions {
     pub channel_timeout_ms: u32,
     /// How long a stalled source may keep a channel mid-packet; absent for no limit.
     pub peer_timeout_ms: Option<u32>,
+    /// Check each packet's data pages against the digest in its header.
+    pub integrity: bool,
 }
 
 #[napi]
@@ -294,6 +299,7 @@ impl NativeDestination {
                 blocks: self.blocks.lock().unwrap().clone(),
                 channel_timeout: ms(options.channel_timeout_ms),
                 peer_timeout: options.peer_timeout_ms.map(ms),
+                integrity: options.integrity,
             })
             .into_napi()
     }

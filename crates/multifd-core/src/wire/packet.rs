@@ -9,6 +9,9 @@ const AT_NORMAL: usize = 16;
 const AT_NEXT_SIZE: usize = 20;
 const AT_PACKET_NUM: usize = 24;
 const AT_ZERO: usize = 32;
+/// The first reserved u64 (`unused64[0]`): our optional payload digest; QEMU writes 0 here and
+/// ignores it on receipt.
+const AT_DIGEST: usize = 40;
 const AT_NAME: usize = 64;
 const AT_OFFSETS: usize = 320;
 
@@ -59,6 +62,8 @@ pub struct PacketHeader {
     pub zero_pages: u32,
     pub next_packet_size: u32,
     pub packet_num: u64,
+    /// xxh3-64 of the normal pages when integrity is negotiated; 0 (as QEMU writes) otherwise.
+    pub digest: u64,
     /// The block name without its NUL; empty in packets that carry no pages.
     pub block: Vec<u8>,
     pub offsets: Vec<u64>,
@@ -90,6 +95,7 @@ impl PacketHeader {
             zero_pages: zero.len() as u32,
             next_packet_size,
             packet_num,
+            digest: 0,
             block: block.to_vec(),
             offsets,
         }
@@ -132,6 +138,7 @@ impl PacketHeader {
         out[AT_NEXT_SIZE..AT_NEXT_SIZE + 4].copy_from_slice(&self.next_packet_size.to_be_bytes());
         out[AT_PACKET_NUM..AT_PACKET_NUM + 8].copy_from_slice(&self.packet_num.to_be_bytes());
         out[AT_ZERO..AT_ZERO + 4].copy_from_slice(&self.zero_pages.to_be_bytes());
+        out[AT_DIGEST..AT_DIGEST + 8].copy_from_slice(&self.digest.to_be_bytes());
         out[AT_NAME..AT_NAME + self.block.len()].copy_from_slice(&self.block);
         for (slot, offset) in out[AT_OFFSETS..].chunks_exact_mut(8).zip(&self.offsets) {
             slot.copy_from_slice(&offset.to_be_bytes());
@@ -173,6 +180,7 @@ impl PacketHeader {
         self.zero_pages = zero;
         self.next_packet_size = be32(buf, AT_NEXT_SIZE);
         self.packet_num = be64(buf, AT_PACKET_NUM);
+        self.digest = be64(buf, AT_DIGEST);
         self.block.clear();
         self.offsets.clear();
         let listed = (normal + zero) as usize;
