@@ -7,7 +7,6 @@ step() { printf '\n== %s\n' "$*"; }
 
 step "build native addon (debug)"
 npm run --silent build:native:debug
-rm -f target/.release-addon   # the demo and benchmarks rebuild the optimised addon
 step "type-check (tsc --noEmit)"
 npx tsc --noEmit -p tsconfig.json
 step "cargo clippy"

@@ -3,25 +3,9 @@ import { z } from 'zod'
 import { binding } from './native.js'
 import { native } from './errors.js'
 import { parseOptions } from './options.js'
+import type { QemuFileInfo } from './native/binding.cjs'
 
-export interface QemuBlockInfo {
-  name: string
-  length: number
-  pageSize: number
-  pagesPresent: number
-  bitmapOffset: number
-  pagesOffset: number
-}
-
-export interface QemuFileInfo {
-  /** Machine type from the configuration section, e.g. `pc-i440fx-10.0`. */
-  machine: string
-  capabilities: string[]
-  fileLength: number
-  /** The stream reaches its end marker (an interrupted save does not). */
-  complete: boolean
-  blocks: QemuBlockInfo[]
-}
+export type { QemuBlockInfo, QemuFileInfo } from './native/binding.cjs'
 
 /** Parses the stream header, configuration section and RAM block list of a QEMU file. */
 export function inspectQemuFile(path: string): QemuFileInfo {

@@ -3,28 +3,13 @@
  * failure, request promises keyed by id, and stats.
  */
 import { EventEmitter } from 'node:events'
+import type { ChannelCounters } from './native/binding.cjs'
 import { MultifdError, asMultifdError } from './errors.js'
 import { type MigrationState, type Role, errorChannel, isFinal, stateChannel, syncChannel, warningChannel } from './state.js'
 import type { RoundStats } from './live.js'
 
-export interface ChannelStats {
-  /** Bytes on the channel, headers included. */
-  bytes: number
-  packets: number
-  normalPages: number
-  zeroPages: number
-  syncs: number
-  /** MSG_ZEROCOPY sends issued (source, with `zeroCopySend`). */
-  zeroCopySends: number
-  /** Zero-copy completions reaped from the socket error queue. */
-  zeroCopyCompletions: number
-  /** Completions where the kernel copied anyway (always on loopback). */
-  zeroCopyCopied: number
-  /** ENOBUFS returns (locked-memory limit); retried after reaping completions. */
-  zeroCopyEnobufs: number
-  /** 1 on a channel that fell back to copying sends. */
-  zeroCopyFallbacks: number
-}
+/** One channel's counters, read from Rust atomics (fields documented in `ChannelCounters`). */
+export type ChannelStats = ChannelCounters
 
 export interface Stats extends ChannelStats {
   channels: ChannelStats[]

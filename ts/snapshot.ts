@@ -7,33 +7,11 @@ import { binding, type NativeEvent } from './native.js'
 import { MultifdError, native } from './errors.js'
 import { RamBlock, RamBlockSchema } from './block.js'
 import { parseOptions } from './options.js'
+import type { FileProgress, SnapshotBlockInfo, SnapshotFileInfo } from './native/binding.cjs'
 
-export interface SnapshotBlockInfo {
-  name: string
-  length: number
-  headerOffset: number
-  bitmapOffset: number
-  pagesOffset: number
-  pagesPresent: number
-}
-
-export interface SnapshotInfo {
-  /** False while a snapshot is being written, or after one was interrupted. */
-  complete: boolean
-  pageSize: number
-  /** Completed snapshots written into this file (incremental ones included). */
-  generation: number
-  fileLength: number
-  blocks: SnapshotBlockInfo[]
-}
-
-export interface FileProgress {
-  /** Bytes of block memory covered so far, and in all. */
-  bytes: number
-  total: number
-  pages: number
-  zeroPages: number
-}
+export type { FileProgress, SnapshotBlockInfo } from './native/binding.cjs'
+/** What a snapshot file holds (as `inspectSnapshot` reads it). */
+export type SnapshotInfo = SnapshotFileInfo
 
 export interface FileSummary {
   status: 'completed'

@@ -300,9 +300,11 @@ export interface QemuBlockInfo {
 }
 
 export interface QemuFileInfo {
+  /** Machine type from the configuration section, e.g. `pc-i440fx-10.0`. */
   machine: string
   capabilities: Array<string>
   fileLength: number
+  /** The stream reaches its end marker (an interrupted save does not). */
   complete: boolean
   blocks: Array<QemuBlockInfo>
 }
@@ -330,8 +332,10 @@ export interface SnapshotBlockInfo {
 }
 
 export interface SnapshotFileInfo {
+  /** False while a snapshot is being written, or after one was interrupted. */
   complete: boolean
   pageSize: number
+  /** Completed snapshots written into this file (incremental ones included). */
   generation: number
   fileLength: number
   blocks: Array<SnapshotBlockInfo>

@@ -220,20 +220,7 @@ fn close_right_after_channels_connect_never_hangs() {
         .unwrap();
         let (ssink, _srx) = sink();
         let source = Source::start(
-            SourceConfig {
-                address: dest.address().clone(),
-                uuid: [3; 16],
-                channels: 8,
-                geometry: Geometry::x86(),
-                compression: Compression::None,
-                compression_level: None,
-                zero_page_detection: true,
-                zero_copy: false,
-                connect_timeout: Duration::from_secs(5),
-            peer_timeout: None,
-            integrity: false,
-                max_bandwidth: None,
-            },
+            source_config(dest.address(), [3; 16], 8, Compression::None),
             Failure::new(ssink),
         )
         .unwrap();

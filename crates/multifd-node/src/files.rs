@@ -29,8 +29,10 @@ pub struct SnapshotBlockInfo {
 
 #[napi(object)]
 pub struct SnapshotFileInfo {
+    /// False while a snapshot is being written, or after one was interrupted.
     pub complete: bool,
     pub page_size: u32,
+    /// Completed snapshots written into this file (incremental ones included).
     pub generation: f64,
     pub file_length: f64,
     pub blocks: Vec<SnapshotBlockInfo>,

@@ -21,9 +21,11 @@ pub struct QemuBlockInfo {
 
 #[napi(object)]
 pub struct QemuFileInfo {
+    /// Machine type from the configuration section, e.g. `pc-i440fx-10.0`.
     pub machine: String,
     pub capabilities: Vec<String>,
     pub file_length: f64,
+    /// The stream reaches its end marker (an interrupted save does not).
     pub complete: bool,
     pub blocks: Vec<QemuBlockInfo>,
 }
