@@ -1,7 +1,9 @@
 import { createHash, randomFillSync, randomInt } from 'node:crypto'
-import { readFileSync, readdirSync } from 'node:fs'
+import { mkdtempSync, readFileSync, readdirSync } from 'node:fs'
 import net from 'node:net'
-import { spawn, type ChildProcess } from 'node:child_process'
+import { execFileSync, spawn, type ChildProcess } from 'node:child_process'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
 import { createInterface } from 'node:readline'
 import { fileURLToPath } from 'node:url'
 import { MultifdError, RamBlock, type MultifdErrorCode } from '../ts/index.js'
@@ -171,4 +173,18 @@ export async function rawControl(address: string): Promise<{ socket: net.Socket;
   const next = (): Promise<Record<string, unknown> | undefined> =>
     frames.length > 0 ? Promise.resolve(frames.shift()) : closed ? Promise.resolve(undefined) : until(new Promise((r) => waiting.push(r)), 10_000, 'a control frame')
   return { socket, send, next }
+}
+
+let pki: string | undefined
+/**
+ * A fresh throwaway PKI from scripts/test-certs.sh (openssl), made once per test process:
+ * ca, other-ca, dest (localhost, 127.0.0.1), source, expired, intruder, rogue (other CA).
+ */
+export function testPki(): { dir: string; file: (name: string) => string; pem: (name: string) => string } {
+  if (!pki) {
+    pki = mkdtempSync(join(tmpdir(), 'multifd-pki-'))
+    execFileSync('bash', [fileURLToPath(new URL('../scripts/test-certs.sh', import.meta.url)), pki], { stdio: ['ignore', 'ignore', 'inherit'] })
+  }
+  const dir = pki
+  return { dir, file: (n) => join(dir, n), pem: (n) => readFileSync(join(dir, n), 'utf8') }
 }

@@ -10,6 +10,7 @@ import { RamBlock, RamBlockSchema } from './block.js'
 import { Address, parseOptions } from './options.js'
 import { PROTOCOL_VERSION, decodeMessage, encodeMessage, remoteError, type ControlMessage, type Hello } from './protocol.js'
 import { Session, type ChannelStats } from './session.js'
+import { DestinationTlsOptions, nativeTls } from './tls.js'
 
 /** One entry of the block table a source announces. */
 export interface AnnouncedBlock {
@@ -39,8 +40,17 @@ const DestinationOptions = z.strictObject({
    * this often (both sides ping). Fails with ERR_MULTIFD_TIMEOUT. Off by default.
    */
   peerTimeoutMs: z.int().min(100).max(3_600_000).optional(),
-  /** How long a connection may take to send its first bytes, and the source its hello. */
+  /**
+   * How long a connection may take to send its first bytes (with TLS: to complete its
+   * handshake and pass the allow-list too), and the source its hello.
+   */
   handshakeTimeoutMs: z.int().positive().default(10_000),
+  /**
+   * Require mutual TLS on every connection (see README, "TLS"). A connection is read only
+   * after its handshake, certificate checks and the `allow` list pass; a plaintext peer, an
+   * untrusted, expired or unlisted certificate fails the session with its own code.
+   */
+  tls: DestinationTlsOptions.optional(),
 })
 export type DestinationOptions = z.input<typeof DestinationOptions>
 
@@ -63,7 +73,8 @@ export class Destination extends Session {
   private constructor(o: z.output<typeof DestinationOptions>) {
     super('destination')
     this.#options = o
-    this.#native = native(() => binding.NativeDestination.listen(o.address, o.handshakeTimeoutMs, (ev) => this.#onEvent(ev)))
+    const tls = o.tls ? nativeTls(o.tls) : undefined
+    this.#native = native(() => binding.NativeDestination.listen(o.address, o.handshakeTimeoutMs, tls, (ev) => this.#onEvent(ev)))
   }
 
   /** Starts listening. The returned destination reports its real `address` (port 0 resolved). */

@@ -11,6 +11,7 @@ import { RamBlock, RamBlockSchema } from './block.js'
 import { Address, CompressionMethod, PageSize, parseOptions } from './options.js'
 import { PROTOCOL_VERSION, decodeMessage, encodeMessage, remoteError, type ControlMessage } from './protocol.js'
 import { Session, type ChannelStats, type Summary } from './session.js'
+import { SourceTlsOptions, nativeTls } from './tls.js'
 
 const Bandwidth = z.int().positive().optional()
 
@@ -55,6 +56,12 @@ const SourceOptions = z.strictObject({
   maxBandwidth: Bandwidth,
   /** Bound on each control-channel reply (welcome, completed). */
   handshakeTimeoutMs: z.int().positive().default(10_000),
+  /**
+   * Mutual TLS on the control connection and every channel (see README, "TLS"). Each
+   * connection's handshake, certificate checks and the destination's allow-list complete
+   * within `connectTimeoutMs`, before any page moves. Not with `zeroCopySend`.
+   */
+  tls: SourceTlsOptions.optional(),
 })
   .superRefine((o, ctx) => {
     const names = new Set<string>()
@@ -69,6 +76,9 @@ const SourceOptions = z.strictObject({
     }
     if (o.zeroCopySend && !o.address.startsWith('tcp:')) {
       ctx.addIssue({ code: 'custom', path: ['zeroCopySend'], message: 'zero-copy send needs a tcp: address (the kernel refuses SO_ZEROCOPY on Unix sockets)' })
+    }
+    if (o.zeroCopySend && o.tls) {
+      ctx.addIssue({ code: 'custom', path: ['zeroCopySend'], message: 'zero-copy send cannot be combined with TLS: pages are encrypted into new buffers (QEMU refuses it too)' })
     }
     if (o.zeroCopySend && o.compression !== 'none') {
       ctx.addIssue({ code: 'custom', path: ['zeroCopySend'], message: 'zero-copy send cannot be combined with compression (QEMU refuses it too)' })
@@ -122,7 +132,8 @@ export class Source extends Session {
     const o = this.#options
     this.setState('setup')
     try {
-      this.#native = native(() => binding.NativeSource.connect(o.address, o.connectTimeoutMs, (ev) => this.#onEvent(ev)))
+      const tls = o.tls ? nativeTls(o.tls) : undefined
+      this.#native = native(() => binding.NativeSource.connect(o.address, o.connectTimeoutMs, tls, (ev) => this.#onEvent(ev)))
       this.#send({
         type: 'hello',
         protocol: PROTOCOL_VERSION,

@@ -41,7 +41,29 @@ files, to a destination started with \`multifd recv\`.
   --zero-copy              MSG_ZEROCOPY sends (TCP only, no compression)
   --zero-page MODE         multifd (zero pages as offsets only, default) | none
   --peer-timeout-ms MS     fail if the destination stalls or goes silent this long
+  --tls-cert FILE          mutual TLS: this side's certificate (PEM); needs --tls-key, --tls-ca
+  --tls-key FILE           the certificate's private key (PEM)
+  --tls-ca FILE            the CA that signed the destination's certificate (PEM)
+  --tls-name NAME          the name the destination's certificate must carry
+                           (default: the host in ADDRESS)
   --json                   print one JSON object at the end, nothing else on stdout`
+
+const TLS_FLAGS = {
+  'tls-cert': { type: 'string' },
+  'tls-key': { type: 'string' },
+  'tls-ca': { type: 'string' },
+} as const
+
+/** `--tls-cert/--tls-key/--tls-ca`: all three or none. */
+function tlsFiles(values: Record<string, unknown>): { cert: string; key: string; ca: string } | undefined {
+  const [cert, key, ca] = (['tls-cert', 'tls-key', 'tls-ca'] as const).map((f) => values[f] as string | undefined)
+  if (cert === undefined && key === undefined && ca === undefined) {
+    if (values['tls-name'] !== undefined || values['tls-allow'] !== undefined) throw new UsageError('--tls-name and --tls-allow need --tls-cert, --tls-key and --tls-ca')
+    return undefined
+  }
+  if (cert === undefined || key === undefined || ca === undefined) throw new UsageError('TLS needs all of --tls-cert, --tls-key and --tls-ca')
+  return { cert, key, ca }
+}
 
 export async function send(argv: string[]): Promise<CommandResult> {
   const { values, positionals } = parse(argv, {
@@ -52,7 +74,10 @@ export async function send(argv: string[]): Promise<CommandResult> {
     'zero-copy': { type: 'boolean' },
     'zero-page': { type: 'string' },
     'peer-timeout-ms': { type: 'string' },
+    ...TLS_FLAGS,
+    'tls-name': { type: 'string' },
   })
+  const tls = tlsFiles(values)
   const o = check(
     z.object({
       channels: IntString(1, 255).default(2),
@@ -84,6 +109,7 @@ export async function send(argv: string[]): Promise<CommandResult> {
       zeroCopySend: o['zero-copy'],
       zeroPageDetection: o['zero-page'],
       ...(o['peer-timeout-ms'] === undefined ? {} : { peerTimeoutMs: o['peer-timeout-ms'] }),
+      ...(tls ? { tls: { ...tls, ...(values['tls-name'] === undefined ? {} : { name: values['tls-name'] as string }) } } : {}),
     })
     progress = progressOf(source, json, 'sending', total)
     await source.sendAll()
@@ -111,6 +137,11 @@ file; --out files take the blocks in the order the source announces them.
   --channels N             expect exactly N channels (default: whatever the source announces)
   --channel-timeout-ms MS  how long the channels may take to connect (default 10000)
   --peer-timeout-ms MS     fail if the source stalls or goes silent this long
+  --tls-cert FILE          mutual TLS: this side's certificate (PEM); needs --tls-key, --tls-ca
+  --tls-key FILE           the certificate's private key (PEM)
+  --tls-ca FILE            the CA that signed the source's certificate (PEM)
+  --tls-allow IDENTITY     admit only this source identity: certificate subject
+                           (CN=...,O=...), common name or alternative name (repeatable)
   --json                   print one JSON object at the end, nothing else on stdout`
 
 export async function recv(argv: string[]): Promise<CommandResult> {
@@ -120,7 +151,10 @@ export async function recv(argv: string[]): Promise<CommandResult> {
     channels: { type: 'string' },
     'channel-timeout-ms': { type: 'string' },
     'peer-timeout-ms': { type: 'string' },
+    ...TLS_FLAGS,
+    'tls-allow': { type: 'string', multiple: true },
   })
+  const tls = tlsFiles(values)
   const o = check(z.object({ channels: IntString(1, 255).optional(), 'channel-timeout-ms': IntString(1, 3_600_000).default(10_000), 'peer-timeout-ms': IntString(100, 3_600_000).optional() }), values)
   const [address, ...extra] = positionals
   if (!address) throw new UsageError('recv needs an ADDRESS (tcp:HOST:PORT or unix:PATH)')
@@ -135,6 +169,7 @@ export async function recv(argv: string[]): Promise<CommandResult> {
     ...(o.channels === undefined ? {} : { channels: o.channels }),
     channelTimeoutMs: o['channel-timeout-ms'],
     ...(o['peer-timeout-ms'] === undefined ? {} : { peerTimeoutMs: o['peer-timeout-ms'] }),
+    ...(tls ? { tls: { ...tls, ...(values['tls-allow'] === undefined ? {} : { allow: values['tls-allow'] as string[] }) } } : {}),
     blocks: (table) => {
       let next = 0
       return table.map((b) => {

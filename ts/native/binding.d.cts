@@ -50,7 +50,11 @@ export declare class Block {
 }
 
 export declare class NativeDestination {
-  static listen(address: string, classifyTimeoutMs: number, onEvent: (arg: NativeEvent) => void): NativeDestination
+  /**
+   * Listens on `address`. With `tls`, every connection must complete a mutual TLS
+   * handshake and pass the allow-list within `classify_timeout_ms` before it is read.
+   */
+  static listen(address: string, classifyTimeoutMs: number, tls: TlsCredentials | undefined | null, onEvent: (arg: NativeEvent) => void): NativeDestination
   /** The address sources connect to (`tcp:HOST:PORT` with the real port, or `unix:PATH`). */
   get address(): string
   sendControl(frame: Buffer): void
@@ -81,8 +85,11 @@ export declare class NativeFileJob {
 }
 
 export declare class NativeSource {
-  /** Opens the control connection; `onEvent` receives every event of this session. */
-  static connect(address: string, connectTimeoutMs: number, onEvent: (arg: NativeEvent) => void): NativeSource
+  /**
+   * Opens the control connection (with `tls`, after a mutual TLS handshake, which the
+   * channels repeat); `onEvent` receives every event of this session.
+   */
+  static connect(address: string, connectTimeoutMs: number, tls: TlsCredentials | undefined | null, onEvent: (arg: NativeEvent) => void): NativeSource
   sendControl(frame: Buffer): void
   /** Connects the multifd channels and starts their threads. */
   startChannels(options: ChannelOptions): void
@@ -339,4 +346,18 @@ export interface SnapshotFileInfo {
   generation: number
   fileLength: number
   blocks: Array<SnapshotBlockInfo>
+}
+
+/** Mutual TLS credentials, as PEM (the TypeScript layer reads files). */
+export interface TlsCredentials {
+  /** This side's certificate chain, leaf first. */
+  cert: Buffer
+  /** The private key for `cert`. */
+  key: Buffer
+  /** The CA certificates that may sign the peer's certificate. */
+  ca: Buffer
+  /** Source: the name the destination's certificate must carry (default: the host dialled). */
+  name?: string
+  /** Destination: identities allowed to connect (subject, common name or alternative name). */
+  allow?: Array<string>
 }

@@ -37,11 +37,11 @@ fn main() {
         let (tx, rx) = mpsc::channel();
         let tx = Mutex::new(tx);
         let sink: multifd_core::session::EventSink = Arc::new(move |e| drop(tx.lock().unwrap().send(e)));
-        let dest = Destination::listen(&Address::parse("tcp:127.0.0.1:0").unwrap(), Duration::from_secs(5), sink.clone()).unwrap();
+        let dest = Destination::listen(&Address::parse("tcp:127.0.0.1:0").unwrap(), Duration::from_secs(5), None, sink.clone()).unwrap();
         dest.configure(DestConfig { uuid: [0; 16], channels, geometry: Geometry::x86(), compression: Compression::None, blocks: vec![dst.clone()], channel_timeout: Duration::from_secs(5), peer_timeout: None, integrity: false }).unwrap();
         let source = Source::start(
             SourceConfig { address: dest.address().clone(), uuid: [0; 16], channels, geometry: Geometry::x86(), compression: Compression::None, zero_page_detection: zero, zero_copy: std::env::var("ZC").is_ok(), compression_level: None, connect_timeout: Duration::from_secs(5),
-            peer_timeout: None, max_bandwidth: None, integrity: false },
+            peer_timeout: None, max_bandwidth: None, integrity: false, tls: None },
             Failure::new(sink),
         )
         .unwrap();

@@ -7,8 +7,8 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crate::error::{Result, fail};
-use crate::io::{read_exact, write_all};
 use crate::session::{Event, EventSink};
+use crate::tls::TlsClient;
 use crate::transport::{Address, Conn};
 
 /// First bytes of a control connection: "MFDC". Distinct from the multifd magic 0x11223344.
@@ -26,10 +26,11 @@ pub struct Control {
 }
 
 impl Control {
-    /// Source side: connects and announces itself with the control magic.
-    pub fn connect(addr: &Address, timeout: Duration, events: EventSink) -> Result<Arc<Control>> {
-        let conn = Conn::connect(addr, timeout)?;
-        write_all(conn.fd(), &[&CONTROL_MAGIC.to_be_bytes()])?;
+    /// Source side: connects (with `tls`, completes the handshake) and announces itself with
+    /// the control magic.
+    pub fn connect(addr: &Address, timeout: Duration, tls: Option<&TlsClient>, events: EventSink) -> Result<Arc<Control>> {
+        let conn = Conn::connect_secure(addr, timeout, tls)?;
+        conn.write_all(&[&CONTROL_MAGIC.to_be_bytes()])?;
         Ok(Self::start(conn, events))
     }
 
@@ -67,7 +68,7 @@ impl Control {
             fail!(InvalidArgument, "control frame of {} bytes is above the {MAX_FRAME}-byte limit", frame.len());
         }
         let _guard = self.write.lock().unwrap();
-        write_all(self.conn.fd(), &[&(frame.len() as u32).to_be_bytes(), frame])
+        self.conn.write_all(&[&(frame.len() as u32).to_be_bytes(), frame])
     }
 
     /// Shuts the connection down and joins the reader.
@@ -87,15 +88,18 @@ impl Drop for Control {
 
 fn read_frame(conn: &Conn) -> Result<Option<Vec<u8>>> {
     let mut len = [0u8; 4];
-    if !read_exact(conn.fd(), &mut len)? {
+    if !conn.read_exact(&mut len)? {
         return Ok(None);
+    }
+    if conn.tls().is_none() && matches!(len, [0x15 | 0x16, 0x03, ..]) {
+        fail!(TlsRequired, "the peer answered with a TLS record: it requires TLS, and this side has none configured");
     }
     let len = u32::from_be_bytes(len);
     if len > MAX_FRAME {
         fail!(Protocol, "control frame of {len} bytes is above the {MAX_FRAME}-byte limit");
     }
     let mut frame = vec![0u8; len as usize];
-    if len > 0 && !read_exact(conn.fd(), &mut frame)? {
+    if len > 0 && !conn.read_exact(&mut frame)? {
         fail!(ConnectionClosed, "control connection closed inside a frame");
     }
     Ok(Some(frame))

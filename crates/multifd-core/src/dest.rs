@@ -11,8 +11,9 @@ use std::time::{Duration, Instant};
 use crate::block::RamBlock;
 use crate::control::{CONTROL_MAGIC, Control};
 use crate::error::{Error, ErrorCode, Result, fail};
-use crate::io::{Boundary, iovec, read_at_boundary, read_exact, readv_exact};
+use crate::io::{Boundary, iovec};
 use crate::session::{ChannelStats, Counters, Event, EventSink, Failure};
+use crate::tls::{TlsServer, looks_like_tls, refuse_plaintext_peer, refuse_tls_peer};
 use crate::transport::{Address, Conn, Listener};
 use crate::wire::{BlockLookup, COMMON_HEADER_LEN, ChannelClaims, CommonHeader, Compression, Geometry, INIT_PACKET_LEN, InitPacket, MAGIC, PacketHeader, PacketValidator};
 
@@ -81,14 +82,18 @@ struct Inner {
     /// Admitted channels. Admission happens under this lock and is refused once `closing`,
     /// so `close` (which shuts these down under the same lock) cannot miss one.
     channel_conns: Mutex<Vec<Arc<Conn>>>,
-    /// The connection the acceptor is reading the first bytes of, so `close` can cut it short.
-    classifying: Mutex<Option<Arc<Conn>>>,
+    /// The socket the acceptor is reading the first bytes of (or handshaking on), so `close`
+    /// can cut it short. Cleared under the lock before the connection moves on.
+    classifying: Mutex<Option<std::os::fd::RawFd>>,
     /// The listening socket while the acceptor owns it, so `close` can wake a waiting accept at
     /// once instead of after the next poll interval. Cleared (under the lock) before the
     /// acceptor closes it, so `close` never touches a descriptor that was reused.
     listener_fd: Mutex<Option<std::os::fd::RawFd>>,
     receivers: Mutex<Vec<JoinHandle<()>>>,
     classify_timeout: Duration,
+    /// When set, every connection must complete a mutual TLS handshake (and pass the
+    /// allow-list) before its first byte is read.
+    tls: Option<TlsServer>,
 }
 
 /// A listening destination.
@@ -100,8 +105,8 @@ pub struct Destination {
 
 impl Destination {
     /// Binds `address` and starts accepting. `classify_timeout` bounds how long a new
-    /// connection may take to send its first bytes.
-    pub fn listen(address: &Address, classify_timeout: Duration, events: EventSink) -> Result<Destination> {
+    /// connection may take to complete its TLS handshake (with `tls`) and send its first bytes.
+    pub fn listen(address: &Address, classify_timeout: Duration, tls: Option<TlsServer>, events: EventSink) -> Result<Destination> {
         let listener = Listener::bind(address)?;
         let bound = listener.local_address()?;
         let inner = Arc::new(Inner {
@@ -117,6 +122,7 @@ impl Destination {
             listener_fd: Mutex::new(None),
             receivers: Mutex::new(Vec::new()),
             classify_timeout,
+            tls,
         });
         let weak = Arc::downgrade(&inner);
         inner.failure.on_failure(move || {
@@ -225,8 +231,10 @@ impl Destination {
             self.inner.closing.store(true, Ordering::Release);
             conns.iter().for_each(|c| c.shutdown());
         }
-        if let Some(c) = self.inner.classifying.lock().unwrap().as_ref() {
-            c.shutdown();
+        if let Some(fd) = *self.inner.classifying.lock().unwrap() {
+            // SAFETY: the acceptor owns this open socket and clears the slot (under this lock)
+            // before it lets go of it; shutting it down only wakes its blocked read.
+            unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
         }
         if let Some(fd) = *self.inner.listener_fd.lock().unwrap() {
             // SAFETY: the acceptor still owns this open descriptor (it clears the slot under the
@@ -305,19 +313,17 @@ impl Inner {
     }
 
     /// Reads a new connection's first bytes to tell a control connection from a channel.
-    fn classify(self: &Arc<Self>, conn: Conn) -> Result<()> {
+    fn classify(self: &Arc<Self>, mut conn: Conn) -> Result<()> {
         conn.set_read_timeout(Some(self.classify_timeout))?;
-        let conn = Arc::new(conn);
-        *self.classifying.lock().unwrap() = Some(conn.clone());
-        let first = self.read_first_bytes(&conn);
+        *self.classifying.lock().unwrap() = Some(conn.fd());
+        let first = self.read_first_bytes(&mut conn);
         self.classifying.lock().unwrap().take();
         let Some((magic, init)) = first? else {
             return Ok(()); // connected and left without a byte, or we are closing
         };
-        let conn = Arc::try_unwrap(conn).expect("only the acceptor holds the connection now");
+        conn.set_read_timeout(None)?;
         match magic {
             CONTROL_MAGIC => {
-                conn.set_read_timeout(None)?;
                 let mut slot = self.control.lock().unwrap();
                 if slot.is_some() {
                     fail!(Protocol, "a second control connection arrived; one session per destination");
@@ -329,7 +335,6 @@ impl Inner {
                 drop(slot);
             }
             _ => {
-                conn.set_read_timeout(None)?;
                 let mut pending = self.pending.lock().unwrap();
                 let session = self.session.lock().unwrap().clone();
                 match session {
@@ -344,20 +349,45 @@ impl Inner {
         Ok(())
     }
 
-    /// Reads the magic, and for a multifd channel the rest of its init packet. `None` when the
-    /// peer left without a byte or the destination is closing.
-    fn read_first_bytes(&self, conn: &Conn) -> Result<Option<(u32, [u8; INIT_PACKET_LEN])>> {
+    /// Reads the magic, and for a multifd channel the rest of its init packet; with TLS, after
+    /// the handshake. `None` when the peer left without a byte or the destination is closing.
+    fn read_first_bytes(&self, conn: &mut Conn) -> Result<Option<(u32, [u8; INIT_PACKET_LEN])>> {
+        let deadline = Instant::now() + self.classify_timeout;
+        let closing = || self.closing.load(Ordering::Acquire);
         let mut magic = [0u8; 4];
-        let got = read_exact(conn.fd(), &mut magic);
-        if self.closing.load(Ordering::Acquire) || !got? {
+        let got = conn.read_exact(&mut magic);
+        if closing() || !got? {
             return Ok(None);
+        }
+        match (&self.tls, u32::from_be_bytes(magic)) {
+            (Some(_), m @ (CONTROL_MAGIC | MAGIC)) => {
+                refuse_plaintext_peer(conn.fd());
+                let kind = if m == CONTROL_MAGIC { "control" } else { "multifd" };
+                fail!(TlsRequired, "a {kind} connection arrived in plaintext; this destination requires TLS");
+            }
+            (Some(server), _) => {
+                let handshake = conn.accept_tls(server, &magic, deadline);
+                if closing() {
+                    return Ok(None);
+                }
+                handshake?;
+                let got = conn.read_exact(&mut magic);
+                if closing() || !got? {
+                    return Ok(None);
+                }
+            }
+            (None, _) if looks_like_tls(&magic) => {
+                refuse_tls_peer(conn.fd());
+                fail!(TlsUnavailable, "a peer started a TLS handshake; this destination has no TLS configured");
+            }
+            (None, _) => {}
         }
         match u32::from_be_bytes(magic) {
             CONTROL_MAGIC => Ok(Some((CONTROL_MAGIC, [0; INIT_PACKET_LEN]))),
             MAGIC => {
                 let mut init = [0u8; INIT_PACKET_LEN];
                 init[..4].copy_from_slice(&magic);
-                if !read_exact(conn.fd(), &mut init[4..])? {
+                if !conn.read_exact(&mut init[4..])? {
                     fail!(ConnectionClosed, "a multifd channel closed inside its init packet");
                 }
                 Ok(Some((MAGIC, init)))
@@ -411,7 +441,6 @@ impl Inner {
     }
 
     fn receive(&self, s: &Session, id: u8, conn: &Conn) -> Result<()> {
-        let fd = conn.fd();
         let stats = &s.stats[id as usize];
         let page = s.geometry.page_size() as usize;
         let mut buf = vec![0u8; s.geometry.header_len()];
@@ -423,7 +452,7 @@ impl Inner {
         let mut pages: Vec<u8> = Vec::new();
         ChannelStats::add(&stats.bytes, INIT_PACKET_LEN as u64);
         loop {
-            match read_at_boundary(fd, &mut buf[..COMMON_HEADER_LEN])? {
+            match conn.read_at_boundary(&mut buf[..COMMON_HEADER_LEN])? {
                 Boundary::Data => {}
                 // Idle between packets is fine (the source decides when to send); liveness of
                 // an idle peer is the control connection's business.
@@ -433,7 +462,7 @@ impl Inner {
                 Boundary::Eof => fail!(ConnectionClosed, "the source closed the channel before the migration completed"),
             }
             CommonHeader::decode(&buf[..COMMON_HEADER_LEN])?;
-            if !read_exact(fd, &mut buf[COMMON_HEADER_LEN..])? {
+            if !conn.read_exact(&mut buf[COMMON_HEADER_LEN..])? {
                 fail!(ConnectionClosed, "unexpected end of stream after a packet header's first {COMMON_HEADER_LEN} bytes");
             }
             let v = validator.decode(&buf, &mut header)?;
@@ -444,7 +473,7 @@ impl Inner {
                 }
                 if let Some(d) = decompressor.as_mut().filter(|_| header.normal_pages > 0) {
                     payload.resize(v.payload_len as usize, 0);
-                    if !read_exact(fd, &mut payload)? {
+                    if !conn.read_exact(&mut payload)? {
                         fail!(ConnectionClosed, "unexpected end of stream before the packet's compressed payload");
                     }
                     pages.resize(header.normal_pages as usize * page, 0);
@@ -480,7 +509,7 @@ impl Inner {
                 // SAFETY: every pointer came from `page_ptr`, which checked the page lies in
                 // the block; the validator checked the offsets first; the session holds an
                 // Arc to every block for as long as this thread runs.
-                if !iov.is_empty() && !unsafe { readv_exact(fd, &mut iov)? } {
+                if !iov.is_empty() && !unsafe { conn.readv_exact(&mut iov)? } {
                     fail!(ConnectionClosed, "unexpected end of stream before the packet's pages");
                 }
                 if s.integrity {

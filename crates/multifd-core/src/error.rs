@@ -106,6 +106,26 @@ error_codes! {
     NoConvergence => "ERR_MULTIFD_NO_CONVERGENCE",
     /// A payload or block digest differs (integrity negotiated): data changed on the way.
     Integrity => "ERR_MULTIFD_INTEGRITY",
+    /// TLS credentials that do not load: unreadable PEM, no certificate, a key that does not
+    /// match its certificate.
+    TlsConfig => "ERR_MULTIFD_TLS_CONFIG",
+    /// A TLS handshake that failed for a reason without its own code (protocol error, the
+    /// peer closed the connection, an unexpected alert).
+    TlsHandshake => "ERR_MULTIFD_TLS_HANDSHAKE",
+    /// The peer's certificate is not signed by a trusted CA, or the peer does not trust ours.
+    TlsUntrusted => "ERR_MULTIFD_TLS_UNTRUSTED",
+    /// A certificate in the exchange has expired or is not valid yet.
+    TlsExpired => "ERR_MULTIFD_TLS_EXPIRED",
+    /// The destination's certificate does not carry the name the source verifies.
+    TlsNameMismatch => "ERR_MULTIFD_TLS_NAME_MISMATCH",
+    /// The source's certificate is valid but not on the destination's allow-list.
+    TlsNotAllowed => "ERR_MULTIFD_TLS_NOT_ALLOWED",
+    /// The peer refused our certificate for a reason it did not name more precisely.
+    TlsRejected => "ERR_MULTIFD_TLS_REJECTED",
+    /// One side requires TLS and the other spoke plaintext.
+    TlsRequired => "ERR_MULTIFD_TLS_REQUIRED",
+    /// One side started TLS and the other has no TLS configured.
+    TlsUnavailable => "ERR_MULTIFD_TLS_UNAVAILABLE",
 }
 
 impl fmt::Display for ErrorCode {

@@ -18,6 +18,7 @@ pub mod session;
 pub mod snapshot;
 pub mod source;
 pub mod stream;
+pub mod tls;
 pub mod transport;
 pub mod wire;
 pub mod zero;

@@ -9,8 +9,9 @@ use std::time::{Duration, Instant};
 
 use crate::block::RamBlock;
 use crate::error::{Error, ErrorCode, Result, fail};
-use crate::io::{iovec, writev_all};
+use crate::io::iovec;
 use crate::session::{ChannelStats, Counters, Event, Failure};
+use crate::tls::TlsClient;
 use crate::transport::{Address, Conn};
 use crate::wire::{Compression, Flags, Geometry, InitPacket, PacketHeader};
 use crate::zero::is_zero;
@@ -41,6 +42,8 @@ pub struct SourceConfig {
     pub peer_timeout: Option<Duration>,
     /// Put an xxh3-64 digest of each packet's data pages in the header (negotiated).
     pub integrity: bool,
+    /// Mutual TLS on every channel: each handshake completes before the init packet.
+    pub tls: Option<TlsClient>,
 }
 
 /// How much a bucket holds: QEMU measures `max-bandwidth` in windows of 100 ms
@@ -224,6 +227,9 @@ impl Source {
         if config.zero_copy && config.compression != Compression::None {
             fail!(InvalidArgument, "zero-copy send cannot be combined with compression");
         }
+        if config.zero_copy && config.tls.is_some() {
+            fail!(InvalidArgument, "zero-copy send cannot be combined with TLS: pages are encrypted into new buffers, so there is nothing to send without copying (QEMU refuses the same)");
+        }
         if config.zero_copy && !matches!(config.address, Address::Tcp { .. }) {
             fail!(ZeroCopyUnavailable, "zero-copy send needs a TCP address; {} is not (SO_ZEROCOPY is TCP-only)", config.address);
         }
@@ -231,7 +237,7 @@ impl Source {
         let n = config.channels as usize;
         let mut conns = Vec::with_capacity(n);
         for id in 0..config.channels {
-            let conn = Arc::new(Conn::connect(&config.address, config.connect_timeout).map_err(|e| e.context(format!("channel {id}")))?);
+            let conn = Arc::new(Conn::connect_secure(&config.address, config.connect_timeout, config.tls.as_ref()).map_err(|e| e.context(format!("channel {id}")))?);
             failure.watch(conn.clone());
             if let Some(t) = config.peer_timeout {
                 conn.set_peer_timeout(t)?;
@@ -239,6 +245,10 @@ impl Source {
             if config.zero_copy {
                 zerocopy::enable(conn.fd()).map_err(|e| e.context(format!("channel {id}")))?;
             }
+            // The init packet goes right away, as QEMU's does: a TLS destination handshakes
+            // and classifies one connection at a time, so the next channel's handshake waits
+            // until this one has said who it is.
+            conn.write_all(&[&InitPacket { uuid: config.uuid, channel_id: id }.encode()]).map_err(|e| e.context(format!("channel {id}")))?;
             conns.push(conn);
         }
         let shared = Arc::new(Shared {
@@ -486,17 +496,14 @@ impl Shared {
     fn run_channel(&self, id: usize, conn: &Conn) -> Result<()> {
         let cfg = &self.config;
         let stats = &self.stats[id];
-        let fd = conn.fd();
-        let init = InitPacket { uuid: cfg.uuid, channel_id: id as u8 }.encode();
-        crate::io::write_all(fd, &[&init])?;
-        ChannelStats::add(&stats.bytes, init.len() as u64);
+        ChannelStats::add(&stats.bytes, crate::wire::INIT_PACKET_LEN as u64);
 
         let g = cfg.geometry;
         let page = g.page_size() as usize;
         let mut wire = vec![0u8; g.header_len()];
         let mut header = PacketHeader::default();
         let mut iov: Vec<libc::iovec> = Vec::with_capacity(g.page_count() as usize + 1);
-        let mut zc = cfg.zero_copy.then(|| ZeroCopySender::new(fd));
+        let mut zc = cfg.zero_copy.then(|| ZeroCopySender::new(conn.fd()));
         let mut compressor = crate::compress::compressor(cfg.compression, cfg.compression_level)?;
         let mut payload: Vec<u8> = Vec::new();
         while let Some(job) = self.next_job(id) {
@@ -540,7 +547,7 @@ impl Shared {
                             iov.push(iovec(payload.as_ptr(), payload.len()));
                         }
                         // SAFETY: both iovecs point into buffers this thread owns.
-                        unsafe { writev_all(fd, &mut iov)? };
+                        unsafe { conn.writev_all(&mut iov)? };
                         ChannelStats::add(&stats.bytes, (wire.len() + header.next_packet_size as usize) as u64);
                         ChannelStats::add(&stats.packets, 1);
                         ChannelStats::add(&stats.normal_pages, u64::from(normal));
@@ -566,7 +573,7 @@ impl Shared {
                         }
                         // SAFETY: the header buffer is ours; every page pointer came from
                         // `page_ptr` (bounds-checked) on a block this job holds an Arc to.
-                        None => unsafe { writev_all(fd, &mut iov)? },
+                        None => unsafe { conn.writev_all(&mut iov)? },
                     }
                     ChannelStats::add(&stats.bytes, (wire.len() + normal as usize * page) as u64);
                     ChannelStats::add(&stats.packets, 1);
@@ -579,7 +586,7 @@ impl Shared {
                     }
                     let sync = PacketHeader::sync(self.packet_num.fetch_add(1, Ordering::Relaxed));
                     sync.encode_into(g, &mut wire)?;
-                    crate::io::write_all(fd, &[&wire])?;
+                    conn.write_all(&[&wire])?;
                     if let Some(zc) = zc.as_mut() {
                         zc.flush(stats, || self.queues.lock().unwrap().stopping)?;
                     }

@@ -8,8 +8,13 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use std::io::IoSlice;
+use std::sync::Mutex;
+
 use crate::error::{Error, ErrorCode, Result, fail};
-use crate::io::io_error;
+use crate::io::{Boundary, io_error, iovec};
+use crate::tls::{TlsClient, TlsServer, TlsStream};
+use crate::tls::Got;
 
 /// Where a destination listens and a source connects: `tcp:HOST:PORT` or `unix:PATH`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -59,14 +64,45 @@ impl std::fmt::Display for Address {
     }
 }
 
-/// One stream connection: a control or a multifd channel.
+/// The socket under a connection.
 #[derive(Debug)]
-pub enum Conn {
+pub enum Socket {
     Tcp(TcpStream),
     Unix(UnixStream),
 }
 
+impl Socket {
+    fn fd(&self) -> RawFd {
+        match self {
+            Socket::Tcp(s) => s.as_raw_fd(),
+            Socket::Unix(s) => s.as_raw_fd(),
+        }
+    }
+}
+
+/// One stream connection: a control or a multifd channel, in plaintext or TLS.
+///
+/// Every read and write of the protocol goes through here. Plaintext moves bytes with
+/// `readv`/`writev` straight between the socket and block memory; TLS decrypts and encrypts
+/// through the session's buffers. Any thread may `shutdown` the socket to wake the one using it.
+pub struct Conn {
+    socket: Socket,
+    tls: Option<TlsStream>,
+    /// The read timeout, which TLS reads apply with `poll` (plaintext reads use SO_RCVTIMEO).
+    read_timeout: Mutex<Option<Duration>>,
+}
+
+impl std::fmt::Debug for Conn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Conn").field("socket", &self.socket).field("tls", &self.tls.is_some()).finish()
+    }
+}
+
 impl Conn {
+    fn new(socket: Socket) -> Conn {
+        Conn { socket, tls: None, read_timeout: Mutex::new(None) }
+    }
+
     pub fn connect(addr: &Address, timeout: Duration) -> Result<Conn> {
         match addr {
             Address::Tcp { host, port } => {
@@ -75,7 +111,7 @@ impl Conn {
                     match TcpStream::connect_timeout(&sa, timeout) {
                         Ok(s) => {
                             s.set_nodelay(true).map_err(|e| io_error("set TCP_NODELAY", e))?;
-                            return Ok(Conn::Tcp(s));
+                            return Ok(Conn::new(Socket::Tcp(s)));
                         }
                         Err(e) => last = Some(e),
                     }
@@ -83,46 +119,72 @@ impl Conn {
                 let e = last.expect("resolve returned at least one address");
                 Err(connect_error(addr, e))
             }
-            Address::Unix(path) => UnixStream::connect(path).map(Conn::Unix).map_err(|e| connect_error(addr, e)),
+            Address::Unix(path) => UnixStream::connect(path).map(|s| Conn::new(Socket::Unix(s))).map_err(|e| connect_error(addr, e)),
         }
     }
 
-    pub fn fd(&self) -> RawFd {
-        match self {
-            Conn::Tcp(s) => s.as_raw_fd(),
-            Conn::Unix(s) => s.as_raw_fd(),
+    /// Connects and, with `tls`, completes the client handshake, all within `timeout`.
+    pub fn connect_secure(addr: &Address, timeout: Duration, tls: Option<&TlsClient>) -> Result<Conn> {
+        let deadline = Instant::now() + timeout;
+        let mut conn = Conn::connect(addr, timeout)?;
+        if let Some(client) = tls {
+            conn.set_write_timeout(Some(timeout))?;
+            conn.tls = Some(TlsStream::client(conn.fd(), client, deadline)?);
+            conn.set_write_timeout(None)?;
         }
+        Ok(conn)
+    }
+
+    /// Destination side: completes the server handshake before `deadline`. `prefix` holds the
+    /// first bytes the acceptor already read from the socket.
+    pub(crate) fn accept_tls(&mut self, server: &TlsServer, prefix: &[u8], deadline: Instant) -> Result<()> {
+        self.set_write_timeout(Some(deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1))))?;
+        self.tls = Some(TlsStream::server(self.fd(), server, prefix, deadline)?);
+        self.set_write_timeout(None)
+    }
+
+    pub fn socket(&self) -> &Socket {
+        &self.socket
+    }
+
+    pub fn tls(&self) -> Option<&TlsStream> {
+        self.tls.as_ref()
+    }
+
+    pub fn fd(&self) -> RawFd {
+        self.socket.fd()
     }
 
     /// Shuts the connection down in both directions, waking any thread blocked on it. Errors
     /// are ignored: the peer may already be gone.
     pub fn shutdown(&self) {
-        let _ = match self {
-            Conn::Tcp(s) => s.shutdown(Shutdown::Both),
-            Conn::Unix(s) => s.shutdown(Shutdown::Both),
+        let _ = match &self.socket {
+            Socket::Tcp(s) => s.shutdown(Shutdown::Both),
+            Socket::Unix(s) => s.shutdown(Shutdown::Both),
         };
     }
 
     /// Shuts down only the reading side: a blocked reader sees end of stream.
     pub fn shutdown_read(&self) {
-        let _ = match self {
-            Conn::Tcp(s) => s.shutdown(Shutdown::Read),
-            Conn::Unix(s) => s.shutdown(Shutdown::Read),
+        let _ = match &self.socket {
+            Socket::Tcp(s) => s.shutdown(Shutdown::Read),
+            Socket::Unix(s) => s.shutdown(Shutdown::Read),
         };
     }
 
     pub fn set_read_timeout(&self, t: Option<Duration>) -> Result<()> {
-        match self {
-            Conn::Tcp(s) => s.set_read_timeout(t),
-            Conn::Unix(s) => s.set_read_timeout(t),
+        *self.read_timeout.lock().unwrap() = t;
+        match &self.socket {
+            Socket::Tcp(s) => s.set_read_timeout(t),
+            Socket::Unix(s) => s.set_read_timeout(t),
         }
         .map_err(|e| io_error("set read timeout", e))
     }
 
     pub fn set_write_timeout(&self, t: Option<Duration>) -> Result<()> {
-        match self {
-            Conn::Tcp(s) => s.set_write_timeout(t),
-            Conn::Unix(s) => s.set_write_timeout(t),
+        match &self.socket {
+            Socket::Tcp(s) => s.set_write_timeout(t),
+            Socket::Unix(s) => s.set_write_timeout(t),
         }
         .map_err(|e| io_error("set write timeout", e))
     }
@@ -133,7 +195,7 @@ impl Conn {
     pub fn set_peer_timeout(&self, timeout: Duration) -> Result<()> {
         self.set_read_timeout(Some(timeout))?;
         self.set_write_timeout(Some(timeout))?;
-        if let Conn::Tcp(_) = self {
+        if let Socket::Tcp(_) = self.socket {
             let ms = timeout.as_millis().clamp(1, u32::MAX as u128) as libc::c_int;
             let idle = (timeout.as_secs() / 2).clamp(1, 3600) as libc::c_int;
             for (level, name, value) in [
@@ -154,7 +216,88 @@ impl Conn {
     }
 
     pub fn is_tcp(&self) -> bool {
-        matches!(self, Conn::Tcp(_))
+        matches!(self.socket, Socket::Tcp(_))
+    }
+
+    /// Writes every byte of `bufs`.
+    pub fn write_all(&self, bufs: &[&[u8]]) -> Result<()> {
+        let mut iov: Vec<libc::iovec> = bufs.iter().map(|b| iovec(b.as_ptr(), b.len())).collect();
+        // SAFETY: the iovecs point into the borrowed slices, alive for this call.
+        unsafe { self.writev_all(&mut iov) }
+    }
+
+    /// Writes every byte the iovecs describe.
+    ///
+    /// # Safety
+    /// Every iovec must describe readable memory that stays mapped for the duration of the call.
+    pub unsafe fn writev_all(&self, iov: &mut [libc::iovec]) -> Result<()> {
+        match &self.tls {
+            // SAFETY: forwarded from the caller.
+            None => unsafe { crate::io::writev_all(self.fd(), iov) },
+            Some(tls) => {
+                // SAFETY: the caller guarantees each iovec is readable for this call; IoSlice
+                // has iovec's layout.
+                let slices = unsafe { std::slice::from_raw_parts_mut(iov.as_mut_ptr().cast::<IoSlice<'_>>(), iov.len()) };
+                tls.write_all(self.fd(), slices)
+            }
+        }
+    }
+
+    /// Reads exactly `buf.len()` bytes; `Ok(false)` when the peer closed before the first.
+    pub fn read_exact(&self, buf: &mut [u8]) -> Result<bool> {
+        let mut iov = [iovec(buf.as_mut_ptr(), buf.len())];
+        // SAFETY: the iovec points into the exclusively borrowed slice.
+        unsafe { self.readv_exact(&mut iov) }
+    }
+
+    /// Reads exactly the bytes the iovecs describe; `Ok(false)` when the peer closed before
+    /// the first byte, `ERR_MULTIFD_CONNECTION_CLOSED` when it closed after.
+    ///
+    /// # Safety
+    /// Every iovec must describe writable memory that stays mapped for the duration of the call.
+    pub unsafe fn readv_exact(&self, iov: &mut [libc::iovec]) -> Result<bool> {
+        let Some(tls) = &self.tls else {
+            // SAFETY: forwarded from the caller.
+            return unsafe { crate::io::readv_exact(self.fd(), iov) };
+        };
+        let total: usize = iov.iter().map(|v| v.iov_len).sum();
+        let timeout = *self.read_timeout.lock().unwrap();
+        let mut done = 0usize;
+        for v in iov.iter() {
+            // SAFETY: the caller guarantees the iovec is writable and not aliased for this call.
+            let part = unsafe { std::slice::from_raw_parts_mut(v.iov_base.cast::<u8>(), v.iov_len) };
+            let mut filled = 0;
+            while filled < part.len() {
+                match tls.read_some(self.fd(), &mut part[filled..], timeout)? {
+                    Got::Data(n) => {
+                        filled += n;
+                        done += n;
+                    }
+                    Got::Eof if done == 0 => return Ok(false),
+                    Got::Eof => fail!(ConnectionClosed, "peer closed the channel after {done} of {total} bytes"),
+                    Got::Idle => fail!(Timeout, "read from channel timed out after {done} of {total} bytes"),
+                }
+            }
+        }
+        Ok(true)
+    }
+
+    /// Reads `buf` starting at a packet boundary: a timeout before the first byte is `Idle`;
+    /// once a byte has arrived, the rest must follow within the timeout.
+    pub fn read_at_boundary(&self, buf: &mut [u8]) -> Result<Boundary> {
+        let Some(tls) = &self.tls else {
+            return crate::io::read_at_boundary(self.fd(), buf);
+        };
+        let timeout = *self.read_timeout.lock().unwrap();
+        let first = match tls.read_some(self.fd(), buf, timeout)? {
+            Got::Data(n) => n,
+            Got::Eof => return Ok(Boundary::Eof),
+            Got::Idle => return Ok(Boundary::Idle),
+        };
+        if first < buf.len() && !self.read_exact(&mut buf[first..])? {
+            fail!(ConnectionClosed, "peer closed the channel after {first} of {} bytes", buf.len());
+        }
+        Ok(Boundary::Data)
     }
 }
 
@@ -224,15 +367,15 @@ impl Listener {
             let accepted = match self {
                 Listener::Tcp(s) => s.accept().map(|(c, _)| {
                     let _ = c.set_nodelay(true);
-                    Conn::Tcp(c)
+                    Conn::new(Socket::Tcp(c))
                 }),
-                Listener::Unix(s, _) => s.accept().map(|(c, _)| Conn::Unix(c)),
+                Listener::Unix(s, _) => s.accept().map(|(c, _)| Conn::new(Socket::Unix(c))),
             };
             match accepted {
                 Ok(conn) => {
-                    match &conn {
-                        Conn::Tcp(s) => s.set_nonblocking(false),
-                        Conn::Unix(s) => s.set_nonblocking(false),
+                    match &conn.socket {
+                        Socket::Tcp(s) => s.set_nonblocking(false),
+                        Socket::Unix(s) => s.set_nonblocking(false),
                     }
                     .map_err(|e| io_error("set connection blocking", e))?;
                     return Ok(Some(conn));

@@ -22,9 +22,9 @@ fn recorder(n: usize) -> (Address, std::thread::JoinHandle<Vec<Vec<u8>>>) {
             .into_iter()
             .map(|c| {
                 std::thread::spawn(move || {
-                    let multifd_core::transport::Conn::Tcp(mut s) = c else { unreachable!() };
+                    let multifd_core::transport::Socket::Tcp(s) = c.socket() else { unreachable!() };
                     let mut v = Vec::new();
-                    s.read_to_end(&mut v).unwrap();
+                    (&*s).read_to_end(&mut v).unwrap();
                     v
                 })
             })
@@ -73,6 +73,7 @@ fn record(compression: Compression, channels: u8) -> (Vec<Arc<RamBlock>>, Vec<Ve
             peer_timeout: None,
             integrity: false,
             max_bandwidth: None,
+            tls: None,
         },
         Failure::new(Arc::new(move |e| drop(tx.lock().unwrap().send(e)))),
     )

@@ -61,8 +61,9 @@ fn source_config(address: &Address, uuid: [u8; 16], channels: u8, compression: C
         zero_copy: false,
         max_bandwidth: None,
         connect_timeout: Duration::from_secs(5),
-            peer_timeout: None,
-            integrity: false,
+        peer_timeout: None,
+        integrity: false,
+        tls: None,
     }
 }
 
@@ -76,7 +77,7 @@ fn run(address: &str, channels: u8, compression: Compression) {
     }
     let dst_blocks: Vec<Arc<RamBlock>> = src_blocks.iter().map(|b| Arc::new(RamBlock::allocate(b.name(), b.len(), 4096, false).unwrap())).collect();
     let (dsink, drx) = sink();
-    let dest = Destination::listen(&Address::parse(address).unwrap(), Duration::from_secs(5), dsink).unwrap();
+    let dest = Destination::listen(&Address::parse(address).unwrap(), Duration::from_secs(5), None, dsink).unwrap();
     let uuid = [9u8; 16];
     dest.configure(DestConfig {
         uuid,
@@ -155,7 +156,7 @@ fn zstd_two_channels() {
 #[test]
 fn uuid_mismatch_fails_the_destination() {
     let (dsink, drx) = sink();
-    let dest = Destination::listen(&Address::parse("tcp:127.0.0.1:0").unwrap(), Duration::from_secs(5), dsink).unwrap();
+    let dest = Destination::listen(&Address::parse("tcp:127.0.0.1:0").unwrap(), Duration::from_secs(5), None, dsink).unwrap();
     dest.configure(DestConfig {
         uuid: [1; 16],
         channels: 2,
@@ -182,7 +183,7 @@ fn uuid_mismatch_fails_the_destination() {
 #[test]
 fn missing_channels_time_out() {
     let (dsink, drx) = sink();
-    let dest = Destination::listen(&Address::parse("tcp:127.0.0.1:0").unwrap(), Duration::from_secs(5), dsink).unwrap();
+    let dest = Destination::listen(&Address::parse("tcp:127.0.0.1:0").unwrap(), Duration::from_secs(5), None, dsink).unwrap();
     dest.configure(DestConfig {
         uuid: [1; 16],
         channels: 3,
@@ -206,7 +207,7 @@ fn missing_channels_time_out() {
 fn close_right_after_channels_connect_never_hangs() {
     for _ in 0..30 {
         let (dsink, _drx) = sink();
-        let dest = Destination::listen(&Address::parse("tcp:127.0.0.1:0").unwrap(), Duration::from_secs(5), dsink).unwrap();
+        let dest = Destination::listen(&Address::parse("tcp:127.0.0.1:0").unwrap(), Duration::from_secs(5), None, dsink).unwrap();
         dest.configure(DestConfig {
             uuid: [3; 16],
             channels: 8,

@@ -9,6 +9,7 @@ use multifd_core::control::Control;
 use multifd_core::dest::{DestConfig, Destination};
 use multifd_core::session::{Counters, Failure};
 use multifd_core::source::{Selection, Source, SourceConfig};
+use multifd_core::tls::{TlsClient, TlsOptions, TlsServer};
 use multifd_core::transport::Address;
 use multifd_core::wire::{Compression, Geometry};
 use multifd_core::{Error, ErrorCode};
@@ -85,6 +86,27 @@ fn bandwidth(v: Option<f64>) -> napi::Result<Option<u64>> {
     v.map(|b| to_u64(b, "max bandwidth")).transpose()
 }
 
+/// Mutual TLS credentials, as PEM (the TypeScript layer reads files).
+#[napi(object)]
+pub struct TlsCredentials {
+    /// This side's certificate chain, leaf first.
+    pub cert: Buffer,
+    /// The private key for `cert`.
+    pub key: Buffer,
+    /// The CA certificates that may sign the peer's certificate.
+    pub ca: Buffer,
+    /// Source: the name the destination's certificate must carry (default: the host dialled).
+    pub name: Option<String>,
+    /// Destination: identities allowed to connect (subject, common name or alternative name).
+    pub allow: Option<Vec<String>>,
+}
+
+impl From<TlsCredentials> for TlsOptions {
+    fn from(c: TlsCredentials) -> TlsOptions {
+        TlsOptions { cert: c.cert.to_vec(), key: c.key.to_vec(), ca: c.ca.to_vec(), name: c.name, allow: c.allow.unwrap_or_default() }
+    }
+}
+
 /// A page range in bytes.
 #[napi(object)]
 pub struct ByteRange {
@@ -99,24 +121,27 @@ pub struct NativeSource {
     failure: Arc<Failure>,
     control: Mutex<Option<Arc<Control>>>,
     source: Mutex<Option<Source>>,
+    tls: Option<TlsClient>,
 }
 
 #[napi]
 impl NativeSource {
-    /// Opens the control connection; `onEvent` receives every event of this session.
+    /// Opens the control connection (with `tls`, after a mutual TLS handshake, which the
+    /// channels repeat); `onEvent` receives every event of this session.
     #[napi(factory)]
-    pub fn connect(address: String, connect_timeout_ms: u32, on_event: Function<NativeEvent, ()>) -> napi::Result<NativeSource> {
+    pub fn connect(address: String, connect_timeout_ms: u32, tls: Option<TlsCredentials>, on_event: Function<NativeEvent, ()>) -> napi::Result<NativeSource> {
         let address = Address::parse(&address).into_napi()?;
+        let tls = tls.map(|c| TlsClient::new(&c.into(), &address)).transpose().into_napi()?;
         let events = JsEvents::new(on_event)?;
         let failure = Failure::new(events.sink());
-        let control = match Control::connect(&address, ms(connect_timeout_ms), events.sink()) {
+        let control = match Control::connect(&address, ms(connect_timeout_ms), tls.as_ref(), events.sink()) {
             Ok(c) => c,
             Err(e) => {
                 events.release();
                 return Err(e).into_napi();
             }
         };
-        Ok(NativeSource { address, events, failure, control: Mutex::new(Some(control)), source: Mutex::new(None) })
+        Ok(NativeSource { address, events, failure, control: Mutex::new(Some(control)), source: Mutex::new(None), tls })
     }
 
     #[napi]
@@ -152,6 +177,7 @@ impl NativeSource {
             peer_timeout: options.peer_timeout_ms.map(ms),
             max_bandwidth: bandwidth(options.max_bandwidth)?,
             integrity: options.integrity,
+            tls: self.tls.clone(),
         };
         *slot = Some(Source::start(config, self.failure.clone()).into_napi()?);
         Ok(())
@@ -253,10 +279,13 @@ pub struct NativeDestination {
 #[napi]
 impl NativeDestination {
     #[napi(factory)]
-    pub fn listen(address: String, classify_timeout_ms: u32, on_event: Function<NativeEvent, ()>) -> napi::Result<NativeDestination> {
+    /// Listens on `address`. With `tls`, every connection must complete a mutual TLS
+    /// handshake and pass the allow-list within `classify_timeout_ms` before it is read.
+    pub fn listen(address: String, classify_timeout_ms: u32, tls: Option<TlsCredentials>, on_event: Function<NativeEvent, ()>) -> napi::Result<NativeDestination> {
         let address = Address::parse(&address).into_napi()?;
+        let tls = tls.map(|c| TlsServer::new(&c.into())).transpose().into_napi()?;
         let events = JsEvents::new(on_event)?;
-        match Destination::listen(&address, ms(classify_timeout_ms), events.sink()) {
+        match Destination::listen(&address, ms(classify_timeout_ms), tls, events.sink()) {
             Ok(dest) => Ok(NativeDestination { dest, events, blocks: Mutex::new(Vec::new()) }),
             Err(e) => {
                 events.release();

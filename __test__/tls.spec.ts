@@ -1,0 +1,111 @@
+/** Mutual TLS on every channel: bytes equal over TLS, each refusal with its code on both sides, nothing written. */
+import test from 'ava'
+import net from 'node:net'
+import { Destination, MultifdError, RamBlock, Source, migrate, type DestinationOptions, type SourceOptions } from '../ts/index.js'
+import { MiB, blockPair, rejectionCode, sameBytes, sha256, testPki, until } from './helpers.js'
+
+const pki = testPki()
+const destTls = (allow?: string[]): NonNullable<DestinationOptions['tls']> => ({ cert: pki.file('dest.pem'), key: pki.file('dest.key'), ca: pki.file('ca.pem'), ...(allow ? { allow } : {}) })
+const sourceTls = (who = 'source', ca = 'ca.pem', name?: string): NonNullable<SourceOptions['tls']> => ({ cert: pki.file(`${who}.pem`), key: pki.file(`${who}.key`), ca: pki.file(ca), ...(name ? { name } : {}) })
+
+test('mutual TLS on 4 channels: every byte arrives, with credentials as paths on one side and PEM text on the other', async (t) => {
+  t.timeout(60_000)
+  const { src, dst } = blockPair([['pc.ram', 16 * MiB + 4096], ['vga', 3 * 4096]])
+  const dest = Destination.listen({
+    address: 'tcp:127.0.0.1:0',
+    blocks: dst,
+    tls: { cert: pki.pem('dest.pem'), key: pki.pem('dest.key'), ca: Buffer.from(pki.pem('ca.pem')), allow: ['CN=source, O=multifd tests'] },
+  })
+  const s = await migrate({ address: dest.address, blocks: src, channels: 4, compression: 'zstd', tls: sourceTls() })
+  const d = await dest.done
+  t.is(s.status, 'completed')
+  t.is(d.status, 'completed')
+  t.true(sameBytes(src, dst))
+  t.is(sha256(src[0]!), sha256(dst[0]!))
+})
+
+interface Refusal {
+  title: string
+  dest: DestinationOptions['tls']
+  source: SourceOptions['tls']
+  address?: (a: string) => string
+  codes: [source: MultifdError['code'], destination: MultifdError['code']]
+}
+
+const refusals: Refusal[] = [
+  { title: 'a source that does not trust the destination CA', dest: destTls(), source: sourceTls('source', 'other-ca.pem'), codes: ['ERR_MULTIFD_TLS_UNTRUSTED', 'ERR_MULTIFD_TLS_UNTRUSTED'] },
+  { title: 'an expired source certificate', dest: destTls(), source: sourceTls('expired'), codes: ['ERR_MULTIFD_TLS_EXPIRED', 'ERR_MULTIFD_TLS_EXPIRED'] },
+  { title: 'a destination certificate for another host name', dest: destTls(), source: sourceTls('source', 'ca.pem', 'elsewhere.test'), codes: ['ERR_MULTIFD_TLS_NAME_MISMATCH', 'ERR_MULTIFD_TLS_REJECTED'] },
+  { title: 'a source not on the allow-list', dest: destTls(['CN=source,O=multifd tests']), source: sourceTls('intruder'), codes: ['ERR_MULTIFD_TLS_NOT_ALLOWED', 'ERR_MULTIFD_TLS_NOT_ALLOWED'] },
+  { title: 'a plaintext source against a TLS destination', dest: destTls(), source: undefined, codes: ['ERR_MULTIFD_TLS_REQUIRED', 'ERR_MULTIFD_TLS_REQUIRED'] },
+  { title: 'a TLS source against a plaintext destination', dest: undefined, source: sourceTls(), codes: ['ERR_MULTIFD_TLS_UNAVAILABLE', 'ERR_MULTIFD_TLS_UNAVAILABLE'] },
+]
+
+for (const r of refusals) {
+  test(`refused: ${r.title} (${r.codes.join(' / ')}), within 5 s, no page written`, async (t) => {
+    t.timeout(30_000)
+    const { src, dst } = blockPair([['pc.ram', 4 * MiB]])
+    const before = sha256(dst[0]!)
+    const dest = Destination.listen({ address: 'tcp:127.0.0.1:0', blocks: dst, ...(r.dest ? { tls: r.dest } : {}) })
+    const destCode = rejectionCode(dest.done)
+    const started = Date.now()
+    const sourceCode = await until(rejectionCode(migrate({ address: dest.address, blocks: src, channels: 2, connectTimeoutMs: 3000, ...(r.source ? { tls: r.source } : {}) })), 5000, 'the source refusal')
+    t.is(sourceCode, r.codes[0], 'source')
+    t.is(await until(destCode, 5000, 'the destination refusal'), r.codes[1], 'destination')
+    t.true(Date.now() - started < 5000)
+    t.is(dest.state, 'failed')
+    t.is(sha256(dst[0]!), before, 'no page was written')
+    t.is(dest.stats().bytes, 0)
+    dest.close()
+  })
+}
+
+test('a client that stops mid-handshake is cut off after handshakeTimeoutMs (ERR_MULTIFD_TIMEOUT)', async (t) => {
+  t.timeout(20_000)
+  const dst = [RamBlock.allocate({ name: 'pc.ram', size: MiB })]
+  const dest = Destination.listen({ address: 'tcp:127.0.0.1:0', blocks: dst, tls: destTls(), handshakeTimeoutMs: 1000 })
+  const code = rejectionCode(dest.done)
+  const port = Number(dest.address.split(':').pop())
+  const sock = net.connect(port, '127.0.0.1', () => sock.write(Buffer.from([0x16, 0x03, 0x01, 0x02, 0x00, 0x01])))
+  const started = Date.now()
+  t.is(await until(code, 5000, 'destination timeout'), 'ERR_MULTIFD_TIMEOUT')
+  const took = Date.now() - started
+  t.true(took >= 900 && took < 3000, `took ${took} ms`)
+  t.regex(dest.error?.message ?? '', /TLS handshake/)
+  sock.destroy()
+  dest.close()
+})
+
+// Serial: Source.connect handshakes on the calling thread, which would stall the other tests' sockets.
+test.serial('a destination that stops mid-handshake fails the source after connectTimeoutMs (ERR_MULTIFD_TIMEOUT)', async (t) => {
+  t.timeout(20_000)
+  const held: net.Socket[] = []
+  const server = net.createServer((s) => held.push(s)) // reads the ClientHello, never answers
+  await new Promise<void>((r) => server.listen(0, '127.0.0.1', r))
+  const port = (server.address() as net.AddressInfo).port
+  const started = Date.now()
+  const err = await t.throwsAsync(Source.connect({ address: `tcp:127.0.0.1:${port}`, blocks: [RamBlock.allocate({ name: 'pc.ram', size: MiB })], connectTimeoutMs: 1000, tls: sourceTls('source', 'ca.pem', 'localhost') }), { instanceOf: MultifdError })
+  const took = Date.now() - started
+  t.is(err?.code, 'ERR_MULTIFD_TIMEOUT')
+  t.regex(err?.message ?? '', /TLS handshake/)
+  t.true(took >= 900 && took < 3000, `took ${took} ms`)
+  held.forEach((s) => s.destroy())
+  server.close()
+})
+
+test('zero-copy with TLS is refused before connecting, as QEMU does', async (t) => {
+  const err = await t.throwsAsync(Source.connect({ address: 'tcp:127.0.0.1:1', blocks: [RamBlock.allocate({ name: 'pc.ram', size: MiB })], zeroCopySend: true, tls: sourceTls() }), { instanceOf: MultifdError })
+  t.is(err?.code, 'ERR_MULTIFD_INVALID_ARGUMENT')
+  t.regex(err?.message ?? '', /zero-copy send cannot be combined with TLS/)
+})
+
+test('unreadable or mismatched credentials fail with ERR_MULTIFD_TLS_CONFIG', async (t) => {
+  const blocks = [RamBlock.allocate({ name: 'pc.ram', size: MiB })]
+  const missing = await t.throwsAsync(Source.connect({ address: 'tcp:127.0.0.1:1', blocks, tls: { ...sourceTls(), cert: '/nonexistent/cert.pem' } }), { instanceOf: MultifdError })
+  t.is(missing?.code, 'ERR_MULTIFD_TLS_CONFIG')
+  t.regex(missing?.message ?? '', /\/nonexistent\/cert\.pem/)
+  const mismatched = t.throws(() => Destination.listen({ address: 'tcp:127.0.0.1:0', blocks, tls: { ...destTls(), key: pki.file('intruder.key') } }), { instanceOf: MultifdError })
+  t.is(mismatched?.code, 'ERR_MULTIFD_TLS_CONFIG')
+  const garbage = t.throws(() => Destination.listen({ address: 'tcp:127.0.0.1:0', blocks, tls: { ...destTls(), ca: '-----BEGIN CERTIFICATE-----\nnope\n-----END CERTIFICATE-----\n' } }), { instanceOf: MultifdError })
+  t.is(garbage?.code, 'ERR_MULTIFD_TLS_CONFIG')
+})
