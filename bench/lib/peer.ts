@@ -2,7 +2,7 @@
  * One side of a benchmark transfer, in its own process so each side's CPU time is its own.
  * Prints one JSON line per event on stdout.
  *
- *   mfd-dest SIZE                         listen on loopback, receive into preallocated memory
+ *   mfd-dest SIZE [OPTIONS_JSON]          listen on loopback, receive into preallocated memory
  *   mfd-src ADDRESS FILE SIZE OPTIONS_JSON  send FILE (mapped, prefaulted) with these Source options
  *   snap-save FILE SNAPSHOT SIZE CHANNELS     snapshot FILE (mapped, prefaulted) to SNAPSHOT
  *   snap-restore SNAPSHOT SIZE CHANNELS       restore SNAPSHOT into preallocated memory
@@ -12,7 +12,7 @@
 import { createHash } from 'node:crypto'
 import { readFileSync } from 'node:fs'
 import net from 'node:net'
-import { Destination, RamBlock, migrate, restore, snapshot, type SourceOptions } from '../../ts/index.js'
+import { Destination, RamBlock, migrate, restore, snapshot, type DestinationOptions, type SourceOptions } from '../../ts/index.js'
 
 const say = (m: object): void => void process.stdout.write(JSON.stringify(m) + '\n')
 const cpu = (): number => {
@@ -31,7 +31,7 @@ const [mode, ...args] = process.argv.slice(2)
 switch (mode) {
   case 'mfd-dest': {
     const block = RamBlock.allocate({ name: 'bench', size: Number(args[0]), prefault: true })
-    const dest = Destination.listen({ address: 'tcp:127.0.0.1:0', blocks: [block] })
+    const dest = Destination.listen({ address: 'tcp:127.0.0.1:0', blocks: [block], ...(JSON.parse(args[1] ?? '{}') as Partial<DestinationOptions>) })
     const cpu0 = cpu()
     say({ type: 'listening', address: dest.address })
     const s = await dest.done

@@ -4,7 +4,7 @@ import { randomFillSync } from 'node:crypto'
 import { dirname, join } from 'node:path'
 import { fileURLToPath } from 'node:url'
 import { runJson, startJson } from './run.js'
-import type { SourceOptions } from '../../ts/index.js'
+import type { DestinationOptions, SourceOptions } from '../../ts/index.js'
 
 const peer = join(dirname(fileURLToPath(import.meta.url)), 'peer.ts')
 const GiB = 2 ** 30
@@ -59,9 +59,9 @@ export function sourceFile(size: number, log: (s: string) => void, kind: DataKin
 export const timeoutFor = (size: number): number => Math.max(120_000, (size / GiB) * 60_000)
 
 /** Destination and source each in their own process; times the source's whole migration. */
-export async function pair(size: number, destMode: string, srcMode: string, srcArgs: string[]): Promise<Result> {
+export async function pair(size: number, destMode: string, srcMode: string, srcArgs: string[], destArgs: string[] = []): Promise<Result> {
   const timeout = timeoutFor(size)
-  const dest = startJson(process.execPath, ['--import=tsx', peer, destMode, String(size)], timeout, 'listening')
+  const dest = startJson(process.execPath, ['--import=tsx', peer, destMode, String(size), ...destArgs], timeout, 'listening')
   const { address } = (await dest.first) as { address: string }
   const src = await runJson(process.execPath, ['--import=tsx', peer, srcMode, address, ...srcArgs], timeout)
   const d = (await dest.all).find((l) => l.type === 'done')!
@@ -69,9 +69,10 @@ export async function pair(size: number, destMode: string, srcMode: string, srcA
   return { gbps: size / (s.seconds as number) / 1e9, srcCpu: s.cpuSeconds as number, dstCpu: d.cpuSeconds as number, ok: s.sha256 === d.sha256, wireBytes: s.bytes as number, extra: s }
 }
 
-/** This package with these source options (channels, zeroCopySend, compression, ...). */
-export const ours = (size: number, file: string, options: Partial<SourceOptions>): Promise<Result> =>
-  pair(size, 'mfd-dest', 'mfd-src', [file, String(size), JSON.stringify(options)])
+/** This package with these source options (channels, zeroCopySend, compression, ...) and
+ * destination options (tls). */
+export const ours = (size: number, file: string, options: Partial<SourceOptions>, destOptions: Partial<DestinationOptions> = {}): Promise<Result> =>
+  pair(size, 'mfd-dest', 'mfd-src', [file, String(size), JSON.stringify(options)], [JSON.stringify(destOptions)])
 
 /** A single node:net stream of the same bytes. */
 export const nodeNet = (size: number, file: string): Promise<Result> => pair(size, 'net-dest', 'net-src', [file, String(size)])
@@ -81,10 +82,11 @@ export const nodeNet = (size: number, file: string): Promise<Result> => pair(siz
 export const settle = (): Promise<void> => new Promise((r) => setTimeout(r, 750))
 
 /** QEMU 10 multifd, QEMU to QEMU, on the same source bytes (bench/qemu/qemu_mig.py). */
-export async function qemu(size: number, file: string, o: { channels: number; compression?: string; zeroCopy?: boolean }): Promise<Result | undefined> {
+export async function qemu(size: number, file: string, o: { channels: number; compression?: string; zeroCopy?: boolean; tlsDir?: string }): Promise<Result | undefined> {
   const args = [join(dirname(peer), '..', 'qemu', 'qemu_mig.py'), '--size-mib', String(Math.floor(size / 2 ** 20)), '--channels', String(o.channels), '--prealloc', 'both', '--src-ram', file, '--reps', '1']
   if (o.compression) args.push('--compression', o.compression)
   if (o.zeroCopy) args.push('--zero-copy')
+  if (o.tlsDir) args.push('--tls-dir', o.tlsDir)
   const l = (await runJson('python3', args, timeoutFor(size) * 4))[0]
   if (!l) return undefined
   return {

@@ -181,7 +181,7 @@ def prepare_src_ram(args, res):
     return path
 
 
-def qemu_args(ram_path, size_mib, prealloc, incoming):
+def qemu_args(ram_path, size_mib, prealloc, incoming, tls_dir=None):
     backend = "memory-backend-file,id=mem,size=%dM,mem-path=%s,share=on" % (size_mib, ram_path)
     if prealloc:
         # Faults every guest page in at start-up, before the timed window.
@@ -192,7 +192,24 @@ def qemu_args(ram_path, size_mib, prealloc, incoming):
             "-machine", "pc,memory-backend=mem", "-m", "%dM" % size_mib]
     if incoming:
         argv += ["-incoming", "defer"]
+    if tls_dir:
+        endpoint = "server" if incoming else "client"
+        argv += ["-object", "tls-creds-x509,id=tls0,dir=%s,endpoint=%s,verify-peer=on"
+                 % (os.path.join(tls_dir, endpoint), endpoint)]
     return argv
+
+
+def qemu_tls_dir(pki, parent):
+    """QEMU's tls-creds-x509 layout (ca-cert.pem, server-*/client-*.pem) from the
+    scripts/test-certs.sh files: dest is the server, source the client."""
+    out = tempfile.mkdtemp(prefix="tls-", dir=parent)
+    for endpoint, who in (("server", "dest"), ("client", "source")):
+        d = os.path.join(out, endpoint)
+        os.mkdir(d)
+        shutil.copy(os.path.join(pki, "ca.pem"), os.path.join(d, "ca-cert.pem"))
+        shutil.copy(os.path.join(pki, who + ".pem"), os.path.join(d, endpoint + "-cert.pem"))
+        shutil.copy(os.path.join(pki, who + ".key"), os.path.join(d, endpoint + "-key.pem"))
+    return out
 
 
 def configure(qmp, args, side):
@@ -214,6 +231,10 @@ def configure(qmp, args, side):
             params["multifd-%s-level" % args.compression] = args.compression_level
     if side == "src":
         params["max-bandwidth"] = UNLIMITED_BANDWIDTH
+    if args.tls_dir:
+        params["tls-creds"] = "tls0"
+        if side == "src":
+            params["tls-hostname"] = "localhost"
     if params:
         qmp.execute("migrate-set-parameters", **params)
 
@@ -247,6 +268,7 @@ def run_once(args, rep, src_ram, src_sha, workdir, res):
         "channels": args.channels, "compression": args.compression,
         "compressionLevel": args.compression_level, "zeroCopy": args.zero_copy,
         "mappedRam": args.mapped_ram, "prealloc": args.prealloc, "sizeBytes": size,
+        "tls": bool(args.tls_dir),
         "seconds": None, "bytesPerSecond": None, "srcCpuSeconds": None, "dstCpuSeconds": None,
         "status": "error", "sha256Match": None,
     }
@@ -257,12 +279,13 @@ def run_once(args, rep, src_ram, src_sha, workdir, res):
         rundir = res.path(tempfile.mkdtemp(prefix="rep%d-" % rep, dir=workdir))
         # Start both processes first so their start-up (and prealloc) overlaps.
         t_start = time.monotonic()
+        tls = qemu_tls_dir(args.tls_dir, rundir) if args.tls_dir else None
         if args.mode in ("tcp", "unix", "restore"):
             dst_dir = res.path(temp_dir("dst", "/dev/shm"))
             dst_ram = os.path.join(dst_dir, "dst.ram")
-            dst = res.process(QemuProcess("dst", rundir, qemu_args(dst_ram, args.size_mib, prealloc, True)))
+            dst = res.process(QemuProcess("dst", rundir, qemu_args(dst_ram, args.size_mib, prealloc, True, tls)))
         if args.mode in ("tcp", "unix", "save"):
-            src = res.process(QemuProcess("src", rundir, qemu_args(src_ram, args.size_mib, prealloc, False)))
+            src = res.process(QemuProcess("src", rundir, qemu_args(src_ram, args.size_mib, prealloc, False, tls)))
         for p in (dst, src):
             if p:
                 p.connect(QMP_CONNECT_TIMEOUT)
@@ -386,6 +409,8 @@ def parse_args(argv):
                     help="source RAM file (in /dev/shm), created with random data when missing "
                          "and kept; default: a temporary random file removed at exit")
     ap.add_argument("--mapped-ram", action="store_true", help="mapped-ram capability (save/restore)")
+    ap.add_argument("--tls-dir", default=None,
+                    help="mutual TLS with the certificates scripts/test-certs.sh made in this directory")
     ap.add_argument("--file", default=None, help="migration file for --mode save/restore")
     ap.add_argument("--reps", type=int, default=1, help="migrations to run, one JSON line each")
     ap.add_argument("--timeout", type=float, default=300.0,
