@@ -6,7 +6,7 @@ import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { fileURLToPath } from 'node:url'
-import { until } from './helpers.js'
+import { testPki, until } from './helpers.js'
 
 const CLI = fileURLToPath(new URL('../scripts/multifd', import.meta.url))
 const FIXTURES = fileURLToPath(new URL('./fixtures/qemu-captures/', import.meta.url))
@@ -71,6 +71,36 @@ test('send and recv move image files byte for byte; --json prints one object wit
   }
   t.is(sha(join(d, 'a.out')), sha(join(d, 'a.img')))
   t.is(sha(join(d, 'b.out')), sha(join(d, 'b.img')))
+})
+
+test('send and recv over mutual TLS (--tls-cert/--tls-key/--tls-ca, --tls-name, --tls-allow); an unlisted source is refused on both sides', async (t) => {
+  t.timeout(90_000)
+  const d = workdir(t)
+  const pki = testPki()
+  writeFileSync(join(d, 'a.img'), randomFillSync(Buffer.alloc(3 << 20)))
+  const destTls = ['--tls-cert', pki.file('dest.pem'), '--tls-key', pki.file('dest.key'), '--tls-ca', pki.file('ca.pem'), '--tls-allow', 'source.test', '--tls-allow', 'CN=somebody else']
+  const sourceTls = (who: string): string[] => ['--tls-cert', pki.file(`${who}.pem`), '--tls-key', pki.file(`${who}.key`), '--tls-ca', pki.file('ca.pem'), '--tls-name', 'dest.test']
+
+  const rx = await receiver(['--out', join(d, 'a.out'), '--json', ...destTls])
+  const tx = await cli(['send', rx.address, join(d, 'a.img'), '--channels', '2', '--json', ...sourceTls('source')]).done
+  const rr = await rx.done
+  t.is(tx.code, 0, tx.stderr)
+  t.is(rr.code, 0, rr.stderr)
+  t.like(lastJson(tx.stdout), { status: 'completed', channels: 2 })
+  t.is(sha(join(d, 'a.out')), sha(join(d, 'a.img')))
+
+  const rx2 = await receiver(['--out', join(d, 'b.out'), '--json', ...destTls])
+  const tx2 = await cli(['send', rx2.address, join(d, 'a.img'), '--json', ...sourceTls('intruder')]).done
+  const rr2 = await rx2.done
+  t.is(tx2.code, 1)
+  t.is(rr2.code, 1)
+  t.like(lastJson(tx2.stdout), { status: 'failed', error: { code: 'ERR_MULTIFD_TLS_NOT_ALLOWED' } })
+  t.like(lastJson(rr2.stdout), { status: 'failed', error: { code: 'ERR_MULTIFD_TLS_NOT_ALLOWED' } })
+  t.regex(lastJson(rr2.stdout).error ? JSON.stringify(lastJson(rr2.stdout).error) : '', /CN=intruder/)
+
+  const usage = await cli(['send', 'tcp:127.0.0.1:1', join(d, 'a.img'), '--tls-cert', pki.file('source.pem')]).done
+  t.is(usage.code, 2)
+  t.regex(usage.stderr, /TLS needs all of --tls-cert, --tls-key and --tls-ca/)
 })
 
 test('a failed migration: exit 1 and error {code, message} on both sides', async (t) => {
