@@ -14,6 +14,8 @@ import { Session, type ChannelStats, type Summary } from './session.js'
 import { SourceTlsOptions, nativeTls } from './tls.js'
 
 const Bandwidth = z.int().positive().optional()
+/** Beyond the native connect timeout, before a wait for a connection gives up on its own. */
+const CONNECT_SLACK_MS = 2000
 
 const SourceOptions = z.strictObject({
   /** `tcp:HOST:PORT` or `unix:PATH`. */
@@ -100,6 +102,8 @@ export class Source extends Session {
   #native: InstanceType<typeof binding.NativeSource> | undefined
   #closed = false
   #welcomed = false
+  #controlUp = false
+  #channelsUp = false
   #syncedEpoch = 0
   #completed = false
   #controlClosed = false
@@ -133,7 +137,9 @@ export class Source extends Session {
     this.setState('setup')
     try {
       const tls = o.tls ? nativeTls(o.tls) : undefined
+      // Connects and TLS handshakes run on native threads; the event loop stays free.
       this.#native = native(() => binding.NativeSource.connect(o.address, o.connectTimeoutMs, tls, (ev) => this.#onEvent(ev)))
+      await this.waitFor(() => (this.#controlUp ? true : undefined), 'the control connection', o.connectTimeoutMs + CONNECT_SLACK_MS)
       this.#send({
         type: 'hello',
         protocol: PROTOCOL_VERSION,
@@ -161,6 +167,8 @@ export class Source extends Session {
           ...(o.maxBandwidth === undefined ? {} : { maxBandwidth: o.maxBandwidth }),
         }),
       )
+      // Channels connect one after another, each within connectTimeoutMs.
+      await this.waitFor(() => (this.#channelsUp ? true : undefined), 'the multifd channels', o.connectTimeoutMs * o.channels + CONNECT_SLACK_MS)
       if (o.peerTimeoutMs !== undefined) this.startLiveness(o.peerTimeoutMs, () => this.#send({ type: 'ping' }))
       this.setState('active')
     } catch (e) {
@@ -185,6 +193,14 @@ export class Source extends Session {
         break
       case 'channel':
         this.emit('channel', ev.channel!)
+        break
+      case 'controlConnected':
+        this.#controlUp = true
+        this.recheck()
+        break
+      case 'channelsReady':
+        this.#channelsUp = true
+        this.recheck()
         break
       case 'warning':
         this.warn(new MultifdError(ev.code as MultifdError['code'], ev.message ?? ''))

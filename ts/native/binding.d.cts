@@ -86,12 +86,16 @@ export declare class NativeFileJob {
 
 export declare class NativeSource {
   /**
-   * Opens the control connection (with `tls`, after a mutual TLS handshake, which the
-   * channels repeat); `onEvent` receives every event of this session.
+   * Starts opening the control connection (with `tls`, after a mutual TLS handshake, which
+   * the channels repeat) in the background: a `controlConnected` event follows, or `failed`.
+   * `onEvent` receives every event of this session.
    */
   static connect(address: string, connectTimeoutMs: number, tls: TlsCredentials | undefined | null, onEvent: (arg: NativeEvent) => void): NativeSource
   sendControl(frame: Buffer): void
-  /** Connects the multifd channels and starts their threads. */
+  /**
+   * Starts connecting the multifd channels in the background (each authenticated with TLS
+   * when configured, each sending its init packet); `channelsReady` follows, or `failed`.
+   */
   startChannels(options: ChannelOptions): void
   /**
    * Queues pages of `block`: all of them, `ranges`, or (with `dirty`) the dirty ones.
@@ -253,7 +257,7 @@ export declare function inspectSnapshot(path: string): SnapshotFileInfo
 
 /** One event as JavaScript receives it. `kind` says which fields are set. */
 export interface NativeEvent {
-  /** `failed` | `done` | `synced` | `channel` | `control` | `controlClosed` | `controlConnected` | `warning` */
+  /** `failed` | `done` | `synced` | `channel` | `control` | `controlClosed` | `controlConnected` | `channelsReady` | `warning` */
   kind: string
   id?: number
   pages?: number

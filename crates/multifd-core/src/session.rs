@@ -22,8 +22,12 @@ pub enum Event {
     Control(Vec<u8>),
     /// The control connection ended: cleanly (`None`) or with an error.
     ControlClosed(Option<Error>),
-    /// Destination: a control connection was accepted.
+    /// Destination: a control connection was accepted. Source: the control connection is up
+    /// (connected, and with TLS authenticated both ways).
     ControlConnected,
+    /// Source: every multifd channel is connected (and authenticated) and has sent its init
+    /// packet; the channel threads are running.
+    ChannelsReady,
     /// Something degraded without failing the session (e.g. zero-copy fell back to copying).
     Warning(Error),
 }

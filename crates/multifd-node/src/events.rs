@@ -11,7 +11,7 @@ use napi_derive::napi;
 /// One event as JavaScript receives it. `kind` says which fields are set.
 #[napi(object)]
 pub struct NativeEvent {
-    /// `failed` | `done` | `synced` | `channel` | `control` | `controlClosed` | `controlConnected` | `warning`
+    /// `failed` | `done` | `synced` | `channel` | `control` | `controlClosed` | `controlConnected` | `channelsReady` | `warning`
     pub kind: String,
     pub id: Option<u32>,
     pub pages: Option<f64>,
@@ -52,6 +52,7 @@ impl From<Event> for NativeEvent {
             Event::ControlClosed(None) => NativeEvent::of("controlClosed"),
             Event::ControlClosed(Some(err)) => NativeEvent::of("controlClosed").with_error(&err),
             Event::ControlConnected => NativeEvent::of("controlConnected"),
+            Event::ChannelsReady => NativeEvent::of("channelsReady"),
             Event::Warning(err) => NativeEvent::of("warning").with_error(&err),
         }
     }

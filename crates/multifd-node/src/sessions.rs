@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use multifd_core::control::Control;
 use multifd_core::dest::{DestConfig, Destination};
-use multifd_core::session::{Counters, Failure};
+use multifd_core::session::{Counters, Event, Failure};
 use multifd_core::source::{Selection, Source, SourceConfig};
 use multifd_core::tls::{TlsClient, TlsOptions, TlsServer};
 use multifd_core::transport::Address;
@@ -119,29 +119,59 @@ pub struct NativeSource {
     address: Address,
     events: JsEvents,
     failure: Arc<Failure>,
-    control: Mutex<Option<Arc<Control>>>,
-    source: Mutex<Option<Source>>,
+    control: Arc<Mutex<Option<Arc<Control>>>>,
+    source: Arc<Mutex<Option<Source>>>,
     tls: Option<TlsClient>,
+    /// Connects (and TLS handshakes) run here, off the JavaScript thread; joined by `close`.
+    connecting: Mutex<Vec<std::thread::JoinHandle<()>>>,
+}
+
+/// Runs `work` on its own thread: its value goes into `slot` and `ready` is emitted, or its
+/// error fails the session. The JavaScript thread never waits on the network.
+fn in_background<T: Send + 'static>(
+    name: &str,
+    failure: &Arc<Failure>,
+    slot: &Arc<Mutex<Option<T>>>,
+    ready: Event,
+    work: impl FnOnce() -> multifd_core::Result<T> + Send + 'static,
+) -> napi::Result<std::thread::JoinHandle<()>> {
+    let (failure, slot) = (failure.clone(), slot.clone());
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || match work() {
+            Ok(v) => {
+                *slot.lock().unwrap() = Some(v);
+                (failure.events())(ready);
+            }
+            Err(e) => {
+                failure.fail(e);
+            }
+        })
+        .map_err(|e| napi::Error::from_reason(format!("ERR_MULTIFD_IO: spawn {name}: {e}")))
 }
 
 #[napi]
 impl NativeSource {
-    /// Opens the control connection (with `tls`, after a mutual TLS handshake, which the
-    /// channels repeat); `onEvent` receives every event of this session.
+    /// Starts opening the control connection (with `tls`, after a mutual TLS handshake, which
+    /// the channels repeat) in the background: a `controlConnected` event follows, or `failed`.
+    /// `onEvent` receives every event of this session.
     #[napi(factory)]
     pub fn connect(address: String, connect_timeout_ms: u32, tls: Option<TlsCredentials>, on_event: Function<NativeEvent, ()>) -> napi::Result<NativeSource> {
         let address = Address::parse(&address).into_napi()?;
         let tls = tls.map(|c| TlsClient::new(&c.into(), &address)).transpose().into_napi()?;
         let events = JsEvents::new(on_event)?;
         let failure = Failure::new(events.sink());
-        let control = match Control::connect(&address, ms(connect_timeout_ms), tls.as_ref(), events.sink()) {
-            Ok(c) => c,
+        let control = Arc::new(Mutex::new(None));
+        let (addr, client, sink) = (address.clone(), tls.clone(), events.sink());
+        let worker = in_background("multifd/connect", &failure, &control, Event::ControlConnected, move || Control::connect(&addr, ms(connect_timeout_ms), client.as_ref(), sink));
+        let worker = match worker {
+            Ok(w) => w,
             Err(e) => {
                 events.release();
-                return Err(e).into_napi();
+                return Err(e);
             }
         };
-        Ok(NativeSource { address, events, failure, control: Mutex::new(Some(control)), source: Mutex::new(None), tls })
+        Ok(NativeSource { address, events, failure, control, source: Arc::new(Mutex::new(None)), tls, connecting: Mutex::new(vec![worker]) })
     }
 
     #[napi]
@@ -152,11 +182,12 @@ impl NativeSource {
         }
     }
 
-    /// Connects the multifd channels and starts their threads.
+    /// Starts connecting the multifd channels in the background (each authenticated with TLS
+    /// when configured, each sending its init packet); `channelsReady` follows, or `failed`.
     #[napi]
     pub fn start_channels(&self, options: ChannelOptions) -> napi::Result<()> {
-        let mut slot = self.source.lock().unwrap();
-        if slot.is_some() {
+        let mut connecting = self.connecting.lock().unwrap();
+        if connecting.len() > 1 || self.source.lock().unwrap().is_some() {
             return Err(Error::new(ErrorCode::State, "channels are already started")).into_napi();
         }
         let channels = u8::try_from(options.channels)
@@ -179,7 +210,8 @@ impl NativeSource {
             integrity: options.integrity,
             tls: self.tls.clone(),
         };
-        *slot = Some(Source::start(config, self.failure.clone()).into_napi()?);
+        let failure = self.failure.clone();
+        connecting.push(in_background("multifd/connect", &self.failure, &self.source, Event::ChannelsReady, move || Source::start(config, failure))?);
         Ok(())
     }
 
@@ -246,6 +278,10 @@ impl NativeSource {
     /// first; otherwise channel threads finish their queues (call after the final sync).
     #[napi]
     pub fn close(&self, abort: bool) {
+        // A connect in flight ends within its connect timeout; its result is closed below.
+        for w in self.connecting.lock().unwrap().drain(..) {
+            let _ = w.join();
+        }
         if let Some(s) = self.source.lock().unwrap().take() {
             s.close(abort);
         }
