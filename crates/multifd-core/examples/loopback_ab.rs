@@ -1,6 +1,7 @@
 //! In-process source -> destination transfer for A/B experiments on the data plane.
 //! `cargo run --release --example loopback_ab -- CHANNELS SIZE_MIB REPS` (ZERO=0 disables
-//! zero-page detection).
+//! zero-page detection; TLS=DIR uses mutual TLS with the certificates scripts/test-certs.sh
+//! made in DIR).
 
 use std::sync::{Arc, mpsc, Mutex};
 use std::time::{Duration, Instant};
@@ -9,6 +10,7 @@ use multifd_core::block::RamBlock;
 use multifd_core::dest::{DestConfig, Destination};
 use multifd_core::session::{Event, Failure};
 use multifd_core::source::{Selection, Source, SourceConfig};
+use multifd_core::tls::{TlsClient, TlsOptions, TlsServer};
 use multifd_core::transport::Address;
 use multifd_core::wire::{Compression, Geometry};
 
@@ -33,15 +35,21 @@ fn main() {
         }
     }
     let dst = Arc::new(RamBlock::allocate("b", size, 4096, true).unwrap());
+    let tls = std::env::var("TLS").ok().map(|dir| {
+        let read = |f: &str| std::fs::read(std::path::Path::new(&dir).join(f)).unwrap();
+        let opts = |who: &str| TlsOptions { cert: read(&format!("{who}.pem")), key: read(&format!("{who}.key")), ca: read("ca.pem"), name: Some("localhost".into()), allow: vec![] };
+        (TlsServer::new(&opts("dest")).unwrap(), opts("source"))
+    });
     for _ in 0..reps {
         let (tx, rx) = mpsc::channel();
         let tx = Mutex::new(tx);
         let sink: multifd_core::session::EventSink = Arc::new(move |e| drop(tx.lock().unwrap().send(e)));
-        let dest = Destination::listen(&Address::parse("tcp:127.0.0.1:0").unwrap(), Duration::from_secs(5), None, sink.clone()).unwrap();
+        let dest = Destination::listen(&Address::parse("tcp:127.0.0.1:0").unwrap(), Duration::from_secs(5), tls.as_ref().map(|t| t.0.clone()), sink.clone()).unwrap();
+        let client = tls.as_ref().map(|t| TlsClient::new(&t.1, dest.address()).unwrap());
         dest.configure(DestConfig { uuid: [0; 16], channels, geometry: Geometry::x86(), compression: Compression::None, blocks: vec![dst.clone()], channel_timeout: Duration::from_secs(5), peer_timeout: None, integrity: false }).unwrap();
         let source = Source::start(
             SourceConfig { address: dest.address().clone(), uuid: [0; 16], channels, geometry: Geometry::x86(), compression: Compression::None, zero_page_detection: zero, zero_copy: std::env::var("ZC").is_ok(), compression_level: None, connect_timeout: Duration::from_secs(5),
-            peer_timeout: None, max_bandwidth: None, integrity: false, tls: None },
+            peer_timeout: None, max_bandwidth: None, integrity: false, tls: client },
             Failure::new(sink),
         )
         .unwrap();
