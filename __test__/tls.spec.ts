@@ -22,6 +22,8 @@ test('mutual TLS on 4 channels: every byte arrives, with credentials as paths on
   t.is(d.status, 'completed')
   t.true(sameBytes(src, dst))
   t.is(sha256(src[0]!), sha256(dst[0]!))
+  t.deepEqual(s.tls, { protocol: 'TLS 1.3', cipherSuite: 'TLS13_AES_128_GCM_SHA256', peer: { subject: 'CN=destination', altNames: ['localhost', 'dest.test', '127.0.0.1'] } })
+  t.deepEqual(d.tls, { protocol: 'TLS 1.3', cipherSuite: 'TLS13_AES_128_GCM_SHA256', peer: { subject: 'CN=source,O=multifd tests', altNames: ['source.test'] } })
 })
 
 interface Refusal {

@@ -9,8 +9,8 @@ import { MultifdError, native } from './errors.js'
 import { RamBlock, RamBlockSchema } from './block.js'
 import { Address, parseOptions } from './options.js'
 import { PROTOCOL_VERSION, decodeMessage, encodeMessage, remoteError, type ControlMessage, type Hello } from './protocol.js'
-import { Session, type ChannelStats } from './session.js'
-import { DestinationTlsOptions, nativeTls } from './tls.js'
+import { Session, type ChannelStats, type TlsSummary } from './session.js'
+import { DestinationTlsOptions, nativeTls, tlsSummary } from './tls.js'
 
 /** One entry of the block table a source announces. */
 export interface AnnouncedBlock {
@@ -243,6 +243,10 @@ export class Destination extends Session {
     } catch {
       // the control connection may be what failed, or never existed
     }
+  }
+
+  protected override nativeTls(): TlsSummary | undefined {
+    return this.#closed ? undefined : tlsSummary(this.#native.tlsInfo())
   }
 
   protected override closeNative(_abort: boolean): void {

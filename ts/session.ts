@@ -32,6 +32,18 @@ export interface Summary {
   syncs: number
   perChannel: ChannelStats[]
   error?: { code: string; message: string }
+  /** With TLS: what the control connection negotiated and who the peer is. */
+  tls?: TlsSummary
+}
+
+/** A session's TLS, as negotiated on its control connection (the channels use the same credentials). */
+export interface TlsSummary {
+  /** `TLS 1.3` or `TLS 1.2`. */
+  protocol: string
+  /** e.g. `TLS13_AES_128_GCM_SHA256`. */
+  cipherSuite: string
+  /** The identity in the peer's verified certificate. */
+  peer?: { subject: string; altNames: string[] }
 }
 
 export interface SessionEvents {
@@ -117,6 +129,8 @@ export abstract class Session extends EventEmitter<SessionEvents> {
   protected abstract channelCount(): number
   /** Shuts sockets down and joins threads; `abort` for failure or cancel. */
   protected abstract closeNative(abort: boolean): void
+  /** The native session's TLS, while its control connection is open; undefined without TLS. */
+  protected abstract nativeTls(): TlsSummary | undefined
   /** Tells the peer why this side failed (best effort). */
   protected abstract tellPeer(e: MultifdError): void
 
@@ -285,7 +299,15 @@ export abstract class Session extends EventEmitter<SessionEvents> {
   #close(abort: boolean): void {
     this.stopLiveness()
     this.#finalStats ??= this.nativeStats()
+    this.#tls ??= this.nativeTls()
     this.closeNative(abort)
+  }
+
+  #tls: TlsSummary | undefined
+
+  /** With TLS, what was negotiated and who the peer is (once connected); otherwise undefined. */
+  get tls(): TlsSummary | undefined {
+    return (this.#tls ??= this.nativeTls())
   }
 
   summary(): Summary {
@@ -302,6 +324,7 @@ export abstract class Session extends EventEmitter<SessionEvents> {
       syncs: s.syncs,
       perChannel: s.channels,
       ...(this.#error ? { error: { code: this.#error.code, message: this.#error.message } } : {}),
+      ...(this.tls ? { tls: this.tls } : {}),
     }
   }
 }

@@ -10,8 +10,8 @@ import { MultifdError, asMultifdError, native } from './errors.js'
 import { RamBlock, RamBlockSchema } from './block.js'
 import { Address, CompressionMethod, PageSize, parseOptions } from './options.js'
 import { PROTOCOL_VERSION, decodeMessage, encodeMessage, remoteError, type ControlMessage } from './protocol.js'
-import { Session, type ChannelStats, type Summary } from './session.js'
-import { SourceTlsOptions, nativeTls } from './tls.js'
+import { Session, type ChannelStats, type Summary, type TlsSummary } from './session.js'
+import { SourceTlsOptions, nativeTls, tlsSummary } from './tls.js'
 
 const Bandwidth = z.int().positive().optional()
 /** Beyond the native connect timeout, before a wait for a connection gives up on its own. */
@@ -415,6 +415,10 @@ export class Source extends Session {
     } catch {
       // best effort: the control connection may be what failed
     }
+  }
+
+  protected override nativeTls(): TlsSummary | undefined {
+    return this.#closed ? undefined : tlsSummary(this.#native?.tlsInfo())
   }
 
   protected override closeNative(abort: boolean): void {

@@ -7,7 +7,8 @@
 import { readFileSync } from 'node:fs'
 import { z } from 'zod'
 import { MultifdError } from './errors.js'
-import type { TlsCredentials } from './native.js'
+import type { TlsCredentials, TlsSessionInfo } from './native.js'
+import type { TlsSummary } from './session.js'
 
 /** PEM text (starting `-----BEGIN`), PEM bytes, or the path of a PEM file. */
 export const PemSource = z.union([z.string().min(1), z.instanceof(Uint8Array)])
@@ -62,4 +63,10 @@ export function nativeTls(o: z.output<typeof SourceTlsOptions> | z.output<typeof
     ...('name' in o && o.name !== undefined ? { name: o.name } : {}),
     ...('allow' in o && o.allow !== undefined ? { allow: o.allow } : {}),
   }
+}
+
+/** The native layer's view of a TLS session, as the public summary shape. */
+export function tlsSummary(i: TlsSessionInfo | null | undefined): TlsSummary | undefined {
+  if (!i) return undefined
+  return { protocol: i.protocol, cipherSuite: i.cipherSuite, ...(i.peerSubject == null ? {} : { peer: { subject: i.peerSubject, altNames: i.peerAltNames } }) }
 }

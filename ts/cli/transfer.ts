@@ -12,12 +12,13 @@ import { Progress } from './progress.js'
 import { onInterrupt, wasInterrupted } from './interrupt.js'
 
 function fromSummary(s: Summary, extra: Record<string, unknown> = {}): CommandResult {
-  return { status: s.status, bytes: s.bytes, seconds: s.seconds, bytesPerSecond: s.bytesPerSecond, channels: s.channels, pages: s.pages, ...(s.error ? { error: s.error } : {}), perChannel: s.perChannel, ...extra }
+  return { status: s.status, bytes: s.bytes, seconds: s.seconds, bytesPerSecond: s.bytesPerSecond, channels: s.channels, pages: s.pages, ...(s.error ? { error: s.error } : {}), perChannel: s.perChannel, ...(s.tls ? { tls: s.tls } : {}), ...extra }
 }
 
 function channelLines(s: Summary): string[] {
   const raw = s.pages.normal * 4096
   return [
+    ...(s.tls ? [`tls: ${s.tls.protocol}, ${s.tls.cipherSuite}${s.tls.peer ? `, peer ${s.tls.peer.subject}` : ''}`] : []),
     `wire: ${bytes(s.bytes)}${raw > 0 ? `, ${(raw / Math.max(1, s.bytes)).toFixed(2)}x compression of the data pages` : ''}`,
     ...s.perChannel.map((c, i) => `channel ${i}: ${bytes(c.bytes)} in ${c.packets} packets (${rate(s.seconds > 0 ? c.bytes / s.seconds : 0)})`),
   ]

@@ -57,6 +57,8 @@ export declare class NativeDestination {
   static listen(address: string, classifyTimeoutMs: number, tls: TlsCredentials | undefined | null, onEvent: (arg: NativeEvent) => void): NativeDestination
   /** The address sources connect to (`tcp:HOST:PORT` with the real port, or `unix:PATH`). */
   get address(): string
+  /** The accepted control connection's TLS session, when TLS is on. */
+  tlsInfo(): TlsSessionInfo | null
   sendControl(frame: Buffer): void
   /** Adds a block that pages may be written into (before `configure`). */
   addBlock(block: Block): void
@@ -91,6 +93,8 @@ export declare class NativeSource {
    * `onEvent` receives every event of this session.
    */
   static connect(address: string, connectTimeoutMs: number, tls: TlsCredentials | undefined | null, onEvent: (arg: NativeEvent) => void): NativeSource
+  /** The control connection's TLS session, once connected with TLS. */
+  tlsInfo(): TlsSessionInfo | null
   sendControl(frame: Buffer): void
   /**
    * Starts connecting the multifd channels in the background (each authenticated with TLS
@@ -364,4 +368,16 @@ export interface TlsCredentials {
   name?: string
   /** Destination: identities allowed to connect (subject, common name or alternative name). */
   allow?: Array<string>
+}
+
+/** A negotiated TLS session, as the control connection saw it. */
+export interface TlsSessionInfo {
+  /** `TLS 1.3` or `TLS 1.2`. */
+  protocol: string
+  /** e.g. `TLS13_AES_128_GCM_SHA256`. */
+  cipherSuite: string
+  /** The peer certificate's subject (RFC 4514), e.g. `CN=source,O=Example`. */
+  peerSubject?: string
+  /** The peer certificate's alternative names. */
+  peerAltNames: Array<string>
 }

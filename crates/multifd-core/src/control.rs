@@ -92,7 +92,7 @@ fn read_frame(conn: &Conn) -> Result<Option<Vec<u8>>> {
         return Ok(None);
     }
     if conn.tls().is_none() && matches!(len, [0x15 | 0x16, 0x03, ..]) {
-        fail!(TlsRequired, "the peer answered with a TLS record: it requires TLS, and this side has none configured");
+        fail!(TlsRequired, "the destination answered with a TLS record: it requires TLS, and this source has no TLS configured");
     }
     let len = u32::from_be_bytes(len);
     if len > MAX_FRAME {

@@ -147,6 +147,11 @@ impl Destination {
         &self.inner.failure
     }
 
+    /// The TLS session of the accepted control connection, when TLS is on.
+    pub fn control_tls(&self) -> Option<crate::tls::TlsInfo> {
+        self.inner.control.lock().unwrap().as_ref().and_then(|c| c.conn().tls().map(|t| t.info()))
+    }
+
     /// Sends a frame on the accepted control connection.
     pub fn send_control(&self, frame: &[u8]) -> Result<()> {
         match self.inner.control.lock().unwrap().as_ref() {

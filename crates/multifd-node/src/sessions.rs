@@ -107,6 +107,25 @@ impl From<TlsCredentials> for TlsOptions {
     }
 }
 
+/// A negotiated TLS session, as the control connection saw it.
+#[napi(object)]
+pub struct TlsSessionInfo {
+    /// `TLS 1.3` or `TLS 1.2`.
+    pub protocol: String,
+    /// e.g. `TLS13_AES_128_GCM_SHA256`.
+    pub cipher_suite: String,
+    /// The peer certificate's subject (RFC 4514), e.g. `CN=source,O=Example`.
+    pub peer_subject: Option<String>,
+    /// The peer certificate's alternative names.
+    pub peer_alt_names: Vec<String>,
+}
+
+impl From<multifd_core::tls::TlsInfo> for TlsSessionInfo {
+    fn from(i: multifd_core::tls::TlsInfo) -> Self {
+        TlsSessionInfo { protocol: i.protocol, cipher_suite: i.cipher_suite, peer_subject: i.peer.as_ref().map(|p| p.subject.clone()), peer_alt_names: i.peer.map(|p| p.alt_names).unwrap_or_default() }
+    }
+}
+
 /// A page range in bytes.
 #[napi(object)]
 pub struct ByteRange {
@@ -172,6 +191,12 @@ impl NativeSource {
             }
         };
         Ok(NativeSource { address, events, failure, control, source: Arc::new(Mutex::new(None)), tls, connecting: Mutex::new(vec![worker]) })
+    }
+
+    /// The control connection's TLS session, once connected with TLS.
+    #[napi]
+    pub fn tls_info(&self) -> Option<TlsSessionInfo> {
+        self.control.lock().unwrap().as_ref().and_then(|c| c.conn().tls().map(|t| t.info().into()))
     }
 
     #[napi]
@@ -334,6 +359,12 @@ impl NativeDestination {
     #[napi(getter)]
     pub fn address(&self) -> String {
         self.dest.address().to_string()
+    }
+
+    /// The accepted control connection's TLS session, when TLS is on.
+    #[napi]
+    pub fn tls_info(&self) -> Option<TlsSessionInfo> {
+        self.dest.control_tls().map(Into::into)
     }
 
     #[napi]

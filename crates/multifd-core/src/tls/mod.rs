@@ -25,7 +25,7 @@ use crate::error::{Error, ErrorCode, Result, fail};
 use crate::transport::Address;
 
 pub use identity::Identity;
-pub use stream::TlsStream;
+pub use stream::{TlsInfo, TlsStream};
 pub(crate) use stream::{Got, looks_like_tls, refuse_plaintext_peer, refuse_tls_peer};
 
 /// Credentials and checks for one side, as PEM bytes.

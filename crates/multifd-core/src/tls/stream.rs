@@ -94,6 +94,17 @@ enum FeedError {
     Tls(rustls::Error),
 }
 
+/// A TLS session as negotiated.
+#[derive(Debug, Clone)]
+pub struct TlsInfo {
+    /// `TLS 1.3` or `TLS 1.2`.
+    pub protocol: String,
+    /// e.g. `TLS13_AES_128_GCM_SHA256`.
+    pub cipher_suite: String,
+    /// The identity in the peer's (verified) certificate.
+    pub peer: Option<super::Identity>,
+}
+
 /// A TLS session: its rustls state and the bytes read ahead of it.
 pub struct TlsStream {
     state: Mutex<Connection>,
@@ -159,11 +170,14 @@ impl TlsStream {
         Ok(TlsStream { state: Mutex::new(conn), inbox: Mutex::new(inbox), peer })
     }
 
-    /// The identity the peer's certificate claims (for logs and events).
-    pub fn peer_identity(&self) -> Option<super::Identity> {
+    /// What was negotiated, and who the peer's certificate says it is (for logs and summaries).
+    pub fn info(&self) -> TlsInfo {
         let state = self.state.lock().unwrap();
-        let cert = state.peer_certificates()?.first()?;
-        super::Identity::from_der(cert).ok()
+        TlsInfo {
+            protocol: state.protocol_version().map_or_else(|| "unknown".into(), |v| v.as_str().unwrap_or("unknown").replace("TLSv1_", "TLS 1.")),
+            cipher_suite: state.negotiated_cipher_suite().map_or_else(|| "unknown".into(), |s| s.suite().as_str().unwrap_or("unknown").to_string()),
+            peer: state.peer_certificates().and_then(|c| c.first()).and_then(|c| super::Identity::from_der(c).ok()),
+        }
     }
 
     /// Reads some plaintext into `out`, waiting at most `timeout` for the socket.
