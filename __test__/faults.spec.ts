@@ -7,7 +7,18 @@ import test from 'ava'
 import net from 'node:net'
 import { Destination, MultifdError, Source, migrate } from '../ts/index.js'
 import { readdirSync, readlinkSync } from 'node:fs'
-import { MiB, blockPair, fdCount, rejectionCode, sameBytes, spawnPeer, threadCount, until, whenTrue } from './helpers.js'
+import { MiB, blockPair, fdCount, rejectionCode, sameBytes, spawnPeer, testPki, threadCount, until, whenTrue } from './helpers.js'
+
+/** Each fault runs in plaintext and over mutual TLS (whose reads time out by poll, not SO_RCVTIMEO). */
+const pki = testPki()
+const modes = [
+  { name: '', dest: {}, source: {} },
+  {
+    name: ' (TLS)',
+    dest: { tls: { cert: pki.file('dest.pem'), key: pki.file('dest.key'), ca: pki.file('ca.pem') } },
+    source: { tls: { cert: pki.file('source.pem'), key: pki.file('source.key'), ca: pki.file('ca.pem'), name: 'localhost' } },
+  },
+]
 
 const fdList = (): string[] => readdirSync('/proc/self/fd').map((f) => { try { return `${f}:${readlinkSync(`/proc/self/fd/${f}`)}` } catch { return f } })
 
@@ -53,37 +64,39 @@ async function proxy(target: string): Promise<{ address: string; cut: (n: number
 }
 
 // Serial: counts the whole process's threads and descriptors.
-test.serial('one channel connection cut mid-transfer: both sides fail with the first error within 5 s, nothing leaks, the next migration completes', async (t) => {
-  t.timeout(60_000)
-  const { src, dst } = blockPair([['pc.ram', 64 * MiB]])
-  const threads = threadCount()
-  const fds = fdCount()
-  const before = fdList()
-  const dest = Destination.listen({ address: 'tcp:127.0.0.1:0', blocks: dst })
-  const p = await proxy(dest.address)
-  t.teardown(() => p.close())
-  // Throttled so the cut surely lands mid-transfer.
-  const source = await Source.connect({ address: p.address, blocks: src, channels: 4, maxBandwidth: 32 * MiB })
-  const sending = rejectionCode(source.sendAll().then(() => source.complete()))
-  await whenTrue(() => p.accepted() === 5 && source.stats().bytes > 2 * MiB, 10_000, 'all connections and first bytes')
-  const cutAt = performance.now()
-  t.true(p.cut(2), 'connection 2 (a multifd channel: connection 0 is the control one) exists')
-  t.is(await until(sending, 5000, 'source failure'), 'ERR_MULTIFD_CONNECTION_CLOSED')
-  t.is(await until(rejectionCode(dest.done), 5000, 'destination failure'), 'ERR_MULTIFD_CONNECTION_CLOSED')
-  t.true(performance.now() - cutAt < 5000)
-  t.is(source.state, 'failed')
-  t.is(dest.state, 'failed')
-  t.true(source.error instanceof MultifdError)
-  await p.close()
-  t.is(threadCount(), threads, 'every thread joined')
-  t.is(fdCount(), fds, `every descriptor closed: new ${JSON.stringify(fdList().filter((f) => !before.includes(f)))}`)
+for (const mode of modes) {
+  test.serial(`one channel connection cut mid-transfer${mode.name}: both sides fail with the first error within 5 s, nothing leaks, the next migration completes`, async (t) => {
+    t.timeout(60_000)
+    const { src, dst } = blockPair([['pc.ram', 64 * MiB]])
+    const threads = threadCount()
+    const fds = fdCount()
+    const before = fdList()
+    const dest = Destination.listen({ address: 'tcp:127.0.0.1:0', blocks: dst, ...mode.dest })
+    const p = await proxy(dest.address)
+    t.teardown(() => p.close())
+    // Throttled so the cut surely lands mid-transfer.
+    const source = await Source.connect({ address: p.address, blocks: src, channels: 4, maxBandwidth: 32 * MiB, ...mode.source })
+    const sending = rejectionCode(source.sendAll().then(() => source.complete()))
+    await whenTrue(() => p.accepted() === 5 && source.stats().bytes > 2 * MiB, 10_000, 'all connections and first bytes')
+    const cutAt = performance.now()
+    t.true(p.cut(2), 'connection 2 (a multifd channel: connection 0 is the control one) exists')
+    t.is(await until(sending, 5000, 'source failure'), 'ERR_MULTIFD_CONNECTION_CLOSED')
+    t.is(await until(rejectionCode(dest.done), 5000, 'destination failure'), 'ERR_MULTIFD_CONNECTION_CLOSED')
+    t.true(performance.now() - cutAt < 5000)
+    t.is(source.state, 'failed')
+    t.is(dest.state, 'failed')
+    t.true(source.error instanceof MultifdError)
+    await p.close()
+    t.is(threadCount(), threads, 'every thread joined')
+    t.is(fdCount(), fds, `every descriptor closed: new ${JSON.stringify(fdList().filter((f) => !before.includes(f)))}`)
 
-  const again = blockPair([['pc.ram', 64 * MiB]]).dst
-  const dest2 = Destination.listen({ address: 'tcp:127.0.0.1:0', blocks: again })
-  await migrate({ address: dest2.address, blocks: src, channels: 4 })
-  await dest2.done
-  t.true(sameBytes(src, again))
-})
+    const again = blockPair([['pc.ram', 64 * MiB]]).dst
+    const dest2 = Destination.listen({ address: 'tcp:127.0.0.1:0', blocks: again, ...mode.dest })
+    await migrate({ address: dest2.address, blocks: src, channels: 4, ...mode.source })
+    await dest2.done
+    t.true(sameBytes(src, again))
+  })
+}
 
 test('destination restarted mid-way: the source fails within 5 s, then migrates to the restarted destination', async (t) => {
   t.timeout(90_000)
@@ -107,24 +120,26 @@ test('destination restarted mid-way: the source fails within 5 s, then migrates 
   await second.exited
 })
 
-test('a peer that stops reading and writing is detected by peerTimeoutMs on both sides within bounded time', async (t) => {
-  t.timeout(60_000)
-  const { src, dst } = blockPair([['pc.ram', 64 * MiB]])
-  const dest = Destination.listen({ address: 'tcp:127.0.0.1:0', blocks: dst, peerTimeoutMs: 1000 })
-  const p = await proxy(dest.address)
-  t.teardown(() => p.close())
-  const source = await Source.connect({ address: p.address, blocks: src, channels: 4, peerTimeoutMs: 1000, maxBandwidth: 32 * MiB })
-  const sending = rejectionCode(source.sendAll().then(() => source.complete()))
-  await whenTrue(() => p.accepted() === 5 && source.stats().bytes > 2 * MiB, 10_000, 'all connections and first bytes')
-  const stalledAt = performance.now()
-  p.stall()
-  t.is(await until(sending, 5000, 'source failure'), 'ERR_MULTIFD_TIMEOUT')
-  t.is(await until(rejectionCode(dest.done), 5000, 'destination failure'), 'ERR_MULTIFD_TIMEOUT')
-  const ms = performance.now() - stalledAt
-  t.true(ms >= 900 && ms < 5000, `detected after ${ms} ms`)
-  t.is(source.state, 'failed')
-  t.is(dest.state, 'failed')
-})
+for (const mode of modes) {
+  test(`a peer that stops reading and writing is detected by peerTimeoutMs on both sides within bounded time${mode.name}`, async (t) => {
+    t.timeout(60_000)
+    const { src, dst } = blockPair([['pc.ram', 64 * MiB]])
+    const dest = Destination.listen({ address: 'tcp:127.0.0.1:0', blocks: dst, peerTimeoutMs: 1000, ...mode.dest })
+    const p = await proxy(dest.address)
+    t.teardown(() => p.close())
+    const source = await Source.connect({ address: p.address, blocks: src, channels: 4, peerTimeoutMs: 1000, maxBandwidth: 32 * MiB, ...mode.source })
+    const sending = rejectionCode(source.sendAll().then(() => source.complete()))
+    await whenTrue(() => p.accepted() === 5 && source.stats().bytes > 2 * MiB, 10_000, 'all connections and first bytes')
+    const stalledAt = performance.now()
+    p.stall()
+    t.is(await until(sending, 5000, 'source failure'), 'ERR_MULTIFD_TIMEOUT')
+    t.is(await until(rejectionCode(dest.done), 5000, 'destination failure'), 'ERR_MULTIFD_TIMEOUT')
+    const ms = performance.now() - stalledAt
+    t.true(ms >= 900 && ms < 5000, `detected after ${ms} ms`)
+    t.is(source.state, 'failed')
+    t.is(dest.state, 'failed')
+  })
+}
 
 test('without traffic, a healthy idle session does not time out (pings keep it alive)', async (t) => {
   t.timeout(30_000)

@@ -36,6 +36,7 @@ interface Refusal {
 
 const refusals: Refusal[] = [
   { title: 'a source that does not trust the destination CA', dest: destTls(), source: sourceTls('source', 'other-ca.pem'), codes: ['ERR_MULTIFD_TLS_UNTRUSTED', 'ERR_MULTIFD_TLS_UNTRUSTED'] },
+  { title: 'a source certificate signed by a CA the destination does not trust', dest: destTls(), source: sourceTls('rogue'), codes: ['ERR_MULTIFD_TLS_UNTRUSTED', 'ERR_MULTIFD_TLS_UNTRUSTED'] },
   { title: 'an expired source certificate', dest: destTls(), source: sourceTls('expired'), codes: ['ERR_MULTIFD_TLS_EXPIRED', 'ERR_MULTIFD_TLS_EXPIRED'] },
   { title: 'a destination certificate for another host name', dest: destTls(), source: sourceTls('source', 'ca.pem', 'elsewhere.test'), codes: ['ERR_MULTIFD_TLS_NAME_MISMATCH', 'ERR_MULTIFD_TLS_REJECTED'] },
   { title: 'a source not on the allow-list', dest: destTls(['CN=source,O=multifd tests']), source: sourceTls('intruder'), codes: ['ERR_MULTIFD_TLS_NOT_ALLOWED', 'ERR_MULTIFD_TLS_NOT_ALLOWED'] },
