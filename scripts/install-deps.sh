@@ -9,6 +9,8 @@ done
 command -v cc >/dev/null || need+=(build-essential)
 command -v setpriv >/dev/null && command -v prlimit >/dev/null || need+=(util-linux)
 command -v python3 >/dev/null || need+=(python3)
+# The TLS tests, benchmarks and fuzz seeds make throwaway certificates with the openssl CLI.
+command -v openssl >/dev/null || need+=(openssl)
 if ((${#need[@]})); then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
