@@ -26,6 +26,20 @@ test('mutual TLS on 4 channels: every byte arrives, with credentials as paths on
   t.deepEqual(d.tls, { protocol: 'TLS 1.3', cipherSuite: 'TLS13_AES_128_GCM_SHA256', peer: { subject: 'CN=source,O=multifd tests', altNames: ['source.test'] } })
 })
 
+test('mutual TLS over a unix socket: the destination name is required and checked', async (t) => {
+  t.timeout(30_000)
+  const { src, dst } = blockPair([['pc.ram', 4 * MiB]])
+  const address = `unix:${pki.dir}/tls-${process.pid}.sock`
+  const noName = await t.throwsAsync(Source.connect({ address, blocks: src, tls: sourceTls() }), { instanceOf: MultifdError })
+  t.is(noName?.code, 'ERR_MULTIFD_INVALID_ARGUMENT')
+  t.regex(noName?.message ?? '', /needs the destination's certificate name/)
+  const dest = Destination.listen({ address, blocks: dst, tls: destTls() })
+  const s = await migrate({ address, blocks: src, channels: 2, tls: sourceTls('source', 'ca.pem', 'dest.test') })
+  await dest.done
+  t.is(s.status, 'completed')
+  t.true(sameBytes(src, dst))
+})
+
 interface Refusal {
   title: string
   dest: DestinationOptions['tls']
