@@ -1,17 +1,19 @@
 /**
- * Soak: many migrations in one process with random channel counts and options and about 10%
- * injected faults. Every completed migration must be byte-identical, every failed one must
+ * Soak: many migrations in one process with random channel counts and options (a third of
+ * them over mutual TLS) and about 10% injected faults. Every completed migration must be byte-identical, every failed one must
  * report an error, and resident memory and open descriptors must be flat at the end.
  *
  *   node --expose-gc --import=tsx scripts/soak.ts [--count 200] [--seed N] [--json]
  *
  * Prints the counts; exits 1 if any check fails. `__test__/soak.spec.ts` runs a short form.
  */
+import { execFileSync } from 'node:child_process'
 import { createHash } from 'node:crypto'
-import { readFileSync, readdirSync } from 'node:fs'
+import { mkdtempSync, readFileSync, readdirSync, rmSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { parseArgs } from 'node:util'
+import { fileURLToPath } from 'node:url'
 import { Destination, MultifdError, RamBlock, Source, type CompressionMethod } from '../ts/index.js'
 
 const { values } = parseArgs({ options: { count: { type: 'string', default: '200' }, seed: { type: 'string' }, json: { type: 'boolean', default: false } } })
@@ -31,9 +33,18 @@ const fds = (): number => readdirSync('/proc/self/fd').length
 const gc = (globalThis as { gc?: () => void }).gc
 const sha = (b: RamBlock): string => createHash('sha256').update(b.view()).digest('hex')
 
-type Fault = 'none' | 'cancel' | 'mismatch' | 'dest-close'
+const pki = mkdtempSync(join(tmpdir(), 'multifd-soak-pki-'))
+execFileSync('bash', [fileURLToPath(new URL('test-certs.sh', import.meta.url)), pki], { stdio: ['ignore', 'ignore', 'inherit'] })
+process.on('exit', () => rmSync(pki, { recursive: true, force: true }))
+const pem = (f: string): string => join(pki, f)
+const destTls = { cert: pem('dest.pem'), key: pem('dest.key'), ca: pem('ca.pem'), allow: ['CN=source,O=multifd tests'] }
+const sourceTls = (who: string): { cert: string; key: string; ca: string; name: string } => ({ cert: pem(`${who}.pem`), key: pem(`${who}.key`), ca: pem('ca.pem'), name: 'localhost' })
+
+/** `intruder`: a TLS source whose certificate is not on the destination's allow-list. */
+type Fault = 'none' | 'cancel' | 'mismatch' | 'dest-close' | 'intruder'
 interface Outcome {
   fault: Fault
+  tls: boolean
   status: 'completed' | 'failed' | 'cancelled'
   ok: boolean
   detail: string
@@ -49,14 +60,16 @@ function block(name: string, pages: number, fill: boolean): RamBlock {
 }
 
 async function one(i: number): Promise<Outcome> {
-  const fault: Fault = random() < 0.1 ? pick(['cancel', 'mismatch', 'dest-close'] as const) : 'none'
+  const tls = random() < 0.33
+  const fault: Fault = random() < 0.1 ? pick(tls ? (['cancel', 'mismatch', 'dest-close', 'intruder'] as const) : (['cancel', 'mismatch', 'dest-close'] as const)) : 'none'
   const unix = random() < 0.3
   const compression: CompressionMethod = pick(['none', 'none', 'zlib', 'zstd'] as const)
   const options = {
     channels: 1 + Math.floor(random() * 8),
     compression,
     zeroPageDetection: pick(['multifd', 'none'] as const),
-    zeroCopySend: !unix && compression === 'none' && random() < 0.3,
+    zeroCopySend: !tls && !unix && compression === 'none' && random() < 0.3,
+    ...(tls ? { tls: sourceTls(fault === 'intruder' ? 'intruder' : 'source') } : {}),
     // Faults need time to land mid-transfer: throttle those runs.
     ...(fault === 'cancel' || fault === 'dest-close' ? { maxBandwidth: 8 << 20 } : {}),
   }
@@ -64,7 +77,7 @@ async function one(i: number): Promise<Outcome> {
   const src = sizes.map((p, k) => block(`b${k}`, p, true))
   const dst = sizes.map((p, k) => block(`b${k}`, fault === 'mismatch' && k === 0 ? p + 1 : p, false))
   const address = unix ? `unix:${join(tmpdir(), `multifd-soak-${process.pid}-${i}.sock`)}` : 'tcp:127.0.0.1:0'
-  const dest = Destination.listen({ address, blocks: dst })
+  const dest = Destination.listen({ address, blocks: dst, ...(tls ? { tls: destTls } : {}) })
   const destDone = dest.done.then(
     () => undefined,
     (e: unknown) => e,
@@ -83,13 +96,14 @@ async function one(i: number): Promise<Outcome> {
     await sending
     await destDone
     const same = src.every((b, k) => sha(b) === sha(dst[k]!))
-    return { fault, status: 'completed', ok: fault === 'none' && same, detail: same ? '' : 'destination differs' }
+    return { fault, tls, status: 'completed', ok: fault === 'none' && same, detail: same ? '' : 'destination differs' }
   } catch (e) {
     const err = e instanceof MultifdError ? e : undefined
     const destErr = await destDone
     const reported = !!err?.code && (destErr === undefined || destErr instanceof MultifdError)
     const status = source?.state === 'cancelled' ? 'cancelled' : 'failed'
-    return { fault, status, ok: fault !== 'none' && reported, detail: err ? `${err.code}: ${err.message}` : String(e) }
+    const expected = fault !== 'intruder' || (err?.code === 'ERR_MULTIFD_TLS_NOT_ALLOWED' && destErr instanceof MultifdError && destErr.code === 'ERR_MULTIFD_TLS_NOT_ALLOWED')
+    return { fault, tls, status, ok: fault !== 'none' && reported && expected, detail: err ? `${err.code}: ${err.message}` : String(e) }
   } finally {
     dest.close()
   }
@@ -115,6 +129,7 @@ const report = {
   failed: tally((o) => o.status === 'failed'),
   cancelled: tally((o) => o.status === 'cancelled'),
   injected: tally((o) => o.fault !== 'none'),
+  tls: tally((o) => o.tls),
   wrong: outcomes.filter((o) => !o.ok).map((o) => `${o.fault}/${o.status}: ${o.detail}`),
   rss: { start: start.rss, end: end.rss, growth: end.rss - start.rss },
   fds: { start: start.fds, end: end.fds },
@@ -123,7 +138,7 @@ const report = {
 const flat = report.fds.start === report.fds.end && report.rss.growth < 64 * 2 ** 20
 if (values.json) console.log(JSON.stringify({ ...report, flat }))
 else {
-  console.log(`soak (seed ${firstSeed}): ${count} migrations, ${report.injected} with injected faults`)
+  console.log(`soak (seed ${firstSeed}): ${count} migrations (${report.tls} over TLS), ${report.injected} with injected faults`)
   console.log(`  completed ${report.completed}, failed ${report.failed}, cancelled ${report.cancelled}; wrong outcomes: ${report.wrong.length}`)
   for (const w of report.wrong) console.log(`    ${w}`)
   console.log(`  RSS ${(start.rss / 2 ** 20).toFixed(0)} -> ${(end.rss / 2 ** 20).toFixed(0)} MiB, fds ${start.fds} -> ${end.fds}: ${flat ? 'flat' : 'NOT flat'}`)
