@@ -1,5 +1,6 @@
 /** Mutual TLS on every channel: bytes equal over TLS, each refusal with its code on both sides, nothing written. */
 import test from 'ava'
+import diagnostics from 'node:diagnostics_channel'
 import net from 'node:net'
 import { Destination, MultifdError, RamBlock, Source, migrate, type DestinationOptions, type SourceOptions } from '../ts/index.js'
 import { MiB, blockPair, rejectionCode, sameBytes, sha256, testPki, until } from './helpers.js'
@@ -11,12 +12,17 @@ const sourceTls = (who = 'source', ca = 'ca.pem', name?: string): NonNullable<So
 test('mutual TLS on 4 channels: every byte arrives, with credentials as paths on one side and PEM text on the other', async (t) => {
   t.timeout(60_000)
   const { src, dst } = blockPair([['pc.ram', 16 * MiB + 4096], ['vga', 3 * 4096]])
+  const announced: Array<{ role: string; session: string; peer?: { subject: string } }> = []
+  const onTls = (m: unknown): void => void announced.push(m as (typeof announced)[number])
+  diagnostics.subscribe('multifd:tls', onTls)
+  t.teardown(() => diagnostics.unsubscribe('multifd:tls', onTls))
   const dest = Destination.listen({
     address: 'tcp:127.0.0.1:0',
     blocks: dst,
     tls: { cert: pki.pem('dest.pem'), key: pki.pem('dest.key'), ca: Buffer.from(pki.pem('ca.pem')), allow: ['CN=source, O=multifd tests'] },
   })
-  const s = await migrate({ address: dest.address, blocks: src, channels: 4, compression: 'zstd', tls: sourceTls() })
+  let session = ''
+  const s = await migrate({ address: dest.address, blocks: src, channels: 4, compression: 'zstd', tls: sourceTls(), onSource: (x) => (session = x.session) })
   const d = await dest.done
   t.is(s.status, 'completed')
   t.is(d.status, 'completed')
@@ -24,6 +30,8 @@ test('mutual TLS on 4 channels: every byte arrives, with credentials as paths on
   t.is(sha256(src[0]!), sha256(dst[0]!))
   t.deepEqual(s.tls, { protocol: 'TLS 1.3', cipherSuite: 'TLS13_AES_128_GCM_SHA256', peer: { subject: 'CN=destination', altNames: ['localhost', 'dest.test', '127.0.0.1'] } })
   t.deepEqual(d.tls, { protocol: 'TLS 1.3', cipherSuite: 'TLS13_AES_128_GCM_SHA256', peer: { subject: 'CN=source,O=multifd tests', altNames: ['source.test'] } })
+  const mine = announced.filter((a) => a.session === session)
+  t.deepEqual(mine.map((a) => `${a.role}:${a.peer?.subject}`).sort(), ['destination:CN=source,O=multifd tests', 'source:CN=destination'])
 })
 
 test('mutual TLS over a unix socket: the destination name is required and checked', async (t) => {

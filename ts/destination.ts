@@ -173,6 +173,8 @@ export class Destination extends Session {
     if (this.state !== 'setup') throw new MultifdError('ERR_MULTIFD_PROTOCOL', 'a second hello on the control connection')
     if (h.protocol !== PROTOCOL_VERSION) throw new MultifdError('ERR_MULTIFD_PROTOCOL', `source speaks control protocol ${h.protocol}, this destination ${PROTOCOL_VERSION}`)
     this.#session = h.session
+    // The control connection (and its TLS session) is registered before its first frame.
+    this.publishTls()
     const expected = this.#options.channels
     if (expected !== undefined && expected !== h.channels) {
       throw new MultifdError('ERR_MULTIFD_CHANNEL_COUNT_MISMATCH', `source announced ${h.channels} channel(s), this destination expects ${expected}`)

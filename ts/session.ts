@@ -5,7 +5,7 @@
 import { EventEmitter } from 'node:events'
 import type { ChannelCounters } from './native/binding.cjs'
 import { MultifdError, asMultifdError } from './errors.js'
-import { type MigrationState, type Role, errorChannel, isFinal, stateChannel, syncChannel, warningChannel } from './state.js'
+import { type MigrationState, type Role, errorChannel, isFinal, stateChannel, syncChannel, tlsChannel, warningChannel } from './state.js'
 import type { RoundStats } from './live.js'
 
 /** One channel's counters, read from Rust atomics (fields documented in `ChannelCounters`). */
@@ -55,6 +55,8 @@ export interface SessionEvents {
   warning: [warning: MultifdError]
   /** Source of a live migration: a round ended (also on `multifd:round`). */
   round: [stats: RoundStats]
+  /** With TLS: the control connection is authenticated both ways (also on `multifd:tls`). */
+  tls: [tls: TlsSummary]
 }
 
 interface Pending {
@@ -151,6 +153,14 @@ export abstract class Session extends EventEmitter<SessionEvents> {
     if (isFinal(next)) this.#endedAt = performance.now()
     if (stateChannel.hasSubscribers) stateChannel.publish({ role: this.role, session: this.session, address: this.address, from: previous, to: next })
     this.emit('state', next, previous)
+  }
+
+  /** With TLS, announces the authenticated peer (event `tls`, channel `multifd:tls`). */
+  protected publishTls(): void {
+    const tls = this.tls
+    if (!tls) return
+    if (tlsChannel.hasSubscribers) tlsChannel.publish({ role: this.role, session: this.session, address: this.address, ...tls })
+    this.emit('tls', tls)
   }
 
   protected publishSync(epoch: number, packetNum: number): void {

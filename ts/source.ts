@@ -196,6 +196,7 @@ export class Source extends Session {
         break
       case 'controlConnected':
         this.#controlUp = true
+        this.publishTls()
         this.recheck()
         break
       case 'channelsReady':

@@ -15,6 +15,12 @@ export const syncChannel = diagnostics.channel('multifd:sync')
 /** `multifd:error` — `{ role, session, address, error }` when a session fails. */
 export const errorChannel = diagnostics.channel('multifd:error')
 
+/**
+ * `multifd:tls` — `{ role, session, address, protocol, cipherSuite, peer }` once a session's
+ * control connection is authenticated both ways: who is on the other end.
+ */
+export const tlsChannel = diagnostics.channel('multifd:tls')
+
 /** `multifd:warning` — `{ role, session, address, warning }` when something degrades. */
 export const warningChannel = diagnostics.channel('multifd:warning')
 
