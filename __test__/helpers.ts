@@ -1,6 +1,7 @@
 import { createHash, randomFillSync, randomInt } from 'node:crypto'
 import { mkdtempSync, readFileSync, readdirSync } from 'node:fs'
 import net from 'node:net'
+import tls from 'node:tls'
 import { execFileSync, spawn, type ChildProcess } from 'node:child_process'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
@@ -122,11 +123,27 @@ export function spawnPeer(args: string[]): Peer {
   }
 }
 
-/** Sends raw bytes as a multifd channel would (init packet, packets) and keeps the socket. */
-export async function rawChannel(address: string, bytes: Uint8Array[]): Promise<net.Socket> {
+/** Credentials for a raw client that speaks TLS (node:tls, i.e. OpenSSL) instead of plaintext. */
+export interface RawTls {
+  cert: string
+  key: string
+  ca: string
+  servername: string
+}
+
+/** A raw TCP connection to `address`, over TLS when `secure` is given. */
+async function rawConnect(address: string, secure?: RawTls): Promise<net.Socket> {
   const [, host, port] = /^tcp:(.+):(\d+)$/.exec(address)!
-  const socket = net.connect(Number(port), host)
-  await new Promise<void>((resolve, reject) => socket.once('connect', resolve).once('error', reject))
+  const socket = secure
+    ? tls.connect({ host, port: Number(port), cert: readFileSync(secure.cert), key: readFileSync(secure.key), ca: readFileSync(secure.ca), servername: secure.servername })
+    : net.connect(Number(port), host)
+  await new Promise<void>((resolve, reject) => socket.once(secure ? 'secureConnect' : 'connect', resolve).once('error', reject))
+  return socket
+}
+
+/** Sends raw bytes as a multifd channel would (init packet, packets) and keeps the socket. */
+export async function rawChannel(address: string, bytes: Uint8Array[], secure?: RawTls): Promise<net.Socket> {
+  const socket = await rawConnect(address, secure)
   socket.on('error', () => undefined) // the destination may reset it after refusing the bytes
   for (const b of bytes) socket.write(b)
   return socket
@@ -138,10 +155,8 @@ export function rss(): number {
 }
 
 /** A raw control-protocol client, for driving a destination by hand. */
-export async function rawControl(address: string): Promise<{ socket: net.Socket; send: (m: object) => void; next: () => Promise<Record<string, unknown> | undefined> }> {
-  const [, host, port] = /^tcp:(.+):(\d+)$/.exec(address)!
-  const socket = net.connect(Number(port), host)
-  await new Promise<void>((resolve, reject) => socket.once('connect', resolve).once('error', reject))
+export async function rawControl(address: string, secure?: RawTls): Promise<{ socket: net.Socket; send: (m: object) => void; next: () => Promise<Record<string, unknown> | undefined> }> {
+  const socket = await rawConnect(address, secure)
   socket.on('error', () => undefined)
   socket.write(Buffer.from('MFDC'))
   const send = (m: object): void => {

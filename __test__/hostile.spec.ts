@@ -8,7 +8,7 @@ import test from 'ava'
 import { createHash, randomBytes } from 'node:crypto'
 import { constants, deflateSync } from 'node:zlib'
 import { Destination, RamBlock, encodeInitPacket, encodePacketHeader, migrate, type MultifdErrorCode, type PacketFields } from '../ts/index.js'
-import { MiB, blockPair, fdCount, rawChannel, rawControl, rejectionCode, sameBytes, threadCount, until } from './helpers.js'
+import { MiB, blockPair, fdCount, rawChannel, rawControl, rejectionCode, sameBytes, testPki, threadCount, until, type RawTls } from './helpers.js'
 
 const BLOCK = 'pc.ram'
 const SIZE = MiB
@@ -88,22 +88,34 @@ function hashExcept(b: RamBlock, skip: number[] = []): string {
   return h.digest('hex')
 }
 
-async function attack(c: Case): Promise<{ code: MultifdErrorCode; ms: number; untouched: boolean }> {
+/**
+ * Every case also runs over mutual TLS, with node:tls (OpenSSL) as an authenticated but
+ * hostile source: authentication is no licence to write outside the pages.
+ */
+const pki = testPki()
+const destTls = { cert: pki.file('dest.pem'), key: pki.file('dest.key'), ca: pki.file('ca.pem') }
+const clientTls: RawTls = { cert: pki.file('source.pem'), key: pki.file('source.key'), ca: pki.file('ca.pem'), servername: 'localhost' }
+const modes = [
+  { name: '', secure: undefined },
+  { name: ' over TLS', secure: clientTls },
+]
+
+async function attack(c: Case, secure?: RawTls): Promise<{ code: MultifdErrorCode; ms: number; untouched: boolean }> {
   const target = RamBlock.allocate({ name: BLOCK, size: SIZE })
   const other = RamBlock.allocate({ name: 'other', size: 64 * 1024 })
   target.view().fill(0x5a)
   other.view().fill(0xa5)
   const before = [hashExcept(target, c.touches), hashExcept(other)]
-  const dest = Destination.listen({ address: 'tcp:127.0.0.1:0', blocks: [target, other], channelTimeoutMs: 5000 })
+  const dest = Destination.listen({ address: 'tcp:127.0.0.1:0', blocks: [target, other], channelTimeoutMs: 5000, ...(secure ? { tls: destTls } : {}) })
   const uuid = randomBytes(16)
-  const ctl = await rawControl(dest.address)
+  const ctl = await rawControl(dest.address, secure)
   const channels = c.channels ?? 1
   ctl.send({ type: 'hello', protocol: 1, session: uuid.toString('hex'), channels, pageSize: 4096, compression: c.compression ?? 'none', blocks: [{ name: BLOCK, length: SIZE }, { name: 'other', length: 64 * 1024 }] })
   const welcome = await ctl.next()
   if (welcome?.type !== 'welcome') throw new Error(`expected welcome, got ${JSON.stringify(welcome)}`)
   const started = performance.now()
   const sockets = []
-  for (const bytes of c.channelBytes(uuid)) sockets.push(await rawChannel(dest.address, bytes))
+  for (const bytes of c.channelBytes(uuid)) sockets.push(await rawChannel(dest.address, bytes, secure))
   if (c.close) for (const s of sockets) s.end()
   const code = await until(rejectionCode(dest.done), 5000, `${c.name}: destination failure`)
   const ms = performance.now() - started
@@ -112,10 +124,10 @@ async function attack(c: Case): Promise<{ code: MultifdErrorCode; ms: number; un
   return { code, ms, untouched: hashExcept(target, c.touches) === before[0] && hashExcept(other) === before[1] }
 }
 
-for (const c of cases) {
-  test(`hostile ${c.name}: ${c.code}, bounded, memory untouched`, async (t) => {
+for (const mode of modes) for (const c of cases) {
+  test(`hostile${mode.name} ${c.name}: ${c.code}, bounded, memory untouched`, async (t) => {
     t.timeout(20_000)
-    const r = await attack(c)
+    const r = await attack(c, mode.secure)
     t.is(r.code, c.code)
     t.true(r.ms < 5000, `failed after ${r.ms} ms`)
     t.true(r.untouched, 'no byte changed outside the pages the packets legitimately address')
@@ -128,7 +140,7 @@ test.serial('after every hostile case: no thread or descriptor leaked, and a nor
   await attack(cases[0]!) // warm up lazily created threads and descriptors
   const threads = threadCount()
   const fds = fdCount()
-  for (const c of cases) await attack(c)
+  for (const mode of modes) for (const c of cases) await attack(c, mode.secure)
   t.is(threadCount(), threads)
   t.is(fdCount(), fds)
   const { src, dst } = blockPair([[BLOCK, SIZE], ['other', 64 * 1024]])
