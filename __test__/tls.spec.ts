@@ -48,6 +48,42 @@ test('mutual TLS over a unix socket: the destination name is required and checke
   t.true(sameBytes(src, dst))
 })
 
+/** A proxy that delivers everything the destination sends `ms` late, like a far link. */
+async function slowLink(target: string, ms: number): Promise<{ address: string; close: () => void }> {
+  const [, host, port] = /^tcp:(.+):(\d+)$/.exec(target)!
+  const sockets: net.Socket[] = []
+  const server = net.createServer((down) => {
+    const up = net.connect(Number(port), host)
+    sockets.push(down, up)
+    for (const s of [down, up]) s.on('error', () => undefined)
+    down.pipe(up)
+    // Equal delays keep the order: timers due at the same time fire in the order they were set.
+    up.on('data', (d: Buffer) => void setTimeout(() => down.write(d), ms))
+    up.on('end', () => void setTimeout(() => down.end(), ms))
+  })
+  await new Promise<void>((r) => server.listen(0, '127.0.0.1', r))
+  return { address: `tcp:127.0.0.1:${(server.address() as net.AddressInfo).port}`, close: () => { sockets.forEach((s) => s.destroy()); server.close() } }
+}
+
+test('channels connect and handshake in parallel: 8 TLS channels over a slow link take about one handshake, not eight', async (t) => {
+  t.timeout(30_000)
+  const { src, dst } = blockPair([['pc.ram', MiB]])
+  const dest = Destination.listen({ address: 'tcp:127.0.0.1:0', blocks: dst, tls: destTls() })
+  const link = await slowLink(dest.address, 400)
+  t.teardown(() => link.close())
+  const started = Date.now()
+  const source = await Source.connect({ address: link.address, blocks: src, channels: 8, tls: sourceTls('source', 'ca.pem', 'localhost') })
+  const took = Date.now() - started
+  // Each connection needs two delayed answers (the server's handshake flight, then its verdict):
+  // one after another that is 9 x 800 ms (control, then 8 channels); at once, about 2 x 800.
+  t.true(took < 3200, `connecting took ${took} ms`)
+  t.log(`connecting took ${took} ms`)
+  await source.sendAll()
+  await source.complete()
+  await dest.done
+  t.true(sameBytes(src, dst))
+})
+
 interface Refusal {
   title: string
   dest: DestinationOptions['tls']

@@ -17,6 +17,17 @@ use crate::tls::{TlsServer, looks_like_tls, refuse_plaintext_peer, refuse_tls_pe
 use crate::transport::{Address, Conn, Listener};
 use crate::wire::{BlockLookup, COMMON_HEADER_LEN, ChannelClaims, CommonHeader, Compression, Geometry, INIT_PACKET_LEN, InitPacket, MAGIC, PacketHeader, PacketValidator};
 
+/// Connections classified at once, each on its own thread; beyond this the acceptor waits.
+const MAX_CLASSIFIERS: usize = 64;
+
+/// The connections being classified: their sockets (so `close` can cut them short) and threads.
+#[derive(Default)]
+struct Classifiers {
+    fds: HashMap<u64, std::os::fd::RawFd>,
+    threads: Vec<JoinHandle<()>>,
+    next: u64,
+}
+
 /// What the destination expects, known once the control handshake has been accepted.
 pub struct DestConfig {
     pub uuid: [u8; 16],
@@ -82,9 +93,8 @@ struct Inner {
     /// Admitted channels. Admission happens under this lock and is refused once `closing`,
     /// so `close` (which shuts these down under the same lock) cannot miss one.
     channel_conns: Mutex<Vec<Arc<Conn>>>,
-    /// The socket the acceptor is reading the first bytes of (or handshaking on), so `close`
-    /// can cut it short. Cleared under the lock before the connection moves on.
-    classifying: Mutex<Option<std::os::fd::RawFd>>,
+    /// Connections being classified (handshaken, first bytes read), each on its own thread.
+    classifying: Mutex<Classifiers>,
     /// The listening socket while the acceptor owns it, so `close` can wake a waiting accept at
     /// once instead of after the next poll interval. Cleared (under the lock) before the
     /// acceptor closes it, so `close` never touches a descriptor that was reused.
@@ -118,7 +128,7 @@ impl Destination {
             pending: Mutex::new(Vec::new()),
             control: Mutex::new(None),
             channel_conns: Mutex::new(Vec::new()),
-            classifying: Mutex::new(None),
+            classifying: Mutex::new(Classifiers::default()),
             listener_fd: Mutex::new(None),
             receivers: Mutex::new(Vec::new()),
             classify_timeout,
@@ -236,9 +246,9 @@ impl Destination {
             self.inner.closing.store(true, Ordering::Release);
             conns.iter().for_each(|c| c.shutdown());
         }
-        if let Some(fd) = *self.inner.classifying.lock().unwrap() {
-            // SAFETY: the acceptor owns this open socket and clears the slot (under this lock)
-            // before it lets go of it; shutting it down only wakes its blocked read.
+        for &fd in self.inner.classifying.lock().unwrap().fds.values() {
+            // SAFETY: a classifier owns this open socket and removes it from the map (under this
+            // lock) before it lets go of it; shutting it down only wakes its blocked read.
             unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
         }
         if let Some(fd) = *self.inner.listener_fd.lock().unwrap() {
@@ -249,6 +259,11 @@ impl Destination {
         self.inner.stop_barrier();
         if let Some(a) = self.acceptor.lock().unwrap().take() {
             let _ = a.join();
+        }
+        // No classifier starts once `closing` is set (checked under the same lock).
+        let classifiers = std::mem::take(&mut self.inner.classifying.lock().unwrap().threads);
+        for c in classifiers {
+            let _ = c.join();
         }
         self.join_receivers();
         self.inner.channel_conns.lock().unwrap().clear();
@@ -286,11 +301,7 @@ impl Inner {
         while !self.closing.load(Ordering::Acquire) {
             self.check_deadline();
             match listener.accept_timeout(Duration::from_millis(50)) {
-                Ok(Some(conn)) => {
-                    if let Err(e) = self.classify(conn) {
-                        self.failure.fail(e);
-                    }
-                }
+                Ok(Some(conn)) => self.start_classifying(conn),
                 Ok(None) => {}
                 // `close` shut the listener down to wake us: not a failure.
                 Err(_) if self.closing.load(Ordering::Acquire) => return,
@@ -317,12 +328,46 @@ impl Inner {
         }
     }
 
+    /// Classifies `conn` on a thread of its own, so a slow handshake (a far source, or one
+    /// that stalls) does not hold up the channels behind it. Past `MAX_CLASSIFIERS` at once,
+    /// the acceptor classifies in line, which throttles a flood of connections.
+    fn start_classifying(self: &Arc<Self>, conn: Conn) {
+        let mut c = self.classifying.lock().unwrap();
+        if self.closing.load(Ordering::Acquire) {
+            return;
+        }
+        c.threads.retain(|t| !t.is_finished());
+        let id = c.next;
+        c.next += 1;
+        c.fds.insert(id, conn.fd());
+        if c.threads.len() >= MAX_CLASSIFIERS {
+            drop(c);
+            if let Err(e) = self.classify(conn, id) {
+                self.failure.fail(e);
+            }
+            return;
+        }
+        let me = self.clone();
+        let spawned = std::thread::Builder::new().name("multifd/classify".into()).spawn(move || {
+            if let Err(e) = me.classify(conn, id) {
+                me.failure.fail(e);
+            }
+        });
+        match spawned {
+            Ok(t) => c.threads.push(t),
+            Err(e) => {
+                c.fds.remove(&id);
+                drop(c);
+                self.failure.fail(Error::new(ErrorCode::Io, format!("spawn a classifier thread: {e}")));
+            }
+        }
+    }
+
     /// Reads a new connection's first bytes to tell a control connection from a channel.
-    fn classify(self: &Arc<Self>, mut conn: Conn) -> Result<()> {
-        conn.set_read_timeout(Some(self.classify_timeout))?;
-        *self.classifying.lock().unwrap() = Some(conn.fd());
-        let first = self.read_first_bytes(&mut conn);
-        self.classifying.lock().unwrap().take();
+    /// `id` is its entry in `classifying`, removed before the connection moves on.
+    fn classify(self: &Arc<Self>, mut conn: Conn, id: u64) -> Result<()> {
+        let first = conn.set_read_timeout(Some(self.classify_timeout)).and_then(|()| self.read_first_bytes(&mut conn));
+        self.classifying.lock().unwrap().fds.remove(&id);
         let Some((magic, init)) = first? else {
             return Ok(()); // connected and left without a byte, or we are closing
         };

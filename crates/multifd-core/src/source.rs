@@ -235,21 +235,9 @@ impl Source {
         }
         let throttle = Throttle::new(config.max_bandwidth)?;
         let n = config.channels as usize;
-        let mut conns = Vec::with_capacity(n);
-        for id in 0..config.channels {
-            let conn = Arc::new(Conn::connect_secure(&config.address, config.connect_timeout, config.tls.as_ref()).map_err(|e| e.context(format!("channel {id}")))?);
+        let conns: Vec<Arc<Conn>> = connect_channels(&config)?.into_iter().map(Arc::new).collect();
+        for conn in &conns {
             failure.watch(conn.clone());
-            if let Some(t) = config.peer_timeout {
-                conn.set_peer_timeout(t)?;
-            }
-            if config.zero_copy {
-                zerocopy::enable(conn.fd()).map_err(|e| e.context(format!("channel {id}")))?;
-            }
-            // The init packet goes right away, as QEMU's does: a TLS destination handshakes
-            // and classifies one connection at a time, so the next channel's handshake waits
-            // until this one has said who it is.
-            conn.write_all(&[&InitPacket { uuid: config.uuid, channel_id: id }.encode()]).map_err(|e| e.context(format!("channel {id}")))?;
-            conns.push(conn);
         }
         let shared = Arc::new(Shared {
             queues: Mutex::new(Queues { jobs: (0..n).map(|_| VecDeque::new()).collect(), synced: vec![0; n], cursor: 0, stopping: false }),
@@ -357,6 +345,36 @@ impl Source {
         }
         self.shared.failure.release_connections();
     }
+}
+
+/// Connects every channel at once, as QEMU does (one TLS handshake and round trip each, not
+/// one after another): each connects, authenticates, sets its timeouts and sends its init
+/// packet. The first failing channel (by id) fails the whole start; the others are closed.
+fn connect_channels(config: &SourceConfig) -> Result<Vec<Conn>> {
+    let open = |id: u8| -> Result<Conn> {
+        let conn = Conn::connect_secure(&config.address, config.connect_timeout, config.tls.as_ref())?;
+        if let Some(t) = config.peer_timeout {
+            conn.set_peer_timeout(t)?;
+        }
+        if config.zero_copy {
+            zerocopy::enable(conn.fd())?;
+        }
+        conn.write_all(&[&InitPacket { uuid: config.uuid, channel_id: id }.encode()])?;
+        Ok(conn)
+    };
+    let results: Vec<Result<Conn>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..config.channels)
+            .map(|id| std::thread::Builder::new().name(format!("multifd/connect/{id}")).spawn_scoped(scope, move || open(id)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| match h {
+                Ok(h) => h.join().unwrap_or_else(|_| Err(Error::new(ErrorCode::Io, "a connect thread panicked"))),
+                Err(e) => Err(Error::new(ErrorCode::Io, format!("spawn a connect thread: {e}"))),
+            })
+            .collect()
+    });
+    results.into_iter().enumerate().map(|(id, r)| r.map_err(|e| e.context(format!("channel {id}")))).collect()
 }
 
 impl Drop for Source {

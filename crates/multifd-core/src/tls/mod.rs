@@ -11,6 +11,7 @@
 mod identity;
 mod stream;
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use rustls::client::Resumption;
@@ -134,7 +135,7 @@ impl TlsServer {
         if allow.iter().any(String::is_empty) {
             fail!(InvalidArgument, "an empty TLS allow-list entry would match nothing");
         }
-        let authz = Arc::new(AllowList { inner: webpki, allow, refused: Mutex::new(None) });
+        let authz = Arc::new(AllowList { inner: webpki, allow, refused: Mutex::new(HashMap::new()) });
         let mut config = ServerConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .map_err(|e| config_error("TLS versions", e))?
@@ -154,9 +155,9 @@ impl TlsServer {
         rustls::ServerConnection::new(self.config.clone()).map_err(|e| config_error("TLS server", e))
     }
 
-    /// Why the last refused client was refused by the allow-list, if it was.
+    /// Who the allow-list refused in the handshake this thread is running, if it refused.
     pub(crate) fn take_refusal(&self) -> Option<String> {
-        self.authz.refused.lock().unwrap().take()
+        self.authz.refused.lock().unwrap().remove(&std::thread::current().id())
     }
 }
 
@@ -188,8 +189,9 @@ impl rustls::server::StoresServerSessions for VerdictTickets {
 struct AllowList {
     inner: Arc<dyn ClientCertVerifier>,
     allow: Vec<String>,
-    /// The identity of the last client refused (the acceptor handshakes one at a time).
-    refused: Mutex<Option<String>>,
+    /// The identity refused, per handshaking thread (rustls verifies on the thread that feeds
+    /// the handshake), for the error message.
+    refused: Mutex<HashMap<std::thread::ThreadId, String>>,
 }
 
 impl ClientCertVerifier for AllowList {
@@ -206,7 +208,7 @@ impl ClientCertVerifier for AllowList {
         if self.allow.iter().any(|a| id.matches(a)) {
             return Ok(verified);
         }
-        *self.refused.lock().unwrap() = Some(id.describe());
+        self.refused.lock().unwrap().insert(std::thread::current().id(), id.describe());
         Err(rustls::Error::InvalidCertificate(CertificateError::ApplicationVerificationFailure))
     }
 
