@@ -15,8 +15,8 @@ const modes = [
   { name: '', dest: {}, source: {} },
   {
     name: ' (TLS)',
-    dest: { tls: { cert: pki.file('dest.pem'), key: pki.file('dest.key'), ca: pki.file('ca.pem') } },
-    source: { tls: { cert: pki.file('source.pem'), key: pki.file('source.key'), ca: pki.file('ca.pem'), name: 'localhost' } },
+    dest: { tls: pki.dest() },
+    source: { tls: pki.source('source', 'ca.pem', 'localhost') },
   },
 ]
 

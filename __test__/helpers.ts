@@ -191,15 +191,35 @@ export async function rawControl(address: string, secure?: RawTls): Promise<{ so
 }
 
 let pki: string | undefined
+/** TLS options from the test PKI, as Source and Destination take them. */
+export interface TestTls {
+  cert: string
+  key: string
+  ca: string
+}
 /**
  * A fresh throwaway PKI from scripts/test-certs.sh (openssl), made once per test process:
  * ca, other-ca, dest (localhost, 127.0.0.1), source, expired, intruder, rogue (other CA).
+ * `dest()` and `source()` build the options each side takes.
  */
-export function testPki(): { dir: string; file: (name: string) => string; pem: (name: string) => string } {
+export function testPki(): {
+  dir: string
+  file: (name: string) => string
+  pem: (name: string) => string
+  dest: (allow?: string[]) => TestTls & { allow?: string[] }
+  source: (who?: string, ca?: string, name?: string) => TestTls & { name?: string }
+} {
   if (!pki) {
     pki = mkdtempSync(join(tmpdir(), 'multifd-pki-'))
     execFileSync('bash', [fileURLToPath(new URL('../scripts/test-certs.sh', import.meta.url)), pki], { stdio: ['ignore', 'ignore', 'inherit'] })
   }
   const dir = pki
-  return { dir, file: (n) => join(dir, n), pem: (n) => readFileSync(join(dir, n), 'utf8') }
+  const file = (n: string): string => join(dir, n)
+  return {
+    dir,
+    file,
+    pem: (n) => readFileSync(file(n), 'utf8'),
+    dest: (allow) => ({ cert: file('dest.pem'), key: file('dest.key'), ca: file('ca.pem'), ...(allow ? { allow } : {}) }),
+    source: (who = 'source', ca = 'ca.pem', name) => ({ cert: file(`${who}.pem`), key: file(`${who}.key`), ca: file(ca), ...(name ? { name } : {}) }),
+  }
 }

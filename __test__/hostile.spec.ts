@@ -93,8 +93,8 @@ function hashExcept(b: RamBlock, skip: number[] = []): string {
  * hostile source: authentication is no licence to write outside the pages.
  */
 const pki = testPki()
-const destTls = { cert: pki.file('dest.pem'), key: pki.file('dest.key'), ca: pki.file('ca.pem') }
-const clientTls: RawTls = { cert: pki.file('source.pem'), key: pki.file('source.key'), ca: pki.file('ca.pem'), servername: 'localhost' }
+const destTls = pki.dest()
+const clientTls: RawTls = { ...pki.source(), servername: 'localhost' }
 const modes = [
   { name: '', secure: undefined },
   { name: ' over TLS', secure: clientTls },

@@ -6,8 +6,8 @@ import { Destination, MultifdError, RamBlock, Source, migrate, type DestinationO
 import { MiB, blockPair, rejectionCode, sameBytes, sha256, testPki, until } from './helpers.js'
 
 const pki = testPki()
-const destTls = (allow?: string[]): NonNullable<DestinationOptions['tls']> => ({ cert: pki.file('dest.pem'), key: pki.file('dest.key'), ca: pki.file('ca.pem'), ...(allow ? { allow } : {}) })
-const sourceTls = (who = 'source', ca = 'ca.pem', name?: string): NonNullable<SourceOptions['tls']> => ({ cert: pki.file(`${who}.pem`), key: pki.file(`${who}.key`), ca: pki.file(ca), ...(name ? { name } : {}) })
+const destTls = pki.dest
+const sourceTls = pki.source
 
 test('mutual TLS on 4 channels: every byte arrives, with credentials as paths on one side and PEM text on the other', async (t) => {
   t.timeout(60_000)

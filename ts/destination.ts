@@ -10,7 +10,7 @@ import { RamBlock, RamBlockSchema } from './block.js'
 import { Address, parseOptions } from './options.js'
 import { PROTOCOL_VERSION, decodeMessage, encodeMessage, remoteError, type ControlMessage, type Hello } from './protocol.js'
 import { Session, type ChannelStats, type TlsSummary } from './session.js'
-import { DestinationTlsOptions, nativeTls, tlsSummary } from './tls.js'
+import { DestinationTlsOptions, tlsCredentials, tlsSummary } from './tls.js'
 
 /** One entry of the block table a source announces. */
 export interface AnnouncedBlock {
@@ -73,7 +73,7 @@ export class Destination extends Session {
   private constructor(o: z.output<typeof DestinationOptions>) {
     super('destination')
     this.#options = o
-    const tls = o.tls ? nativeTls(o.tls) : undefined
+    const tls = o.tls ? tlsCredentials(o.tls) : undefined
     this.#native = native(() => binding.NativeDestination.listen(o.address, o.handshakeTimeoutMs, tls, (ev) => this.#onEvent(ev)))
   }
 

@@ -11,7 +11,7 @@ import { RamBlock, RamBlockSchema } from './block.js'
 import { Address, CompressionMethod, PageSize, parseOptions } from './options.js'
 import { PROTOCOL_VERSION, decodeMessage, encodeMessage, remoteError, type ControlMessage } from './protocol.js'
 import { Session, type ChannelStats, type Summary, type TlsSummary } from './session.js'
-import { SourceTlsOptions, nativeTls, tlsSummary } from './tls.js'
+import { SourceTlsOptions, tlsCredentials, tlsSummary } from './tls.js'
 
 const Bandwidth = z.int().positive().optional()
 /** Beyond the native connect timeout, before a wait for a connection gives up on its own. */
@@ -136,7 +136,7 @@ export class Source extends Session {
     const o = this.#options
     this.setState('setup')
     try {
-      const tls = o.tls ? nativeTls(o.tls) : undefined
+      const tls = o.tls ? tlsCredentials(o.tls) : undefined
       // Connects and TLS handshakes run on native threads; the event loop stays free.
       this.#native = native(() => binding.NativeSource.connect(o.address, o.connectTimeoutMs, tls, (ev) => this.#onEvent(ev)))
       await this.waitFor(() => (this.#controlUp ? true : undefined), 'the control connection', o.connectTimeoutMs + CONNECT_SLACK_MS)

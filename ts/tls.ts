@@ -55,7 +55,7 @@ function pem(v: PemSource, what: string): Buffer {
 }
 
 /** Reads the PEM files (if paths were given) into what the native layer takes. */
-export function nativeTls(o: z.output<typeof SourceTlsOptions> | z.output<typeof DestinationTlsOptions>): TlsCredentials {
+export function tlsCredentials(o: z.output<typeof SourceTlsOptions> | z.output<typeof DestinationTlsOptions>): TlsCredentials {
   return {
     cert: pem(o.cert, 'cert'),
     key: pem(o.key, 'key'),

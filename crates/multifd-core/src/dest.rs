@@ -503,36 +503,38 @@ impl Inner {
     /// with glibc: the record buffer shrinks and grows around them on every socket read).
     fn receive_from_classifier(self: &Arc<Self>, s: &Arc<Session>, id: u8, conn: Arc<Conn>) {
         if conn.tls().is_none() {
+            name_this_thread(&format!("multifd/recv/{id}"));
             return self.run_receiver(s, id, &conn);
         }
         name_this_thread(&format!("multifd/held/{id}"));
-        let (me, s2) = (self.clone(), s.clone());
-        match std::thread::Builder::new().name(format!("multifd/recv/{id}")).spawn(move || me.run_receiver(&s2, id, &conn)) {
-            Ok(receiver) => {
-                let _ = receiver.join();
-            }
-            Err(e) => {
-                self.failure.fail(Error::new(ErrorCode::Io, format!("spawn receive thread: {e}")));
-            }
+        if let Some(receiver) = self.receiver_thread(s, id, conn) {
+            let _ = receiver.join();
         }
     }
 
     /// A channel admitted by `configure` (it arrived before the session was known) gets a
     /// receive thread of its own.
     fn spawn_receiver(self: &Arc<Self>, s: &Arc<Session>, id: u8, conn: Arc<Conn>) {
+        if let Some(receiver) = self.receiver_thread(s, id, conn) {
+            self.receivers.lock().unwrap().push(receiver);
+        }
+    }
+
+    /// Channel `id`'s receive loop on a new thread; `None` (and the session failed) when no
+    /// thread could be started.
+    fn receiver_thread(self: &Arc<Self>, s: &Arc<Session>, id: u8, conn: Arc<Conn>) -> Option<JoinHandle<()>> {
         let (me, s2) = (self.clone(), s.clone());
-        let spawned = std::thread::Builder::new().name(format!("multifd/recv/{id}")).spawn(move || me.run_receiver(&s2, id, &conn));
-        match spawned {
-            Ok(h) => self.receivers.lock().unwrap().push(h),
+        match std::thread::Builder::new().name(format!("multifd/recv/{id}")).spawn(move || me.run_receiver(&s2, id, &conn)) {
+            Ok(t) => Some(t),
             Err(e) => {
                 self.failure.fail(Error::new(ErrorCode::Io, format!("spawn receive thread: {e}")));
+                None
             }
         }
     }
 
     /// Channel `id`'s receive loop, on the calling thread, until the channel ends.
     fn run_receiver(&self, s: &Session, id: u8, conn: &Conn) {
-        name_this_thread(&format!("multifd/recv/{id}"));
         (self.events)(Event::ChannelUp { id });
         if let Err(e) = self.receive(s, id, conn) {
             self.failure.fail(e.context(format!("channel {id}")));

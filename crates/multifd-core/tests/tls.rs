@@ -11,12 +11,15 @@ use std::time::{Duration, Instant};
 use multifd_core::block::RamBlock;
 use multifd_core::control::Control;
 use multifd_core::dest::{DestConfig, Destination};
-use multifd_core::session::{Event, EventSink, Failure};
+use multifd_core::session::{Event, Failure};
 use multifd_core::source::{Selection, Source, SourceConfig};
 use multifd_core::tls::{TlsClient, TlsOptions, TlsServer};
 use multifd_core::transport::Address;
 use multifd_core::wire::{Compression, Geometry};
 use multifd_core::{Error, ErrorCode};
+
+mod common;
+use common::{fill, sink};
 
 fn pki() -> &'static PathBuf {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
@@ -43,26 +46,6 @@ fn server(allow: &[&str]) -> TlsServer {
 
 fn client(who: &str, ca: &str, name: Option<&str>, addr: &Address) -> TlsClient {
     TlsClient::new(&TlsOptions { name: name.map(str::to_string), ..options(who, ca) }, addr).unwrap()
-}
-
-fn sink() -> (EventSink, mpsc::Receiver<Event>) {
-    let (tx, rx) = mpsc::channel();
-    let tx = Mutex::new(tx);
-    (Arc::new(move |e| drop(tx.lock().unwrap().send(e))), rx)
-}
-
-fn fill(block: &RamBlock, seed: u64) {
-    let mut x = seed | 1;
-    for p in 0..block.pages() as u64 {
-        let ptr = block.page_ptr(p * 4096);
-        for i in 0..512 {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            // SAFETY: test-only write inside the block.
-            unsafe { ptr.cast::<u64>().add(i).write_unaligned(x) };
-        }
-    }
 }
 
 fn is_zero(b: &RamBlock) -> bool {
@@ -128,7 +111,7 @@ fn mutual_tls_moves_every_page_and_hides_them_on_the_wire() {
     // A recording proxy between the two: what an observer on the path sees.
     let (proxy, seen) = recording_proxy(dest.address());
     let src = Arc::new(RamBlock::allocate("pc.ram", 1 << 20, 4096, false).unwrap());
-    fill(&src, 11);
+    fill(&src, 11, 0);
     let marker: Vec<u8> = src.page(4096 * 7)[..32].to_vec();
 
     // Control: handshake, then frames both ways.
@@ -247,7 +230,7 @@ fn refused(server_tls: Option<TlsServer>, client_tls: impl Fn(&Address) -> Optio
     let (ssink, srx) = sink();
     let failure = Failure::new(ssink);
     let src = Arc::new(RamBlock::allocate("pc.ram", 1 << 20, 4096, false).unwrap());
-    fill(&src, 5);
+    fill(&src, 5, 0);
     let source_err = match Source::start(source_config(dest.address(), 2, client_tls(dest.address())), failure.clone()) {
         Err(e) => e,
         Ok(source) => {
@@ -345,11 +328,12 @@ fn a_server_that_stalls_mid_handshake_is_cut_off() {
     // Accepts and reads the ClientHello, never answers.
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = Address::parse(&format!("tcp:127.0.0.1:{}", l.local_addr().unwrap().port())).unwrap();
+    let (done, until_done) = mpsc::channel::<()>();
     let holder = std::thread::spawn(move || {
         let (mut c, _) = l.accept().unwrap();
         let mut buf = [0u8; 4096];
         let _ = c.read(&mut buf);
-        std::thread::sleep(Duration::from_secs(3));
+        let _ = until_done.recv_timeout(Duration::from_secs(10)); // hold the connection open
     });
     let started = Instant::now();
     let (csink, _crx) = sink();
@@ -358,6 +342,7 @@ fn a_server_that_stalls_mid_handshake_is_cut_off() {
     assert!(e.message.contains("TLS handshake"), "{e}");
     let took = started.elapsed();
     assert!(took >= Duration::from_millis(1400) && took < Duration::from_secs(3), "took {took:?} with a 1.5 s timeout");
+    done.send(()).unwrap();
     holder.join().unwrap();
 }
 

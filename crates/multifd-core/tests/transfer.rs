@@ -1,39 +1,19 @@
 //! Source and destination data planes end to end on loopback, without the orchestrator.
 
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use multifd_core::block::RamBlock;
 use multifd_core::dest::{DestConfig, Destination};
-use multifd_core::session::{Event, EventSink, Failure};
+use multifd_core::session::{Event, Failure};
 use multifd_core::source::{Selection, Source, SourceConfig};
 use multifd_core::transport::Address;
 use multifd_core::wire::{Compression, Geometry};
 use multifd_core::ErrorCode;
 
-fn sink() -> (EventSink, mpsc::Receiver<Event>) {
-    let (tx, rx) = mpsc::channel();
-    let tx = Mutex::new(tx);
-    (Arc::new(move |e| drop(tx.lock().unwrap().send(e))), rx)
-}
-
-fn fill(block: &RamBlock, seed: u64) {
-    let mut x = seed | 1;
-    for p in 0..block.pages() as u64 {
-        let ptr = block.page_ptr(p * block.page_size() as u64);
-        if p % 5 == 0 {
-            continue; // leave some zero pages
-        }
-        for i in 0..block.page_size() as usize / 8 {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            // SAFETY: test-only write inside the block.
-            unsafe { ptr.cast::<u64>().add(i).write_unaligned(x) };
-        }
-    }
-}
+mod common;
+use common::{fill, sink};
 
 fn same(a: &RamBlock, b: &RamBlock) -> bool {
     (0..a.pages() as u64).all(|p| a.page(p * 4096) == b.page(p * 4096))
@@ -73,7 +53,7 @@ fn run(address: &str, channels: u8, compression: Compression) {
         .map(|(n, l)| Arc::new(RamBlock::allocate(n, *l, 4096, false).unwrap()))
         .collect();
     for (i, b) in src_blocks.iter().enumerate() {
-        fill(b, i as u64 + 7);
+        fill(b, i as u64 + 7, 5);
     }
     let dst_blocks: Vec<Arc<RamBlock>> = src_blocks.iter().map(|b| Arc::new(RamBlock::allocate(b.name(), b.len(), 4096, false).unwrap())).collect();
     let (dsink, drx) = sink();

@@ -166,7 +166,7 @@ fn in_background<T: Send + 'static>(
                 failure.fail(e);
             }
         })
-        .map_err(|e| napi::Error::from_reason(format!("ERR_MULTIFD_IO: spawn {name}: {e}")))
+        .map_err(|e| crate::errors::to_napi(Error::new(ErrorCode::Io, format!("spawn {name}: {e}"))))
 }
 
 #[napi]

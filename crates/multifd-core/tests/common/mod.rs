@@ -1,0 +1,34 @@
+//! Helpers shared by the data-plane integration tests.
+#![allow(dead_code)] // each test file uses its own subset
+
+use std::sync::{Arc, Mutex, mpsc};
+
+use multifd_core::block::RamBlock;
+use multifd_core::session::{Event, EventSink};
+
+/// An event sink whose events arrive on the returned receiver.
+pub fn sink() -> (EventSink, mpsc::Receiver<Event>) {
+    let (tx, rx) = mpsc::channel();
+    let tx = Mutex::new(tx);
+    (Arc::new(move |e| drop(tx.lock().unwrap().send(e))), rx)
+}
+
+/// Fills `block` with pseudo-random pages from `seed`, leaving every `zero_every`-th page
+/// zero (0: none).
+pub fn fill(block: &RamBlock, seed: u64, zero_every: u64) {
+    let mut x = seed | 1;
+    for p in 0..block.pages() as u64 {
+        let ptr = block.page_ptr(p * block.page_size() as u64);
+        if zero_every > 0 && p % zero_every == 0 {
+            continue; // leave some zero pages
+        }
+        for i in 0..block.page_size() as usize / 8 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            // SAFETY: test-only write inside the block.
+            unsafe { ptr.cast::<u64>().add(i).write_unaligned(x) };
+        }
+    }
+}
+
