@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Proves the package installs and works: packs it, installs the tarball into a fresh Node
 # project, imports it (ESM and CommonJS), runs `npx multifd --help` and a small migration.
-set -euo pipefail
+set -Eeuo pipefail
+trap 'echo "check-package.sh: failed: $BASH_COMMAND (line $LINENO, exit $?)" >&2' ERR
 root="$(cd "$(dirname "$0")/.." && pwd)"
 bash "$root/scripts/build-package.sh"
 work="$(mktemp -d)"

@@ -8,7 +8,8 @@
 # seeded with throwaway certificates from scripts/test-certs.sh). The corpus in fuzz/corpus
 # is kept and grows with each run.
 # Crashes are written to fuzz/artifacts/ and make this script fail.
-set -euo pipefail
+set -Eeuo pipefail
+trap 'echo "fuzz.sh: failed: $BASH_COMMAND (line $LINENO, exit $?)" >&2' ERR
 cd "$(dirname "$0")/../fuzz"
 seconds="${1:-60}"
 target=x86_64-unknown-linux-gnu

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs system packages the suite needs (idempotent; as root on Debian). Node, npm and the
 # Rust toolchain are expected to be present already (they cannot be fetched here).
-set -euo pipefail
+set -Eeuo pipefail
+trap 'echo "install-deps.sh: failed: $BASH_COMMAND (line $LINENO, exit $?)" >&2' ERR
 need=()
 for cmd in node npm cargo; do
   command -v "$cmd" >/dev/null || { echo "install-deps: $cmd is required but missing" >&2; exit 1; }

@@ -4,7 +4,8 @@
 # Idempotent: exits early when a QEMU 10 or newer is already on PATH, and adds the backports
 # suite only once. The suite is added on the same Debian archive the apt sources already use,
 # so no mirror is named here.
-set -euo pipefail
+set -Eeuo pipefail
+trap 'echo "install-qemu.sh: failed: $BASH_COMMAND (line $LINENO, exit $?)" >&2' ERR
 
 have_qemu10() {
   local v

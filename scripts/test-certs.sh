@@ -8,7 +8,8 @@
 #   intruder.{pem,key}     CN=intruder, signed by the CA but on no allow-list
 #   rogue.{pem,key}        CN=source, signed by other-ca
 # Keys are generated fresh on every run and never committed.
-set -euo pipefail
+set -Eeuo pipefail
+trap 'echo "test-certs.sh: failed: $BASH_COMMAND (line $LINENO, exit $?)" >&2' ERR
 dir=${1:?usage: test-certs.sh DIR}
 mkdir -p "$dir"
 cd "$dir"

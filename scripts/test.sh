@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole suite, as `npm test` runs it: build the addon (debug), type-check, lint Rust,
 # run the Rust tests, then the ava suite. The last line is `ava: N passed, N failed`.
-set -euo pipefail
+set -Eeuo pipefail
+trap 'echo "test.sh: failed: $BASH_COMMAND (line $LINENO, exit $?)" >&2' ERR
 cd "$(dirname "$0")/.."
 step() { printf '\n== %s\n' "$*"; }
 

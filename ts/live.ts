@@ -46,7 +46,10 @@ export interface RoundStats {
   /** Pages dirtied while the round ran: the next round's work. */
   dirtyPagesLeft: number
   dirtyBytesLeft: number
-  /** `dirtyBytesLeft / bandwidth`: the downtime if the switchover came now. */
+  /**
+   * The downtime if the switchover came now: `switchoverCostMs` (the round trips the final
+   * round pays whatever its size) plus `dirtyBytesLeft / bandwidth`.
+   */
   expectedDowntimeMs: number
   decision: RoundDecision
   /** Final round only: from `onSwitchover` returning to the destination reporting completion. */
@@ -95,6 +98,12 @@ export interface LiveSummary extends Summary {
   switchoverReason: 'converged' | 'no-convergence'
   /** What the last round before the switchover predicted. */
   expectedDowntimeMs: number
+  /**
+   * The part of every downtime that does not depend on the dirty bytes: the final sync and the
+   * completion exchange, two round trips to the destination, measured before round 0 with an
+   * empty sync.
+   */
+  switchoverCostMs: number
   /** The real downtime: from `onSwitchover` returning to the destination reporting completion. */
   downtimeMs: number
   downtimeLimitMs: number
@@ -135,18 +144,25 @@ async function runLive(source: Source, o: z.output<typeof LiveOptionsSchema>): P
     if (roundChannel.hasSubscribers) roundChannel.publish({ role: source.role, session: source.session, address: source.address, ...r })
     source.emit('round', r)
   }
+  // The final round pays two round trips (its sync, then complete/completed) however little it
+  // sends: an empty sync measures one, so the estimate below does not promise what the
+  // destination's reply time alone would break.
+  let switchoverCostMs = 0
   const measure = (round: number, started: number, bytesBefore: number, pages: number, final: boolean) => {
     const durationMs = performance.now() - started
     const bytes = source.stats().bytes - bytesBefore
     const bandwidth = durationMs > 0 ? (bytes * 1000) / durationMs : 0
     const dirtyPagesLeft = dirtyPages()
     const dirtyBytesLeft = dirtyPagesLeft * pageSize
-    const expectedDowntimeMs = dirtyBytesLeft === 0 ? 0 : bandwidth > 0 ? (dirtyBytesLeft * 1000) / bandwidth : Infinity
+    const expectedDowntimeMs = switchoverCostMs + (dirtyBytesLeft === 0 ? 0 : bandwidth > 0 ? (dirtyBytesLeft * 1000) / bandwidth : Infinity)
     return { round, final, pages, bytes, durationMs, bandwidth, dirtyPagesLeft, dirtyBytesLeft, expectedDowntimeMs }
   }
 
   let switchoverFailed: MultifdError | undefined
   try {
+    const probeStarted = performance.now()
+    await source.sync()
+    switchoverCostMs = 2 * (performance.now() - probeStarted)
     // Iterative rounds, the writers running.
     let reason: LiveSummary['switchoverReason'] | undefined
     let last: RoundStats | undefined
@@ -211,6 +227,7 @@ async function runLive(source: Source, o: z.output<typeof LiveOptionsSchema>): P
       converged: reason === 'converged',
       switchoverReason: reason!,
       expectedDowntimeMs: last!.expectedDowntimeMs,
+      switchoverCostMs,
       downtimeMs,
       downtimeLimitMs: o.downtimeLimitMs,
     }

@@ -10,7 +10,7 @@
  *   net-src ADDRESS FILE SIZE             node:net client writing FILE in 512 KiB chunks
  */
 import { createHash } from 'node:crypto'
-import { readFileSync } from 'node:fs'
+import { closeSync, openSync, readSync } from 'node:fs'
 import net from 'node:net'
 import { Destination, RamBlock, migrate, restore, snapshot, type DestinationOptions, type SourceOptions } from '../../ts/index.js'
 
@@ -19,11 +19,11 @@ const cpu = (): number => {
   const u = process.cpuUsage()
   return (u.user + u.system) / 1e6
 }
-const hash = (b: Uint8Array): string => createHash('sha256').update(b).digest('hex')
+const GiB = 2 ** 30
 /** sha256 of a block, read in 1 GiB views (one view cannot exceed V8's typed-array limit). */
 const hashBlock = (b: RamBlock): string => {
   const h = createHash('sha256')
-  for (let off = 0; off < b.size; off += 2 ** 30) h.update(b.view(off, Math.min(2 ** 30, b.size - off)))
+  for (let off = 0; off < b.size; off += GiB) h.update(b.view(off, Math.min(GiB, b.size - off)))
   return h.digest('hex')
 }
 const [mode, ...args] = process.argv.slice(2)
@@ -50,19 +50,26 @@ switch (mode) {
     break
   }
   case 'net-dest': {
+    // Preallocated memory in 1 GiB buffers (one Buffer cannot hold more than 2-4 GiB).
     const size = Number(args[0])
-    const target = Buffer.allocUnsafe(size).fill(0xff)
+    const target = Array.from({ length: Math.ceil(size / GiB) }, (_, i) => Buffer.allocUnsafe(Math.min(GiB, size - i * GiB)).fill(0xff))
     let at = 0
     let cpu0 = 0
     const server = net.createServer((sock) => {
       cpu0 = cpu()
       sock.on('data', (chunk: Buffer) => {
-        chunk.copy(target, at)
-        at += chunk.length
+        for (let from = 0; from < chunk.length; ) {
+          const part = target[Math.floor(at / GiB)]!
+          const n = chunk.copy(part, at % GiB, from)
+          from += n
+          at += n
+        }
         if (at === size) {
           sock.end(Buffer.from([1]))
           server.close()
-          say({ type: 'done', cpuSeconds: cpu() - cpu0, bytes: at, sha256: hash(target) })
+          const h = createHash('sha256')
+          for (const part of target) h.update(part)
+          say({ type: 'done', cpuSeconds: cpu() - cpu0, bytes: at, sha256: h.digest('hex') })
         }
       })
     })
@@ -73,25 +80,33 @@ switch (mode) {
     break
   }
   case 'net-src': {
-    const [address, file, size] = args
-    const data = readFileSync(file!).subarray(0, Number(size))
+    // The file is read in 512 KiB chunks as it is written (readFileSync stops at 2 GiB), and
+    // hashed as it goes; the source side's hash is of what was sent.
+    const [address, file, sizeArg] = args
+    const size = Number(sizeArg)
+    const fd = openSync(file!, 'r')
     const port = Number(/:(\d+)$/.exec(address!)![1])
+    const h = createHash('sha256')
     const cpu0 = cpu()
     const t0 = performance.now()
     const sock = net.connect(port, '127.0.0.1')
     let off = 0
     const CHUNK = 512 * 1024
     const pump = (): void => {
-      while (off < data.length) {
-        const ok = sock.write(data.subarray(off, off + CHUNK))
-        off += CHUNK
-        if (!ok) return void sock.once('drain', pump)
+      while (off < size) {
+        const chunk = Buffer.allocUnsafe(Math.min(CHUNK, size - off))
+        const n = readSync(fd, chunk, 0, chunk.length, off)
+        if (n !== chunk.length) throw new Error(`${file}: short read at ${off}`)
+        h.update(chunk)
+        off += n
+        if (!sock.write(chunk)) return void sock.once('drain', pump)
       }
     }
     sock.on('connect', pump)
     sock.once('data', () => {
       const seconds = (performance.now() - t0) / 1000
-      say({ type: 'done', seconds, cpuSeconds: cpu() - cpu0, bytes: data.length, sha256: hash(data) })
+      closeSync(fd)
+      say({ type: 'done', seconds, cpuSeconds: cpu() - cpu0, bytes: size, sha256: h.digest('hex') })
       sock.destroy()
     })
     break

@@ -34,6 +34,16 @@ export const Size = z.string().transform((s, ctx) => {
   return n
 })
 
+/** A rate in bytes per second: `500M`, `1.5G`, `500MiB/s`, `65536` (binary units, as sizes). */
+export const Rate = z.string().transform((s, ctx) => {
+  const n = parseSize(s.replace(/\/s$/i, ''))
+  if (n === undefined || n <= 0) {
+    ctx.addIssue({ code: 'custom', message: `rate ${JSON.stringify(s)} is not like 500M, 1G or 500MiB/s (bytes per second)` })
+    return z.NEVER
+  }
+  return n
+})
+
 export const IntString = (min: number, max: number): z.ZodType<number, string> =>
   z.string().transform((s, ctx) => {
     const n = Number(s)

@@ -16,12 +16,16 @@ import { bytes, duration, rate } from './format.js'
 import type { CommandResult } from './output.js'
 import { onInterrupt } from './interrupt.js'
 
-export const DEMO_HELP = `multifd demo [--size 1G] [--channels 4] [--dirty-rate 50000] [--downtime-ms 5] [--json]
+export const DEMO_HELP = `multifd demo [--size 1G] [--channels 4] [--dirty-rate 50000] [--downtime-ms 30] [--json]
 
 A live migration on loopback: a writer thread dirties --dirty-rate random pages per second of a
 --size block while it is migrated over --channels channels; dirty rounds repeat until the rest
 fits --downtime-ms, then the writer is paused, the final round is sent, and the destination
-is checked byte for byte against the source.`
+is checked byte for byte against the source.
+
+The expected downtime is the dirty bytes left over the bandwidth of the last round plus the
+switchover's fixed cost (two round trips to the destination, measured before round 0). On a
+busy 2-core machine that fixed cost alone is a few milliseconds, hence the 30 ms default.`
 
 /** The writer runs in a worker; from the TypeScript sources it first registers tsx there. */
 function startWriter(token: number, pagesPerSecond: number): Worker {
@@ -42,7 +46,7 @@ function sha256(b: RamBlock): string {
 export async function demo(argv: string[]): Promise<CommandResult> {
   const { values } = parse(argv, { size: { type: 'string' }, channels: { type: 'string' }, 'dirty-rate': { type: 'string' }, 'downtime-ms': { type: 'string' } })
   const o = check(
-    z.object({ size: Size.default(2 ** 30), channels: IntString(1, 255).default(4), 'dirty-rate': IntString(1, 10_000_000).default(50_000), 'downtime-ms': IntString(1, 600_000).default(5) }),
+    z.object({ size: Size.default(2 ** 30), channels: IntString(1, 255).default(4), 'dirty-rate': IntString(1, 10_000_000).default(50_000), 'downtime-ms': IntString(1, 600_000).default(30) }),
     values,
   )
   const size = Math.ceil(o.size / 4096) * 4096
@@ -104,6 +108,8 @@ export async function demo(argv: string[]): Promise<CommandResult> {
     rounds: summary.rounds,
     converged: summary.converged,
     downtimeMs: summary.downtimeMs,
+    expectedDowntimeMs: summary.expectedDowntimeMs,
+    switchoverCostMs: summary.switchoverCostMs,
     downtimeLimitMs: summary.downtimeLimitMs,
     verified,
     ...(verified ? {} : { error: { code: 'ERR_MULTIFD_IO', message: 'the destination differs from the source' } }),
@@ -113,7 +119,12 @@ export async function demo(argv: string[]): Promise<CommandResult> {
   } else {
     const final = summary.rounds.at(-1)
     say(`\ncompleted in ${duration(summary.seconds)}: ${summary.rounds.length - 1} live round(s) + the final one, ${bytes(summary.bytes)} on the wire (${rate(summary.bytesPerSecond)})`)
-    say(`downtime ${summary.downtimeMs.toFixed(1)} ms (limit ${summary.downtimeLimitMs} ms, expected ${summary.expectedDowntimeMs.toFixed(1)} ms)${summary.converged ? '' : ' - did not converge, switched over anyway'}`)
+    const within = summary.downtimeMs <= summary.downtimeLimitMs
+    say(
+      `downtime ${summary.downtimeMs.toFixed(1)} ms, ${within ? 'within' : 'ABOVE'} the ${summary.downtimeLimitMs} ms limit ` +
+        `(expected ${summary.expectedDowntimeMs.toFixed(1)} ms: ${summary.switchoverCostMs.toFixed(1)} ms of round trips + ${(summary.expectedDowntimeMs - summary.switchoverCostMs).toFixed(1)} ms of data)` +
+        (summary.converged ? '' : ' - did not converge, switched over anyway'),
+    )
     say(`pages: ${summary.pages.normal} with data, ${summary.pages.zero} zero (sent as offsets only); final round ${final?.pages ?? 0} pages`)
     for (const [i, c] of summary.perChannel.entries()) say(`  channel ${i}: ${bytes(c.bytes)}, ${c.packets} packets`)
     say(`destination equals source: ${verified ? 'yes' : 'NO'}`)

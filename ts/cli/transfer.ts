@@ -5,7 +5,7 @@ import { RamBlock } from '../block.js'
 import { Source } from '../source.js'
 import { MultifdError } from '../errors.js'
 import type { Session, Summary } from '../session.js'
-import { IntString, UsageError, blockFiles, check, parse } from './args.js'
+import { IntString, Rate, UsageError, blockFiles, check, parse } from './args.js'
 import { bytes, rate } from './format.js'
 import { type CommandResult, failure, print } from './output.js'
 import { Progress } from './progress.js'
@@ -31,6 +31,15 @@ function progressOf(session: Session, json: boolean, label: string, total?: numb
   }).start()
 }
 
+/** The human summary's line for the non-default settings of a send. */
+function settingLines(s: { integrity: string; maxBandwidth: number | null }, throttledMs: number): string[] {
+  const parts = [
+    ...(s.integrity === 'none' ? [] : [`integrity ${s.integrity} (every packet and block checked)`]),
+    ...(s.maxBandwidth === null ? [] : [`max bandwidth ${rate(s.maxBandwidth)}, channels waited ${(throttledMs / 1000).toFixed(1)} s in all`]),
+  ]
+  return parts.length > 0 ? [parts.join('; ')] : []
+}
+
 export const SEND_HELP = `multifd send ADDRESS FILE... [--block NAME=FILE]... [options]
 
 Sends image files (mapped, never read into the JavaScript heap) as blocks named after the
@@ -41,6 +50,11 @@ files, to a destination started with \`multifd recv\`.
   --level L                zlib 1..9, zstd 1..20 (default 1)
   --zero-copy              MSG_ZEROCOPY sends (TCP only, no compression)
   --zero-page MODE         multifd (zero pages as offsets only, default) | none
+  --integrity MODE         xxh3 (digest of every packet's pages, checked by the destination,
+                           and of every block at the end) | none (default)
+  --max-bandwidth RATE     cap over all channels, bytes per second with binary units
+                           (500M = 500 MiB/s; default: no cap)
+  --connect-timeout-ms MS  how long connecting (and each TLS handshake) may take (default 10000)
   --peer-timeout-ms MS     fail if the destination stalls or goes silent this long
   --tls-cert FILE          mutual TLS: this side's certificate (PEM); needs --tls-key, --tls-ca
   --tls-key FILE           the certificate's private key (PEM)
@@ -74,6 +88,9 @@ export async function send(argv: string[]): Promise<CommandResult> {
     level: { type: 'string' },
     'zero-copy': { type: 'boolean' },
     'zero-page': { type: 'string' },
+    integrity: { type: 'string' },
+    'max-bandwidth': { type: 'string' },
+    'connect-timeout-ms': { type: 'string' },
     'peer-timeout-ms': { type: 'string' },
     ...TLS_FLAGS,
     'tls-name': { type: 'string' },
@@ -86,6 +103,9 @@ export async function send(argv: string[]): Promise<CommandResult> {
       level: IntString(1, 20).optional(),
       'zero-copy': z.boolean().default(false),
       'zero-page': z.enum(['multifd', 'none']).default('multifd'),
+      integrity: z.enum(['none', 'xxh3']).default('none'),
+      'max-bandwidth': Rate.optional(),
+      'connect-timeout-ms': IntString(1, 3_600_000).default(10_000),
       'peer-timeout-ms': IntString(100, 3_600_000).optional(),
     }),
     values,
@@ -97,6 +117,8 @@ export async function send(argv: string[]): Promise<CommandResult> {
   const json = values.json === true
   const blocks = specs.map((s) => RamBlock.mapFile({ name: s.name, path: s.file }))
   const total = blocks.reduce((a, b) => a + b.size, 0)
+  // What the command was asked for, in the summary: scripts read back the settings they used.
+  const settings = { compression: o.compression, integrity: o.integrity, maxBandwidth: o['max-bandwidth'] ?? null, connectTimeoutMs: o['connect-timeout-ms'], zeroCopy: o['zero-copy'] }
   let source: Source | undefined
   onInterrupt(() => source?.cancel())
   let progress: Progress | undefined
@@ -109,6 +131,9 @@ export async function send(argv: string[]): Promise<CommandResult> {
       ...(o.level === undefined ? {} : { compressionLevel: o.level }),
       zeroCopySend: o['zero-copy'],
       zeroPageDetection: o['zero-page'],
+      integrity: o.integrity,
+      ...(o['max-bandwidth'] === undefined ? {} : { maxBandwidth: o['max-bandwidth'] }),
+      connectTimeoutMs: o['connect-timeout-ms'],
       ...(o['peer-timeout-ms'] === undefined ? {} : { peerTimeoutMs: o['peer-timeout-ms'] }),
       ...(tls ? { tls: { ...tls, ...(values['tls-name'] === undefined ? {} : { name: values['tls-name'] as string }) } } : {}),
     })
@@ -116,12 +141,15 @@ export async function send(argv: string[]): Promise<CommandResult> {
     await source.sendAll()
     const s = await source.complete()
     progress.stop()
-    const r = fromSummary(s, { blocks: specs })
-    print(r, json, 'send', channelLines(s))
+    const r = fromSummary(s, { blocks: specs, ...settings, throttledMs: Math.round(source.throttledMs) })
+    print(r, json, 'send', [...settingLines(settings, source.throttledMs), ...channelLines(s)])
     return r
   } catch (e) {
     progress?.stop()
-    const r = source ? fromSummary(source.summary()) : failure(e, o.channels)
+    // Options the facade refuses before anything connects are usage errors (exit 2), like the
+    // command line's own checks; exit 1 is kept for failures of the migration itself.
+    if (!source && e instanceof MultifdError && e.code === 'ERR_MULTIFD_INVALID_ARGUMENT') throw new UsageError(e.message)
+    const r = source ? fromSummary(source.summary(), settings) : { ...failure(e, o.channels), ...settings }
     if (wasInterrupted()) r.status = 'cancelled'
     if (!r.error && e instanceof MultifdError) r.error = { code: e.code, message: e.message }
     print(r, json, 'send')
