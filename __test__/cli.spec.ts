@@ -116,6 +116,23 @@ test('a failed migration: exit 1 and error {code, message} on both sides', async
   t.like(lastJson(rr.stdout), { status: 'failed', error: { code: 'ERR_MULTIFD_BLOCK_MISMATCH' } })
 })
 
+test('send --integrity xxh3 --max-bandwidth --connect-timeout-ms: applied, and reported in --json', async (t) => {
+  t.timeout(90_000)
+  const d = workdir(t)
+  writeFileSync(join(d, 'a.img'), randomFillSync(Buffer.alloc(4 << 20)))
+  const rx = await receiver(['--out', join(d, 'a.out'), '--json'])
+  // 4 MiB at 8 MiB/s: the throttle must hold the channels back for a measurable time.
+  const tx = await cli(['send', rx.address, join(d, 'a.img'), '--integrity', 'xxh3', '--max-bandwidth', '8M', '--connect-timeout-ms', '5000', '--json']).done
+  const rr = await rx.done
+  t.is(tx.code, 0, tx.stderr)
+  t.is(rr.code, 0, rr.stderr)
+  const j = lastJson(tx.stdout)
+  t.like(j, { status: 'completed', integrity: 'xxh3', maxBandwidth: 8 << 20, connectTimeoutMs: 5000 })
+  t.true((j.seconds as number) >= 0.3, `8 MiB/s over 4 MiB took ${String(j.seconds)} s`)
+  t.true((j.throttledMs as number) > 0)
+  t.is(sha(join(d, 'a.out')), sha(join(d, 'a.img')))
+})
+
 test('usage errors exit 2 with a readable message', async (t) => {
   for (const args of [[], ['send'], ['send', 'tcp:127.0.0.1:1', 'x', '--channels', '0'], ['bench', '--size', 'huge'], ['frobnicate'], ['recv', 'tcp:127.0.0.1:0'], ['send', 'tcp:127.0.0.1:1', 'x', '--bogus']]) {
     const r = await cli(args).done
@@ -123,6 +140,21 @@ test('usage errors exit 2 with a readable message', async (t) => {
   }
   const r = await cli(['send', 'tcp:127.0.0.1:1', 'x', '--channels', '0']).done
   t.regex(r.stderr, /"0" must be an integer from 1 to 255[\s\S]*at channels/)
+  // Combinations the validation refuses are usage errors too, before anything connects.
+  const d = workdir(t)
+  writeFileSync(join(d, 'a.img'), Buffer.alloc(1 << 20, 1))
+  for (const [flags, message] of [
+    [['--zero-copy', '--compression', 'zstd'], /zero-copy send cannot be combined with compression/],
+    [['--compression', 'none', '--level', '3'], /a level needs compression zlib or zstd/],
+    [['--max-bandwidth', 'fast'], /rate "fast" is not like 500M/],
+    [['--integrity', 'md5'], /integrity/],
+  ] as const) {
+    const u = await cli(['send', 'tcp:127.0.0.1:1', join(d, 'a.img'), ...flags]).done
+    t.is(u.code, 2, `${flags.join(' ')}: ${u.stderr}`)
+    t.regex(u.stderr, message)
+  }
+  const zc = await cli(['send', 'unix:/tmp/nowhere.sock', join(d, 'a.img'), '--zero-copy']).done
+  t.is(zc.code, 2, zc.stderr)
   t.is((await cli(['help', 'send']).done).code, 0)
 })
 

@@ -10,7 +10,7 @@ import { execFileSync } from 'node:child_process'
 import { dirname, join } from 'node:path'
 import { fileURLToPath } from 'node:url'
 import { parseArgs } from 'node:util'
-import { median, parseSize } from './lib/run.js'
+import { median, parseSize, spread } from './lib/run.js'
 import { nodeNet, ours, qemu, settle, sourceFile, timeoutFor, type Result } from './lib/transfer.js'
 
 const here = dirname(fileURLToPath(import.meta.url))
@@ -112,11 +112,12 @@ const summary = rows.map((r) => ({
   oursCpuPerGiB: { source: perGiB(m(r.ours, 'srcCpu')), destination: perGiB(m(r.ours, 'dstCpu')) },
   qemuCpuPerGiB: { source: perGiB(m(r.qemu, 'srcCpu')), destination: perGiB(m(r.qemu, 'dstCpu')) },
   verified: r.ours.every((x) => x.ok) && r.qemu.every((x) => x.ok) && r.ceiling.every((x) => x.ok),
+  spread: { ours: spread(r.ours.map((x) => x.gbps)), qemu: spread(r.qemu.map((x) => x.gbps)), ceiling: spread(r.ceiling.map((x) => x.gbps)) },
 }))
 const allVerified = summary.every((s) => s.verified) && net.every((n) => n.ok)
 
 if (values.json) {
-  console.log(JSON.stringify({ sizeBytes: size, reps, nodeNetGBps: netGbps, rows: summary, verified: allVerified }))
+  console.log(JSON.stringify({ sizeBytes: size, reps, nodeNetGBps: netGbps, nodeNet: spread(net.map((x) => x.gbps)), ceilingAvailable: ceilingBin !== undefined, rows: summary, verified: allVerified }))
 } else {
   const f = (x: number, d = 2): string => (Number.isFinite(x) ? x.toFixed(d) : '-')
   log('')

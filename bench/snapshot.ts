@@ -10,7 +10,7 @@ import { execFileSync } from 'node:child_process'
 import { mkdtempSync, rmSync } from 'node:fs'
 import { join } from 'node:path'
 import { parseArgs } from 'node:util'
-import { median, parseSize, runJson } from './lib/run.js'
+import { median, parseSize, runJson, spread } from './lib/run.js'
 import { settle, sourceFile, timeoutFor } from './lib/transfer.js'
 
 const { values } = parseArgs({
@@ -74,6 +74,12 @@ try {
           runJson('python3', [join(import.meta.dirname, 'qemu', 'qemu_mig.py'), '--mode', mode, '--mapped-ram', '--file', qfile, '--src-ram', src, '--size-mib', String(Math.floor(size / 2 ** 20)), '--channels', String(ch), '--prealloc', 'both', '--reps', '1'], timeout * 4)
         await settle()
         const [qs] = await q('save')
+        // QEMU's save ends without a sync; ours ends with fdatasync. The sync QEMU's file
+        // still needs makes the durable comparison.
+        const t0 = performance.now()
+        execFileSync('sync', [qfile])
+        const syncSeconds = (performance.now() - t0) / 1000
+        row('QEMU mapped-ram + sync', ch).save.push(gbps(size / ((qs!.bytesPerSecond as number)) + syncSeconds))
         dropCaches()
         await settle()
         const [qr] = await q('restore')
@@ -91,7 +97,7 @@ try {
   rmSync(src, { force: true })
 }
 
-const out = rows.map((r) => ({ what: r.what, channels: r.channels, saveGBps: median(r.save), restoreGBps: r.restore.length ? median(r.restore) : undefined, verified: r.ok }))
+const out = rows.map((r) => ({ what: r.what, channels: r.channels, saveGBps: median(r.save), restoreGBps: r.restore.length ? median(r.restore) : undefined, save: spread(r.save), restore: spread(r.restore), verified: r.ok }))
 if (values.json) console.log(JSON.stringify({ sizeBytes: size, dir: values.dir, rows: out }))
 else {
   log(`\n${(size / 2 ** 30).toFixed(2)} GiB, 50% zero pages, files in ${values.dir}; restores start from a dropped page cache`)

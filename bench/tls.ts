@@ -12,7 +12,7 @@ import { tmpdir } from 'node:os'
 import { dirname, join } from 'node:path'
 import { fileURLToPath } from 'node:url'
 import { parseArgs } from 'node:util'
-import { median, parseSize } from './lib/run.js'
+import { median, parseSize, spread, type Spread } from './lib/run.js'
 import { ours, qemu, settle, sourceFile, type Result } from './lib/transfer.js'
 
 const { values } = parseArgs({
@@ -73,10 +73,10 @@ for (let rep = 0; rep < Number(values.reps); rep++) {
 rmSync(file, { force: true })
 rmSync(pki, { recursive: true, force: true })
 
-const stat = (ch: number, label: string): { gbps: number; src: number; dst: number; ok: boolean } | undefined => {
+const stat = (ch: number, label: string): { gbps: number; spread: Spread; src: number; dst: number; ok: boolean } | undefined => {
   const rs = results.get(`${ch}/${label}`)
   if (!rs?.length) return undefined
-  return { gbps: median(rs.map((r) => r.gbps)), src: median(rs.map((r) => r.srcCpu)) / (size / GiB), dst: median(rs.map((r) => r.dstCpu)) / (size / GiB), ok: rs.every((r) => r.ok) }
+  return { gbps: median(rs.map((r) => r.gbps)), spread: spread(rs.map((r) => r.gbps)), src: median(rs.map((r) => r.srcCpu)) / (size / GiB), dst: median(rs.map((r) => r.dstCpu)) / (size / GiB), ok: rs.every((r) => r.ok) }
 }
 const rows = channelsList.map((ch) => ({ channels: ch, ...Object.fromEntries(variants.map((v) => [v.label, stat(ch, v.label)])) }))
 if (values.json) {

@@ -5,7 +5,7 @@
 import { rmSync } from 'node:fs'
 import { parseArgs } from 'node:util'
 import type { SourceOptions } from '../../ts/index.js'
-import { median, parseSize } from './run.js'
+import { median, parseSize, spread } from './run.js'
 import { ours, settle, sourceFile, type Result } from './transfer.js'
 
 export interface Variant {
@@ -45,7 +45,7 @@ export async function compareVariants(title: string, variants: Variant[], defaul
     channels: ch,
     variants: variants.map((v) => {
       const rs = results.get(`${ch}/${v.label}`) ?? []
-      return { label: v.label, gbps: median(rs.map((r) => r.gbps)), senderCpuPerGiB: median(rs.map((r) => r.srcCpu)) / (size / GiB), receiverCpuPerGiB: median(rs.map((r) => r.dstCpu)) / (size / GiB), extra: rs.at(-1)?.extra, verified: rs.every((r) => r.ok) }
+      return { label: v.label, gbps: median(rs.map((r) => r.gbps)), spread: spread(rs.map((r) => r.gbps)), senderCpuPerGiB: median(rs.map((r) => r.srcCpu)) / (size / GiB), receiverCpuPerGiB: median(rs.map((r) => r.dstCpu)) / (size / GiB), extra: rs.at(-1)?.extra, verified: rs.every((r) => r.ok) }
     }),
   }))
   if (values.json) {

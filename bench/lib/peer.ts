@@ -3,6 +3,7 @@
  * Prints one JSON line per event on stdout.
  *
  *   mfd-dest SIZE [OPTIONS_JSON]          listen on loopback, receive into preallocated memory
+ *   mfd-dest-file SIZE PATH               listen, receive into a new file at PATH (as `recv --out`)
  *   mfd-src ADDRESS FILE SIZE OPTIONS_JSON  send FILE (mapped, prefaulted) with these Source options
  *   snap-save FILE SNAPSHOT SIZE CHANNELS     snapshot FILE (mapped, prefaulted) to SNAPSHOT
  *   snap-restore SNAPSHOT SIZE CHANNELS       restore SNAPSHOT into preallocated memory
@@ -35,6 +36,20 @@ switch (mode) {
     const cpu0 = cpu()
     say({ type: 'listening', address: dest.address })
     const s = await dest.done
+    say({ type: 'done', cpuSeconds: cpu() - cpu0, bytes: s.bytes, sha256: hashBlock(block) })
+    break
+  }
+  case 'mfd-dest-file': {
+    // A new file, pages allocated as they arrive (the CLI's `recv --out` on tmpfs).
+    const [sizeArg, path] = args
+    const dest = Destination.listen({
+      address: 'tcp:127.0.0.1:0',
+      blocks: (table) => table.map((b) => RamBlock.mapFile({ name: b.name, path: path!, size: b.length, pageSize: b.pageSize })),
+    })
+    const cpu0 = cpu()
+    say({ type: 'listening', address: dest.address })
+    const s = await dest.done
+    const block = RamBlock.mapFile({ name: 'bench', path: path!, size: Number(sizeArg) })
     say({ type: 'done', cpuSeconds: cpu() - cpu0, bytes: s.bytes, sha256: hashBlock(block) })
     break
   }

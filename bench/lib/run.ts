@@ -40,6 +40,18 @@ export function median(xs: number[]): number {
   return s.length === 0 ? NaN : s[Math.floor(s.length / 2)]!
 }
 
+/** A figure with its reps: the median and the spread, so noise is visible next to it. */
+export interface Spread {
+  median: number
+  min: number
+  max: number
+  n: number
+}
+
+export function spread(xs: number[]): Spread {
+  return { median: median(xs), min: xs.length ? Math.min(...xs) : NaN, max: xs.length ? Math.max(...xs) : NaN, n: xs.length }
+}
+
 export function parseSize(s: string): number {
   const m = /^(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?$/i.exec(s.trim())
   if (!m) throw new Error(`bad size ${s}`)

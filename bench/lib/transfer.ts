@@ -74,6 +74,10 @@ export async function pair(size: number, destMode: string, srcMode: string, srcA
 export const ours = (size: number, file: string, options: Partial<SourceOptions>, destOptions: Partial<DestinationOptions> = {}): Promise<Result> =>
   pair(size, 'mfd-dest', 'mfd-src', [file, String(size), JSON.stringify(options)], [JSON.stringify(destOptions)])
 
+/** This package receiving into a new file at `path` (pages allocated as they arrive). */
+export const oursIntoNewFile = (size: number, file: string, path: string, options: Partial<SourceOptions>): Promise<Result> =>
+  pair(size, 'mfd-dest-file', 'mfd-src', [file, String(size), JSON.stringify(options)], [path])
+
 /** A single node:net stream of the same bytes. */
 export const nodeNet = (size: number, file: string): Promise<Result> => pair(size, 'net-dest', 'net-src', [file, String(size)])
 
@@ -82,8 +86,8 @@ export const nodeNet = (size: number, file: string): Promise<Result> => pair(siz
 export const settle = (): Promise<void> => new Promise((r) => setTimeout(r, 750))
 
 /** QEMU 10 multifd, QEMU to QEMU, on the same source bytes (bench/qemu/qemu_mig.py). */
-export async function qemu(size: number, file: string, o: { channels: number; compression?: string; zeroCopy?: boolean; tlsDir?: string }): Promise<Result | undefined> {
-  const args = [join(dirname(peer), '..', 'qemu', 'qemu_mig.py'), '--size-mib', String(Math.floor(size / 2 ** 20)), '--channels', String(o.channels), '--prealloc', 'both', '--src-ram', file, '--reps', '1']
+export async function qemu(size: number, file: string, o: { channels: number; compression?: string; zeroCopy?: boolean; tlsDir?: string; fresh?: boolean }): Promise<Result | undefined> {
+  const args = [join(dirname(peer), '..', 'qemu', 'qemu_mig.py'), '--size-mib', String(Math.floor(size / 2 ** 20)), '--channels', String(o.channels), '--prealloc', o.fresh ? 'none' : 'both', '--src-ram', file, '--reps', '1']
   if (o.compression) args.push('--compression', o.compression)
   if (o.zeroCopy) args.push('--zero-copy')
   if (o.tlsDir) args.push('--tls-dir', o.tlsDir)
