@@ -6,7 +6,7 @@ import test from 'ava'
 import { randomFillSync } from 'node:crypto'
 import { closeSync, existsSync, mkdirSync, openSync, readdirSync, readFileSync, readSync, statSync, symlinkSync, writeFileSync, writeSync } from 'node:fs'
 import { join } from 'node:path'
-import { RamBlock, Source } from '../ts/index.js'
+import { RamBlock, Source, encodeInitPacket, encodePacketHeader } from '../ts/index.js'
 import { cli, lastJson, receiver, sha, workdir } from './cli-helpers.js'
 import { testPki, until, whenTrue } from './helpers.js'
 
@@ -208,4 +208,70 @@ test('a block past 4 GiB (sparse) snapshots and restores exactly', async (t) => 
     return b
   }
   for (const at of [...marks, 2 ** 32 - 4096, 3 * 2 ** 30]) t.true(page(restored, at).equals(page(img, at)), `page at ${at}`)
+})
+
+/** A channel capture: init packet, then one packet per `[block, offset, data]` page (data pages are 4 KiB). */
+function capture(path: string, pages: Array<[string, bigint, Buffer | undefined]>, channelId = 0): void {
+  const parts = [encodeInitPacket({ uuid: Buffer.alloc(16, 7), channelId })]
+  pages.forEach(([block, offset, data], i) => {
+    parts.push(encodePacketHeader({ block, packetNum: BigInt(i), ...(data ? { normalOffsets: [offset] } : { zeroOffsets: [offset] }) }))
+    if (data) parts.push(data)
+  })
+  writeFileSync(path, Buffer.concat(parts))
+}
+
+const pageAt = (f: string, at: number): Buffer => {
+  const b = Buffer.alloc(4096)
+  const h = openSync(f, 'r')
+  readSync(h, b, 0, 4096, at)
+  closeSync(h)
+  return b
+}
+
+test('inspect --rebuild: a block past 4 GiB rebuilds exactly into a sparse file', async (t) => {
+  t.timeout(60_000)
+  const d = workdir(t)
+  const [a, b, c] = [0, 1, 2].map(() => randomFillSync(Buffer.alloc(4096)))
+  const far = 2 ** 32 + 5 * 4096
+  capture(join(d, 'c0.bin'), [['mem', 0n, a!], ['mem', BigInt(far), b!], ['mem', 8192n, c!], ['mem', 8192n, undefined]])
+  const r = await cli(['inspect', join(d, 'c0.bin'), '--rebuild', join(d, 'rb'), '--json']).done
+  t.is(r.code, 0, r.stdout + r.stderr)
+  const out = join(d, 'rb', 'mem')
+  t.is(statSync(out).size, far + 4096)
+  t.true(statSync(out).blocks * 512 < 1 << 20, 'sparse: about the pages it holds')
+  t.true(pageAt(out, 0).equals(a!))
+  t.true(pageAt(out, far).equals(b!))
+  t.true(pageAt(out, 8192).equals(Buffer.alloc(4096)), 'a zero page after data is zeros')
+  t.true(pageAt(out, 2 ** 31).equals(Buffer.alloc(4096)))
+  t.like(lastJson(r.stdout), { type: 'block', name: 'mem', length: far + 4096 })
+})
+
+test('inspect --rebuild: a few KiB claiming more than --max-size is refused quickly, nothing written; names never follow links', async (t) => {
+  t.timeout(60_000)
+  const d = workdir(t)
+  // Five blocks of 15 GiB each claimed by five pages.
+  const blocks = ['a', 'b', 'c', 'd', 'e'].map((n): [string, bigint, Buffer] => [n, BigInt(15 * 2 ** 30), Buffer.alloc(4096, 1)])
+  capture(join(d, 'c0.bin'), blocks)
+  t.true(statSync(join(d, 'c0.bin')).size < 32 << 10)
+  const started = Date.now()
+  const r = await cli(['inspect', join(d, 'c0.bin'), '--rebuild', join(d, 'rb'), '--json']).done
+  t.is(r.code, 1, r.stderr)
+  t.like(lastJson(r.stdout), { type: 'error', code: 'ERR_MULTIFD_OFFSET_RANGE' })
+  t.true(Date.now() - started < 20_000)
+  t.false(existsSync(join(d, 'rb')), 'nothing created')
+  // Within a raised bound the blocks are sparse files.
+  const ok = await cli(['inspect', join(d, 'c0.bin'), '--rebuild', join(d, 'rb'), '--max-size', '80G']).done
+  t.is(ok.code, 0, ok.stdout + ok.stderr)
+  for (const n of ['a', 'b', 'c', 'd', 'e']) t.true(statSync(join(d, 'rb', n)).blocks * 512 < 1 << 20)
+  // A link planted where a block goes: refused, its target untouched, nothing written.
+  const victim = join(d, 'victim')
+  writeFileSync(victim, 'keep')
+  mkdirSync(join(d, 'rb2'))
+  symlinkSync(victim, join(d, 'rb2', 'c'))
+  const bad = await cli(['inspect', join(d, 'c0.bin'), '--rebuild', join(d, 'rb2'), '--max-size', '80G', '--json']).done
+  t.is(bad.code, 1)
+  t.like(lastJson(bad.stdout), { type: 'error', code: 'ERR_MULTIFD_OUTPUT_EXISTS' })
+  t.regex(lastJson(bad.stdout).message as string, /rb2\/c already exists as a symbolic link/)
+  t.is(readFileSync(victim, 'utf8'), 'keep')
+  t.deepEqual(readdirSync(join(d, 'rb2')), ['c'])
 })
