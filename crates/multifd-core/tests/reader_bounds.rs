@@ -1,6 +1,7 @@
-//! Readers of hostile files: duplicate block names are refused, and a sparse snapshot claiming
-//! a huge block costs its bitmap in chunks, not in whole (one test per concern; this file is its
-//! own process, so the peak resident size it checks is its own).
+//! Readers of hostile files: duplicate block names are refused, a sparse snapshot claiming a
+//! huge block costs its bitmap in chunks, not in whole, and a tiny capture claiming huge blocks
+//! is refused before anything is written (this file is its own process, so the peak resident
+//! size it checks is its own).
 
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
@@ -10,6 +11,8 @@ use multifd_core::ErrorCode;
 use multifd_core::block::RamBlock;
 use multifd_core::mapped_ram::BlockHeader;
 use multifd_core::snapshot::{Progress, SnapshotOptions, inspect, restore, snapshot};
+use multifd_core::stream::rebuild_to_dir;
+use multifd_core::wire::{Compression, Geometry, InitPacket, PacketHeader};
 
 struct TempDir(PathBuf);
 
@@ -40,6 +43,9 @@ fn opts() -> SnapshotOptions {
     SnapshotOptions { channels: 1, direct_io: false, incremental: false }
 }
 
+/// Tests of this file run one at a time, so a peak measured is the running test's.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// Peak resident set of this process (VmHWM), in bytes.
 fn peak_rss() -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap();
@@ -49,6 +55,7 @@ fn peak_rss() -> u64 {
 
 #[test]
 fn duplicate_block_names_in_a_snapshot_are_refused() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let dir = TempDir::new("dup");
     let path = dir.0.join("s.snap");
     let src = [block("aa", 4), block("bb", 4)];
@@ -65,6 +72,7 @@ fn duplicate_block_names_in_a_snapshot_are_refused() {
 
 #[test]
 fn a_sparse_snapshot_claiming_4_tib_is_inspected_in_bounded_memory() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let dir = TempDir::new("huge");
     let path = dir.0.join("s.snap");
     snapshot(&[block("big", 64)], &path, opts(), &Progress::default()).unwrap();
@@ -85,4 +93,44 @@ fn a_sparse_snapshot_claiming_4_tib_is_inspected_in_bounded_memory() {
     assert_eq!(info.blocks[0].len, claimed);
     assert_eq!(info.blocks[0].pages_present, 64);
     assert!(grown < 16 << 20, "inspect grew the peak resident set by {grown} bytes for a 128 MiB bitmap");
+}
+
+/// A channel capture: the init packet, then one packet per data page `(block, offset, byte)`.
+fn capture(pages: &[(&str, u64, u8)]) -> Vec<u8> {
+    let g = Geometry::new(4096).unwrap();
+    let mut out = InitPacket { uuid: [7; 16], channel_id: 0 }.encode().to_vec();
+    for (i, &(block, offset, byte)) in pages.iter().enumerate() {
+        out.extend(PacketHeader::data(g, Compression::None, i as u64, block.as_bytes(), &[offset], &[], 4096).encode(g).unwrap());
+        out.extend([byte; 4096]);
+    }
+    out
+}
+
+#[test]
+fn a_tiny_capture_claiming_huge_blocks_is_refused_before_anything_is_written() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = TempDir::new("rebuild");
+    let g = Geometry::new(4096).unwrap();
+    let far = 15u64 << 30;
+    let bytes = capture(&[("a", far, 1), ("b", far, 2), ("c", 0, 3)]);
+    assert!(bytes.len() < 20 << 10);
+    let out = dir.0.join("out");
+    let e = rebuild_to_dir(&[&bytes], g, &out, 16 << 30).unwrap_err();
+    assert_eq!(e.code, ErrorCode::OffsetRange, "{e}");
+    assert!(!out.exists(), "nothing is created for a refused capture");
+    // Within the bound: sparse files of the claimed length, the pages where they belong.
+    let before = peak_rss();
+    let (files, _) = rebuild_to_dir(&[&bytes], g, &out, 32 << 30).unwrap();
+    assert!(peak_rss() - before < 16 << 20, "rebuilding 30 GiB of blocks held them in memory");
+    assert_eq!(files.iter().map(|f| (f.name.as_str(), f.len)).collect::<Vec<_>>(), [("a", far + 4096), ("b", far + 4096), ("c", 4096)]);
+    let a = std::fs::File::open(out.join("a")).unwrap();
+    let mut page = [0u8; 4096];
+    a.read_exact_at(&mut page, far).unwrap();
+    assert_eq!(page, [1; 4096]);
+    // Existing names are never replaced: nothing new is left behind.
+    let e = rebuild_to_dir(&[&bytes], g, &out, 32 << 30).unwrap_err();
+    assert_eq!(e.code, ErrorCode::OutputExists, "{e}");
+    let mut names: Vec<_> = std::fs::read_dir(&out).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    names.sort();
+    assert_eq!(names, ["a", "b", "c"]);
 }
