@@ -5,6 +5,7 @@
 import test from 'ava'
 import { randomFillSync } from 'node:crypto'
 import { closeSync, existsSync, mkdirSync, openSync, readdirSync, readFileSync, readSync, statSync, symlinkSync, writeFileSync, writeSync } from 'node:fs'
+import { execFileSync } from 'node:child_process'
 import { join } from 'node:path'
 import { RamBlock, Source, encodeInitPacket, encodePacketHeader } from '../ts/index.js'
 import { cli, lastJson, receiver, sha, workdir } from './cli-helpers.js'
@@ -84,6 +85,25 @@ test('an output that is an input is refused before anything is written: exit 2, 
   t.regex(r.stderr, /is the input/)
   t.is(sha(snap), snapBefore)
   t.deepEqual(partials(d), [])
+})
+
+test('a snapshot that fails (disk full) leaves the existing SNAPSHOT byte-identical and no partial file', async (t) => {
+  t.timeout(60_000)
+  const d = workdir(t)
+  const mnt = join(d, 'small')
+  mkdirSync(mnt)
+  execFileSync('mount', ['-t', 'tmpfs', '-o', 'size=4m', 'tmpfs', mnt])
+  t.teardown(() => execFileSync('umount', ['-l', mnt]))
+  writeFileSync(join(d, 'small.img'), randomFillSync(Buffer.alloc(64 << 10)))
+  const snap = join(mnt, 'vm.snap')
+  t.is((await cli(['snapshot', join(d, 'small.img'), '--to', snap]).done).code, 0)
+  const before = sha(snap)
+  writeFileSync(join(d, 'big.img'), randomFillSync(Buffer.alloc(16 << 20)))
+  const r = await cli(['snapshot', join(d, 'big.img'), '--to', snap, '--json']).done
+  t.is(r.code, 1, r.stderr)
+  t.like(lastJson(r.stdout), { status: 'failed', complete: false, error: { code: 'ERR_MULTIFD_NO_SPACE' } })
+  t.is(sha(snap), before)
+  t.deepEqual(partials(mnt), [])
 })
 
 test('restore never follows a link planted in DIR: an error naming it, its target unchanged, nothing left behind', async (t) => {
