@@ -118,6 +118,7 @@ export async function restoreCommand(argv: string[]): Promise<CommandResult> {
   } catch (e) {
     for (const out of outputs) out.discard()
     progress.stop()
+    if (e instanceof UsageError) throw e
     const r = failure(e, o.channels)
     print(r, json, 'restore')
     if (!(e instanceof MultifdError)) throw e

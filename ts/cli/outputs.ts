@@ -4,13 +4,16 @@
  * renamed into place at the end; on failure, cancel or signal the partial file is removed and
  * whatever was at the path is untouched.
  */
-import { closeSync, constants, fsyncSync, linkSync, lstatSync, openSync, renameSync, statSync, unlinkSync, type Stats } from 'node:fs'
+import { randomBytes } from 'node:crypto'
+import { closeSync, constants, fsyncSync, linkSync, lstatSync, mkdirSync, openSync, renameSync, rmSync, statSync, unlinkSync, type Stats } from 'node:fs'
 import { basename, dirname, join, resolve } from 'node:path'
 import { MultifdError } from '../errors.js'
 import { UsageError } from './args.js'
 
 /** Partial files of this process, removed at exit unless committed. */
 const partials = new Set<string>()
+/** Private directories (mode 0700) holding the partial files of outputs named from input, by parent. */
+const privateDirs = new Map<string, string>()
 
 function removePartials(): void {
   for (const p of partials) {
@@ -21,8 +24,24 @@ function removePartials(): void {
     }
   }
   partials.clear()
+  for (const d of privateDirs.values()) rmSync(d, { recursive: true, force: true })
+  privateDirs.clear()
 }
 process.on('exit', removePartials)
+
+/**
+ * A directory only this process writes in, inside `parent`: files named from input are made
+ * there, so nobody else can swap a link in between creating one and mapping it by name.
+ */
+function privateDir(parent: string): string {
+  let d = privateDirs.get(parent)
+  if (d === undefined) {
+    d = join(parent, `.multifd-partial-${process.pid}-${randomBytes(4).toString('hex')}`)
+    mkdirSync(d, { mode: 0o700 })
+    privateDirs.set(parent, d)
+  }
+  return d
+}
 
 /** The name a regular-file output is written under until it is complete. */
 export function partialName(path: string): string {
@@ -81,8 +100,11 @@ export interface OutputOptions {
 /** One output file: written at `writePath`, found at `path` only once committed. */
 export class Output {
   readonly path: string
-  /** Where the bytes go until commit: the partial name, or the path itself in place. */
-  readonly writePath: string
+  /**
+   * Where the bytes go until commit: the partial name (for a name from input, inside a private
+   * directory beside the path), or the path itself in place.
+   */
+  writePath: string
   readonly inPlace: boolean
   readonly #exclusive: boolean
   #settled = false
@@ -108,6 +130,7 @@ export class Output {
   /** Creates the partial file (new, never through a link); in place, nothing. */
   create(): this {
     if (this.inPlace) return this
+    if (this.#exclusive) this.writePath = join(privateDir(dirname(this.path)), basename(this.path))
     partials.add(this.writePath)
     const flags = constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL | constants.O_NOFOLLOW
     let fd: number
