@@ -4,7 +4,7 @@
  */
 import test from 'ava'
 import { randomFillSync } from 'node:crypto'
-import { closeSync, existsSync, mkdirSync, openSync, readdirSync, readFileSync, readSync, statSync, symlinkSync, writeFileSync, writeSync } from 'node:fs'
+import { closeSync, existsSync, lstatSync, mkdirSync, openSync, readdirSync, readFileSync, readSync, statSync, symlinkSync, writeFileSync, writeSync } from 'node:fs'
 import { execFileSync } from 'node:child_process'
 import { join } from 'node:path'
 import { RamBlock, Source, encodeInitPacket, encodePacketHeader } from '../ts/index.js'
@@ -85,6 +85,13 @@ test('an output that is an input is refused before anything is written: exit 2, 
   t.regex(r.stderr, /is the input/)
   t.is(sha(snap), snapBefore)
   t.deepEqual(partials(d), [])
+  // An output named through a link (to another file) replaces the link's target; the link stays.
+  writeFileSync(join(d, 'target.snap'), 'old')
+  symlinkSync(join(d, 'target.snap'), join(d, 'via.snap'))
+  t.is((await cli(['snapshot', img, '--to', join(d, 'via.snap')]).done).code, 0)
+  t.true(lstatSync(join(d, 'via.snap')).isSymbolicLink())
+  t.is(sha(join(d, 'target.snap')), sha(join(d, 'via.snap')))
+  t.not(readFileSync(join(d, 'target.snap'), 'latin1').slice(0, 7), 'old')
 })
 
 test('a snapshot that fails (disk full) leaves the existing SNAPSHOT byte-identical and no partial file', async (t) => {

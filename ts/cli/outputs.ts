@@ -5,7 +5,7 @@
  * whatever was at the path is untouched.
  */
 import { randomBytes } from 'node:crypto'
-import { closeSync, constants, fsyncSync, linkSync, lstatSync, mkdirSync, openSync, renameSync, rmSync, statSync, unlinkSync, type Stats } from 'node:fs'
+import { closeSync, constants, fsyncSync, linkSync, lstatSync, mkdirSync, openSync, realpathSync, renameSync, rmSync, statSync, unlinkSync, type Stats } from 'node:fs'
 import { basename, dirname, join, resolve } from 'node:path'
 import { MultifdError } from '../errors.js'
 import { UsageError } from './args.js'
@@ -124,7 +124,9 @@ export class Output {
     }
     const s = l?.isSymbolicLink() ? statOf(path) : l
     const inPlace = options.inPlace === true || (s !== undefined && !s.isFile() && !s.isDirectory())
-    return new Output(path, inPlace ? path : partialName(path), inPlace, options.exclusive === true)
+    // A link the user named is followed: the result replaces its target, not the link.
+    const target = l?.isSymbolicLink() && s !== undefined ? realpathSync(path) : path
+    return new Output(target, inPlace ? target : partialName(target), inPlace, options.exclusive === true)
   }
 
   /** Creates the partial file (new, never through a link); in place, nothing. */
