@@ -47,6 +47,8 @@ export const ERROR_CODES = [
   'ERR_MULTIFD_TLS_REJECTED',
   'ERR_MULTIFD_TLS_REQUIRED',
   'ERR_MULTIFD_TLS_UNAVAILABLE',
+  'ERR_MULTIFD_DUPLICATE_BLOCK',
+  'ERR_MULTIFD_OUTPUT_EXISTS',
 ] as const
 
 export type MultifdErrorCode = (typeof ERROR_CODES)[number]

@@ -2,6 +2,7 @@
 import { basename } from 'node:path'
 import { parseArgs, type ParseArgsConfig } from 'node:util'
 import { z } from 'zod'
+import { binding } from '../native.js'
 import { parseSize } from './format.js'
 
 /** A mistake on the command line: printed with a hint, exit status 2. */
@@ -71,6 +72,4 @@ export function blockFiles(blocks: string[] | undefined, files: string[]): Array
 }
 
 /** A block name as a file name: characters other than letters, digits, `.`, `_`, `-`, `@` are %XX. */
-export function fileNameFor(block: string): string {
-  return block.replace(/[^A-Za-z0-9._@-]/g, (c) => [...Buffer.from(c)].map((b) => `%${b.toString(16).toUpperCase().padStart(2, '0')}`).join('')).replace(/^\.{1,2}$/, (d) => d.replace(/\./g, '%2E'))
-}
+export const fileNameFor = (block: string): string => binding.fileNameFor(block)

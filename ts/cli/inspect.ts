@@ -2,27 +2,31 @@
  * `multifd inspect`: what a captured channel stream or a snapshot file holds, and
  * `--rebuild DIR` to turn channel captures back into block images.
  */
-import { closeSync, mkdirSync, openSync, readFileSync, readSync, writeFileSync } from 'node:fs'
-import { join } from 'node:path'
-import { decodeInitPacket, decodePacketHeader, rebuildFromCaptures } from '../codec.js'
-import { MultifdError } from '../errors.js'
+import { closeSync, openSync, readFileSync, readSync } from 'node:fs'
+import { decodeInitPacket, decodePacketHeader } from '../codec.js'
+import { MultifdError, native } from '../errors.js'
+import { binding } from '../native.js'
 import { inspectSnapshot } from '../snapshot.js'
 import { inspectQemuFile } from '../qemu.js'
-import { IntString, UsageError, check, fileNameFor, parse } from './args.js'
+import { IntString, Size, UsageError, check, parse } from './args.js'
 import { bytes } from './format.js'
 import { z } from 'zod'
 
 export const INSPECT_HELP = `multifd inspect FILE [--json] [--verbose]
-multifd inspect CAPTURE... --rebuild DIR
+multifd inspect CAPTURE... --rebuild DIR [--max-size SIZE]
 
 Decodes a captured multifd channel byte stream (QEMU's or ours: init packet, then packets), a
 snapshot file of ours, or a QEMU migration file written with mapped-ram: headers, blocks, page
 counts, bitmap population, and the first error if the input is invalid (exit status 1).
 With --json: one JSON object per line (type init | packet | block | error | summary).
 With --rebuild: rebuilds the blocks carried by the channel captures (any compression) and
-writes each to DIR/NAME.
+writes each to DIR/NAME as a sparse file (characters outside [A-Za-z0-9._@-] in block names
+become %XX). Nothing may exist at DIR/NAME, not even a symbolic link
+(ERR_MULTIFD_OUTPUT_EXISTS); the files are written under partial names and moved into place
+at the end. Blocks adding up to more than --max-size are refused before anything is written.
 
   --page-size N    page size of the stream (default 4096)
+  --max-size SIZE  most bytes the rebuilt blocks may add up to (default 64G)
   --verbose        every packet, not just a summary (human output)`
 
 type Line = Record<string, unknown> & { type: string }
@@ -98,20 +102,15 @@ function human(file: string, lines: Line[], verbose: boolean): string[] {
 
 /** Returns the exit status: 0, or 1 when an input is invalid. */
 export function inspect(argv: string[]): number {
-  const { values, positionals } = parse(argv, { rebuild: { type: 'string' }, 'page-size': { type: 'string' }, verbose: { type: 'boolean' } })
-  const o = check(z.object({ 'page-size': IntString(512, 524288).default(4096) }), values)
+  const { values, positionals } = parse(argv, { rebuild: { type: 'string' }, 'page-size': { type: 'string' }, 'max-size': { type: 'string' }, verbose: { type: 'boolean' } })
+  const o = check(z.object({ 'page-size': IntString(512, 524288).default(4096), 'max-size': Size.default(64 * 2 ** 30) }), values)
   if (positionals.length === 0) throw new UsageError('inspect needs a FILE')
   const json = values.json === true
   if (typeof values.rebuild === 'string') {
     const dir = values.rebuild
     try {
-      const r = rebuildFromCaptures(positionals.map((f) => readFileSync(f)), { pageSize: o['page-size'] })
-      mkdirSync(dir, { recursive: true })
-      const written = r.blocks.map((b) => {
-        const file = join(dir, fileNameFor(b.name))
-        writeFileSync(file, b.data)
-        return { name: b.name, file, length: b.data.length }
-      })
+      const r = native(() => binding.rebuildCapturesToDir(positionals, o['page-size'], dir, o['max-size']))
+      const written = r.blocks
       if (json) for (const w of written) process.stdout.write(JSON.stringify({ type: 'block', ...w }) + '\n')
       else process.stdout.write([`rebuilt ${written.length} block(s) from ${r.channels.length} channel(s):`, ...written.map((w) => `  ${w.name} -> ${w.file} (${bytes(w.length)})`)].join('\n') + '\n')
       return 0

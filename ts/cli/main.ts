@@ -1,7 +1,7 @@
 #!/usr/bin/env node
 /**
  * The `multifd` command. Exit status: 0 done, 1 the operation failed, 2 usage error,
- * 130 interrupted (Ctrl-C cancels cleanly on both sides).
+ * 130 / 143 / 129 interrupted by SIGINT / SIGTERM / SIGHUP (cancelled cleanly on both sides).
  */
 import { MultifdError } from '../errors.js'
 import { extractQemuBlock } from '../qemu.js'
@@ -11,15 +11,18 @@ import { DEMO_HELP, demo } from './demo.js'
 import { RESTORE_HELP, SNAPSHOT_HELP, restoreCommand, snapshotCommand } from './files.js'
 import { bytes } from './format.js'
 import { INSPECT_HELP, inspect } from './inspect.js'
-import { installInterruptHandler, wasInterrupted } from './interrupt.js'
+import { installInterruptHandler, interruptStatus } from './interrupt.js'
 import type { CommandResult } from './output.js'
+import { Output, refuseOverlap } from './outputs.js'
 import { RECV_HELP, SEND_HELP, recv, send } from './transfer.js'
 import { z } from 'zod'
 
-const EXTRACT_HELP = `multifd extract QEMU_FILE --block NAME --out FILE
+const EXTRACT_HELP = `multifd extract QEMU_FILE --block NAME --out FILE [--in-place]
 
 Writes one RAM block of a QEMU migration file saved with mapped-ram (\`migrate file:...\`,
-with or without multifd) to a raw image file. \`multifd inspect QEMU_FILE\` lists the blocks.`
+with or without multifd) to a raw image file. \`multifd inspect QEMU_FILE\` lists the blocks.
+FILE is written under a partial name beside it and renamed into place when complete; a
+device or pipe, or any FILE with --in-place, is written where it is.`
 
 const USAGE = `multifd: move memory between processes and hosts over parallel channels (QEMU multifd compatible)
 
@@ -36,21 +39,30 @@ Commands:
   demo [--size 1G] [--channels 4]             a live migration on loopback, verified
 
 Common: --json (machine-readable output only), -h/--help.
-Exit status: 0 done, 1 failed, 2 usage error, 130 interrupted.`
+Exit status: 0 done, 1 failed, 2 usage error, 130/143/129 interrupted (SIGINT/SIGTERM/SIGHUP).`
 
 const HELP: Record<string, string> = { recv: RECV_HELP, send: SEND_HELP, snapshot: SNAPSHOT_HELP, restore: RESTORE_HELP, inspect: INSPECT_HELP, extract: EXTRACT_HELP, bench: BENCH_HELP, demo: DEMO_HELP }
 
 function extract(argv: string[]): number {
-  const { values, positionals } = parse(argv, { block: { type: 'string' }, out: { type: 'string' } })
-  const o = check(z.object({ block: z.string({ error: 'extract needs --block NAME' }).min(1), out: z.string({ error: 'extract needs --out FILE' }).min(1) }), values)
+  const { values, positionals } = parse(argv, { block: { type: 'string' }, out: { type: 'string' }, 'in-place': { type: 'boolean' } })
+  const o = check(z.object({ block: z.string({ error: 'extract needs --block NAME' }).min(1), out: z.string({ error: 'extract needs --out FILE' }).min(1), 'in-place': z.boolean().default(false) }), values)
   if (positionals.length !== 1) throw new UsageError('extract takes exactly one QEMU_FILE')
-  const n = extractQemuBlock(positionals[0]!, o.block, o.out)
+  refuseOverlap(positionals, [o.out])
+  const out = Output.plan(o.out, { inPlace: o['in-place'] }).create()
+  let n: number
+  try {
+    n = extractQemuBlock(positionals[0]!, o.block, out.writePath)
+    out.commit()
+  } catch (e) {
+    out.discard()
+    throw e
+  }
   if (values.json === true) process.stdout.write(JSON.stringify({ status: 'completed', block: o.block, out: o.out, bytes: n }) + '\n')
   else process.stdout.write(`extracted ${JSON.stringify(o.block)}: ${bytes(n)} -> ${o.out}\n`)
   return 0
 }
 
-const status = (r: CommandResult): number => (wasInterrupted() ? 130 : r.status === 'completed' ? 0 : 1)
+const status = (r: CommandResult): number => interruptStatus() ?? (r.status === 'completed' ? 0 : 1)
 
 async function main(argv: string[]): Promise<number> {
   const [command, ...rest] = argv

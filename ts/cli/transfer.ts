@@ -10,6 +10,7 @@ import { bytes, rate } from './format.js'
 import { type CommandResult, failure, print } from './output.js'
 import { Progress } from './progress.js'
 import { onInterrupt, wasInterrupted } from './interrupt.js'
+import { Output, refuseOverlap } from './outputs.js'
 
 function fromSummary(s: Summary, extra: Record<string, unknown> = {}): CommandResult {
   return { status: s.status, bytes: s.bytes, seconds: s.seconds, bytesPerSecond: s.bytesPerSecond, channels: s.channels, pages: s.pages, ...(s.error ? { error: s.error } : {}), perChannel: s.perChannel, ...(s.tls ? { tls: s.tls } : {}), ...extra }
@@ -161,9 +162,15 @@ export const RECV_HELP = `multifd recv ADDRESS (--out FILE... | --block NAME=FIL
 
 Listens on ADDRESS (tcp:HOST:PORT, port 0 picks one and prints it; or unix:PATH) for one
 migration and writes each received block to a raw image file: --block maps a block name to a
-file; --out files take the blocks in the order the source announces them.
+file; --out files take the blocks in the order the source announces them. Each file is
+written under a partial name beside it (.FILE.multifd-partial-PID), created only once the
+source's block table is known and matched, and renamed into place when the migration
+completes; on failure or cancel the partial files are removed and an existing FILE is
+untouched. A device, or any FILE with --in-place, is written where it is ("complete": false in
+the summary unless the migration completed).
 
   --channels N             expect exactly N channels (default: whatever the source announces)
+  --in-place               write the output files where they are, not under a partial name
   --channel-timeout-ms MS  how long the channels may take to connect (default 10000)
   --peer-timeout-ms MS     fail if the source stalls or goes silent this long
   --tls-cert FILE          mutual TLS: this side's certificate (PEM); needs --tls-key, --tls-ca
@@ -178,6 +185,7 @@ export async function recv(argv: string[]): Promise<CommandResult> {
     out: { type: 'string', multiple: true },
     block: { type: 'string', multiple: true },
     channels: { type: 'string' },
+    'in-place': { type: 'boolean' },
     'channel-timeout-ms': { type: 'string' },
     'peer-timeout-ms': { type: 'string' },
     ...TLS_FLAGS,
@@ -191,8 +199,11 @@ export async function recv(argv: string[]): Promise<CommandResult> {
   const named = blockFiles(values.block as string[] | undefined, [])
   const outs = (values.out as string[] | undefined) ?? []
   if (named.length === 0 && outs.length === 0) throw new UsageError('recv needs --out FILE or --block NAME=FILE for the received blocks')
+  refuseOverlap(tls ? [tls.cert, tls.key, tls.ca] : [], [...named.map((n) => n.file), ...outs])
   const json = values.json === true
+  const inPlace = values['in-place'] === true
   const files: Array<{ name: string; file: string }> = []
+  const outputs: Output[] = []
   const dest = Destination.listen({
     address,
     ...(o.channels === undefined ? {} : { channels: o.channels }),
@@ -200,13 +211,16 @@ export async function recv(argv: string[]): Promise<CommandResult> {
     ...(o['peer-timeout-ms'] === undefined ? {} : { peerTimeoutMs: o['peer-timeout-ms'] }),
     ...(tls ? { tls: { ...tls, ...(values['tls-allow'] === undefined ? {} : { allow: values['tls-allow'] as string[] }) } } : {}),
     blocks: (table) => {
+      // The whole table is matched to files before any file is created.
       let next = 0
-      return table.map((b) => {
+      for (const b of table) {
         const file = named.find((n) => n.name === b.name)?.file ?? outs[next++]
         if (!file) throw new MultifdError('ERR_MULTIFD_BLOCK_MISMATCH', `no output file for block ${JSON.stringify(b.name)}: give --block ${b.name}=FILE or another --out`)
+        if (files.some((f) => f.name === b.name)) throw new MultifdError('ERR_MULTIFD_DUPLICATE_BLOCK', `the source announces block ${JSON.stringify(b.name)} twice`)
         files.push({ name: b.name, file })
-        return RamBlock.mapFile({ name: b.name, path: file, size: b.length, pageSize: b.pageSize })
-      })
+      }
+      outputs.push(...files.map((f) => Output.plan(f.file, { inPlace })))
+      return table.map((b, i) => RamBlock.mapFile({ name: b.name, path: outputs[i]!.create().writePath, size: b.length, pageSize: b.pageSize }))
     },
   })
   process.stderr.write(`listening on ${dest.address}\n`)
@@ -216,14 +230,20 @@ export async function recv(argv: string[]): Promise<CommandResult> {
   try {
     const s = await dest.done
     progress?.stop()
-    const r = fromSummary(s, { address: dest.address, files })
+    const complete = s.status === 'completed'
+    for (const out of outputs) {
+      if (complete) out.commit()
+      else out.discard()
+    }
+    const r = fromSummary(s, { address: dest.address, files, complete })
     print(r, json, 'recv', [...files.map((f) => `${f.name} -> ${f.file}`), ...channelLines(s)])
     return r
   } catch {
+    for (const out of outputs) out.discard()
     progress?.stop()
-    const r = fromSummary(dest.summary(), { address: dest.address })
+    const r = fromSummary(dest.summary(), { address: dest.address, complete: false })
     if (wasInterrupted()) r.status = 'cancelled'
-    print(r, json, 'recv')
+    print(r, json, 'recv', outputs.some((o) => o.inPlace) ? ['outputs written in place are incomplete'] : [])
     return r
   }
 }

@@ -225,6 +225,9 @@ export declare function errorCodes(): Array<string>
  */
 export declare function extractQemuBlock(path: string, name: string, out: string): number
 
+/** The file name a block is written under (`restore DIR`, `inspect --rebuild DIR`). */
+export declare function fileNameFor(block: string): string
+
 export interface FileProgress {
   /** Bytes of block memory covered so far. */
   bytes: number
@@ -324,6 +327,13 @@ export interface QemuFileInfo {
   blocks: Array<QemuBlockInfo>
 }
 
+/**
+ * Rebuilds the blocks carried by the channel captures at `paths` into sparse files in `dir`
+ * (created if needed), named from the block names, never through a link or over an existing
+ * file; refused when the blocks add up to more than `max_total_bytes`.
+ */
+export declare function rebuildCapturesToDir(paths: Array<string>, pageSize: number, dir: string, maxTotalBytes: number): RebuiltFiles
+
 /** Rebuilds the blocks carried by captured channel streams (one Buffer per channel). */
 export declare function rebuildFromStreams(streams: Array<Buffer>, pageSize: number, maxBlockBytes: number): RebuiltCapture
 
@@ -334,6 +344,17 @@ export interface RebuiltBlock {
 
 export interface RebuiltCapture {
   blocks: Array<RebuiltBlock>
+  channels: Array<CapturedChannel>
+}
+
+export interface RebuiltFile {
+  name: string
+  file: string
+  length: number
+}
+
+export interface RebuiltFiles {
+  blocks: Array<RebuiltFile>
   channels: Array<CapturedChannel>
 }
 

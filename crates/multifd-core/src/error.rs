@@ -126,6 +126,10 @@ error_codes! {
     TlsRequired => "ERR_MULTIFD_TLS_REQUIRED",
     /// One side started TLS and the other has no TLS configured.
     TlsUnavailable => "ERR_MULTIFD_TLS_UNAVAILABLE",
+    /// A file names the same block twice (a snapshot's or QEMU file's block table).
+    DuplicateBlock => "ERR_MULTIFD_DUPLICATE_BLOCK",
+    /// An output whose name comes from the input already exists (a file or a symbolic link).
+    OutputExists => "ERR_MULTIFD_OUTPUT_EXISTS",
 }
 
 impl fmt::Display for ErrorCode {

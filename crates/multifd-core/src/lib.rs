@@ -13,6 +13,7 @@ mod hex;
 pub mod integrity;
 pub mod io;
 pub mod mapped_ram;
+pub mod output_dir;
 pub mod qemu_file;
 pub mod session;
 pub mod snapshot;

@@ -432,7 +432,7 @@ impl QemuFile {
             let at = cur.pos;
             let name = cur.idstr("RAM block name")?;
             if blocks.iter().any(|b| b.name == name) {
-                fail!(FileFormat, "RAM block '{name}' at offset {at} appears twice");
+                fail!(DuplicateBlock, "RAM block '{name}' at offset {at} appears twice");
             }
             let used_len = cur.be64("RAM block length")?;
             if used_len == 0 || used_len > MAX_USED_LEN {
@@ -1009,7 +1009,7 @@ mod tests {
             assert!(matches!(r, Err(ErrorCode::FileFormat | ErrorCode::Truncated)), "length {n}: {r:?}");
         }
         // A duplicate name.
-        assert_eq!(with(b1, b"\x06pc.ram"), Err(ErrorCode::FileFormat));
+        assert_eq!(with(b1, b"\x06pc.ram"), Err(ErrorCode::DuplicateBlock));
         // Block lengths: zero, huge, not page multiples, more than the total.
         assert_eq!(with(b0 + 7, &0u64.to_be_bytes()), Err(ErrorCode::FileFormat));
         assert_eq!(with(b0 + 7, &u64::MAX.to_be_bytes()), Err(ErrorCode::FileFormat));

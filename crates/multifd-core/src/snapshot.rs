@@ -121,10 +121,10 @@ fn encode_header(state: u32, page_size: u32, generation: u64, blocks: &[BlockEnt
     out
 }
 
-/// Reads and validates a snapshot file's structure: header, block table, every block's
-/// mapped-ram header, and the bitmaps (returned per block). Completion is reported, not
-/// required.
-pub fn read_info(file: &File, path: &Path) -> Result<(SnapshotInfo, Vec<Vec<u64>>)> {
+/// Reads and validates a snapshot file's structure: header, block table (names unique), every
+/// block's mapped-ram header, and the population of its bitmap (counted in chunks, never held
+/// whole). Completion is reported, not required.
+pub fn read_info(file: &File, path: &Path) -> Result<SnapshotInfo> {
     let file_len = file.metadata().map_err(|e| io_err("stat", path, e))?.len();
     let mut fixed = [0u8; FIXED_LEN];
     if file_len < FIXED_LEN as u64 {
@@ -158,8 +158,7 @@ pub fn read_info(file: &File, path: &Path) -> Result<(SnapshotInfo, Vec<Vec<u64>
     let mut table = vec![0u8; table_len as usize];
     file.read_exact_at(&mut table, FIXED_LEN as u64).map_err(|e| io_err("read", path, e))?;
     let mut at = 0usize;
-    let mut blocks = Vec::with_capacity(count);
-    let mut bitmaps = Vec::with_capacity(count);
+    let mut blocks: Vec<BlockEntry> = Vec::with_capacity(count);
     let mut prev_end = header_region_len(&[]);
     for i in 0..count {
         let name_len = *table.get(at).ok_or_else(|| Error::new(ErrorCode::FileFormat, format!("block table ends inside entry {i}")))? as usize;
@@ -168,6 +167,9 @@ pub fn read_info(file: &File, path: &Path) -> Result<(SnapshotInfo, Vec<Vec<u64>
             fail!(FileFormat, "block table entry {i} (name of {name_len} bytes) does not fit the table");
         }
         let name = String::from_utf8(table[at + 1..at + 1 + name_len].to_vec()).map_err(|_| Error::new(ErrorCode::FileFormat, format!("block {i} has a name that is not UTF-8")))?;
+        if blocks.iter().any(|b| b.name == name) {
+            fail!(DuplicateBlock, "{}: block {name:?} appears twice in the block table (entry {i})", path.display());
+        }
         let len = be64(&table, at + 1 + name_len);
         let header_offset = be64(&table, at + 1 + name_len + 8);
         at = entry_end;
@@ -180,26 +182,89 @@ pub fn read_info(file: &File, path: &Path) -> Result<(SnapshotInfo, Vec<Vec<u64>
         let mut hb = [0u8; mapped_ram::HEADER_LEN];
         file.read_exact_at(&mut hb, header_offset).map_err(|e| io_err("read", path, e))?;
         let layout = BlockHeader::decode(&hb, header_offset, len, file_len, Some(u64::from(page_size)))?;
-        let pages = len / u64::from(page_size);
-        let mut bm = vec![0u8; mapped_ram::bitmap_len(pages) as usize];
-        file.read_exact_at(&mut bm, layout.bitmap_offset).map_err(|e| io_err("read", path, e))?;
-        let mut words = mapped_ram::bitmap_words(&bm);
-        // Bits past the last page mean nothing; drop them so they cannot index past the block.
-        if let Some(last) = words.last_mut().filter(|_| !pages.is_multiple_of(64)) {
-            *last &= (1u64 << (pages % 64)) - 1;
-        }
-        let pages_present = words.iter().map(|w| u64::from(w.count_ones())).sum();
+        let pages_present = Bitmap { file, path, offset: layout.bitmap_offset, pages: len / u64::from(page_size) }.count()?;
         prev_end = layout.end(len);
         blocks.push(BlockEntry { name, len, header_offset, layout, pages_present });
-        bitmaps.push(words);
     }
-    Ok((SnapshotInfo { complete: state == STATE_COMPLETE, page_size, generation, blocks, file_len }, bitmaps))
+    Ok(SnapshotInfo { complete: state == STATE_COMPLETE, page_size, generation, blocks, file_len })
+}
+
+/// Bitmap bytes read at a time (a multiple of 8): the most a bitmap costs in memory.
+const BITMAP_CHUNK: u64 = 64 << 10;
+
+/// A block's present-page bitmap in the file (`decode` checked it lies inside the file). Read
+/// in chunks of [`BITMAP_CHUNK`] bytes; bits past the last page mean nothing and are ignored.
+struct Bitmap<'a> {
+    file: &'a File,
+    path: &'a Path,
+    offset: u64,
+    pages: u64,
+}
+
+impl Bitmap<'_> {
+    /// Calls `visit(word_index, word)` for every word, bits past the last page cleared.
+    fn visit(&self, mut visit: impl FnMut(u64, u64) -> Result<()>) -> Result<()> {
+        let total = mapped_ram::bitmap_len(self.pages);
+        let mut buf = vec![0u8; total.min(BITMAP_CHUNK) as usize];
+        let mut done = 0u64;
+        while done < total {
+            let n = (total - done).min(BITMAP_CHUNK) as usize;
+            self.file.read_exact_at(&mut buf[..n], self.offset + done).map_err(|e| io_err("read bitmap of", self.path, e))?;
+            for (k, chunk) in buf[..n].chunks_exact(8).enumerate() {
+                let index = done / 8 + k as u64;
+                let valid = (self.pages - index * 64).min(64);
+                let mask = if valid == 64 { u64::MAX } else { (1u64 << valid) - 1 };
+                visit(index, u64::from_le_bytes(chunk.try_into().unwrap()) & mask)?;
+            }
+            done += n as u64;
+        }
+        Ok(())
+    }
+
+    /// Pages marked present.
+    fn count(&self) -> Result<u64> {
+        let mut n = 0;
+        self.visit(|_, w| {
+            n += u64::from(w.count_ones());
+            Ok(())
+        })?;
+        Ok(n)
+    }
+
+    /// Calls `emit(first, count, present)` for the maximal runs of present and of absent
+    /// pages, in order; together they cover the block.
+    fn runs(&self, mut emit: impl FnMut(u64, u64, bool) -> Result<()>) -> Result<()> {
+        let (mut present, mut start) = (false, 0u64);
+        let pages = self.pages;
+        self.visit(|index, word| {
+            let first = index * 64;
+            let n = (pages - first).min(64) as u32;
+            let mut b = 0u32;
+            while b < n {
+                let flips = if present { !word } else { word } >> b;
+                b += flips.trailing_zeros().min(n - b);
+                if b < n {
+                    let at = first + u64::from(b);
+                    if at > start {
+                        emit(start, at - start, present)?;
+                    }
+                    present = !present;
+                    start = at;
+                }
+            }
+            Ok(())
+        })?;
+        if pages > start {
+            emit(start, pages - start, present)?;
+        }
+        Ok(())
+    }
 }
 
 /// Reads a snapshot file's description.
 pub fn inspect(path: &Path) -> Result<SnapshotInfo> {
     let file = File::open(path).map_err(|e| io_err("open", path, e))?;
-    Ok(read_info(&file, path)?.0)
+    read_info(&file, path)
 }
 
 /// A unit of page I/O: a run of pages of one block.
@@ -313,7 +378,7 @@ pub fn snapshot(blocks: &[Arc<RamBlock>], path: &Path, options: SnapshotOptions,
 
     // The layout: ours for a new file, the existing one (checked against the blocks) otherwise.
     let (entries, generation, bitmaps): (Vec<BlockEntry>, u64, Vec<AtomicBitmap>) = if options.incremental {
-        let (info, words) = read_info(&file, path)?;
+        let info = read_info(&file, path)?;
         if !info.complete {
             fail!(Incomplete, "{} is not a complete snapshot; take a full one first", path.display());
         }
@@ -321,22 +386,16 @@ pub fn snapshot(blocks: &[Arc<RamBlock>], path: &Path, options: SnapshotOptions,
         if !same {
             fail!(BlockMismatch, "{} holds other blocks (names, lengths or page size) than the ones given", path.display());
         }
-        let bitmaps = words
+        let bitmaps = info
+            .blocks
             .iter()
             .zip(blocks)
-            .map(|(w, b)| {
+            .map(|(e, b)| {
                 let bm = AtomicBitmap::new(b.pages());
-                for (i, word) in w.iter().enumerate() {
-                    for bit in 0..64 {
-                        let p = i * 64 + bit;
-                        if word >> bit & 1 == 1 && p < b.pages() {
-                            bm.set(p);
-                        }
-                    }
-                }
-                bm
+                Bitmap { file: &file, path, offset: e.layout.bitmap_offset, pages: b.pages() as u64 }.runs(|first, count, present| if present { bm.set_range(first as usize, count as usize) } else { Ok(()) })?;
+                Ok(bm)
             })
-            .collect();
+            .collect::<Result<Vec<_>>>()?;
         (info.blocks, info.generation, bitmaps)
     } else {
         let names: Vec<&str> = blocks.iter().map(|b| b.name()).collect();
@@ -431,11 +490,16 @@ pub fn snapshot(blocks: &[Arc<RamBlock>], path: &Path, options: SnapshotOptions,
     Ok(SnapshotInfo { complete: true, page_size, generation: generation + 1, blocks: out_entries, file_len })
 }
 
+/// Runs of pages queued for the reader threads before they are started on them: bounds the
+/// memory a bitmap of alternating bits costs, whatever the block's size.
+const RESTORE_BATCH: usize = 1 << 16;
+
 /// Reads a complete snapshot into `blocks` (same names and lengths, in any order). Pages not
-/// in the file become zero. Never reads or writes outside a block or past the file.
+/// in the file become zero. Never reads or writes outside a block or past the file; bitmaps
+/// are read in chunks, runs handed to the readers in bounded batches.
 pub fn restore(path: &Path, blocks: &[Arc<RamBlock>], channels: usize, progress: &Progress) -> Result<SnapshotInfo> {
     let file = File::open(path).map_err(|e| io_err("open", path, e))?;
-    let (info, bitmaps) = read_info(&file, path)?;
+    let info = read_info(&file, path)?;
     if !info.complete {
         fail!(Incomplete, "{} is not a complete snapshot (interrupted or still being written)", path.display());
     }
@@ -453,63 +517,34 @@ pub fn restore(path: &Path, blocks: &[Arc<RamBlock>], channels: usize, progress:
     if blocks.len() != targets.len() {
         fail!(BlockMismatch, "{} block(s) given, the snapshot has {}", blocks.len(), targets.len());
     }
-    let mut runs = VecDeque::new();
-    for (i, (words, b)) in bitmaps.iter().zip(&targets).enumerate() {
-        let set = PresentPages { words, len: b.pages() };
-        // Absent pages must read as zero: clear them unless the memory is fresh zero anyway.
-        for (first, count) in set.absent_runs() {
-            b.zero_pages(first * page, count * page);
-        }
-        cut(i, set.present_runs(), &mut runs);
-    }
-    progress.total.store(runs.iter().map(|r| r.count * page).sum(), Ordering::Relaxed);
+    progress.total.store(info.blocks.iter().map(|e| e.pages_present * page).sum(), Ordering::Relaxed);
     let readers = (0..channels.max(1)).map(|_| File::open(path).map_err(|e| io_err("open", path, e))).collect::<Result<Vec<_>>>()?;
-    parallel(channels, runs, |r, run| {
+    let read = |r: usize, run: Run| {
         let (b, e) = (&targets[run.block], &info.blocks[run.block]);
         positioned_all(&readers[r], Direction::Read, iovec(b.page_ptr(run.first * page), (run.count * page) as usize), e.layout.pages_offset + run.first * page, path)?;
         progress.bytes.fetch_add(run.count * page, Ordering::Relaxed);
         progress.pages_written.fetch_add(run.count, Ordering::Relaxed);
         Ok(())
-    })?;
+    };
+    let mut runs = VecDeque::new();
+    for (i, (e, b)) in info.blocks.iter().zip(&targets).enumerate() {
+        Bitmap { file: &file, path, offset: e.layout.bitmap_offset, pages: b.pages() as u64 }.runs(|first, count, present| {
+            if !present {
+                // Absent pages must read as zero: cleared unless the memory is fresh zero anyway.
+                b.zero_pages(first * page, count * page);
+                return Ok(());
+            }
+            cut(i, std::iter::once((first, count)), &mut runs);
+            if runs.len() >= RESTORE_BATCH {
+                parallel(channels, std::mem::take(&mut runs), read)?;
+            }
+            Ok(())
+        })?;
+    }
+    parallel(channels, runs, read)?;
     for b in &targets {
         b.mark_written();
     }
     Ok(info)
 }
 
-/// A block's present-page bitmap as read from the file.
-struct PresentPages<'a> {
-    words: &'a [u64],
-    len: usize,
-}
-
-impl PresentPages<'_> {
-    fn bit(&self, p: usize) -> bool {
-        self.words.get(p / 64).is_some_and(|w| w >> (p % 64) & 1 == 1)
-    }
-
-    fn runs(&self, want: bool) -> impl Iterator<Item = (u64, u64)> + '_ {
-        let mut p = 0usize;
-        std::iter::from_fn(move || {
-            while p < self.len && self.bit(p) != want {
-                p += 1;
-            }
-            if p >= self.len {
-                return None;
-            }
-            let start = p;
-            while p < self.len && self.bit(p) == want {
-                p += 1;
-            }
-            Some((start as u64, (p - start) as u64))
-        })
-    }
-
-    fn present_runs(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
-        self.runs(true)
-    }
-
-    fn absent_runs(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
-        self.runs(false)
-    }
-}

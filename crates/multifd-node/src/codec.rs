@@ -204,19 +204,21 @@ pub fn rebuild_from_streams(streams: Vec<Buffer>, page_size: u32, max_block_byte
     let r = multifd_core::stream::rebuild(&refs, geometry, max).into_napi()?;
     Ok(RebuiltCapture {
         blocks: r.blocks.into_iter().map(|(name, data)| RebuiltBlock { name, data: data.into() }).collect(),
-        channels: r
-            .channels
-            .into_iter()
-            .map(|c| CapturedChannel {
-                channel_id: c.channel_id.into(),
-                uuid: c.uuid.to_vec().into(),
-                compression: c.compression.name().into(),
-                packets: c.packets as f64,
-                syncs: c.syncs as f64,
-                normal_pages: c.normal_pages as f64,
-                zero_pages: c.zero_pages as f64,
-                payload_bytes: c.payload_bytes as f64,
-            })
-            .collect(),
+        channels: r.channels.into_iter().map(Into::into).collect(),
     })
+}
+
+impl From<multifd_core::stream::ChannelSummary> for CapturedChannel {
+    fn from(c: multifd_core::stream::ChannelSummary) -> Self {
+        CapturedChannel {
+            channel_id: c.channel_id.into(),
+            uuid: c.uuid.to_vec().into(),
+            compression: c.compression.name().into(),
+            packets: c.packets as f64,
+            syncs: c.syncs as f64,
+            normal_pages: c.normal_pages as f64,
+            zero_pages: c.zero_pages as f64,
+            payload_bytes: c.payload_bytes as f64,
+        }
+    }
 }

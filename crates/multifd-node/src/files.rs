@@ -166,3 +166,38 @@ impl NativeFileJob {
         self.blocks.lock().unwrap().clear();
     }
 }
+
+#[napi(object)]
+pub struct RebuiltFile {
+    pub name: String,
+    pub file: String,
+    pub length: f64,
+}
+
+#[napi(object)]
+pub struct RebuiltFiles {
+    pub blocks: Vec<RebuiltFile>,
+    pub channels: Vec<crate::codec::CapturedChannel>,
+}
+
+/// Rebuilds the blocks carried by the channel captures at `paths` into sparse files in `dir`
+/// (created if needed), named from the block names, never through a link or over an existing
+/// file; refused when the blocks add up to more than `max_total_bytes`.
+#[napi]
+pub fn rebuild_captures_to_dir(paths: Vec<String>, page_size: u32, dir: String, max_total_bytes: f64) -> napi::Result<RebuiltFiles> {
+    let geometry = multifd_core::wire::Geometry::new(page_size).into_napi()?;
+    let max = crate::numbers::to_u64(max_total_bytes, "maxTotalBytes")?;
+    let streams = paths.iter().map(|p| std::fs::read(p).map_err(|e| Error::new(ErrorCode::Io, format!("read {p}: {e}")))).collect::<multifd_core::Result<Vec<_>>>().into_napi()?;
+    let refs: Vec<&[u8]> = streams.iter().map(Vec::as_slice).collect();
+    let (files, channels) = multifd_core::stream::rebuild_to_dir(&refs, geometry, &PathBuf::from(dir), max).into_napi()?;
+    Ok(RebuiltFiles {
+        blocks: files.into_iter().map(|f| RebuiltFile { name: f.name, file: f.path.display().to_string(), length: f.len as f64 }).collect(),
+        channels: channels.into_iter().map(Into::into).collect(),
+    })
+}
+
+/// The file name a block is written under (`restore DIR`, `inspect --rebuild DIR`).
+#[napi]
+pub fn file_name_for(block: String) -> String {
+    multifd_core::output_dir::file_name_for(&block)
+}

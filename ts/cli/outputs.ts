@@ -1,0 +1,195 @@
+/**
+ * Where command outputs go (docs/OUTPUTS.md): never onto an input, and at the output path only
+ * a complete result. A regular-file output is written under a partial name beside it and
+ * renamed into place at the end; on failure, cancel or signal the partial file is removed and
+ * whatever was at the path is untouched.
+ */
+import { randomBytes } from 'node:crypto'
+import { closeSync, constants, fsyncSync, linkSync, lstatSync, mkdirSync, openSync, realpathSync, renameSync, rmSync, statSync, unlinkSync, type Stats } from 'node:fs'
+import { basename, dirname, join, resolve } from 'node:path'
+import { MultifdError } from '../errors.js'
+import { UsageError } from './args.js'
+
+/** Partial files of this process, removed at exit unless committed. */
+const partials = new Set<string>()
+/** Private directories (mode 0700) holding the partial files of outputs named from input, by parent. */
+const privateDirs = new Map<string, string>()
+
+function removePartials(): void {
+  for (const p of partials) {
+    try {
+      unlinkSync(p)
+    } catch {
+      // Already gone.
+    }
+  }
+  partials.clear()
+  for (const d of privateDirs.values()) rmSync(d, { recursive: true, force: true })
+  privateDirs.clear()
+}
+process.on('exit', removePartials)
+
+/**
+ * A directory only this process writes in, inside `parent`: files named from input are made
+ * there, so nobody else can swap a link in between creating one and mapping it by name.
+ */
+function privateDir(parent: string): string {
+  let d = privateDirs.get(parent)
+  if (d === undefined) {
+    d = join(parent, `.multifd-partial-${process.pid}-${randomBytes(4).toString('hex')}`)
+    mkdirSync(d, { mode: 0o700 })
+    privateDirs.set(parent, d)
+  }
+  return d
+}
+
+/** The name a regular-file output is written under until it is complete. */
+export function partialName(path: string): string {
+  return join(dirname(path), `.${basename(path)}.multifd-partial-${process.pid}`)
+}
+
+function statOf(path: string, follow = true): Stats | undefined {
+  try {
+    return follow ? statSync(path) : lstatSync(path)
+  } catch (e) {
+    if ((e as NodeJS.ErrnoException).code === 'ENOENT') return undefined
+    throw e
+  }
+}
+
+const identity = (s: Stats): string => `${s.dev}:${s.ino}`
+
+/**
+ * Refuses (usage error, exit 2) an output that is one of the inputs, or one file given as two
+ * outputs: the same device and inode once links are resolved. Runs before anything is opened
+ * for writing.
+ */
+export function refuseOverlap(inputs: string[], outputs: string[]): void {
+  const named = new Map<string, string>()
+  for (const path of outputs) {
+    const other = named.get(resolve(path))
+    if (other !== undefined) throw new UsageError(`output ${path} is given twice (also as ${other})`)
+    named.set(resolve(path), path)
+  }
+  const seen = new Map<string, { path: string; input: boolean }>()
+  for (const path of inputs) {
+    const s = statOf(path)
+    if (s) seen.set(identity(s), { path, input: true })
+  }
+  for (const path of outputs) {
+    const s = statOf(path)
+    if (!s) continue
+    const hit = seen.get(identity(s))
+    if (hit?.input) throw new UsageError(`output ${path} is the input ${hit.path}; writing it would destroy the input`)
+    if (hit) throw new UsageError(`output ${path} is the same file as the output ${hit.path}`)
+    if (s.isDirectory()) throw new UsageError(`output ${path} is a directory`)
+    seen.set(identity(s), { path, input: false })
+  }
+}
+
+export interface OutputOptions {
+  /** Write at the path itself (`--in-place`); a non-regular target (a device) always is. */
+  inPlace?: boolean
+  /**
+   * The name comes from the input (a block name): nothing may exist at the path, not even a
+   * symbolic link, and the final rename does not replace anything (ERR_MULTIFD_OUTPUT_EXISTS).
+   */
+  exclusive?: boolean
+}
+
+/** One output file: written at `writePath`, found at `path` only once committed. */
+export class Output {
+  readonly path: string
+  /**
+   * Where the bytes go until commit: the partial name (for a name from input, inside a private
+   * directory beside the path), or the path itself in place.
+   */
+  writePath: string
+  readonly inPlace: boolean
+  readonly #exclusive: boolean
+  #settled = false
+
+  private constructor(path: string, writePath: string, inPlace: boolean, exclusive: boolean) {
+    this.path = path
+    this.writePath = writePath
+    this.inPlace = inPlace
+    this.#exclusive = exclusive
+  }
+
+  /** Checks the path; nothing is created (see `create`). */
+  static plan(path: string, options: OutputOptions = {}): Output {
+    const l = statOf(path, false)
+    if (options.exclusive && l) {
+      throw new MultifdError('ERR_MULTIFD_OUTPUT_EXISTS', `${path} already exists${l.isSymbolicLink() ? ' as a symbolic link (not followed)' : ''}; remove it or choose another directory`)
+    }
+    const s = l?.isSymbolicLink() ? statOf(path) : l
+    const inPlace = options.inPlace === true || (s !== undefined && !s.isFile() && !s.isDirectory())
+    // A link the user named is followed: the result replaces its target, not the link.
+    const target = l?.isSymbolicLink() && s !== undefined ? realpathSync(path) : path
+    return new Output(target, inPlace ? target : partialName(target), inPlace, options.exclusive === true)
+  }
+
+  /** Creates the partial file (new, never through a link); in place, nothing. */
+  create(): this {
+    if (this.inPlace) return this
+    if (this.#exclusive) this.writePath = join(privateDir(dirname(this.path)), basename(this.path))
+    partials.add(this.writePath)
+    const flags = constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL | constants.O_NOFOLLOW
+    let fd: number
+    try {
+      fd = openSync(this.writePath, flags, 0o644)
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code !== 'EEXIST') throw e
+      // Left by a process that had this pid: ours to replace (unlink removes a link, never its target).
+      unlinkSync(this.writePath)
+      fd = openSync(this.writePath, flags, 0o644)
+    }
+    closeSync(fd)
+    return this
+  }
+
+  /** Moves the complete file into place; `durable` also syncs the directory entry. */
+  commit(durable = false): void {
+    if (this.#settled) return
+    this.#settled = true
+    if (this.inPlace) return
+    if (this.#exclusive) {
+      // A hard link does not replace what may have appeared at the path since `plan`.
+      try {
+        linkSync(this.writePath, this.path)
+        unlinkSync(this.writePath)
+      } catch (e) {
+        const code = (e as NodeJS.ErrnoException).code
+        if (code === 'EEXIST') {
+          this.discard()
+          throw new MultifdError('ERR_MULTIFD_OUTPUT_EXISTS', `${this.path} appeared while it was being written; the result was not moved into place`)
+        }
+        if (code !== 'EPERM' && code !== 'ENOTSUP' && code !== 'EOPNOTSUPP') throw e
+        // A filesystem without hard links: the best it offers.
+        renameSync(this.writePath, this.path)
+      }
+    } else {
+      renameSync(this.writePath, this.path)
+    }
+    partials.delete(this.writePath)
+    if (durable) {
+      const fd = openSync(dirname(this.path), 'r')
+      try {
+        fsyncSync(fd)
+      } finally {
+        closeSync(fd)
+      }
+    }
+  }
+
+  /** Removes the partial file (in place, nothing: the target was written as far as it got). */
+  discard(): void {
+    this.#settled = true
+    if (this.inPlace || !partials.delete(this.writePath)) return
+    try {
+      unlinkSync(this.writePath)
+    } catch {
+      // Never created or already gone.
+    }
+  }
+}
