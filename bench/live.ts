@@ -32,7 +32,8 @@ if (!isMainThread) {
   // The writer: dirties random pages at `pagesPerSecond`, pacing itself every millisecond.
   const { token, pagesPerSecond } = workerData as { token: number; pagesPerSecond: number }
   const block = RamBlock.fromShared(token)
-  const view = block.view()
+  // 1 GiB views: one typed array cannot cover more than 4 GiB.
+  const views = Array.from({ length: Math.ceil(block.size / 2 ** 30) }, (_, i) => block.view(i * 2 ** 30, Math.min(2 ** 30, block.size - i * 2 ** 30)))
   const pages = block.size / block.pageSize
   const started = performance.now()
   let writes = 0
@@ -41,7 +42,9 @@ if (!isMainThread) {
     const due = Math.floor(((performance.now() - started) / 1000) * pagesPerSecond)
     for (; writes < due; writes++) {
       const off = Math.floor(Math.random() * pages) * block.pageSize + Math.floor(Math.random() * block.pageSize)
-      view[off] = (view[off]! + 1) & 0xff
+      const view = views[Math.floor(off / 2 ** 30)]!
+      const at = off % 2 ** 30
+      view[at] = (view[at]! + 1) & 0xff
       block.markDirty(off, 1)
     }
     timer = setTimeout(tick, 1)
@@ -99,9 +102,11 @@ async function main(): Promise<void> {
   const MB = 1e6
 
   const block = RamBlock.allocate({ name: 'bench', size, prefault: true })
-  const view = block.view()
   // Varied, mostly non-zero pages (a random fill of this size would take longer than a run).
-  for (let off = 0; off < size; off += block.pageSize) view.fill((off / block.pageSize) % 251 + 1, off, off + block.pageSize)
+  for (let base = 0; base < size; base += 2 ** 30) {
+    const view = block.view(base, Math.min(2 ** 30, size - base))
+    for (let off = 0; off < view.length; off += block.pageSize) view.fill(((base + off) / block.pageSize) % 251 + 1, off, off + block.pageSize)
+  }
   const token = block.share()
   const tsx = import.meta.resolve('tsx/esm/api')
   const writerPath = import.meta.url

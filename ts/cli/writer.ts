@@ -14,8 +14,10 @@ const port = parentPort!
 const pages = block.size / block.pageSize
 const started = performance.now()
 const data = Buffer.alloc(64)
-// One view for the whole run: a write is a copy plus one markDirty call.
-const view = block.view()
+// Views made once (1 GiB each: one typed array cannot cover more than 4 GiB); a write is a
+// copy plus one markDirty call, and never straddles two views (it stays inside its page).
+const CHUNK = 2 ** 30
+const views = Array.from({ length: Math.ceil(block.size / CHUNK) }, (_, i) => block.view(i * CHUNK, Math.min(CHUNK, block.size - i * CHUNK)))
 let writes = 0
 /** Writes the schedule has accounted for, done or skipped. */
 let scheduled = 0
@@ -27,7 +29,7 @@ function tick(): void {
   scheduled = Math.max(scheduled, due - Math.ceil(pagesPerSecond / 200))
   for (; scheduled < due; scheduled++, writes++) {
     const at = randomInt(pages) * block.pageSize + randomInt(block.pageSize - data.length)
-    view.set(randomFillSync(data), at)
+    views[Math.floor(at / CHUNK)]!.set(randomFillSync(data), at % CHUNK)
     block.markDirty(at, data.length)
   }
   timer = setTimeout(tick, 5)
