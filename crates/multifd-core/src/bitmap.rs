@@ -44,7 +44,7 @@ impl AtomicBitmap {
     }
 
     /// Applies `op(word, mask)` to every word that bits `start..start+count` touch.
-    fn for_range(&self, start: usize, count: usize, op: impl Fn(&AtomicU64, u64)) -> Result<()> {
+    fn for_range(&self, start: usize, count: usize, mut op: impl FnMut(&AtomicU64, u64)) -> Result<()> {
         self.check_range(start, count)?;
         let end = start + count;
         let mut bit = start;
@@ -93,6 +93,13 @@ impl AtomicBitmap {
         self.for_range(start, count, |w, m| {
             w.fetch_and(!m, Ordering::Relaxed);
         })
+    }
+
+    /// Whether every bit of `start..start+count` is set (false for a range outside).
+    pub fn is_range_set(&self, start: usize, count: usize) -> bool {
+        let mut all = true;
+        let inside = self.for_range(start, count, |w, m| all &= w.load(Ordering::Acquire) & m == m);
+        inside.is_ok() && all
     }
 
     pub fn set_all(&self) {

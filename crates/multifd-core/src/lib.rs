@@ -13,6 +13,7 @@ mod hex;
 pub mod integrity;
 pub mod io;
 pub mod mapped_ram;
+pub mod memory;
 pub mod qemu_file;
 pub mod session;
 pub mod snapshot;
@@ -21,7 +22,6 @@ pub mod stream;
 pub mod tls;
 pub mod transport;
 pub mod wire;
-pub mod zero;
 pub mod zerocopy;
 
 pub use error::{Error, ErrorCode, Result};

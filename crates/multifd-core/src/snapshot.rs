@@ -18,10 +18,8 @@ use std::sync::{Arc, Mutex};
 
 use crate::bitmap::AtomicBitmap;
 use crate::block::RamBlock;
-use crate::error::{Error, ErrorCode, Result, fail};
-use crate::io::iovec;
+use crate::error::{Error, ErrorCode, Result, fail, os_error};
 use crate::mapped_ram::{self, BlockHeader};
-use crate::zero::is_zero;
 
 pub const MAGIC: [u8; 8] = *b"MFDSNAP\0";
 pub const VERSION: u32 = 1;
@@ -80,11 +78,6 @@ pub struct SnapshotOptions {
     pub incremental: bool,
 }
 
-fn io_err(what: &str, path: &Path, e: io::Error) -> Error {
-    let code = if e.raw_os_error() == Some(libc::ENOSPC) { ErrorCode::NoSpace } else { ErrorCode::Io };
-    Error::new(code, format!("{what} {}: {e}", path.display()))
-}
-
 fn be32(b: &[u8], at: usize) -> u32 {
     u32::from_be_bytes(b[at..at + 4].try_into().unwrap())
 }
@@ -125,12 +118,12 @@ fn encode_header(state: u32, page_size: u32, generation: u64, blocks: &[BlockEnt
 /// mapped-ram header, and the bitmaps (returned per block). Completion is reported, not
 /// required.
 pub fn read_info(file: &File, path: &Path) -> Result<(SnapshotInfo, Vec<Vec<u64>>)> {
-    let file_len = file.metadata().map_err(|e| io_err("stat", path, e))?.len();
+    let file_len = file.metadata().map_err(|e| os_error(format_args!("stat {}", path.display()), e))?.len();
     let mut fixed = [0u8; FIXED_LEN];
     if file_len < FIXED_LEN as u64 {
         fail!(FileFormat, "{} is {file_len} bytes, too short for a snapshot header", path.display());
     }
-    file.read_exact_at(&mut fixed, 0).map_err(|e| io_err("read", path, e))?;
+    file.read_exact_at(&mut fixed, 0).map_err(|e| os_error(format_args!("read {}", path.display()), e))?;
     if fixed[0..8] != MAGIC {
         fail!(BadMagic, "{} does not start with the snapshot magic \"MFDSNAP\\0\"", path.display());
     }
@@ -156,7 +149,7 @@ pub fn read_info(file: &File, path: &Path) -> Result<(SnapshotInfo, Vec<Vec<u64>
         fail!(FileFormat, "snapshot block table of {table_len} bytes does not fit");
     }
     let mut table = vec![0u8; table_len as usize];
-    file.read_exact_at(&mut table, FIXED_LEN as u64).map_err(|e| io_err("read", path, e))?;
+    file.read_exact_at(&mut table, FIXED_LEN as u64).map_err(|e| os_error(format_args!("read {}", path.display()), e))?;
     let mut at = 0usize;
     let mut blocks = Vec::with_capacity(count);
     let mut bitmaps = Vec::with_capacity(count);
@@ -178,11 +171,11 @@ pub fn read_info(file: &File, path: &Path) -> Result<(SnapshotInfo, Vec<Vec<u64>
             fail!(FileFormat, "block {name:?} header offset {header_offset} overlaps the previous region or lies past the end of the file");
         }
         let mut hb = [0u8; mapped_ram::HEADER_LEN];
-        file.read_exact_at(&mut hb, header_offset).map_err(|e| io_err("read", path, e))?;
+        file.read_exact_at(&mut hb, header_offset).map_err(|e| os_error(format_args!("read {}", path.display()), e))?;
         let layout = BlockHeader::decode(&hb, header_offset, len, file_len, Some(u64::from(page_size)))?;
         let pages = len / u64::from(page_size);
         let mut bm = vec![0u8; mapped_ram::bitmap_len(pages) as usize];
-        file.read_exact_at(&mut bm, layout.bitmap_offset).map_err(|e| io_err("read", path, e))?;
+        file.read_exact_at(&mut bm, layout.bitmap_offset).map_err(|e| os_error(format_args!("read {}", path.display()), e))?;
         let mut words = mapped_ram::bitmap_words(&bm);
         // Bits past the last page mean nothing; drop them so they cannot index past the block.
         if let Some(last) = words.last_mut().filter(|_| !pages.is_multiple_of(64)) {
@@ -198,7 +191,7 @@ pub fn read_info(file: &File, path: &Path) -> Result<(SnapshotInfo, Vec<Vec<u64>
 
 /// Reads a snapshot file's description.
 pub fn inspect(path: &Path) -> Result<SnapshotInfo> {
-    let file = File::open(path).map_err(|e| io_err("open", path, e))?;
+    let file = File::open(path).map_err(|e| os_error(format_args!("open {}", path.display()), e))?;
     Ok(read_info(&file, path)?.0)
 }
 
@@ -272,11 +265,11 @@ fn positioned_all(file: &File, dir: Direction, mut iov: libc::iovec, mut offset:
             if e.kind() == io::ErrorKind::Interrupted {
                 continue;
             }
-            return Err(io_err(if matches!(dir, Direction::Write) { "write pages to" } else { "read pages from" }, path, e));
+            return Err(os_error(format_args!("{} {}", if matches!(dir, Direction::Write) { "write pages to" } else { "read pages from" }, path.display()), e));
         }
         if n == 0 {
             match dir {
-                Direction::Write => return Err(io_err("write pages to", path, io::Error::from_raw_os_error(libc::ENOSPC))),
+                Direction::Write => return Err(os_error(format_args!("write pages to {}", path.display()), io::Error::from_raw_os_error(libc::ENOSPC))),
                 Direction::Read => fail!(FileFormat, "{}: a page marked present lies past the end of the file (offset {offset})", path.display()),
             }
         }
@@ -289,12 +282,12 @@ fn positioned_all(file: &File, dir: Direction, mut iov: libc::iovec, mut offset:
 }
 
 fn sync(file: &File, path: &Path) -> Result<()> {
-    file.sync_data().map_err(|e| io_err("fdatasync", path, e))
+    file.sync_data().map_err(|e| os_error(format_args!("fdatasync {}", path.display()), e))
 }
 
 fn set_state(file: &File, path: &Path, state: u32, generation: u64) -> Result<()> {
-    file.write_all_at(&state.to_be_bytes(), STATE_AT).map_err(|e| io_err("write header of", path, e))?;
-    file.write_all_at(&generation.to_be_bytes(), 24).map_err(|e| io_err("write header of", path, e))
+    file.write_all_at(&state.to_be_bytes(), STATE_AT).map_err(|e| os_error(format_args!("write header of {}", path.display()), e))?;
+    file.write_all_at(&generation.to_be_bytes(), 24).map_err(|e| os_error(format_args!("write header of {}", path.display()), e))
 }
 
 /// Writes `blocks` into a snapshot at `path` (or, incrementally, their dirty pages into an
@@ -309,7 +302,7 @@ pub fn snapshot(blocks: &[Arc<RamBlock>], path: &Path, options: SnapshotOptions,
         fail!(InvalidArgument, "at most {MAX_BLOCKS} blocks per snapshot");
     }
     let page = u64::from(page_size);
-    let file = OpenOptions::new().read(true).write(true).create(!options.incremental).truncate(!options.incremental).mode(0o600).open(path).map_err(|e| io_err("open", path, e))?;
+    let file = OpenOptions::new().read(true).write(true).create(!options.incremental).truncate(!options.incremental).mode(0o600).open(path).map_err(|e| os_error(format_args!("open {}", path.display()), e))?;
 
     // The layout: ours for a new file, the existing one (checked against the blocks) otherwise.
     let (entries, generation, bitmaps): (Vec<BlockEntry>, u64, Vec<AtomicBitmap>) = if options.incremental {
@@ -354,12 +347,12 @@ pub fn snapshot(blocks: &[Arc<RamBlock>], path: &Path, options: SnapshotOptions,
     if options.incremental {
         set_state(&file, path, STATE_INCOMPLETE, generation)?;
     } else {
-        file.write_all_at(&encode_header(STATE_INCOMPLETE, page_size, generation, &entries), 0).map_err(|e| io_err("write header of", path, e))?;
+        file.write_all_at(&encode_header(STATE_INCOMPLETE, page_size, generation, &entries), 0).map_err(|e| os_error(format_args!("write header of {}", path.display()), e))?;
         for e in &entries {
-            file.write_all_at(&e.layout.encode(), e.header_offset).map_err(|er| io_err("write block header of", path, er))?;
+            file.write_all_at(&e.layout.encode(), e.header_offset).map_err(|er| os_error(format_args!("write block header of {}", path.display()), er))?;
         }
         let end = entries.last().map_or(0, |e| e.layout.end(e.len));
-        file.set_len(end).map_err(|e| io_err("size", path, e))?;
+        file.set_len(end).map_err(|e| os_error(format_args!("size {}", path.display()), e))?;
     }
     sync(&file, path)?;
 
@@ -386,7 +379,7 @@ pub fn snapshot(blocks: &[Arc<RamBlock>], path: &Path, options: SnapshotOptions,
                 if options.direct_io && e.raw_os_error() == Some(libc::EINVAL) {
                     Error::new(ErrorCode::InvalidArgument, format!("direct I/O is not supported for {} (filesystem without O_DIRECT?)", path.display()))
                 } else {
-                    io_err("open", path, e)
+                    os_error(format_args!("open {}", path.display()), e)
                 }
             })
         })
@@ -396,20 +389,23 @@ pub fn snapshot(blocks: &[Arc<RamBlock>], path: &Path, options: SnapshotOptions,
         // Split the run at zero pages: data runs are written, zero pages only clear their bit.
         let mut p = run.first;
         while p < run.first + run.count {
-            if is_zero(b.page(p * page)) {
+            if b.is_zero_page(p * page) {
                 bm.clear(p as usize);
                 progress.zero_pages.fetch_add(1, Ordering::Relaxed);
                 p += 1;
                 continue;
             }
             let start = p;
-            while p < run.first + run.count && !is_zero(b.page(p * page)) {
+            while p < run.first + run.count && !b.is_zero_page(p * page) {
                 p += 1;
             }
-            positioned_all(&writers[w], Direction::Write, iovec(b.page_ptr(start * page), ((p - start) * page) as usize), e.layout.pages_offset + start * page, path)?;
+            let iov = b.memory().iovec(start * page, ((p - start) * page) as usize);
+            positioned_all(&writers[w], Direction::Write, iov, e.layout.pages_offset + start * page, path).map_err(|e| b.explain(e, true))?;
             bm.set_range(start as usize, (p - start) as usize)?;
             progress.pages_written.fetch_add(p - start, Ordering::Relaxed);
         }
+        // A source file truncated under the scan above.
+        b.check_faults(true)?;
         progress.bytes.fetch_add(run.count * page, Ordering::Relaxed);
         Ok(())
     })?;
@@ -422,19 +418,19 @@ pub fn snapshot(blocks: &[Arc<RamBlock>], path: &Path, options: SnapshotOptions,
     for ((e, bm), out) in entries.iter().zip(&bitmaps).zip(&mut out_entries) {
         let words = bm.snapshot();
         out.pages_present = words.count() as u64;
-        file.write_all_at(&mapped_ram::bitmap_bytes(words.words()), e.layout.bitmap_offset).map_err(|er| io_err("write bitmap of", path, er))?;
+        file.write_all_at(&mapped_ram::bitmap_bytes(words.words()), e.layout.bitmap_offset).map_err(|er| os_error(format_args!("write bitmap of {}", path.display()), er))?;
     }
     sync(&file, path)?;
     set_state(&file, path, STATE_COMPLETE, generation + 1)?;
     sync(&file, path)?;
-    let file_len = file.metadata().map_err(|e| io_err("stat", path, e))?.len();
+    let file_len = file.metadata().map_err(|e| os_error(format_args!("stat {}", path.display()), e))?.len();
     Ok(SnapshotInfo { complete: true, page_size, generation: generation + 1, blocks: out_entries, file_len })
 }
 
 /// Reads a complete snapshot into `blocks` (same names and lengths, in any order). Pages not
 /// in the file become zero. Never reads or writes outside a block or past the file.
 pub fn restore(path: &Path, blocks: &[Arc<RamBlock>], channels: usize, progress: &Progress) -> Result<SnapshotInfo> {
-    let file = File::open(path).map_err(|e| io_err("open", path, e))?;
+    let file = File::open(path).map_err(|e| os_error(format_args!("open {}", path.display()), e))?;
     let (info, bitmaps) = read_info(&file, path)?;
     if !info.complete {
         fail!(Incomplete, "{} is not a complete snapshot (interrupted or still being written)", path.display());
@@ -456,17 +452,28 @@ pub fn restore(path: &Path, blocks: &[Arc<RamBlock>], channels: usize, progress:
     let mut runs = VecDeque::new();
     for (i, (words, b)) in bitmaps.iter().zip(&targets).enumerate() {
         let set = PresentPages { words, len: b.pages() };
-        // Absent pages must read as zero: clear them unless the memory is fresh zero anyway.
+        // Absent pages must read as zero: cleared (punched out of a file) unless the memory is
+        // fresh zero anyway, so they stay holes.
         for (first, count) in set.absent_runs() {
-            b.zero_pages(first * page, count * page);
+            b.zero_range(first * page, count * page)?;
         }
         cut(i, set.present_runs(), &mut runs);
     }
     progress.total.store(runs.iter().map(|r| r.count * page).sum(), Ordering::Relaxed);
-    let readers = (0..channels.max(1)).map(|_| File::open(path).map_err(|e| io_err("open", path, e))).collect::<Result<Vec<_>>>()?;
+    let readers = (0..channels.max(1)).map(|_| File::open(path).map_err(|e| os_error(format_args!("open {}", path.display()), e))).collect::<Result<Vec<_>>>()?;
     parallel(channels, runs, |r, run| {
         let (b, e) = (&targets[run.block], &info.blocks[run.block]);
-        positioned_all(&readers[r], Direction::Read, iovec(b.page_ptr(run.first * page), (run.count * page) as usize), e.layout.pages_offset + run.first * page, path)?;
+        let (at, len) = (run.first * page, run.count * page);
+        let from = e.layout.pages_offset + at;
+        if b.reserve(at, len)? {
+            positioned_all(&readers[r], Direction::Read, b.memory().iovec(at, len as usize), from, path).map_err(|e| b.explain(e, false))?;
+        } else {
+            // No `fallocate` on the target's filesystem: through a buffer and its descriptor.
+            let mut buf = vec![0u8; len as usize];
+            readers[r].read_exact_at(&mut buf, from).map_err(|e| os_error(format_args!("read pages from {}", path.display()), e))?;
+            b.store(at, &buf)?;
+        }
+        b.check_faults(false)?;
         progress.bytes.fetch_add(run.count * page, Ordering::Relaxed);
         progress.pages_written.fetch_add(run.count, Ordering::Relaxed);
         Ok(())

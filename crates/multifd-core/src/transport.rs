@@ -12,7 +12,8 @@ use std::io::IoSlice;
 use std::sync::Mutex;
 
 use crate::error::{Error, ErrorCode, Result, fail};
-use crate::io::{Boundary, io_error, iovec};
+use crate::error::os_error;
+use crate::io::{Boundary, iovec};
 use crate::tls::{TlsClient, TlsServer, TlsStream};
 use crate::tls::Got;
 
@@ -46,7 +47,7 @@ impl Address {
     }
 
     fn resolve(host: &str, port: u16) -> Result<Vec<SocketAddr>> {
-        let addrs: Vec<_> = (host, port).to_socket_addrs().map_err(|e| io_error(&format!("resolve {host}"), e))?.collect();
+        let addrs: Vec<_> = (host, port).to_socket_addrs().map_err(|e| os_error(format_args!("resolve {host}"), e))?.collect();
         if addrs.is_empty() {
             fail!(Io, "host {host} resolves to no address");
         }
@@ -80,6 +81,13 @@ impl Socket {
     }
 }
 
+/// Bytes TLS copies out of or into block memory at a time, per thread.
+const BOUNCE_SIZE: usize = 64 << 10;
+
+thread_local! {
+    static BOUNCE: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0u8; BOUNCE_SIZE]);
+}
+
 /// One stream connection: a control or a multifd channel, in plaintext or TLS.
 ///
 /// Every read and write of the protocol goes through here. Plaintext moves bytes with
@@ -110,7 +118,7 @@ impl Conn {
                 for sa in Address::resolve(host, *port)? {
                     match TcpStream::connect_timeout(&sa, timeout) {
                         Ok(s) => {
-                            s.set_nodelay(true).map_err(|e| io_error("set TCP_NODELAY", e))?;
+                            s.set_nodelay(true).map_err(|e| os_error("set TCP_NODELAY", e))?;
                             return Ok(Conn::new(Socket::Tcp(s)));
                         }
                         Err(e) => last = Some(e),
@@ -178,7 +186,7 @@ impl Conn {
             Socket::Tcp(s) => s.set_read_timeout(t),
             Socket::Unix(s) => s.set_read_timeout(t),
         }
-        .map_err(|e| io_error("set read timeout", e))
+        .map_err(|e| os_error("set read timeout", e))
     }
 
     pub fn set_write_timeout(&self, t: Option<Duration>) -> Result<()> {
@@ -186,7 +194,7 @@ impl Conn {
             Socket::Tcp(s) => s.set_write_timeout(t),
             Socket::Unix(s) => s.set_write_timeout(t),
         }
-        .map_err(|e| io_error("set write timeout", e))
+        .map_err(|e| os_error("set write timeout", e))
     }
 
     /// Bounds how long the peer may stall this connection: reads and writes block at most
@@ -208,7 +216,7 @@ impl Conn {
                 // SAFETY: setsockopt reads one c_int from a live local, on our own descriptor.
                 let rc = unsafe { libc::setsockopt(self.fd(), level, name, (&value as *const libc::c_int).cast(), size_of::<libc::c_int>() as libc::socklen_t) };
                 if rc != 0 {
-                    return Err(io_error("set TCP peer timeout options", io::Error::last_os_error()));
+                    return Err(os_error("set TCP peer timeout options", io::Error::last_os_error()));
                 }
             }
         }
@@ -234,12 +242,26 @@ impl Conn {
         match &self.tls {
             // SAFETY: forwarded from the caller.
             None => unsafe { crate::io::writev_all(self.fd(), iov) },
-            Some(tls) => {
-                // SAFETY: the caller guarantees each iovec is readable for this call; IoSlice
-                // has iovec's layout.
-                let slices = unsafe { std::slice::from_raw_parts_mut(iov.as_mut_ptr().cast::<IoSlice<'_>>(), iov.len()) };
-                tls.write_all(self.fd(), slices)
-            }
+            // rustls takes slices: the bytes are copied out through a private buffer (see
+            // `crate::memory`), a chunk at a time, and encrypted from there.
+            Some(tls) => BOUNCE.with_borrow_mut(|bounce| {
+                let mut chunk = 0;
+                for v in iov.iter() {
+                    let mut at = 0;
+                    while at < v.iov_len {
+                        if chunk == bounce.len() {
+                            tls.write_all(self.fd(), &mut [IoSlice::new(bounce)])?;
+                            chunk = 0;
+                        }
+                        let n = (v.iov_len - at).min(bounce.len() - chunk);
+                        // SAFETY: the caller guarantees the iovec is readable for this call.
+                        unsafe { crate::memory::copy_out_raw(v.iov_base.cast::<u8>().add(at), &mut bounce[chunk..chunk + n]) };
+                        chunk += n;
+                        at += n;
+                    }
+                }
+                tls.write_all(self.fd(), &mut [IoSlice::new(&bounce[..chunk])])
+            }),
         }
     }
 
@@ -263,13 +285,17 @@ impl Conn {
         let total: usize = iov.iter().map(|v| v.iov_len).sum();
         let timeout = *self.read_timeout.lock().unwrap();
         let mut done = 0usize;
+        BOUNCE.with_borrow_mut(|bounce| {
         for v in iov.iter() {
-            // SAFETY: the caller guarantees the iovec is writable and not aliased for this call.
-            let part = unsafe { std::slice::from_raw_parts_mut(v.iov_base.cast::<u8>(), v.iov_len) };
+            // Decrypted into a private buffer, then copied in (see `crate::memory`).
             let mut filled = 0;
-            while filled < part.len() {
-                match tls.read_some(self.fd(), &mut part[filled..], timeout)? {
+            while filled < v.iov_len {
+                let want = (v.iov_len - filled).min(bounce.len());
+                match tls.read_some(self.fd(), &mut bounce[..want], timeout)? {
                     Got::Data(n) => {
+                        // SAFETY: the caller guarantees the iovec is writable for this call;
+                        // filled + n <= iov_len.
+                        unsafe { crate::memory::copy_in_raw(v.iov_base.cast::<u8>().add(filled), &bounce[..n]) };
                         filled += n;
                         done += n;
                     }
@@ -280,6 +306,7 @@ impl Conn {
             }
         }
         Ok(true)
+        })
     }
 
     /// Reads `buf` starting at a packet boundary: a timeout before the first byte is `Idle`;
@@ -318,7 +345,7 @@ impl Listener {
         let l = match addr {
             Address::Tcp { host, port } => {
                 let sa = Address::resolve(host, *port)?[0];
-                Listener::Tcp(TcpListener::bind(sa).map_err(|e| io_error(&format!("listen on {addr}"), e))?)
+                Listener::Tcp(TcpListener::bind(sa).map_err(|e| os_error(format_args!("listen on {addr}"), e))?)
             }
             Address::Unix(path) => {
                 // A socket file left by a process that died is stale; anything else is not ours.
@@ -331,14 +358,14 @@ impl Listener {
                     }
                     let _ = std::fs::remove_file(path);
                 }
-                Listener::Unix(UnixListener::bind(path).map_err(|e| io_error(&format!("listen on {addr}"), e))?, path.clone())
+                Listener::Unix(UnixListener::bind(path).map_err(|e| os_error(format_args!("listen on {addr}"), e))?, path.clone())
             }
         };
         match &l {
             Listener::Tcp(s) => s.set_nonblocking(true),
             Listener::Unix(s, _) => s.set_nonblocking(true),
         }
-        .map_err(|e| io_error("set listener non-blocking", e))?;
+        .map_err(|e| os_error("set listener non-blocking", e))?;
         Ok(l)
     }
 
@@ -346,7 +373,7 @@ impl Listener {
     pub fn local_address(&self) -> Result<Address> {
         match self {
             Listener::Tcp(s) => {
-                let sa = s.local_addr().map_err(|e| io_error("local address", e))?;
+                let sa = s.local_addr().map_err(|e| os_error("local address", e))?;
                 Ok(Address::Tcp { host: sa.ip().to_string(), port: sa.port() })
             }
             Listener::Unix(_, path) => Ok(Address::Unix(path.clone())),
@@ -377,7 +404,7 @@ impl Listener {
                         Socket::Tcp(s) => s.set_nonblocking(false),
                         Socket::Unix(s) => s.set_nonblocking(false),
                     }
-                    .map_err(|e| io_error("set connection blocking", e))?;
+                    .map_err(|e| os_error("set connection blocking", e))?;
                     return Ok(Some(conn));
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
@@ -385,7 +412,7 @@ impl Listener {
                 Err(e) if matches!(e.raw_os_error(), Some(libc::ECONNABORTED | libc::EMFILE | libc::ENFILE)) => {
                     // A client that gave up, or descriptors exhausted: not fatal for the listener.
                 }
-                Err(e) => return Err(io_error("accept", e)),
+                Err(e) => return Err(os_error("accept", e)),
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {

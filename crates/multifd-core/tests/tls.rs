@@ -49,7 +49,7 @@ fn client(who: &str, ca: &str, name: Option<&str>, addr: &Address) -> TlsClient 
 }
 
 fn is_zero(b: &RamBlock) -> bool {
-    (0..b.pages() as u64).all(|p| b.page(p * 4096).iter().all(|&x| x == 0))
+    (0..b.pages() as u64).all(|p| b.read_page(p * 4096).iter().all(|&x| x == 0))
 }
 
 fn source_config(address: &Address, channels: u8, tls: Option<TlsClient>) -> SourceConfig {
@@ -112,7 +112,7 @@ fn mutual_tls_moves_every_page_and_hides_them_on_the_wire() {
     let (proxy, seen) = recording_proxy(dest.address());
     let src = Arc::new(RamBlock::allocate("pc.ram", 1 << 20, 4096, false).unwrap());
     fill(&src, 11, 0);
-    let marker: Vec<u8> = src.page(4096 * 7)[..32].to_vec();
+    let marker: Vec<u8> = src.read_page(4096 * 7)[..32].to_vec();
 
     // Control: handshake, then frames both ways.
     let (csink, crx) = sink();
@@ -156,7 +156,7 @@ fn mutual_tls_moves_every_page_and_hides_them_on_the_wire() {
             break;
         }
     }
-    assert!((0..256u64).all(|p| src.page(p * 4096) == dst.page(p * 4096)), "pages differ");
+    assert!((0..256u64).all(|p| src.read_page(p * 4096) == dst.read_page(p * 4096)), "pages differ");
     dest.finish().unwrap();
     source.close(false);
     control.close();

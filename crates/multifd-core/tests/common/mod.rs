@@ -18,17 +18,18 @@ pub fn sink() -> (EventSink, mpsc::Receiver<Event>) {
 pub fn fill(block: &RamBlock, seed: u64, zero_every: u64) {
     let mut x = seed | 1;
     for p in 0..block.pages() as u64 {
-        let ptr = block.page_ptr(p * block.page_size() as u64);
         if zero_every > 0 && p % zero_every == 0 {
             continue; // leave some zero pages
         }
-        for i in 0..block.page_size() as usize / 8 {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            // SAFETY: test-only write inside the block.
-            unsafe { ptr.cast::<u64>().add(i).write_unaligned(x) };
-        }
+        let page: Vec<u8> = (0..block.page_size() as usize / 8)
+            .flat_map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x.to_ne_bytes()
+            })
+            .collect();
+        block.store(p * block.page_size() as u64, &page).unwrap();
     }
 }
 
