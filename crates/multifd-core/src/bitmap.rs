@@ -167,6 +167,13 @@ impl PageSet {
     }
 }
 
+/// Runs of set bits (`set`) or of clear bits among the first `len` bits of `words` (bit `i` in
+/// word `i / 64`), as `(first, count)`: the one run finder for page bitmaps read from files.
+pub fn word_runs(words: &[u64], len: usize, set: bool) -> Runs<impl Fn(usize) -> u64 + '_> {
+    assert!(words.len() * BITS >= len, "{} words hold fewer than {len} bits", words.len());
+    Runs::new(len, move |i| if set { words[i] } else { !words[i] })
+}
+
 /// Iterator over runs of set bits, `(first bit, length)`, in ascending order.
 pub struct Runs<F: Fn(usize) -> u64> {
     word: F,

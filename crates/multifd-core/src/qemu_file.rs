@@ -307,32 +307,41 @@ fn visit_bitmap(file: &File, file_len: u64, h: &BlockHeader, pages: u64, mut vis
 }
 
 /// Calls `emit(first_page, end_page, present)` for the maximal runs of present and of absent
-/// pages, in order; together they cover `0..pages`.
+/// pages, in order; together they cover `0..pages`. Runs within a word come from
+/// [`crate::bitmap::word_runs`]; runs that continue across words are joined here.
 fn for_each_run(file: &File, file_len: u64, h: &BlockHeader, pages: u64, mut emit: impl FnMut(u64, u64, bool) -> Result<()>) -> Result<()> {
-    let mut present = false;
-    let mut start = 0u64;
-    visit_bitmap(file, file_len, h, pages, |first, word| {
-        let n = (pages - first).min(64) as u32;
-        let mut b = 0u32;
-        while b < n {
-            // Bits from `b` on that keep the current state.
-            let flips = if present { !word } else { word } >> b;
-            b += flips.trailing_zeros().min(n - b);
-            if b < n {
-                let at = first + u64::from(b);
-                if at > start {
-                    emit(start, at, present)?;
-                }
-                present = !present;
-                start = at;
+    // The run being built: (first page, end page, present).
+    let mut open: Option<(u64, u64, bool)> = None;
+    let mut extend = |start: u64, end: u64, present: bool, emit: &mut dyn FnMut(u64, u64, bool) -> Result<()>| -> Result<()> {
+        match open {
+            Some((first, last, p)) if p == present && last == start => open = Some((first, end, p)),
+            Some((first, last, p)) => {
+                emit(first, last, p)?;
+                open = Some((start, end, present));
             }
+            None => open = Some((start, end, present)),
+        }
+        Ok(())
+    };
+    visit_bitmap(file, file_len, h, pages, |first, word| {
+        let n = (pages - first).min(64) as usize;
+        let mut at = 0;
+        for (s, c) in crate::bitmap::word_runs(&[word], n, true) {
+            if s > at {
+                extend(first + at as u64, first + s as u64, false, &mut emit)?;
+            }
+            extend(first + s as u64, first + (s + c) as u64, true, &mut emit)?;
+            at = s + c;
+        }
+        if at < n {
+            extend(first + at as u64, first + n as u64, false, &mut emit)?;
         }
         Ok(())
     })?;
-    if pages > start {
-        emit(start, pages, present)?;
+    match open {
+        Some((first, end, present)) => emit(first, end, present),
+        None => Ok(()),
     }
-    Ok(())
 }
 
 /// Where [`QemuFile::extract`] puts the bytes.

@@ -16,7 +16,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use crate::bitmap::AtomicBitmap;
+use crate::bitmap::{AtomicBitmap, word_runs};
 use crate::block::RamBlock;
 use crate::error::{Error, ErrorCode, Result, fail, os_error};
 use crate::mapped_ram::{self, BlockHeader};
@@ -319,13 +319,8 @@ pub fn snapshot(blocks: &[Arc<RamBlock>], path: &Path, options: SnapshotOptions,
             .zip(blocks)
             .map(|(w, b)| {
                 let bm = AtomicBitmap::new(b.pages());
-                for (i, word) in w.iter().enumerate() {
-                    for bit in 0..64 {
-                        let p = i * 64 + bit;
-                        if word >> bit & 1 == 1 && p < b.pages() {
-                            bm.set(p);
-                        }
-                    }
+                for (first, count) in word_runs(w, b.pages(), true) {
+                    bm.set_range(first, count).expect("runs lie inside the bitmap");
                 }
                 bm
             })
@@ -451,13 +446,12 @@ pub fn restore(path: &Path, blocks: &[Arc<RamBlock>], channels: usize, progress:
     }
     let mut runs = VecDeque::new();
     for (i, (words, b)) in bitmaps.iter().zip(&targets).enumerate() {
-        let set = PresentPages { words, len: b.pages() };
         // Absent pages must read as zero: cleared (punched out of a file) unless the memory is
         // fresh zero anyway, so they stay holes.
-        for (first, count) in set.absent_runs() {
-            b.zero_range(first * page, count * page)?;
+        for (first, count) in word_runs(words, b.pages(), false) {
+            b.zero_range(first as u64 * page, count as u64 * page)?;
         }
-        cut(i, set.present_runs(), &mut runs);
+        cut(i, word_runs(words, b.pages(), true).map(|(f, c)| (f as u64, c as u64)), &mut runs);
     }
     progress.total.store(runs.iter().map(|r| r.count * page).sum(), Ordering::Relaxed);
     let readers = (0..channels.max(1)).map(|_| File::open(path).map_err(|e| os_error(format_args!("open {}", path.display()), e))).collect::<Result<Vec<_>>>()?;
@@ -482,41 +476,4 @@ pub fn restore(path: &Path, blocks: &[Arc<RamBlock>], channels: usize, progress:
         b.mark_written();
     }
     Ok(info)
-}
-
-/// A block's present-page bitmap as read from the file.
-struct PresentPages<'a> {
-    words: &'a [u64],
-    len: usize,
-}
-
-impl PresentPages<'_> {
-    fn bit(&self, p: usize) -> bool {
-        self.words.get(p / 64).is_some_and(|w| w >> (p % 64) & 1 == 1)
-    }
-
-    fn runs(&self, want: bool) -> impl Iterator<Item = (u64, u64)> + '_ {
-        let mut p = 0usize;
-        std::iter::from_fn(move || {
-            while p < self.len && self.bit(p) != want {
-                p += 1;
-            }
-            if p >= self.len {
-                return None;
-            }
-            let start = p;
-            while p < self.len && self.bit(p) == want {
-                p += 1;
-            }
-            Some((start as u64, (p - start) as u64))
-        })
-    }
-
-    fn present_runs(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
-        self.runs(true)
-    }
-
-    fn absent_runs(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
-        self.runs(false)
-    }
 }
