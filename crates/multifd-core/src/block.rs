@@ -294,6 +294,15 @@ impl RamBlock {
         f.reserved.set_range((offset / page) as usize, (data.len() as u64).div_ceil(page) as usize)
     }
 
+    /// Behaves from now on as on a filesystem without `fallocate` (writes go through the file
+    /// descriptor): for tests of that path on filesystems that have it.
+    #[doc(hidden)]
+    pub fn emulate_no_fallocate(&self) {
+        if let Some(f) = &self.file {
+            f.no_fallocate.store(true, Ordering::Relaxed);
+        }
+    }
+
     /// Fills `len` bytes at `offset` with `byte` (tests and tools), reserving space first.
     pub fn fill(&self, offset: u64, len: u64, byte: u8) -> Result<()> {
         if self.reserve(offset, len)? {

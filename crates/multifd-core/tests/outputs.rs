@@ -207,6 +207,31 @@ fn receive_zstd_pages_into_a_full_disk_is_no_space() {
 }
 
 #[test]
+fn without_fallocate_pages_go_through_the_descriptor() {
+    if in_child("without_fallocate_pages_go_through_the_descriptor") {
+        return;
+    }
+    // A filesystem without fallocate (emulated): received pages are written with pwrite, which
+    // reports a full disk as ENOSPC; where there is room, the bytes arrive intact.
+    let Some(fs) = Tmpfs::mount("24m") else { return };
+    let src = Arc::new(RamBlock::allocate("pc.ram", 8 * MIB, 4096, false).unwrap());
+    fill(&src, 29, 4);
+    for compression in [Compression::None, Compression::Zstd] {
+        let out = fs.path(&format!("{compression:?}.out"));
+        let dst = Arc::new(RamBlock::map_file("pc.ram", &out, 4096, Some(8 * MIB), false).unwrap());
+        dst.emulate_no_fallocate();
+        let outcome = transfer(&src, &dst, compression, true, &[]);
+        assert!(outcome.dest.is_none() && outcome.source.is_none(), "{:?} {:?}", outcome.dest, outcome.source);
+        assert!((0..2048u64).all(|p| dst.read_page(p * 4096) == src.read_page(p * 4096)), "{compression:?}: the pages arrived");
+    }
+    std::fs::write(fs.path("filler"), vec![1u8; 10 * MIB as usize]).unwrap_or(());
+    let out = fs.path("full.out");
+    let dst = Arc::new(RamBlock::map_file("pc.ram", &out, 4096, Some(8 * MIB), false).unwrap());
+    dst.emulate_no_fallocate();
+    assert_no_space(transfer(&src, &dst, Compression::None, true, &[]).dest, &out);
+}
+
+#[test]
 fn receive_zero_pages_over_data_on_a_full_disk_is_no_space() {
     if in_child("receive_zero_pages_over_data_on_a_full_disk_is_no_space") {
         return;
