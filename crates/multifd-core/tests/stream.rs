@@ -111,7 +111,7 @@ fn recorded_streams_rebuild_the_blocks_for_every_method() {
         for b in &blocks {
             let (_, data) = r.blocks.iter().find(|(n, _)| n == b.name()).expect("block present");
             assert_eq!(data.len() as u64, b.len(), "{}", b.name());
-            let same = (0..b.pages() as u64).all(|p| b.read_page(p * 4096) == &data[p as usize * 4096..(p as usize + 1) * 4096]);
+            let same = (0..b.pages() as u64).all(|p| b.read_page(p * 4096) == data[p as usize * 4096..(p as usize + 1) * 4096]);
             assert!(same, "{} differs with {}", b.name(), compression.name());
         }
     }

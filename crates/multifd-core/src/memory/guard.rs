@@ -14,7 +14,7 @@
 //! and one `mmap` system call. The table is a chain of fixed-size slabs that are never freed,
 //! so the handler can walk it without locks while other threads register and unregister.
 
-use std::sync::Once;
+use std::sync::{Once, OnceLock};
 use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicUsize, Ordering};
 
 use crate::error::{Error, ErrorCode, Result};
@@ -44,8 +44,9 @@ static FIRST: Slab = Slab { slots: [const { Slot::new() }; SLAB], next: AtomicPt
 static INSTALL: Once = Once::new();
 static INSTALLED: AtomicBool = AtomicBool::new(false);
 static PAGE: AtomicUsize = AtomicUsize::new(4096);
-/// The SIGBUS action that was in place before ours, for addresses that are not ours.
-static mut PREVIOUS: std::mem::MaybeUninit<libc::sigaction> = std::mem::MaybeUninit::uninit();
+/// The SIGBUS action that was in place before ours, for addresses that are not ours. Set
+/// before our handler is installed; the handler only reads it (an atomic load).
+static PREVIOUS: OnceLock<libc::sigaction> = OnceLock::new();
 
 fn slabs() -> impl Iterator<Item = &'static Slab> {
     let mut next: Option<&'static Slab> = Some(&FIRST);
@@ -111,16 +112,20 @@ fn install() -> Result<()> {
         if page > 0 {
             PAGE.store(page as usize, Ordering::Relaxed);
         }
-        // SAFETY: a zeroed sigaction is a valid starting point; we fill in handler, flags and
-        // an empty mask, and keep the previous action in PREVIOUS, written once, here, before
-        // the handler that reads it can run.
+        // SAFETY: zeroed sigactions are valid starting points; the first call only reads the
+        // current action, the second installs ours (handler, flags, an empty mask) once the
+        // previous one is kept where the handler finds it.
         unsafe {
+            let mut previous: libc::sigaction = std::mem::zeroed();
+            if libc::sigaction(libc::SIGBUS, std::ptr::null(), &mut previous) != 0 {
+                return;
+            }
+            let _ = PREVIOUS.set(previous);
             let mut action: libc::sigaction = std::mem::zeroed();
             action.sa_sigaction = on_sigbus as *const () as usize;
             action.sa_flags = libc::SA_SIGINFO | libc::SA_ONSTACK | libc::SA_NODEFER;
             libc::sigemptyset(&mut action.sa_mask);
-            let previous = &raw mut PREVIOUS;
-            if libc::sigaction(libc::SIGBUS, &action, (*previous).as_mut_ptr()) == 0 {
+            if libc::sigaction(libc::SIGBUS, &action, std::ptr::null_mut()) == 0 {
                 INSTALLED.store(true, Ordering::Release);
             }
         }
@@ -151,8 +156,7 @@ extern "C" fn on_sigbus(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut 
         }
     }
     // Not ours: what would have happened without us.
-    // SAFETY: PREVIOUS was written before this handler was installed and never changes.
-    let previous = unsafe { (*(&raw const PREVIOUS)).assume_init_ref() };
+    let Some(previous) = PREVIOUS.get() else { return };
     let handler = previous.sa_sigaction;
     if handler == libc::SIG_DFL || handler == libc::SIG_IGN {
         // Restore the default and return: the faulting access runs again and ends the process

@@ -98,13 +98,13 @@ impl Mapping {
     /// Private anonymous memory, zero-filled. `prefault` faults every page in now.
     pub fn anonymous(len: usize, prefault: bool) -> Result<Mapping> {
         let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | if prefault { libc::MAP_POPULATE } else { 0 };
-        Self::map(len, flags, -1).map_err(|e| crate::error::os_error(&format!("mmap of {len} anonymous bytes"), e))
+        Self::map(len, flags, -1).map_err(|e| crate::error::os_error(format!("mmap of {len} anonymous bytes"), e))
     }
 
     /// The first `len` bytes of the open file `fd`, MAP_SHARED, guarded against SIGBUS.
     pub fn shared_file(fd: std::os::fd::RawFd, len: usize, prefault: bool) -> Result<Mapping> {
         let flags = libc::MAP_SHARED | if prefault { libc::MAP_POPULATE } else { 0 };
-        let mut m = Self::map(len, flags, fd).map_err(|e| crate::error::os_error(&format!("mmap of {len} bytes of a file"), e))?;
+        let mut m = Self::map(len, flags, fd).map_err(|e| crate::error::os_error(format!("mmap of {len} bytes of a file"), e))?;
         m.guard = Some(guard::register(m.base.as_ptr() as usize, len)?);
         Ok(m)
     }
