@@ -13,7 +13,7 @@ use std::sync::Mutex;
 
 use crate::error::{Error, ErrorCode, Result, fail};
 use crate::error::os_error;
-use crate::io::{Boundary, iovec};
+use crate::io::Boundary;
 use crate::tls::{TlsClient, TlsServer, TlsStream};
 use crate::tls::Got;
 
@@ -78,6 +78,17 @@ impl Socket {
             Socket::Tcp(s) => s.as_raw_fd(),
             Socket::Unix(s) => s.as_raw_fd(),
         }
+    }
+}
+
+/// One TLS read of an exact read of `total` bytes, `done` so far: the bytes it brought, `None`
+/// for a clean end before the first byte, an error for an end or a timeout after it.
+fn tls_step(got: Got, done: usize, total: usize) -> Result<Option<usize>> {
+    match got {
+        Got::Data(n) => Ok(Some(n)),
+        Got::Eof if done == 0 => Ok(None),
+        Got::Eof => fail!(ConnectionClosed, "peer closed the channel after {done} of {total} bytes"),
+        Got::Idle => fail!(Timeout, "read from channel timed out after {done} of {total} bytes"),
     }
 }
 
@@ -227,53 +238,65 @@ impl Conn {
         matches!(self.socket, Socket::Tcp(_))
     }
 
-    /// Writes every byte of `bufs`.
+    /// Writes every byte of `bufs` (private buffers; with TLS, encrypted straight from them).
     pub fn write_all(&self, bufs: &[&[u8]]) -> Result<()> {
-        let mut iov: Vec<libc::iovec> = bufs.iter().map(|b| iovec(b.as_ptr(), b.len())).collect();
-        // SAFETY: the iovecs point into the borrowed slices, alive for this call.
-        unsafe { self.writev_all(&mut iov) }
+        if let Some(tls) = &self.tls {
+            let mut slices: Vec<IoSlice<'_>> = bufs.iter().map(|b| IoSlice::new(b)).collect();
+            return tls.write_all(self.fd(), &mut slices);
+        }
+        crate::io::write_all(self.fd(), bufs)
     }
 
-    /// Writes every byte the iovecs describe.
+    /// Writes every byte the iovecs describe (block memory: with TLS, copied out through a
+    /// per-thread buffer a chunk at a time, see `crate::memory`, all under one hold of the
+    /// session lock, so another thread's records never land in between).
     ///
     /// # Safety
     /// Every iovec must describe readable memory that stays mapped for the duration of the call.
     pub unsafe fn writev_all(&self, iov: &mut [libc::iovec]) -> Result<()> {
-        match &self.tls {
+        let Some(tls) = &self.tls else {
             // SAFETY: forwarded from the caller.
-            None => unsafe { crate::io::writev_all(self.fd(), iov) },
-            // rustls takes slices: the bytes are copied out through a private buffer (see
-            // `crate::memory`), a chunk at a time, and encrypted from there.
-            Some(tls) => BOUNCE.with_borrow_mut(|bounce| {
-                let mut chunk = 0;
-                for v in iov.iter() {
-                    let mut at = 0;
-                    while at < v.iov_len {
-                        if chunk == bounce.len() {
-                            tls.write_all(self.fd(), &mut [IoSlice::new(bounce)])?;
-                            chunk = 0;
-                        }
-                        let n = (v.iov_len - at).min(bounce.len() - chunk);
-                        // SAFETY: the caller guarantees the iovec is readable for this call.
-                        unsafe { crate::memory::copy_out_raw(v.iov_base.cast::<u8>().add(at), &mut bounce[chunk..chunk + n]) };
-                        chunk += n;
-                        at += n;
+            return unsafe { crate::io::writev_all(self.fd(), iov) };
+        };
+        let mut pending = iov.iter().map(|v| (v.iov_base.cast::<u8>().cast_const(), v.iov_len));
+        let mut part: Option<(*const u8, usize)> = None;
+        BOUNCE.with_borrow_mut(|bounce| {
+            tls.write_from(self.fd(), bounce, |buf| {
+                let mut filled = 0;
+                while filled < buf.len() {
+                    let Some((ptr, len)) = part.take().or_else(|| pending.next()) else { break };
+                    let n = len.min(buf.len() - filled);
+                    // SAFETY: the caller guarantees the iovec is readable for this call; n <= len.
+                    unsafe { crate::memory::copy_out_raw(ptr, &mut buf[filled..filled + n]) };
+                    filled += n;
+                    if n < len {
+                        part = Some((ptr.wrapping_add(n), len - n));
                     }
                 }
-                tls.write_all(self.fd(), &mut [IoSlice::new(&bounce[..chunk])])
-            }),
-        }
+                filled
+            })
+        })
     }
 
     /// Reads exactly `buf.len()` bytes; `Ok(false)` when the peer closed before the first.
     pub fn read_exact(&self, buf: &mut [u8]) -> Result<bool> {
-        let mut iov = [iovec(buf.as_mut_ptr(), buf.len())];
-        // SAFETY: the iovec points into the exclusively borrowed slice.
-        unsafe { self.readv_exact(&mut iov) }
+        let Some(tls) = &self.tls else {
+            return crate::io::read_exact(self.fd(), buf);
+        };
+        let timeout = *self.read_timeout.lock().unwrap();
+        let (total, mut done) = (buf.len(), 0);
+        while done < total {
+            match tls_step(tls.read_some(self.fd(), &mut buf[done..], timeout)?, done, total)? {
+                Some(n) => done += n,
+                None => return Ok(false),
+            }
+        }
+        Ok(true)
     }
 
-    /// Reads exactly the bytes the iovecs describe; `Ok(false)` when the peer closed before
-    /// the first byte, `ERR_MULTIFD_CONNECTION_CLOSED` when it closed after.
+    /// Reads exactly the bytes the iovecs describe (block memory: with TLS, decrypted into a
+    /// per-thread buffer and copied in, see `crate::memory`); `Ok(false)` when the peer closed
+    /// before the first byte, `ERR_MULTIFD_CONNECTION_CLOSED` when it closed after.
     ///
     /// # Safety
     /// Every iovec must describe writable memory that stays mapped for the duration of the call.
@@ -286,26 +309,21 @@ impl Conn {
         let timeout = *self.read_timeout.lock().unwrap();
         let mut done = 0usize;
         BOUNCE.with_borrow_mut(|bounce| {
-        for v in iov.iter() {
-            // Decrypted into a private buffer, then copied in (see `crate::memory`).
-            let mut filled = 0;
-            while filled < v.iov_len {
-                let want = (v.iov_len - filled).min(bounce.len());
-                match tls.read_some(self.fd(), &mut bounce[..want], timeout)? {
-                    Got::Data(n) => {
-                        // SAFETY: the caller guarantees the iovec is writable for this call;
-                        // filled + n <= iov_len.
-                        unsafe { crate::memory::copy_in_raw(v.iov_base.cast::<u8>().add(filled), &bounce[..n]) };
-                        filled += n;
-                        done += n;
-                    }
-                    Got::Eof if done == 0 => return Ok(false),
-                    Got::Eof => fail!(ConnectionClosed, "peer closed the channel after {done} of {total} bytes"),
-                    Got::Idle => fail!(Timeout, "read from channel timed out after {done} of {total} bytes"),
+            for v in iov.iter() {
+                let mut filled = 0;
+                while filled < v.iov_len {
+                    let want = (v.iov_len - filled).min(bounce.len());
+                    let Some(n) = tls_step(tls.read_some(self.fd(), &mut bounce[..want], timeout)?, done, total)? else {
+                        return Ok(false);
+                    };
+                    // SAFETY: the caller guarantees the iovec is writable for this call;
+                    // filled + n <= iov_len.
+                    unsafe { crate::memory::copy_in_raw(v.iov_base.cast::<u8>().add(filled), &bounce[..n]) };
+                    filled += n;
+                    done += n;
                 }
             }
-        }
-        Ok(true)
+            Ok(true)
         })
     }
 

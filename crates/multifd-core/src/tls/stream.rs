@@ -227,6 +227,26 @@ impl TlsStream {
     }
 }
 
+impl TlsStream {
+    /// Encrypts and sends the bytes `fill` puts into `buf`, chunk after chunk until it puts
+    /// none, all under one hold of the session lock (so no other write lands in between).
+    pub(crate) fn write_from(&self, fd: RawFd, buf: &mut [u8], mut fill: impl FnMut(&mut [u8]) -> usize) -> Result<()> {
+        let mut state = self.state.lock().unwrap();
+        loop {
+            let n = fill(buf);
+            if n == 0 {
+                return Ok(());
+            }
+            let mut bufs = &mut [IoSlice::new(&buf[..n])][..];
+            while !bufs.is_empty() {
+                let w = state.writer().write_vectored_all(bufs).map_err(|e| os_error("encrypt for TLS", e))?;
+                IoSlice::advance_slices(&mut bufs, w);
+                flush(&mut state, fd)?;
+            }
+        }
+    }
+}
+
 trait WriteVectoredAll {
     fn write_vectored_all(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize>;
 }
