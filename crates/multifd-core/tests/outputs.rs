@@ -17,12 +17,13 @@ use multifd_core::dest::{DestConfig, Destination};
 use multifd_core::session::{Event, Failure};
 use multifd_core::snapshot::{Progress, SnapshotOptions, restore, snapshot};
 use multifd_core::source::{Selection, Source, SourceConfig};
+use multifd_core::tls::{TlsClient, TlsOptions, TlsServer};
 use multifd_core::transport::Address;
 use multifd_core::wire::{Compression, Geometry};
 use multifd_core::{Error, ErrorCode};
 
 mod common;
-use common::{fill, sink};
+use common::{fill, options, sink};
 
 const MIB: u64 = 1 << 20;
 const CHILD: &str = "MULTIFD_OUTPUTS_CHILD";
@@ -117,8 +118,14 @@ struct Outcome {
 /// Sends `src` whole into `dst` and syncs; then, for each of `rounds`, lets it change `src`
 /// and sends the dirty pages with another sync. Stops at the first failure on either side.
 fn transfer(src: &Arc<RamBlock>, dst: &Arc<RamBlock>, compression: Compression, zero_page_detection: bool, rounds: &[&dyn Fn(&RamBlock)]) -> Outcome {
+    transfer_with(src, dst, compression, zero_page_detection, false, rounds)
+}
+
+/// [`transfer`], with mutual TLS on every channel when `tls`.
+fn transfer_with(src: &Arc<RamBlock>, dst: &Arc<RamBlock>, compression: Compression, zero_page_detection: bool, tls: bool, rounds: &[&dyn Fn(&RamBlock)]) -> Outcome {
     let (dsink, drx) = sink();
-    let dest = Destination::listen(&Address::parse("tcp:127.0.0.1:0").unwrap(), Duration::from_secs(5), None, dsink).unwrap();
+    let server = tls.then(|| TlsServer::new(&options("dest", "ca.pem")).unwrap());
+    let dest = Destination::listen(&Address::parse("tcp:127.0.0.1:0").unwrap(), Duration::from_secs(5), server, dsink).unwrap();
     dest.configure(DestConfig {
         uuid: [3; 16],
         channels: 2,
@@ -132,7 +139,9 @@ fn transfer(src: &Arc<RamBlock>, dst: &Arc<RamBlock>, compression: Compression, 
     .unwrap();
     let (ssink, srx) = sink();
     let failure = Failure::new(ssink);
-    let source = Source::start(config(dest.address(), compression, zero_page_detection), failure.clone()).unwrap();
+    let mut config = config(dest.address(), compression, zero_page_detection);
+    config.tls = tls.then(|| TlsClient::new(&TlsOptions { name: Some("localhost".into()), ..options("source", "ca.pem") }, dest.address()).unwrap());
+    let source = Source::start(config, failure.clone()).unwrap();
     // Sends a selection and syncs; true when the sync completed. The sync's Done arrives
     // either way: with the epoch, or with the first error.
     // The destination then reaches the sync's barrier, or fails.
@@ -196,6 +205,19 @@ fn receive_plain_pages_into_a_full_disk_is_no_space() {
         return;
     }
     receive_into_full_disk(Compression::None);
+}
+
+#[test]
+fn receive_over_tls_into_a_full_disk_is_no_space() {
+    if in_child("receive_over_tls_into_a_full_disk_is_no_space") {
+        return;
+    }
+    let Some(fs) = Tmpfs::mount("2m") else { return };
+    let src = Arc::new(RamBlock::allocate("pc.ram", 16 * MIB, 4096, false).unwrap());
+    fill(&src, 13, 5);
+    let out = fs.path("pc.ram.out");
+    let dst = Arc::new(RamBlock::map_file("pc.ram", &out, 4096, Some(16 * MIB), false).unwrap());
+    assert_no_space(transfer_with(&src, &dst, Compression::None, true, true, &[]).dest, &out);
 }
 
 #[test]
@@ -367,10 +389,10 @@ fn truncated_source(tag: &str) -> (PathBuf, Arc<RamBlock>) {
     (path, src)
 }
 
-fn send_truncated(tag: &str, compression: Compression, zero_page_detection: bool) {
+fn send_truncated(tag: &str, compression: Compression, zero_page_detection: bool, tls: bool) {
     let (path, src) = truncated_source(tag);
     let dst = Arc::new(RamBlock::allocate("pc.ram", 16 * MIB, 4096, false).unwrap());
-    let outcome = transfer(&src, &dst, compression, zero_page_detection, &[]);
+    let outcome = transfer_with(&src, &dst, compression, zero_page_detection, tls, &[]);
     let e = outcome.source.expect("the source failed");
     assert_eq!(e.code, ErrorCode::SourceTruncated, "{e}");
     assert!(e.message.contains(&path.display().to_string()), "the message names the source file: {e}");
@@ -384,7 +406,7 @@ fn a_source_file_truncated_while_scanned_fails_with_its_code() {
         return;
     }
     // The zero scan reads past the new end in user space: SIGBUS, caught.
-    send_truncated("trunc-scan", Compression::None, true);
+    send_truncated("trunc-scan", Compression::None, true, false);
 }
 
 #[test]
@@ -393,7 +415,7 @@ fn a_source_file_truncated_while_written_to_the_socket_fails_with_its_code() {
         return;
     }
     // No scan: the kernel's writev meets the missing pages (EFAULT).
-    send_truncated("trunc-writev", Compression::None, false);
+    send_truncated("trunc-writev", Compression::None, false, false);
 }
 
 #[test]
@@ -401,7 +423,16 @@ fn a_source_file_truncated_while_compressed_fails_with_its_code() {
     if in_child("a_source_file_truncated_while_compressed_fails_with_its_code") {
         return;
     }
-    send_truncated("trunc-zstd", Compression::Zstd, false);
+    send_truncated("trunc-zstd", Compression::Zstd, false, false);
+}
+
+#[test]
+fn a_source_file_truncated_while_encrypted_fails_with_its_code() {
+    if in_child("a_source_file_truncated_while_encrypted_fails_with_its_code") {
+        return;
+    }
+    // TLS copies the pages out in user space (no scan): SIGBUS, caught.
+    send_truncated("trunc-tls", Compression::None, false, true);
 }
 
 #[test]

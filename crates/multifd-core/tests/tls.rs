@@ -3,9 +3,8 @@
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::path::PathBuf;
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use multifd_core::block::RamBlock;
@@ -19,26 +18,7 @@ use multifd_core::wire::{Compression, Geometry};
 use multifd_core::{Error, ErrorCode};
 
 mod common;
-use common::{fill, sink};
-
-fn pki() -> &'static PathBuf {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let dir = std::env::temp_dir().join(format!("multifd-tls-test-{}", std::process::id()));
-        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../scripts/test-certs.sh");
-        let ok = std::process::Command::new("bash").arg(script).arg(&dir).status().expect("run test-certs.sh").success();
-        assert!(ok, "test-certs.sh failed (is openssl installed?)");
-        dir
-    })
-}
-
-fn pem(name: &str) -> Vec<u8> {
-    std::fs::read(pki().join(name)).unwrap()
-}
-
-fn options(who: &str, ca: &str) -> TlsOptions {
-    TlsOptions { cert: pem(&format!("{who}.pem")), key: pem(&format!("{who}.key")), ca: pem(ca), ..Default::default() }
-}
+use common::{fill, options, pem, sink};
 
 fn server(allow: &[&str]) -> TlsServer {
     TlsServer::new(&TlsOptions { allow: allow.iter().map(|s| s.to_string()).collect(), ..options("dest", "ca.pem") }).unwrap()
