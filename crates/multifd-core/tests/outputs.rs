@@ -452,11 +452,16 @@ fn a_snapshot_of_a_truncated_source_file_fails_with_its_code() {
 #[test]
 fn a_sigbus_outside_our_mappings_still_kills() {
     if std::env::var(CHILD).as_deref() != Ok("a_sigbus_outside_our_mappings_still_kills") {
-        let out = std::process::Command::new(std::env::current_exe().unwrap())
+        let child = std::process::Command::new(std::env::current_exe().unwrap())
             .args(["a_sigbus_outside_our_mappings_still_kills", "--exact", "--nocapture", "--test-threads=1"])
             .env(CHILD, "a_sigbus_outside_our_mappings_still_kills")
-            .output()
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
             .unwrap();
+        let pid = child.id();
+        let out = child.wait_with_output().unwrap();
+        let _ = std::fs::remove_dir_all(std::env::temp_dir().join(format!("multifd-outputs-foreign-{pid}")));
         assert_eq!(out.status.signal(), Some(libc::SIGBUS), "the guard chains to the default action for addresses it does not own");
         return;
     }
