@@ -34,16 +34,34 @@ fn in_child(name: &str) -> bool {
     if std::env::var(CHILD).as_deref() == Ok(name) {
         return false;
     }
-    let out = std::process::Command::new(std::env::current_exe().unwrap())
+    let child = std::process::Command::new(std::env::current_exe().unwrap())
         .args([name, "--exact", "--nocapture", "--test-threads=1"])
         .env(CHILD, name)
-        .output()
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
         .unwrap();
+    let pid = child.id();
+    let out = child.wait_with_output().unwrap();
+    clean_up_after(pid);
     let log = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert_eq!(out.status.signal(), None, "the child was killed by signal {:?} (7 is SIGBUS):\n{log}", out.status.signal());
     assert!(out.status.success(), "the child failed ({}):\n{log}", out.status);
     assert!(log.contains("1 passed"), "the child ran no test:\n{log}");
     true
+}
+
+/// Removes what a child that died early left behind: its tmpfs mounts and scratch directories
+/// (all named with its process id).
+fn clean_up_after(pid: u32) {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else { return };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with("multifd-outputs-") && (name.contains(&format!("-{pid}-")) || name.ends_with(&format!("-{pid}"))) {
+            let _ = std::process::Command::new("umount").arg("-l").arg(e.path()).stderr(std::process::Stdio::null()).status();
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
 }
 
 /// A tmpfs of `size` mounted on a fresh directory; unmounted on drop. `None` (with the reason
@@ -461,7 +479,7 @@ fn a_sigbus_outside_our_mappings_still_kills() {
             .unwrap();
         let pid = child.id();
         let out = child.wait_with_output().unwrap();
-        let _ = std::fs::remove_dir_all(std::env::temp_dir().join(format!("multifd-outputs-foreign-{pid}")));
+        clean_up_after(pid);
         assert_eq!(out.status.signal(), Some(libc::SIGBUS), "the guard chains to the default action for addresses it does not own");
         return;
     }
