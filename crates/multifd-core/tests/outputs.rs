@@ -51,13 +51,14 @@ fn in_child(name: &str) -> bool {
     true
 }
 
-/// Removes what a child that died early left behind: its tmpfs mounts and scratch directories
-/// (all named with its process id).
+/// Removes what a child left behind: tmpfs mounts and scratch directories if it died early,
+/// its test PKI (all named with its process id).
 fn clean_up_after(pid: u32) {
     let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else { return };
     for e in entries.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
-        if name.starts_with("multifd-outputs-") && (name.contains(&format!("-{pid}-")) || name.ends_with(&format!("-{pid}"))) {
+        let ours = name.starts_with("multifd-outputs-") || name.starts_with("multifd-tls-test-");
+        if ours && (name.contains(&format!("-{pid}-")) || name.ends_with(&format!("-{pid}"))) {
             let _ = std::process::Command::new("umount").arg("-l").arg(e.path()).stderr(std::process::Stdio::null()).status();
             let _ = std::fs::remove_dir_all(e.path());
         }
