@@ -1,7 +1,9 @@
 /** The `multifd` command as a user runs it: real processes, exit codes, the --json contract. */
 import test from 'ava'
+import { execFileSync } from 'node:child_process'
 import { randomFillSync } from 'node:crypto'
-import { readFileSync, writeFileSync } from 'node:fs'
+import { mkdirSync, mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs'
+import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { FIXTURES, cli, lastJson, receiver, sha, workdir } from './cli-helpers.js'
 import { testPki } from './helpers.js'
@@ -127,6 +129,66 @@ test('snapshot, restore and inspect through the CLI', async (t) => {
   const lines = i.stdout.trim().split('\n').map((l) => JSON.parse(l) as Record<string, unknown>)
   t.like(lines[0], { type: 'snapshot', complete: true })
   t.deepEqual(lines.slice(1).map((l) => [l.type, l.name, l.pagesPresent]), [['block', 'a.img', 768], ['block', 'z.img', 0]])
+})
+
+/** A tmpfs of `size` mounted in `dir` (the suite runs as root), unmounted at teardown. */
+function tmpfs(t: import('ava').ExecutionContext, dir: string, size: string): string {
+  const mnt = join(dir, `tmpfs-${size}`)
+  mkdirSync(mnt)
+  execFileSync('mount', ['-t', 'tmpfs', '-o', `size=${size}`, 'tmpfs', mnt])
+  t.teardown(() => execFileSync('umount', ['-l', mnt]))
+  return mnt
+}
+
+test('a full disk is ERR_MULTIFD_NO_SPACE naming the output, with a summary and exit 1, never a SIGBUS: recv (plain, zstd) and restore', async (t) => {
+  t.timeout(120_000)
+  const d = workdir(t)
+  const full = tmpfs(t, d, '2m')
+  const img = join(d, 'a.img')
+  const data = randomFillSync(Buffer.alloc(8 << 20))
+  data.fill(0, 0, 1 << 20) // some zero pages too
+  writeFileSync(img, data)
+  for (const compression of ['none', 'zstd']) {
+    const out = join(full, `a-${compression}.out`)
+    const rx = await receiver(['--out', out, '--json'])
+    const tx = await cli(['send', rx.address, img, '--compression', compression, '--json']).done
+    const rr = await rx.done
+    t.is(rr.signal, null, `recv (${compression}) was killed by ${rr.signal}`)
+    t.is(rr.code, 1, rr.stderr)
+    t.like(lastJson(rr.stdout), { status: 'failed', error: { code: 'ERR_MULTIFD_NO_SPACE' } }, rr.stdout)
+    t.regex(JSON.stringify(lastJson(rr.stdout).error), new RegExp(`${full}/a-${compression}\\.out`), 'the message names the output file')
+    t.is(tx.code, 1, tx.stderr)
+  }
+  const s = await cli(['snapshot', img, '--to', join(d, 's.snap'), '--json']).done
+  t.is(s.code, 0, s.stderr)
+  const r = await cli(['restore', join(d, 's.snap'), '--out', join(full, 'restored'), '--json']).done
+  t.is(r.signal, null, `restore was killed by ${r.signal}`)
+  t.is(r.code, 1, r.stderr)
+  t.like(lastJson(r.stdout), { status: 'failed', error: { code: 'ERR_MULTIFD_NO_SPACE' } }, r.stdout)
+  t.regex(JSON.stringify(lastJson(r.stdout).error), new RegExp(`${full}/restored/a\\.img`))
+})
+
+test('holes stay holes: zero pages received or restored take no disk space', async (t) => {
+  t.timeout(120_000)
+  const d = workdir(t)
+  const small = tmpfs(t, d, '16m')
+  const img = join(d, 'z.img')
+  writeFileSync(img, Buffer.alloc(0))
+  execFileSync('truncate', ['-s', '256M', img])
+  const rx = await receiver(['--out', join(small, 'z.out'), '--json'])
+  const tx = await cli(['send', rx.address, img, '--json']).done
+  const rr = await rx.done
+  t.is(tx.code, 0, tx.stderr)
+  t.is(rr.code, 0, rr.stderr)
+  t.is(statSync(join(small, 'z.out')).size, 256 << 20)
+  t.true(statSync(join(small, 'z.out')).blocks * 512 <= 64 << 10, `received: ${statSync(join(small, 'z.out')).blocks * 512} bytes on disk`)
+  const s = await cli(['snapshot', img, '--to', join(d, 'z.snap'), '--json']).done
+  t.is(s.code, 0, s.stderr)
+  const r = await cli(['restore', join(d, 'z.snap'), '--out', join(small, 'restored'), '--json']).done
+  t.is(r.code, 0, r.stderr)
+  const restored = statSync(join(small, 'restored', 'z.img'))
+  t.is(restored.size, 256 << 20)
+  t.true(restored.blocks * 512 <= 64 << 10, `restored: ${restored.blocks * 512} bytes on disk`)
 })
 
 test('inspect decodes QEMU channel captures; --rebuild writes the guest RAM; bad input is exit 1', async (t) => {

@@ -49,6 +49,7 @@ export const ERROR_CODES = [
   'ERR_MULTIFD_TLS_UNAVAILABLE',
   'ERR_MULTIFD_DUPLICATE_BLOCK',
   'ERR_MULTIFD_OUTPUT_EXISTS',
+  'ERR_MULTIFD_SOURCE_TRUNCATED',
 ] as const
 
 export type MultifdErrorCode = (typeof ERROR_CODES)[number]

@@ -25,14 +25,15 @@ fn main() {
     });
     let mut x = 0x9e3779b97f4a7c15u64;
     for p in 0..src.pages() as u64 {
-        let ptr = src.page_ptr(p * 4096).cast::<u64>();
-        for i in 0..512 {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            // SAFETY: inside the block.
-            unsafe { ptr.add(i).write(x) };
-        }
+        let page: Vec<u8> = (0..512)
+            .flat_map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x.to_ne_bytes()
+            })
+            .collect();
+        src.store(p * 4096, &page).unwrap();
     }
     let dst = Arc::new(RamBlock::allocate("b", size, 4096, true).unwrap());
     let tls = std::env::var("TLS").ok().map(|dir| {

@@ -44,7 +44,7 @@ impl AtomicBitmap {
     }
 
     /// Applies `op(word, mask)` to every word that bits `start..start+count` touch.
-    fn for_range(&self, start: usize, count: usize, op: impl Fn(&AtomicU64, u64)) -> Result<()> {
+    fn for_range(&self, start: usize, count: usize, mut op: impl FnMut(&AtomicU64, u64)) -> Result<()> {
         self.check_range(start, count)?;
         let end = start + count;
         let mut bit = start;
@@ -93,6 +93,13 @@ impl AtomicBitmap {
         self.for_range(start, count, |w, m| {
             w.fetch_and(!m, Ordering::Relaxed);
         })
+    }
+
+    /// Whether every bit of `start..start+count` is set (false for a range outside).
+    pub fn is_range_set(&self, start: usize, count: usize) -> bool {
+        let mut all = true;
+        let inside = self.for_range(start, count, |w, m| all &= w.load(Ordering::Acquire) & m == m);
+        inside.is_ok() && all
     }
 
     pub fn set_all(&self) {
@@ -158,6 +165,13 @@ impl PageSet {
     pub fn runs(&self) -> Runs<impl Fn(usize) -> u64 + '_> {
         Runs::new(self.len, move |i| self.words[i])
     }
+}
+
+/// Runs of set bits (`set`) or of clear bits among the first `len` bits of `words` (bit `i` in
+/// word `i / 64`), as `(first, count)`: the one run finder for page bitmaps read from files.
+pub fn word_runs(words: &[u64], len: usize, set: bool) -> Runs<impl Fn(usize) -> u64 + '_> {
+    assert!(words.len() * BITS >= len, "{} words hold fewer than {len} bits", words.len());
+    Runs::new(len, move |i| if set { words[i] } else { !words[i] })
 }
 
 /// Iterator over runs of set bits, `(first bit, length)`, in ascending order.

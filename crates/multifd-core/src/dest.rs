@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use crate::block::RamBlock;
 use crate::control::{CONTROL_MAGIC, Control};
 use crate::error::{Error, ErrorCode, Result, fail};
-use crate::io::{Boundary, iovec};
+use crate::io::Boundary;
 use crate::session::{ChannelStats, Counters, Event, EventSink, Failure};
 use crate::tls::{TlsServer, looks_like_tls, refuse_plaintext_peer, refuse_tls_peer};
 use crate::transport::{Address, Conn, Listener};
@@ -569,25 +569,20 @@ impl Inner {
             let v = validator.decode(&buf, &mut header)?;
             if let Some(index) = v.block {
                 let block = &s.table.blocks[index];
-                for &o in header.zero_offsets() {
-                    block.zero_page(o);
-                }
+                block.zero_pages_at(header.zero_offsets())?;
+                let data = header.normal_offsets();
                 if let Some(d) = decompressor.as_mut().filter(|_| header.normal_pages > 0) {
                     payload.resize(v.payload_len as usize, 0);
                     if !conn.read_exact(&mut payload)? {
                         fail!(ConnectionClosed, "unexpected end of stream before the packet's compressed payload");
                     }
-                    pages.resize(header.normal_pages as usize * page, 0);
+                    pages.resize(data.len() * page, 0);
                     d.decompress(&payload, &mut pages)?;
                     if s.integrity {
-                        check_digest(&header, id, block.name(), pages.chunks_exact(page))?;
+                        check_digest(&header, id, block.name(), crate::integrity::pages_digest(pages.chunks_exact(page)))?;
                     }
-                    for (&o, data) in header.normal_offsets().iter().zip(pages.chunks_exact(page)) {
-                        block.received.set((o / page as u64) as usize);
-                        // SAFETY: `page_ptr` checked the page lies inside the block (the
-                        // validator checked the offset first); `data` is one page of our buffer.
-                        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), block.page_ptr(o), page) };
-                    }
+                    store_pages(block, data, &pages)?;
+                    block.check_faults(false)?;
                     ChannelStats::add(&stats.normal_pages, u64::from(header.normal_pages));
                     ChannelStats::add(&stats.zero_pages, u64::from(header.zero_pages));
                     ChannelStats::add(&stats.bytes, (buf.len() + payload.len()) as u64);
@@ -598,24 +593,33 @@ impl Inner {
                     }
                     continue;
                 }
-                iov.clear();
-                for &o in header.normal_offsets() {
-                    block.received.set((o / page as u64) as usize);
-                    let ptr = block.page_ptr(o);
-                    match iov.last_mut() {
-                        Some(last) if last.iov_base.cast::<u8>().wrapping_add(last.iov_len) == ptr => last.iov_len += page,
-                        _ => iov.push(iovec(ptr, page)),
+                if block.reserve_pages(data)? {
+                    iov.clear();
+                    for &o in data {
+                        block.received.set((o / page as u64) as usize);
+                        block.push_page(&mut iov, 0, o);
                     }
+                    // SAFETY: every iovec came from `push_page`, which checked the page lies in
+                    // the block; the session holds an Arc to every block while this thread runs.
+                    if !iov.is_empty() && !unsafe { conn.readv_exact(&mut iov).map_err(|e| block.explain(e, false))? } {
+                        fail!(ConnectionClosed, "unexpected end of stream before the packet's pages");
+                    }
+                    if s.integrity && !data.is_empty() {
+                        check_digest(&header, id, block.name(), crate::integrity::block_pages_digest(block, data))?;
+                    }
+                } else {
+                    // No `fallocate` on this filesystem: the pages go through a buffer and the
+                    // file descriptor, which reports a full disk as an error.
+                    pages.resize(data.len() * page, 0);
+                    if !conn.read_exact(&mut pages)? {
+                        fail!(ConnectionClosed, "unexpected end of stream before the packet's pages");
+                    }
+                    if s.integrity && !data.is_empty() {
+                        check_digest(&header, id, block.name(), crate::integrity::pages_digest(pages.chunks_exact(page)))?;
+                    }
+                    store_pages(block, data, &pages)?;
                 }
-                // SAFETY: every pointer came from `page_ptr`, which checked the page lies in
-                // the block; the validator checked the offsets first; the session holds an
-                // Arc to every block for as long as this thread runs.
-                if !iov.is_empty() && !unsafe { conn.readv_exact(&mut iov)? } {
-                    fail!(ConnectionClosed, "unexpected end of stream before the packet's pages");
-                }
-                if s.integrity {
-                    check_digest(&header, id, block.name(), header.normal_offsets().iter().map(|&o| block.page(o)))?;
-                }
+                block.check_faults(false)?;
                 ChannelStats::add(&stats.normal_pages, u64::from(header.normal_pages));
                 ChannelStats::add(&stats.zero_pages, u64::from(header.zero_pages));
             }
@@ -662,13 +666,24 @@ fn name_this_thread(name: &str) {
     unsafe { libc::prctl(libc::PR_SET_NAME, buf.as_ptr()) };
 }
 
+/// Writes one packet's decoded pages (`pages`, in the order of `offsets`) into `block`,
+/// marking them received: one reservation per run of consecutive pages, then one copy each.
+fn store_pages(block: &RamBlock, offsets: &[u64], pages: &[u8]) -> Result<()> {
+    let page = block.page_size() as usize;
+    block.reserve_pages(offsets)?;
+    for (&o, data) in offsets.iter().zip(pages.chunks_exact(page)) {
+        block.received.set(o as usize / page);
+        block.store(o, data)?;
+    }
+    Ok(())
+}
+
 /// Fails with `ERR_MULTIFD_INTEGRITY`, naming channel, block and pages, unless the data pages
 /// hash to the digest their header carries.
-fn check_digest<'a>(header: &PacketHeader, channel: u8, block: &str, pages: impl Iterator<Item = &'a [u8]>) -> Result<()> {
+fn check_digest(header: &PacketHeader, channel: u8, block: &str, got: u64) -> Result<()> {
     if header.normal_pages == 0 {
         return Ok(());
     }
-    let got = crate::integrity::pages_digest(pages);
     if got != header.digest {
         let first = header.normal_offsets().first().copied().unwrap_or(0);
         fail!(

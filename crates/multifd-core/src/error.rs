@@ -130,6 +130,9 @@ error_codes! {
     DuplicateBlock => "ERR_MULTIFD_DUPLICATE_BLOCK",
     /// An output whose name comes from the input already exists (a file or a symbolic link).
     OutputExists => "ERR_MULTIFD_OUTPUT_EXISTS",
+    /// A source file backing a block became shorter than the block while it was read (sent,
+    /// or written into a snapshot): the pages past its new end no longer exist.
+    SourceTruncated => "ERR_MULTIFD_SOURCE_TRUNCATED",
 }
 
 impl fmt::Display for ErrorCode {
@@ -159,6 +162,27 @@ impl Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// An OS error as ours; `what` says what failed, naming the file or connection. The one
+/// converter every module uses: a peer that went away is `ERR_MULTIFD_CONNECTION_CLOSED`, a
+/// timeout `ERR_MULTIFD_TIMEOUT`, a full filesystem or quota `ERR_MULTIFD_NO_SPACE`, an early
+/// end of file `ERR_MULTIFD_TRUNCATED`, anything else `ERR_MULTIFD_IO`.
+pub fn os_error(what: impl fmt::Display, e: std::io::Error) -> Error {
+    let code = match e.raw_os_error() {
+        Some(libc::EPIPE | libc::ECONNRESET | libc::ESHUTDOWN) => ErrorCode::ConnectionClosed,
+        // A send/receive timeout (EAGAIN on a blocking socket) or TCP_USER_TIMEOUT expiring.
+        Some(libc::EAGAIN | libc::ETIMEDOUT) => ErrorCode::Timeout,
+        Some(libc::ENOSPC | libc::EDQUOT) => ErrorCode::NoSpace,
+        _ if e.kind() == std::io::ErrorKind::UnexpectedEof => ErrorCode::Truncated,
+        _ => ErrorCode::Io,
+    };
+    Error::new(code, format!("{what}: {e}"))
+}
+
+/// [`os_error`] for the calling thread's last OS error (`errno`).
+pub fn last_os_error(what: impl fmt::Display) -> Error {
+    os_error(what, std::io::Error::last_os_error())
+}
 
 /// Shorthand for `Err(Error::new(code, format!(...)))`.
 macro_rules! fail {

@@ -7,12 +7,9 @@
 use std::io;
 use std::os::fd::RawFd;
 
-use crate::error::{Error, ErrorCode, Result};
+use crate::error::{Error, ErrorCode, Result, os_error};
 
-/// An iovec for `len` bytes at `ptr`.
-pub fn iovec(ptr: *const u8, len: usize) -> libc::iovec {
-    libc::iovec { iov_base: ptr as *mut libc::c_void, iov_len: len }
-}
+pub use crate::memory::iovec;
 
 /// Drops the first `n` bytes from the front of `iov`, returning the untouched remainder.
 pub fn advance(mut iov: &mut [libc::iovec], mut n: usize) -> &mut [libc::iovec] {
@@ -29,18 +26,6 @@ pub fn advance(mut iov: &mut [libc::iovec], mut n: usize) -> &mut [libc::iovec] 
     iov
 }
 
-/// An OS error as ours: a peer that went away is `ERR_MULTIFD_CONNECTION_CLOSED`, anything
-/// else `ERR_MULTIFD_IO`.
-pub fn io_error(what: &str, e: io::Error) -> Error {
-    let code = match e.raw_os_error() {
-        Some(libc::EPIPE | libc::ECONNRESET | libc::ESHUTDOWN) => ErrorCode::ConnectionClosed,
-        // A send/receive timeout (EAGAIN on a blocking socket) or TCP_USER_TIMEOUT expiring.
-        Some(libc::EAGAIN | libc::ETIMEDOUT) => ErrorCode::Timeout,
-        _ => ErrorCode::Io,
-    };
-    Error::new(code, format!("{what}: {e}"))
-}
-
 /// Writes every byte the iovecs describe to `fd`.
 ///
 /// # Safety
@@ -55,7 +40,7 @@ pub unsafe fn writev_all(fd: RawFd, mut iov: &mut [libc::iovec]) -> Result<()> {
             if e.kind() == io::ErrorKind::Interrupted {
                 continue;
             }
-            return Err(io_error("write to channel", e));
+            return Err(os_error("write to channel", e));
         }
         iov = advance(iov, n as usize);
     }
@@ -82,7 +67,7 @@ pub unsafe fn readv_exact(fd: RawFd, mut iov: &mut [libc::iovec]) -> Result<bool
                 io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
                     return Err(Error::new(ErrorCode::Timeout, format!("read from channel timed out after {done} of {total} bytes")));
                 }
-                _ => return Err(io_error("read from channel", e)),
+                _ => return Err(os_error("read from channel", e)),
             }
         }
         if n == 0 {
@@ -114,7 +99,7 @@ pub fn write_all_flags(fd: RawFd, mut buf: &[u8], flags: libc::c_int) -> Result<
             if e.kind() == io::ErrorKind::Interrupted {
                 continue;
             }
-            return Err(io_error("send to channel", e));
+            return Err(os_error("send to channel", e));
         }
         buf = &buf[n as usize..];
     }
@@ -145,7 +130,7 @@ pub fn read_at_boundary(fd: RawFd, buf: &mut [u8]) -> Result<Boundary> {
         match e.raw_os_error() {
             Some(libc::EINTR) => continue,
             Some(libc::EAGAIN) => return Ok(Boundary::Idle),
-            _ => return Err(io_error("read from channel", e)),
+            _ => return Err(os_error("read from channel", e)),
         }
     };
     if first == 0 {

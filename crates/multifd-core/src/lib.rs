@@ -14,6 +14,7 @@ pub mod integrity;
 pub mod io;
 pub mod mapped_ram;
 pub mod output_dir;
+pub mod memory;
 pub mod qemu_file;
 pub mod session;
 pub mod snapshot;
@@ -22,7 +23,6 @@ pub mod stream;
 pub mod tls;
 pub mod transport;
 pub mod wire;
-pub mod zero;
 pub mod zerocopy;
 
 pub use error::{Error, ErrorCode, Result};

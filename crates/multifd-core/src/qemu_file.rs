@@ -32,7 +32,7 @@ use std::io::{Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use crate::error::{Error, ErrorCode, Result, fail};
+use crate::error::{Error, ErrorCode, Result, fail, os_error};
 use crate::mapped_ram::{self, BlockHeader, HEADER_LEN};
 
 /// `QEMU_VM_FILE_MAGIC`, "QEVM".
@@ -110,23 +110,13 @@ pub struct QemuFile {
     complete: bool,
 }
 
-/// Maps an I/O error: an early end of file is `Truncated`, a full disk `NoSpace`.
-fn io_error(e: std::io::Error, what: impl fmt::Display) -> Error {
-    let code = match e.kind() {
-        std::io::ErrorKind::UnexpectedEof => ErrorCode::Truncated,
-        std::io::ErrorKind::StorageFull => ErrorCode::NoSpace,
-        _ => ErrorCode::Io,
-    };
-    Error::new(code, format!("{what}: {e}"))
-}
-
 /// Reads exactly `buf.len()` bytes at `off`, refusing anything past `file_len`.
 fn read_at(file: &File, file_len: u64, buf: &mut [u8], off: u64, what: impl fmt::Display) -> Result<()> {
     let len = buf.len() as u64;
     if off.checked_add(len).is_none_or(|end| end > file_len) {
         fail!(Truncated, "{what}: {len} bytes at offset {off} lie past the end of the file ({file_len} bytes)");
     }
-    file.read_exact_at(buf, off).map_err(|e| io_error(e, format_args!("{what}: reading {len} bytes at offset {off}")))
+    file.read_exact_at(buf, off).map_err(|e| os_error(format_args!("{what}: reading {len} bytes at offset {off}"), e))
 }
 
 /// Sequential reads of the stream part of the file.
@@ -317,32 +307,41 @@ fn visit_bitmap(file: &File, file_len: u64, h: &BlockHeader, pages: u64, mut vis
 }
 
 /// Calls `emit(first_page, end_page, present)` for the maximal runs of present and of absent
-/// pages, in order; together they cover `0..pages`.
+/// pages, in order; together they cover `0..pages`. Runs within a word come from
+/// [`crate::bitmap::word_runs`]; runs that continue across words are joined here.
 fn for_each_run(file: &File, file_len: u64, h: &BlockHeader, pages: u64, mut emit: impl FnMut(u64, u64, bool) -> Result<()>) -> Result<()> {
-    let mut present = false;
-    let mut start = 0u64;
-    visit_bitmap(file, file_len, h, pages, |first, word| {
-        let n = (pages - first).min(64) as u32;
-        let mut b = 0u32;
-        while b < n {
-            // Bits from `b` on that keep the current state.
-            let flips = if present { !word } else { word } >> b;
-            b += flips.trailing_zeros().min(n - b);
-            if b < n {
-                let at = first + u64::from(b);
-                if at > start {
-                    emit(start, at, present)?;
-                }
-                present = !present;
-                start = at;
+    // The run being built: (first page, end page, present).
+    let mut open: Option<(u64, u64, bool)> = None;
+    let mut extend = |start: u64, end: u64, present: bool, emit: &mut dyn FnMut(u64, u64, bool) -> Result<()>| -> Result<()> {
+        match open {
+            Some((first, last, p)) if p == present && last == start => open = Some((first, end, p)),
+            Some((first, last, p)) => {
+                emit(first, last, p)?;
+                open = Some((start, end, present));
             }
+            None => open = Some((start, end, present)),
+        }
+        Ok(())
+    };
+    visit_bitmap(file, file_len, h, pages, |first, word| {
+        let n = (pages - first).min(64) as usize;
+        let mut at = 0;
+        for (s, c) in crate::bitmap::word_runs(&[word], n, true) {
+            if s > at {
+                extend(first + at as u64, first + s as u64, false, &mut emit)?;
+            }
+            extend(first + s as u64, first + (s + c) as u64, true, &mut emit)?;
+            at = s + c;
+        }
+        if at < n {
+            extend(first + at as u64, first + n as u64, false, &mut emit)?;
         }
         Ok(())
     })?;
-    if pages > start {
-        emit(start, pages, present)?;
+    match open {
+        Some((first, end, present)) => emit(first, end, present),
+        None => Ok(()),
     }
-    Ok(())
 }
 
 /// Where [`QemuFile::extract`] puts the bytes.
@@ -360,7 +359,7 @@ impl Sink<'_> {
             Sink::At { out, start, .. } => out.write_all_at(buf, *start + off),
             Sink::Stream { out } => out.write_all(buf),
         };
-        r.map_err(|e| io_error(e, "writing the extracted block"))
+        r.map_err(|e| os_error("writing the extracted block", e))
     }
 
     /// `zeros` is a buffer of zeros at least `len` long (up to [`CHUNK`]).
@@ -389,8 +388,8 @@ impl QemuFile {
     /// Opens a file that QEMU wrote at `offset` (`file:PATH,offset=OFFSET`). The offsets in
     /// the mapped-ram headers are absolute, so nothing else changes.
     pub fn open_at(path: &Path, offset: u64) -> Result<QemuFile> {
-        let file = File::open(path).map_err(|e| io_error(e, format_args!("opening {}", path.display())))?;
-        let meta = file.metadata().map_err(|e| io_error(e, format_args!("stat {}", path.display())))?;
+        let file = File::open(path).map_err(|e| os_error(format_args!("opening {}", path.display()), e))?;
+        let meta = file.metadata().map_err(|e| os_error(format_args!("stat {}", path.display()), e))?;
         if !meta.is_file() {
             fail!(InvalidArgument, "{} is not a regular file", path.display());
         }
@@ -557,14 +556,14 @@ impl QemuFile {
         let zeros = vec![0u8; buf.len()];
         let (mut sink, end) = match out.stream_position() {
             Ok(start) => {
-                let orig_len = out.metadata().map_err(|e| io_error(e, "stat of the output"))?.len();
+                let orig_len = out.metadata().map_err(|e| os_error("stat of the output", e))?.len();
                 let Some(end) = start.checked_add(b.used_len) else {
                     fail!(InvalidArgument, "the output position {start} leaves no room for {} bytes", b.used_len);
                 };
                 (Sink::At { out: &*out, start, orig_len }, Some(end))
             }
             Err(e) if e.raw_os_error() == Some(libc::ESPIPE) => (Sink::Stream { out: &mut *out }, None),
-            Err(e) => return Err(io_error(e, "position of the output")),
+            Err(e) => return Err(os_error("position of the output", e)),
         };
         self.walk(b, |off, n, present| {
             if present {
@@ -576,11 +575,11 @@ impl QemuFile {
             }
         })?;
         if let Some(end) = end {
-            let len = out.metadata().map_err(|e| io_error(e, "stat of the output"))?.len();
+            let len = out.metadata().map_err(|e| os_error("stat of the output", e))?.len();
             if len < end {
-                out.set_len(end).map_err(|e| io_error(e, "extending the output"))?;
+                out.set_len(end).map_err(|e| os_error("extending the output", e))?;
             }
-            out.seek(SeekFrom::Start(end)).map_err(|e| io_error(e, "seeking the output"))?;
+            out.seek(SeekFrom::Start(end)).map_err(|e| os_error("seeking the output", e))?;
         }
         Ok(b.used_len)
     }

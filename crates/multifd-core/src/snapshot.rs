@@ -16,12 +16,10 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use crate::bitmap::AtomicBitmap;
+use crate::bitmap::{AtomicBitmap, word_runs};
 use crate::block::RamBlock;
-use crate::error::{Error, ErrorCode, Result, fail};
-use crate::io::iovec;
+use crate::error::{Error, ErrorCode, Result, fail, os_error};
 use crate::mapped_ram::{self, BlockHeader};
-use crate::zero::is_zero;
 
 pub const MAGIC: [u8; 8] = *b"MFDSNAP\0";
 pub const VERSION: u32 = 1;
@@ -80,11 +78,6 @@ pub struct SnapshotOptions {
     pub incremental: bool,
 }
 
-fn io_err(what: &str, path: &Path, e: io::Error) -> Error {
-    let code = if e.raw_os_error() == Some(libc::ENOSPC) { ErrorCode::NoSpace } else { ErrorCode::Io };
-    Error::new(code, format!("{what} {}: {e}", path.display()))
-}
-
 fn be32(b: &[u8], at: usize) -> u32 {
     u32::from_be_bytes(b[at..at + 4].try_into().unwrap())
 }
@@ -125,12 +118,12 @@ fn encode_header(state: u32, page_size: u32, generation: u64, blocks: &[BlockEnt
 /// block's mapped-ram header, and the population of its bitmap (counted in chunks, never held
 /// whole). Completion is reported, not required.
 pub fn read_info(file: &File, path: &Path) -> Result<SnapshotInfo> {
-    let file_len = file.metadata().map_err(|e| io_err("stat", path, e))?.len();
+    let file_len = file.metadata().map_err(|e| os_error(format_args!("stat {}", path.display()), e))?.len();
     let mut fixed = [0u8; FIXED_LEN];
     if file_len < FIXED_LEN as u64 {
         fail!(FileFormat, "{} is {file_len} bytes, too short for a snapshot header", path.display());
     }
-    file.read_exact_at(&mut fixed, 0).map_err(|e| io_err("read", path, e))?;
+    file.read_exact_at(&mut fixed, 0).map_err(|e| os_error(format_args!("read {}", path.display()), e))?;
     if fixed[0..8] != MAGIC {
         fail!(BadMagic, "{} does not start with the snapshot magic \"MFDSNAP\\0\"", path.display());
     }
@@ -156,7 +149,7 @@ pub fn read_info(file: &File, path: &Path) -> Result<SnapshotInfo> {
         fail!(FileFormat, "snapshot block table of {table_len} bytes does not fit");
     }
     let mut table = vec![0u8; table_len as usize];
-    file.read_exact_at(&mut table, FIXED_LEN as u64).map_err(|e| io_err("read", path, e))?;
+    file.read_exact_at(&mut table, FIXED_LEN as u64).map_err(|e| os_error(format_args!("read {}", path.display()), e))?;
     let mut at = 0usize;
     let mut blocks: Vec<BlockEntry> = Vec::with_capacity(count);
     let mut prev_end = header_region_len(&[]);
@@ -180,7 +173,7 @@ pub fn read_info(file: &File, path: &Path) -> Result<SnapshotInfo> {
             fail!(FileFormat, "block {name:?} header offset {header_offset} overlaps the previous region or lies past the end of the file");
         }
         let mut hb = [0u8; mapped_ram::HEADER_LEN];
-        file.read_exact_at(&mut hb, header_offset).map_err(|e| io_err("read", path, e))?;
+        file.read_exact_at(&mut hb, header_offset).map_err(|e| os_error(format_args!("read {}", path.display()), e))?;
         let layout = BlockHeader::decode(&hb, header_offset, len, file_len, Some(u64::from(page_size)))?;
         let pages_present = Bitmap { file, path, offset: layout.bitmap_offset, pages: len / u64::from(page_size) }.count()?;
         prev_end = layout.end(len);
@@ -202,20 +195,27 @@ struct Bitmap<'a> {
 }
 
 impl Bitmap<'_> {
-    /// Calls `visit(word_index, word)` for every word, bits past the last page cleared.
-    fn visit(&self, mut visit: impl FnMut(u64, u64) -> Result<()>) -> Result<()> {
+    /// Calls `visit(first_word, words)` for each chunk of the bitmap, bits past the last page
+    /// cleared.
+    fn chunks(&self, mut visit: impl FnMut(u64, &[u64]) -> Result<()>) -> Result<()> {
         let total = mapped_ram::bitmap_len(self.pages);
         let mut buf = vec![0u8; total.min(BITMAP_CHUNK) as usize];
+        let mut words = Vec::with_capacity(buf.len() / 8);
         let mut done = 0u64;
         while done < total {
             let n = (total - done).min(BITMAP_CHUNK) as usize;
-            self.file.read_exact_at(&mut buf[..n], self.offset + done).map_err(|e| io_err("read bitmap of", self.path, e))?;
-            for (k, chunk) in buf[..n].chunks_exact(8).enumerate() {
-                let index = done / 8 + k as u64;
-                let valid = (self.pages - index * 64).min(64);
-                let mask = if valid == 64 { u64::MAX } else { (1u64 << valid) - 1 };
-                visit(index, u64::from_le_bytes(chunk.try_into().unwrap()) & mask)?;
+            self.file.read_exact_at(&mut buf[..n], self.offset + done).map_err(|e| os_error(format_args!("read bitmap of {}", self.path.display()), e))?;
+            words.clear();
+            words.extend(mapped_ram::bitmap_words(&buf[..n]));
+            let first = done / 8;
+            let last_word = first + words.len() as u64 - 1;
+            if let Some(last) = words.last_mut() {
+                let valid = (self.pages - last_word * 64).min(64);
+                if valid < 64 {
+                    *last &= (1u64 << valid) - 1;
+                }
             }
+            visit(first, &words)?;
             done += n as u64;
         }
         Ok(())
@@ -224,38 +224,48 @@ impl Bitmap<'_> {
     /// Pages marked present.
     fn count(&self) -> Result<u64> {
         let mut n = 0;
-        self.visit(|_, w| {
-            n += u64::from(w.count_ones());
+        self.chunks(|_, words| {
+            n += words.iter().map(|w| u64::from(w.count_ones())).sum::<u64>();
             Ok(())
         })?;
         Ok(n)
     }
 
     /// Calls `emit(first, count, present)` for the maximal runs of present and of absent
-    /// pages, in order; together they cover the block.
+    /// pages, in order; together they cover the block. Present runs come from the one run
+    /// finder ([`word_runs`]), a chunk at a time; the gaps between them are the absent runs.
     fn runs(&self, mut emit: impl FnMut(u64, u64, bool) -> Result<()>) -> Result<()> {
-        let (mut present, mut start) = (false, 0u64);
+        // The present run not emitted yet (it may continue in the next chunk), and where the
+        // pages not yet accounted for begin.
+        let mut pending: Option<(u64, u64)> = None;
+        let mut next = 0u64;
         let pages = self.pages;
-        self.visit(|index, word| {
-            let first = index * 64;
-            let n = (pages - first).min(64) as u32;
-            let mut b = 0u32;
-            while b < n {
-                let flips = if present { !word } else { word } >> b;
-                b += flips.trailing_zeros().min(n - b);
-                if b < n {
-                    let at = first + u64::from(b);
-                    if at > start {
-                        emit(start, at - start, present)?;
+        self.chunks(|first_word, words| {
+            let base = first_word * 64;
+            let bits = (pages - base).min(words.len() as u64 * 64) as usize;
+            for (f, c) in word_runs(words, bits, true) {
+                let (from, to) = (base + f as u64, base + (f + c) as u64);
+                match pending {
+                    Some((pf, pe)) if pe == from => pending = Some((pf, to)),
+                    _ => {
+                        if let Some((pf, pe)) = pending {
+                            emit(pf, pe - pf, true)?;
+                        }
+                        if from > next {
+                            emit(next, from - next, false)?;
+                        }
+                        pending = Some((from, to));
                     }
-                    present = !present;
-                    start = at;
                 }
+                next = to;
             }
             Ok(())
         })?;
-        if pages > start {
-            emit(start, pages - start, present)?;
+        if let Some((pf, pe)) = pending {
+            emit(pf, pe - pf, true)?;
+        }
+        if pages > next {
+            emit(next, pages - next, false)?;
         }
         Ok(())
     }
@@ -263,7 +273,7 @@ impl Bitmap<'_> {
 
 /// Reads a snapshot file's description.
 pub fn inspect(path: &Path) -> Result<SnapshotInfo> {
-    let file = File::open(path).map_err(|e| io_err("open", path, e))?;
+    let file = File::open(path).map_err(|e| os_error(format_args!("open {}", path.display()), e))?;
     read_info(&file, path)
 }
 
@@ -337,11 +347,11 @@ fn positioned_all(file: &File, dir: Direction, mut iov: libc::iovec, mut offset:
             if e.kind() == io::ErrorKind::Interrupted {
                 continue;
             }
-            return Err(io_err(if matches!(dir, Direction::Write) { "write pages to" } else { "read pages from" }, path, e));
+            return Err(os_error(format_args!("{} {}", if matches!(dir, Direction::Write) { "write pages to" } else { "read pages from" }, path.display()), e));
         }
         if n == 0 {
             match dir {
-                Direction::Write => return Err(io_err("write pages to", path, io::Error::from_raw_os_error(libc::ENOSPC))),
+                Direction::Write => return Err(os_error(format_args!("write pages to {}", path.display()), io::Error::from_raw_os_error(libc::ENOSPC))),
                 Direction::Read => fail!(FileFormat, "{}: a page marked present lies past the end of the file (offset {offset})", path.display()),
             }
         }
@@ -354,12 +364,12 @@ fn positioned_all(file: &File, dir: Direction, mut iov: libc::iovec, mut offset:
 }
 
 fn sync(file: &File, path: &Path) -> Result<()> {
-    file.sync_data().map_err(|e| io_err("fdatasync", path, e))
+    file.sync_data().map_err(|e| os_error(format_args!("fdatasync {}", path.display()), e))
 }
 
 fn set_state(file: &File, path: &Path, state: u32, generation: u64) -> Result<()> {
-    file.write_all_at(&state.to_be_bytes(), STATE_AT).map_err(|e| io_err("write header of", path, e))?;
-    file.write_all_at(&generation.to_be_bytes(), 24).map_err(|e| io_err("write header of", path, e))
+    file.write_all_at(&state.to_be_bytes(), STATE_AT).map_err(|e| os_error(format_args!("write header of {}", path.display()), e))?;
+    file.write_all_at(&generation.to_be_bytes(), 24).map_err(|e| os_error(format_args!("write header of {}", path.display()), e))
 }
 
 /// Writes `blocks` into a snapshot at `path` (or, incrementally, their dirty pages into an
@@ -374,7 +384,7 @@ pub fn snapshot(blocks: &[Arc<RamBlock>], path: &Path, options: SnapshotOptions,
         fail!(InvalidArgument, "at most {MAX_BLOCKS} blocks per snapshot");
     }
     let page = u64::from(page_size);
-    let file = OpenOptions::new().read(true).write(true).create(!options.incremental).truncate(!options.incremental).mode(0o600).open(path).map_err(|e| io_err("open", path, e))?;
+    let file = OpenOptions::new().read(true).write(true).create(!options.incremental).truncate(!options.incremental).mode(0o600).open(path).map_err(|e| os_error(format_args!("open {}", path.display()), e))?;
 
     // The layout: ours for a new file, the existing one (checked against the blocks) otherwise.
     let (entries, generation, bitmaps): (Vec<BlockEntry>, u64, Vec<AtomicBitmap>) = if options.incremental {
@@ -413,12 +423,12 @@ pub fn snapshot(blocks: &[Arc<RamBlock>], path: &Path, options: SnapshotOptions,
     if options.incremental {
         set_state(&file, path, STATE_INCOMPLETE, generation)?;
     } else {
-        file.write_all_at(&encode_header(STATE_INCOMPLETE, page_size, generation, &entries), 0).map_err(|e| io_err("write header of", path, e))?;
+        file.write_all_at(&encode_header(STATE_INCOMPLETE, page_size, generation, &entries), 0).map_err(|e| os_error(format_args!("write header of {}", path.display()), e))?;
         for e in &entries {
-            file.write_all_at(&e.layout.encode(), e.header_offset).map_err(|er| io_err("write block header of", path, er))?;
+            file.write_all_at(&e.layout.encode(), e.header_offset).map_err(|er| os_error(format_args!("write block header of {}", path.display()), er))?;
         }
         let end = entries.last().map_or(0, |e| e.layout.end(e.len));
-        file.set_len(end).map_err(|e| io_err("size", path, e))?;
+        file.set_len(end).map_err(|e| os_error(format_args!("size {}", path.display()), e))?;
     }
     sync(&file, path)?;
 
@@ -445,7 +455,7 @@ pub fn snapshot(blocks: &[Arc<RamBlock>], path: &Path, options: SnapshotOptions,
                 if options.direct_io && e.raw_os_error() == Some(libc::EINVAL) {
                     Error::new(ErrorCode::InvalidArgument, format!("direct I/O is not supported for {} (filesystem without O_DIRECT?)", path.display()))
                 } else {
-                    io_err("open", path, e)
+                    os_error(format_args!("open {}", path.display()), e)
                 }
             })
         })
@@ -455,20 +465,23 @@ pub fn snapshot(blocks: &[Arc<RamBlock>], path: &Path, options: SnapshotOptions,
         // Split the run at zero pages: data runs are written, zero pages only clear their bit.
         let mut p = run.first;
         while p < run.first + run.count {
-            if is_zero(b.page(p * page)) {
+            if b.is_zero_page(p * page) {
                 bm.clear(p as usize);
                 progress.zero_pages.fetch_add(1, Ordering::Relaxed);
                 p += 1;
                 continue;
             }
             let start = p;
-            while p < run.first + run.count && !is_zero(b.page(p * page)) {
+            while p < run.first + run.count && !b.is_zero_page(p * page) {
                 p += 1;
             }
-            positioned_all(&writers[w], Direction::Write, iovec(b.page_ptr(start * page), ((p - start) * page) as usize), e.layout.pages_offset + start * page, path)?;
+            let iov = b.memory().iovec(start * page, ((p - start) * page) as usize);
+            positioned_all(&writers[w], Direction::Write, iov, e.layout.pages_offset + start * page, path).map_err(|e| b.explain(e, true))?;
             bm.set_range(start as usize, (p - start) as usize)?;
             progress.pages_written.fetch_add(p - start, Ordering::Relaxed);
         }
+        // A source file truncated under the scan above.
+        b.check_faults(true)?;
         progress.bytes.fetch_add(run.count * page, Ordering::Relaxed);
         Ok(())
     })?;
@@ -481,12 +494,12 @@ pub fn snapshot(blocks: &[Arc<RamBlock>], path: &Path, options: SnapshotOptions,
     for ((e, bm), out) in entries.iter().zip(&bitmaps).zip(&mut out_entries) {
         let words = bm.snapshot();
         out.pages_present = words.count() as u64;
-        file.write_all_at(&mapped_ram::bitmap_bytes(words.words()), e.layout.bitmap_offset).map_err(|er| io_err("write bitmap of", path, er))?;
+        file.write_all_at(&mapped_ram::bitmap_bytes(words.words()), e.layout.bitmap_offset).map_err(|er| os_error(format_args!("write bitmap of {}", path.display()), er))?;
     }
     sync(&file, path)?;
     set_state(&file, path, STATE_COMPLETE, generation + 1)?;
     sync(&file, path)?;
-    let file_len = file.metadata().map_err(|e| io_err("stat", path, e))?.len();
+    let file_len = file.metadata().map_err(|e| os_error(format_args!("stat {}", path.display()), e))?.len();
     Ok(SnapshotInfo { complete: true, page_size, generation: generation + 1, blocks: out_entries, file_len })
 }
 
@@ -498,7 +511,7 @@ const RESTORE_BATCH: usize = 1 << 16;
 /// in the file become zero. Never reads or writes outside a block or past the file; bitmaps
 /// are read in chunks, runs handed to the readers in bounded batches.
 pub fn restore(path: &Path, blocks: &[Arc<RamBlock>], channels: usize, progress: &Progress) -> Result<SnapshotInfo> {
-    let file = File::open(path).map_err(|e| io_err("open", path, e))?;
+    let file = File::open(path).map_err(|e| os_error(format_args!("open {}", path.display()), e))?;
     let info = read_info(&file, path)?;
     if !info.complete {
         fail!(Incomplete, "{} is not a complete snapshot (interrupted or still being written)", path.display());
@@ -518,10 +531,20 @@ pub fn restore(path: &Path, blocks: &[Arc<RamBlock>], channels: usize, progress:
         fail!(BlockMismatch, "{} block(s) given, the snapshot has {}", blocks.len(), targets.len());
     }
     progress.total.store(info.blocks.iter().map(|e| e.pages_present * page).sum(), Ordering::Relaxed);
-    let readers = (0..channels.max(1)).map(|_| File::open(path).map_err(|e| io_err("open", path, e))).collect::<Result<Vec<_>>>()?;
+    let readers = (0..channels.max(1)).map(|_| File::open(path).map_err(|e| os_error(format_args!("open {}", path.display()), e))).collect::<Result<Vec<_>>>()?;
     let read = |r: usize, run: Run| {
         let (b, e) = (&targets[run.block], &info.blocks[run.block]);
-        positioned_all(&readers[r], Direction::Read, iovec(b.page_ptr(run.first * page), (run.count * page) as usize), e.layout.pages_offset + run.first * page, path)?;
+        let (at, len) = (run.first * page, run.count * page);
+        let from = e.layout.pages_offset + at;
+        if b.reserve(at, len)? {
+            positioned_all(&readers[r], Direction::Read, b.memory().iovec(at, len as usize), from, path).map_err(|e| b.explain(e, false))?;
+        } else {
+            // No `fallocate` on the target's filesystem: through a buffer and its descriptor.
+            let mut buf = vec![0u8; len as usize];
+            readers[r].read_exact_at(&mut buf, from).map_err(|e| os_error(format_args!("read pages from {}", path.display()), e))?;
+            b.store(at, &buf)?;
+        }
+        b.check_faults(false)?;
         progress.bytes.fetch_add(run.count * page, Ordering::Relaxed);
         progress.pages_written.fetch_add(run.count, Ordering::Relaxed);
         Ok(())
@@ -530,9 +553,9 @@ pub fn restore(path: &Path, blocks: &[Arc<RamBlock>], channels: usize, progress:
     for (i, (e, b)) in info.blocks.iter().zip(&targets).enumerate() {
         Bitmap { file: &file, path, offset: e.layout.bitmap_offset, pages: b.pages() as u64 }.runs(|first, count, present| {
             if !present {
-                // Absent pages must read as zero: cleared unless the memory is fresh zero anyway.
-                b.zero_pages(first * page, count * page);
-                return Ok(());
+                // Absent pages must read as zero: cleared (punched out of a file) unless the
+                // memory is fresh zero anyway, so they stay holes.
+                return b.zero_range(first * page, count * page);
             }
             cut(i, std::iter::once((first, count)), &mut runs);
             if runs.len() >= RESTORE_BATCH {

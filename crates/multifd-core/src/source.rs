@@ -14,7 +14,6 @@ use crate::session::{ChannelStats, Counters, Event, Failure};
 use crate::tls::TlsClient;
 use crate::transport::{Address, Conn};
 use crate::wire::{Compression, Flags, Geometry, InitPacket, PacketHeader};
-use crate::zero::is_zero;
 use crate::zerocopy::{self, Notice, ZeroCopySender};
 
 /// Jobs waiting per channel: one being written, one ready behind it, so no channel idles
@@ -524,13 +523,15 @@ impl Shared {
         let mut zc = cfg.zero_copy.then(|| ZeroCopySender::new(conn.fd()));
         let mut compressor = crate::compress::compressor(cfg.compression, cfg.compression_level)?;
         let mut payload: Vec<u8> = Vec::new();
+        // Compression input: one packet's normal pages, copied out of block memory.
+        let mut staging: Vec<u8> = Vec::new();
         while let Some(job) = self.next_job(id) {
             match job {
                 Job::Pages { block, offsets } => {
                     header.offsets.clear();
                     let mut zeros = Vec::new();
                     for &o in &offsets {
-                        if cfg.zero_page_detection && is_zero(block.page(o)) {
+                        if cfg.zero_page_detection && block.is_zero_page(o) {
                             zeros.push(o);
                         } else {
                             header.offsets.push(o);
@@ -543,11 +544,25 @@ impl Shared {
                     header.normal_pages = normal;
                     header.zero_pages = zeros.len() as u32;
                     header.next_packet_size = normal * g.page_size();
-                    header.digest = if cfg.integrity { crate::integrity::pages_digest(header.offsets[..normal as usize].iter().map(|&o| block.page(o))) } else { 0 };
-                    if let Some(c) = compressor.as_mut().filter(|_| normal > 0) {
-                        c.compress(&mut header.offsets[..normal as usize].iter().map(|&o| block.page(o)), &mut payload)?;
-                        header.next_packet_size = payload.len() as u32;
-                    }
+                    let data = &header.offsets[..normal as usize];
+                    let digest = match compressor.as_mut().filter(|_| normal > 0) {
+                        Some(c) => {
+                            // Compression reads a private copy of the pages (see `crate::memory`);
+                            // the digest is taken from the same copy, so it matches the payload.
+                            staging.resize(data.len() * page, 0);
+                            for (&o, dst) in data.iter().zip(staging.chunks_exact_mut(page)) {
+                                block.memory().copy_to(o, dst);
+                            }
+                            c.compress(&mut staging.chunks_exact(page), &mut payload)?;
+                            header.next_packet_size = payload.len() as u32;
+                            if cfg.integrity { crate::integrity::pages_digest(staging.chunks_exact(page)) } else { 0 }
+                        }
+                        None if cfg.integrity => crate::integrity::block_pages_digest(&block, data),
+                        None => 0,
+                    };
+                    header.digest = digest;
+                    // A source file truncated under the scan or the copies above.
+                    block.check_faults(true)?;
                     // Bandwidth limit: the whole packet, just before it is numbered and written.
                     // A stop while waiting ends the thread here, between packets.
                     if !self.throttle.acquire((wire.len() + header.next_packet_size as usize) as u64) {
@@ -566,33 +581,31 @@ impl Shared {
                         }
                         // SAFETY: both iovecs point into buffers this thread owns.
                         unsafe { conn.writev_all(&mut iov)? };
+                        block.check_faults(true)?;
                         ChannelStats::add(&stats.bytes, (wire.len() + header.next_packet_size as usize) as u64);
                         ChannelStats::add(&stats.packets, 1);
                         ChannelStats::add(&stats.normal_pages, u64::from(normal));
                         ChannelStats::add(&stats.zero_pages, zeros.len() as u64);
                         continue;
                     }
+                    // Contiguous pages share one iovec (never the header's).
                     for &o in header.normal_offsets() {
-                        let ptr = block.page_ptr(o);
-                        // Contiguous pages share one iovec.
-                        let after_header = iov.len() > 1;
-                        match iov.last_mut() {
-                            Some(last) if after_header && last.iov_base.cast::<u8>().wrapping_add(last.iov_len) == ptr => last.iov_len += page,
-                            _ => iov.push(iovec(ptr, page)),
-                        }
+                        block.push_page(&mut iov, 1, o);
                     }
                     match zc.as_mut() {
                         Some(zc) => {
-                            // SAFETY: every page iovec came from `page_ptr` on `block`, which the
+                            // SAFETY: every page iovec came from `push_page` on `block`, which the
                             // sender keeps alive until the kernel reports the send complete.
-                            if let Some(Notice::FellBack(w)) = unsafe { zc.send(&wire, &mut iov[1..], &block, stats)? } {
+                            if let Some(Notice::FellBack(w)) = unsafe { zc.send(&wire, &mut iov[1..], &block, stats).map_err(|e| block.explain(e, true))? } {
                                 (self.failure.events())(Event::Warning(w.context(format!("channel {id}"))));
                             }
                         }
-                        // SAFETY: the header buffer is ours; every page pointer came from
-                        // `page_ptr` (bounds-checked) on a block this job holds an Arc to.
-                        None => unsafe { conn.writev_all(&mut iov)? },
+                        // SAFETY: the header buffer is ours; every page iovec came from
+                        // `push_page` (bounds-checked) on a block this job holds an Arc to.
+                        None => unsafe { conn.writev_all(&mut iov).map_err(|e| block.explain(e, true))? },
                     }
+                    // TLS copies the pages in user space: a truncated file shows up here.
+                    block.check_faults(true)?;
                     ChannelStats::add(&stats.bytes, (wire.len() + normal as usize * page) as u64);
                     ChannelStats::add(&stats.packets, 1);
                     ChannelStats::add(&stats.normal_pages, u64::from(normal));

@@ -12,7 +12,8 @@ use std::io::IoSlice;
 use std::sync::Mutex;
 
 use crate::error::{Error, ErrorCode, Result, fail};
-use crate::io::{Boundary, io_error, iovec};
+use crate::error::os_error;
+use crate::io::Boundary;
 use crate::tls::{TlsClient, TlsServer, TlsStream};
 use crate::tls::Got;
 
@@ -46,7 +47,7 @@ impl Address {
     }
 
     fn resolve(host: &str, port: u16) -> Result<Vec<SocketAddr>> {
-        let addrs: Vec<_> = (host, port).to_socket_addrs().map_err(|e| io_error(&format!("resolve {host}"), e))?.collect();
+        let addrs: Vec<_> = (host, port).to_socket_addrs().map_err(|e| os_error(format_args!("resolve {host}"), e))?.collect();
         if addrs.is_empty() {
             fail!(Io, "host {host} resolves to no address");
         }
@@ -80,6 +81,24 @@ impl Socket {
     }
 }
 
+/// One TLS read of an exact read of `total` bytes, `done` so far: the bytes it brought, `None`
+/// for a clean end before the first byte, an error for an end or a timeout after it.
+fn tls_step(got: Got, done: usize, total: usize) -> Result<Option<usize>> {
+    match got {
+        Got::Data(n) => Ok(Some(n)),
+        Got::Eof if done == 0 => Ok(None),
+        Got::Eof => fail!(ConnectionClosed, "peer closed the channel after {done} of {total} bytes"),
+        Got::Idle => fail!(Timeout, "read from channel timed out after {done} of {total} bytes"),
+    }
+}
+
+/// Bytes TLS copies out of or into block memory at a time, per thread.
+const BOUNCE_SIZE: usize = 64 << 10;
+
+thread_local! {
+    static BOUNCE: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0u8; BOUNCE_SIZE]);
+}
+
 /// One stream connection: a control or a multifd channel, in plaintext or TLS.
 ///
 /// Every read and write of the protocol goes through here. Plaintext moves bytes with
@@ -110,7 +129,7 @@ impl Conn {
                 for sa in Address::resolve(host, *port)? {
                     match TcpStream::connect_timeout(&sa, timeout) {
                         Ok(s) => {
-                            s.set_nodelay(true).map_err(|e| io_error("set TCP_NODELAY", e))?;
+                            s.set_nodelay(true).map_err(|e| os_error("set TCP_NODELAY", e))?;
                             return Ok(Conn::new(Socket::Tcp(s)));
                         }
                         Err(e) => last = Some(e),
@@ -178,7 +197,7 @@ impl Conn {
             Socket::Tcp(s) => s.set_read_timeout(t),
             Socket::Unix(s) => s.set_read_timeout(t),
         }
-        .map_err(|e| io_error("set read timeout", e))
+        .map_err(|e| os_error("set read timeout", e))
     }
 
     pub fn set_write_timeout(&self, t: Option<Duration>) -> Result<()> {
@@ -186,7 +205,7 @@ impl Conn {
             Socket::Tcp(s) => s.set_write_timeout(t),
             Socket::Unix(s) => s.set_write_timeout(t),
         }
-        .map_err(|e| io_error("set write timeout", e))
+        .map_err(|e| os_error("set write timeout", e))
     }
 
     /// Bounds how long the peer may stall this connection: reads and writes block at most
@@ -208,7 +227,7 @@ impl Conn {
                 // SAFETY: setsockopt reads one c_int from a live local, on our own descriptor.
                 let rc = unsafe { libc::setsockopt(self.fd(), level, name, (&value as *const libc::c_int).cast(), size_of::<libc::c_int>() as libc::socklen_t) };
                 if rc != 0 {
-                    return Err(io_error("set TCP peer timeout options", io::Error::last_os_error()));
+                    return Err(os_error("set TCP peer timeout options", io::Error::last_os_error()));
                 }
             }
         }
@@ -219,39 +238,65 @@ impl Conn {
         matches!(self.socket, Socket::Tcp(_))
     }
 
-    /// Writes every byte of `bufs`.
+    /// Writes every byte of `bufs` (private buffers; with TLS, encrypted straight from them).
     pub fn write_all(&self, bufs: &[&[u8]]) -> Result<()> {
-        let mut iov: Vec<libc::iovec> = bufs.iter().map(|b| iovec(b.as_ptr(), b.len())).collect();
-        // SAFETY: the iovecs point into the borrowed slices, alive for this call.
-        unsafe { self.writev_all(&mut iov) }
+        if let Some(tls) = &self.tls {
+            let mut slices: Vec<IoSlice<'_>> = bufs.iter().map(|b| IoSlice::new(b)).collect();
+            return tls.write_all(self.fd(), &mut slices);
+        }
+        crate::io::write_all(self.fd(), bufs)
     }
 
-    /// Writes every byte the iovecs describe.
+    /// Writes every byte the iovecs describe (block memory: with TLS, copied out through a
+    /// per-thread buffer a chunk at a time, see `crate::memory`, all under one hold of the
+    /// session lock, so another thread's records never land in between).
     ///
     /// # Safety
     /// Every iovec must describe readable memory that stays mapped for the duration of the call.
     pub unsafe fn writev_all(&self, iov: &mut [libc::iovec]) -> Result<()> {
-        match &self.tls {
+        let Some(tls) = &self.tls else {
             // SAFETY: forwarded from the caller.
-            None => unsafe { crate::io::writev_all(self.fd(), iov) },
-            Some(tls) => {
-                // SAFETY: the caller guarantees each iovec is readable for this call; IoSlice
-                // has iovec's layout.
-                let slices = unsafe { std::slice::from_raw_parts_mut(iov.as_mut_ptr().cast::<IoSlice<'_>>(), iov.len()) };
-                tls.write_all(self.fd(), slices)
-            }
-        }
+            return unsafe { crate::io::writev_all(self.fd(), iov) };
+        };
+        let mut pending = iov.iter().map(|v| (v.iov_base.cast::<u8>().cast_const(), v.iov_len));
+        let mut part: Option<(*const u8, usize)> = None;
+        BOUNCE.with_borrow_mut(|bounce| {
+            tls.write_from(self.fd(), bounce, |buf| {
+                let mut filled = 0;
+                while filled < buf.len() {
+                    let Some((ptr, len)) = part.take().or_else(|| pending.next()) else { break };
+                    let n = len.min(buf.len() - filled);
+                    // SAFETY: the caller guarantees the iovec is readable for this call; n <= len.
+                    unsafe { crate::memory::copy_out_raw(ptr, &mut buf[filled..filled + n]) };
+                    filled += n;
+                    if n < len {
+                        part = Some((ptr.wrapping_add(n), len - n));
+                    }
+                }
+                filled
+            })
+        })
     }
 
     /// Reads exactly `buf.len()` bytes; `Ok(false)` when the peer closed before the first.
     pub fn read_exact(&self, buf: &mut [u8]) -> Result<bool> {
-        let mut iov = [iovec(buf.as_mut_ptr(), buf.len())];
-        // SAFETY: the iovec points into the exclusively borrowed slice.
-        unsafe { self.readv_exact(&mut iov) }
+        let Some(tls) = &self.tls else {
+            return crate::io::read_exact(self.fd(), buf);
+        };
+        let timeout = *self.read_timeout.lock().unwrap();
+        let (total, mut done) = (buf.len(), 0);
+        while done < total {
+            match tls_step(tls.read_some(self.fd(), &mut buf[done..], timeout)?, done, total)? {
+                Some(n) => done += n,
+                None => return Ok(false),
+            }
+        }
+        Ok(true)
     }
 
-    /// Reads exactly the bytes the iovecs describe; `Ok(false)` when the peer closed before
-    /// the first byte, `ERR_MULTIFD_CONNECTION_CLOSED` when it closed after.
+    /// Reads exactly the bytes the iovecs describe (block memory: with TLS, decrypted into a
+    /// per-thread buffer and copied in, see `crate::memory`); `Ok(false)` when the peer closed
+    /// before the first byte, `ERR_MULTIFD_CONNECTION_CLOSED` when it closed after.
     ///
     /// # Safety
     /// Every iovec must describe writable memory that stays mapped for the duration of the call.
@@ -263,23 +308,23 @@ impl Conn {
         let total: usize = iov.iter().map(|v| v.iov_len).sum();
         let timeout = *self.read_timeout.lock().unwrap();
         let mut done = 0usize;
-        for v in iov.iter() {
-            // SAFETY: the caller guarantees the iovec is writable and not aliased for this call.
-            let part = unsafe { std::slice::from_raw_parts_mut(v.iov_base.cast::<u8>(), v.iov_len) };
-            let mut filled = 0;
-            while filled < part.len() {
-                match tls.read_some(self.fd(), &mut part[filled..], timeout)? {
-                    Got::Data(n) => {
-                        filled += n;
-                        done += n;
-                    }
-                    Got::Eof if done == 0 => return Ok(false),
-                    Got::Eof => fail!(ConnectionClosed, "peer closed the channel after {done} of {total} bytes"),
-                    Got::Idle => fail!(Timeout, "read from channel timed out after {done} of {total} bytes"),
+        BOUNCE.with_borrow_mut(|bounce| {
+            for v in iov.iter() {
+                let mut filled = 0;
+                while filled < v.iov_len {
+                    let want = (v.iov_len - filled).min(bounce.len());
+                    let Some(n) = tls_step(tls.read_some(self.fd(), &mut bounce[..want], timeout)?, done, total)? else {
+                        return Ok(false);
+                    };
+                    // SAFETY: the caller guarantees the iovec is writable for this call;
+                    // filled + n <= iov_len.
+                    unsafe { crate::memory::copy_in_raw(v.iov_base.cast::<u8>().add(filled), &bounce[..n]) };
+                    filled += n;
+                    done += n;
                 }
             }
-        }
-        Ok(true)
+            Ok(true)
+        })
     }
 
     /// Reads `buf` starting at a packet boundary: a timeout before the first byte is `Idle`;
@@ -318,7 +363,7 @@ impl Listener {
         let l = match addr {
             Address::Tcp { host, port } => {
                 let sa = Address::resolve(host, *port)?[0];
-                Listener::Tcp(TcpListener::bind(sa).map_err(|e| io_error(&format!("listen on {addr}"), e))?)
+                Listener::Tcp(TcpListener::bind(sa).map_err(|e| os_error(format_args!("listen on {addr}"), e))?)
             }
             Address::Unix(path) => {
                 // A socket file left by a process that died is stale; anything else is not ours.
@@ -331,14 +376,14 @@ impl Listener {
                     }
                     let _ = std::fs::remove_file(path);
                 }
-                Listener::Unix(UnixListener::bind(path).map_err(|e| io_error(&format!("listen on {addr}"), e))?, path.clone())
+                Listener::Unix(UnixListener::bind(path).map_err(|e| os_error(format_args!("listen on {addr}"), e))?, path.clone())
             }
         };
         match &l {
             Listener::Tcp(s) => s.set_nonblocking(true),
             Listener::Unix(s, _) => s.set_nonblocking(true),
         }
-        .map_err(|e| io_error("set listener non-blocking", e))?;
+        .map_err(|e| os_error("set listener non-blocking", e))?;
         Ok(l)
     }
 
@@ -346,7 +391,7 @@ impl Listener {
     pub fn local_address(&self) -> Result<Address> {
         match self {
             Listener::Tcp(s) => {
-                let sa = s.local_addr().map_err(|e| io_error("local address", e))?;
+                let sa = s.local_addr().map_err(|e| os_error("local address", e))?;
                 Ok(Address::Tcp { host: sa.ip().to_string(), port: sa.port() })
             }
             Listener::Unix(_, path) => Ok(Address::Unix(path.clone())),
@@ -377,7 +422,7 @@ impl Listener {
                         Socket::Tcp(s) => s.set_nonblocking(false),
                         Socket::Unix(s) => s.set_nonblocking(false),
                     }
-                    .map_err(|e| io_error("set connection blocking", e))?;
+                    .map_err(|e| os_error("set connection blocking", e))?;
                     return Ok(Some(conn));
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
@@ -385,7 +430,7 @@ impl Listener {
                 Err(e) if matches!(e.raw_os_error(), Some(libc::ECONNABORTED | libc::EMFILE | libc::ENFILE)) => {
                     // A client that gave up, or descriptors exhausted: not fatal for the listener.
                 }
-                Err(e) => return Err(io_error("accept", e)),
+                Err(e) => return Err(os_error("accept", e)),
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {

@@ -14,7 +14,8 @@ use std::time::Duration;
 
 use crate::block::RamBlock;
 use crate::error::{Error, ErrorCode, Result, fail};
-use crate::io::{io_error, iovec, write_all_flags};
+use crate::error::os_error;
+use crate::io::{iovec, write_all_flags};
 use crate::session::ChannelStats;
 
 /// `SO_EE_ORIGIN_ZEROCOPY` (not in the libc crate).
@@ -119,7 +120,7 @@ impl ZeroCopySender {
                         break;
                     }
                 }
-                _ => return Err(io_error("zero-copy send", e)),
+                _ => return Err(os_error("zero-copy send", e)),
             }
         }
         if self.outstanding() > 0 {
@@ -152,7 +153,7 @@ impl ZeroCopySender {
                 return match e.raw_os_error() {
                     Some(libc::EAGAIN) => Ok(()),
                     Some(libc::EINTR) => continue,
-                    _ => Err(io_error("read zero-copy completions", e)),
+                    _ => Err(os_error("read zero-copy completions", e)),
                 };
             }
             // SAFETY: msg was filled by recvmsg; CMSG_* walk its control buffer within

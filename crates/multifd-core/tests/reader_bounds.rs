@@ -33,8 +33,7 @@ impl Drop for TempDir {
 fn block(name: &str, pages: u64) -> Arc<RamBlock> {
     let b = Arc::new(RamBlock::allocate(name, pages * 4096, 4096, false).unwrap());
     for p in 0..pages {
-        // SAFETY: test-only write inside the block.
-        unsafe { *b.page_ptr(p * 4096) = p as u8 + 1 };
+        b.store(p * 4096, &[p as u8 + 1]).unwrap();
     }
     b
 }

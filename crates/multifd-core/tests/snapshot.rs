@@ -32,13 +32,15 @@ fn blocks() -> Vec<Arc<RamBlock>> {
             if p % 3 == 0 {
                 continue; // zero page
             }
-            for i in 0..4096 {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                // SAFETY: test-only write inside the block.
-                unsafe { *b.page_ptr(p * 4096).add(i) = x as u8 };
-            }
+            let page: Vec<u8> = (0..4096)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x as u8
+                })
+                .collect();
+            b.store(p * 4096, &page).unwrap();
         }
     }
     bs
@@ -49,7 +51,7 @@ fn fresh_like(bs: &[Arc<RamBlock>]) -> Vec<Arc<RamBlock>> {
 }
 
 fn same(a: &[Arc<RamBlock>], b: &[Arc<RamBlock>]) -> bool {
-    a.iter().zip(b).all(|(x, y)| (0..x.pages() as u64).all(|p| x.page(p * 4096) == y.page(p * 4096)))
+    a.iter().zip(b).all(|(x, y)| (0..x.pages() as u64).all(|p| x.read_page(p * 4096) == y.read_page(p * 4096)))
 }
 
 fn opts(channels: usize, incremental: bool) -> SnapshotOptions {
@@ -84,12 +86,9 @@ fn incremental_snapshots_write_only_dirty_pages() {
     let src = blocks();
     snapshot(&src, &path, opts(2, false), &Progress::default()).unwrap();
     // data -> other data, data -> zero, zero -> data
-    // SAFETY: test-only writes inside the block.
-    unsafe {
-        std::ptr::write_bytes(src[0].page_ptr(4096), 0xab, 4096);
-        std::ptr::write_bytes(src[0].page_ptr(2 * 4096), 0, 4096);
-        std::ptr::write_bytes(src[1].page_ptr(3 * 4096), 0xcd, 4096);
-    }
+    src[0].fill(4096, 4096, 0xab).unwrap();
+    src[0].fill(2 * 4096, 4096, 0).unwrap();
+    src[1].fill(3 * 4096, 4096, 0xcd).unwrap();
     src[0].mark_dirty(4096, 2 * 4096).unwrap();
     src[1].mark_dirty(3 * 4096, 1).unwrap();
     let progress = Progress::default();
@@ -101,8 +100,7 @@ fn incremental_snapshots_write_only_dirty_pages() {
     // Stale data in the target must not survive for pages absent from the file.
     for b in &dst {
         b.mark_written();
-        // SAFETY: test-only write of the whole block.
-        unsafe { std::ptr::write_bytes(b.as_ptr(), 0xee, b.len() as usize) };
+        b.fill(0, b.len(), 0xee).unwrap();
     }
     restore(&path, &dst, 4, &Progress::default()).unwrap();
     assert!(same(&src, &dst));

@@ -37,19 +37,19 @@ fn recorder(n: usize) -> (Address, std::thread::JoinHandle<Vec<Vec<u8>>>) {
 fn fill(b: &RamBlock, seed: u64) {
     let mut x = seed | 1;
     for p in 0..b.pages() as u64 {
-        let ptr = b.page_ptr(p * 4096);
-        for i in 0..4096usize {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            let byte = match p % 4 {
-                0 => 0,
-                1 => b"multifd text page "[i % 18],
-                _ => x as u8,
-            };
-            // SAFETY: test-only write inside the block.
-            unsafe { *ptr.add(i) = byte };
-        }
+        let page: Vec<u8> = (0..4096usize)
+            .map(|i| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                match p % 4 {
+                    0 => 0,
+                    1 => b"multifd text page "[i % 18],
+                    _ => x as u8,
+                }
+            })
+            .collect();
+        b.store(p * 4096, &page).unwrap();
     }
 }
 
@@ -84,12 +84,9 @@ fn record(compression: Compression, channels: u8) -> (Vec<Arc<RamBlock>>, Vec<Ve
     source.sync(1).unwrap();
     // Round 2: rewrite the first pages (data -> other data, data -> zero, zero -> data) and
     // send them again: they may travel on other channels than in round 1.
-    // SAFETY: test-only writes inside the block.
-    unsafe {
-        std::ptr::write_bytes(blocks[0].page_ptr(4096), 0x77, 4096);
-        std::ptr::write_bytes(blocks[0].page_ptr(2 * 4096), 0, 4096);
-        std::ptr::write_bytes(blocks[0].page_ptr(0), 0x11, 4096);
-    }
+    blocks[0].fill(4096, 4096, 0x77).unwrap();
+    blocks[0].fill(2 * 4096, 4096, 0).unwrap();
+    blocks[0].fill(0, 4096, 0x11).unwrap();
     blocks[0].mark_dirty(0, 3 * 4096).unwrap();
     source.send(2, blocks[0].clone(), Selection::Dirty).unwrap();
     source.sync(3).unwrap();
@@ -114,7 +111,7 @@ fn recorded_streams_rebuild_the_blocks_for_every_method() {
         for b in &blocks {
             let (_, data) = r.blocks.iter().find(|(n, _)| n == b.name()).expect("block present");
             assert_eq!(data.len() as u64, b.len(), "{}", b.name());
-            let same = (0..b.pages() as u64).all(|p| b.page(p * 4096) == &data[p as usize * 4096..(p as usize + 1) * 4096]);
+            let same = (0..b.pages() as u64).all(|p| b.read_page(p * 4096) == data[p as usize * 4096..(p as usize + 1) * 4096]);
             assert!(same, "{} differs with {}", b.name(), compression.name());
         }
     }

@@ -3,9 +3,8 @@
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::path::PathBuf;
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use multifd_core::block::RamBlock;
@@ -19,26 +18,7 @@ use multifd_core::wire::{Compression, Geometry};
 use multifd_core::{Error, ErrorCode};
 
 mod common;
-use common::{fill, sink};
-
-fn pki() -> &'static PathBuf {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let dir = std::env::temp_dir().join(format!("multifd-tls-test-{}", std::process::id()));
-        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../scripts/test-certs.sh");
-        let ok = std::process::Command::new("bash").arg(script).arg(&dir).status().expect("run test-certs.sh").success();
-        assert!(ok, "test-certs.sh failed (is openssl installed?)");
-        dir
-    })
-}
-
-fn pem(name: &str) -> Vec<u8> {
-    std::fs::read(pki().join(name)).unwrap()
-}
-
-fn options(who: &str, ca: &str) -> TlsOptions {
-    TlsOptions { cert: pem(&format!("{who}.pem")), key: pem(&format!("{who}.key")), ca: pem(ca), ..Default::default() }
-}
+use common::{fill, options, pem, sink};
 
 fn server(allow: &[&str]) -> TlsServer {
     TlsServer::new(&TlsOptions { allow: allow.iter().map(|s| s.to_string()).collect(), ..options("dest", "ca.pem") }).unwrap()
@@ -49,7 +29,7 @@ fn client(who: &str, ca: &str, name: Option<&str>, addr: &Address) -> TlsClient 
 }
 
 fn is_zero(b: &RamBlock) -> bool {
-    (0..b.pages() as u64).all(|p| b.page(p * 4096).iter().all(|&x| x == 0))
+    (0..b.pages() as u64).all(|p| b.read_page(p * 4096).iter().all(|&x| x == 0))
 }
 
 fn source_config(address: &Address, channels: u8, tls: Option<TlsClient>) -> SourceConfig {
@@ -112,7 +92,7 @@ fn mutual_tls_moves_every_page_and_hides_them_on_the_wire() {
     let (proxy, seen) = recording_proxy(dest.address());
     let src = Arc::new(RamBlock::allocate("pc.ram", 1 << 20, 4096, false).unwrap());
     fill(&src, 11, 0);
-    let marker: Vec<u8> = src.page(4096 * 7)[..32].to_vec();
+    let marker: Vec<u8> = src.read_page(4096 * 7)[..32].to_vec();
 
     // Control: handshake, then frames both ways.
     let (csink, crx) = sink();
@@ -156,7 +136,7 @@ fn mutual_tls_moves_every_page_and_hides_them_on_the_wire() {
             break;
         }
     }
-    assert!((0..256u64).all(|p| src.page(p * 4096) == dst.page(p * 4096)), "pages differ");
+    assert!((0..256u64).all(|p| src.read_page(p * 4096) == dst.read_page(p * 4096)), "pages differ");
     dest.finish().unwrap();
     source.close(false);
     control.close();

@@ -16,7 +16,7 @@ mod common;
 use common::{fill, sink};
 
 fn same(a: &RamBlock, b: &RamBlock) -> bool {
-    (0..a.pages() as u64).all(|p| a.page(p * 4096) == b.page(p * 4096))
+    (0..a.pages() as u64).all(|p| a.read_page(p * 4096) == b.read_page(p * 4096))
 }
 
 fn wait_for(rx: &mpsc::Receiver<Event>, mut want: impl FnMut(&Event) -> bool) -> Event {
@@ -86,12 +86,10 @@ fn run(address: &str, channels: u8, compression: Compression) {
     assert!(src_blocks.iter().zip(&dst_blocks).all(|(a, b)| same(a, b)));
 
     // Round 2: change a few pages, send only the dirty ones.
-    // SAFETY: test-only writes inside the block.
-    unsafe { *src_blocks[0].page_ptr(8192) = 0xab };
+    src_blocks[0].store(8192, &[0xab]).unwrap();
     src_blocks[0].mark_dirty(8192, 1).unwrap();
     src_blocks[1].mark_dirty(0, 4096 * 3).unwrap();
-    // SAFETY: as above.
-    unsafe { std::ptr::write_bytes(src_blocks[1].page_ptr(4096), 0, 4096) };
+    src_blocks[1].fill(4096, 4096, 0).unwrap();
     for (i, b) in src_blocks.iter().enumerate() {
         source.send(200 + i as u32, b.clone(), Selection::Dirty).unwrap();
     }

@@ -14,7 +14,7 @@ use rustls::Connection;
 
 use super::{TlsClient, TlsServer, tls_error};
 use crate::error::{Error, ErrorCode, Result, fail};
-use crate::io::io_error;
+use crate::error::os_error;
 
 /// Bytes read from the socket per system call; rustls takes them 4 KiB at a time.
 const INBOX_SIZE: usize = 256 << 10;
@@ -76,7 +76,7 @@ impl Inbox {
             return Ok(false);
         }
         (self.start, self.end) = (0, 0);
-        let n = raw_read(fd, &mut self.buf).map_err(|e| io_error("read from connection", e))?;
+        let n = raw_read(fd, &mut self.buf).map_err(|e| os_error("read from connection", e))?;
         self.end = n;
         self.eof = n == 0;
         Ok(true)
@@ -197,12 +197,12 @@ impl TlsStream {
                     Ok(n) => return Ok(Got::Data(n)),
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                     Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(Got::Eof),
-                    Err(e) => return Err(io_error("read TLS plaintext", e)),
+                    Err(e) => return Err(os_error("read TLS plaintext", e)),
                 }
                 if !inbox.pending().is_empty() || inbox.eof {
                     if let Err(e) = inbox.feed(&mut state) {
                         return Err(match e {
-                            FeedError::Io(e) => io_error("read TLS record", e),
+                            FeedError::Io(e) => os_error("read TLS record", e),
                             FeedError::Tls(e) => tls_error(&e, self.peer),
                         });
                     }
@@ -219,11 +219,31 @@ impl TlsStream {
     pub(crate) fn write_all(&self, fd: RawFd, mut bufs: &mut [IoSlice<'_>]) -> Result<()> {
         let mut state = self.state.lock().unwrap();
         while !bufs.is_empty() {
-            let n = state.writer().write_vectored_all(bufs).map_err(|e| io_error("encrypt for TLS", e))?;
+            let n = state.writer().write_vectored_all(bufs).map_err(|e| os_error("encrypt for TLS", e))?;
             IoSlice::advance_slices(&mut bufs, n);
             flush(&mut state, fd)?;
         }
         Ok(())
+    }
+}
+
+impl TlsStream {
+    /// Encrypts and sends the bytes `fill` puts into `buf`, chunk after chunk until it puts
+    /// none, all under one hold of the session lock (so no other write lands in between).
+    pub(crate) fn write_from(&self, fd: RawFd, buf: &mut [u8], mut fill: impl FnMut(&mut [u8]) -> usize) -> Result<()> {
+        let mut state = self.state.lock().unwrap();
+        loop {
+            let n = fill(buf);
+            if n == 0 {
+                return Ok(());
+            }
+            let mut bufs = &mut [IoSlice::new(&buf[..n])][..];
+            while !bufs.is_empty() {
+                let w = state.writer().write_vectored_all(bufs).map_err(|e| os_error("encrypt for TLS", e))?;
+                IoSlice::advance_slices(&mut bufs, w);
+                flush(&mut state, fd)?;
+            }
+        }
     }
 }
 
@@ -268,7 +288,7 @@ fn await_verdict(fd: RawFd, conn: &mut Connection, inbox: &mut Inbox, deadline: 
 /// Writes every pending record.
 fn flush(conn: &mut Connection, fd: RawFd) -> Result<()> {
     while conn.wants_write() {
-        conn.write_tls(&mut FdWriter(fd)).map_err(|e| io_error("write to connection", e))?;
+        conn.write_tls(&mut FdWriter(fd)).map_err(|e| os_error("write to connection", e))?;
     }
     Ok(())
 }
@@ -338,7 +358,7 @@ fn wait_readable(fd: RawFd, timeout: Option<Duration>) -> Result<bool> {
         if rc < 0 {
             let e = io::Error::last_os_error();
             if e.kind() != io::ErrorKind::Interrupted {
-                return Err(io_error("poll connection", e));
+                return Err(os_error("poll connection", e));
             }
         }
     }
