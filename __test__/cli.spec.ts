@@ -156,7 +156,7 @@ test('a full disk is ERR_MULTIFD_NO_SPACE naming the output, with a summary and 
     t.is(rr.signal, null, `recv (${compression}) was killed by ${rr.signal}`)
     t.is(rr.code, 1, rr.stderr)
     t.like(lastJson(rr.stdout), { status: 'failed', error: { code: 'ERR_MULTIFD_NO_SPACE' } }, rr.stdout)
-    t.regex(JSON.stringify(lastJson(rr.stdout).error), new RegExp(`${full}/a-${compression}\\.out`), 'the message names the output file')
+    t.regex(JSON.stringify(lastJson(rr.stdout).error), new RegExp(`${full}/\\.?a-${compression}\\.out`), 'the message names the output file (or its partial name beside it)')
     t.is(tx.code, 1, tx.stderr)
   }
   const s = await cli(['snapshot', img, '--to', join(d, 's.snap'), '--json']).done
@@ -165,7 +165,7 @@ test('a full disk is ERR_MULTIFD_NO_SPACE naming the output, with a summary and 
   t.is(r.signal, null, `restore was killed by ${r.signal}`)
   t.is(r.code, 1, r.stderr)
   t.like(lastJson(r.stdout), { status: 'failed', error: { code: 'ERR_MULTIFD_NO_SPACE' } }, r.stdout)
-  t.regex(JSON.stringify(lastJson(r.stdout).error), new RegExp(`${full}/restored/a\\.img`))
+  t.regex(JSON.stringify(lastJson(r.stdout).error), new RegExp(`${full}/restored/.*a\\.img`))
 })
 
 test('holes stay holes: zero pages received or restored take no disk space', async (t) => {
