@@ -47,6 +47,7 @@ export const ERROR_CODES = [
   'ERR_MULTIFD_TLS_REJECTED',
   'ERR_MULTIFD_TLS_REQUIRED',
   'ERR_MULTIFD_TLS_UNAVAILABLE',
+  'ERR_MULTIFD_QEMU_STREAM',
 ] as const
 
 export type MultifdErrorCode = (typeof ERROR_CODES)[number]

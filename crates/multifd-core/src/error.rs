@@ -126,6 +126,10 @@ error_codes! {
     TlsRequired => "ERR_MULTIFD_TLS_REQUIRED",
     /// One side started TLS and the other has no TLS configured.
     TlsUnavailable => "ERR_MULTIFD_TLS_UNAVAILABLE",
+    /// A QEMU main migration stream this implementation cannot follow: an iterable section
+    /// other than RAM, an unknown command or RAM flag, a capability it does not carry
+    /// (x-ignore-shared, postcopy), a malformed section.
+    QemuStream => "ERR_MULTIFD_QEMU_STREAM",
 }
 
 impl fmt::Display for ErrorCode {
