@@ -175,7 +175,7 @@ fn receives_two_sync_rounds_in_order_into_a_qemu_file_and_raw_images() {
     let mut m = Vec::new();
     qemu_stream::encode_command(&mut m, qemu_stream::CMD_SWITCHOVER_START, &[]);
     qemu_stream::encode_section_part(&mut m, kind::SECTION_END, 7);
-    qemu_stream::encode_ram_word(&mut m, 20 * P | ram_flag::PAGE);
+    qemu_stream::encode_ram_word(&mut m, (20 * P) | ram_flag::PAGE);
     qemu_stream::put_idstr(&mut m, "mem");
     m.extend_from_slice(&page(0xc0, 20));
     qemu_stream::encode_ram_word(&mut m, ram_flag::MULTIFD_FLUSH);

@@ -144,10 +144,10 @@ impl PageSink {
     /// A page that is zero now: no data in the file (its bit cleared); a raw image that
     /// held data there gets zeros.
     pub fn zero(&self, block: usize, offset: u64) -> Result<()> {
-        if self.maps[block].clear(offset / self.page_size) {
-            if let Some((path, f)) = self.raw.get(block) {
-                f.write_all_at(&self.zeros, offset).map_err(|e| io(e, format_args!("write {}", path.display())))?;
-            }
+        if self.maps[block].clear(offset / self.page_size)
+            && let Some((path, f)) = self.raw.get(block)
+        {
+            f.write_all_at(&self.zeros, offset).map_err(|e| io(e, format_args!("write {}", path.display())))?;
         }
         Ok(())
     }

@@ -277,7 +277,10 @@ impl QemuReceiver {
     }
 }
 
-type Stream<'a> = StreamReader<BufReader<std::io::Chain<std::io::Cursor<[u8; 4]>, MainReader>>>;
+/// A `QEMU_VM_COMMAND` kept for the file: command and payload.
+type Command = (u16, Vec<u8>);
+
+type Stream = StreamReader<BufReader<std::io::Chain<std::io::Cursor<[u8; 4]>, MainReader>>>;
 
 /// The main thread's state while it follows the stream.
 struct MainLoop<'a> {
@@ -297,7 +300,7 @@ struct MainLoop<'a> {
 impl MainLoop<'_> {
     /// Everything after the block list: RAM section parts up to its END, the commands
     /// between them, then the device state up to the end of the stream.
-    fn follow(&mut self, r: &mut Stream, ram_id: u32) -> Result<(Vec<(u16, Vec<u8>)>, Vec<u8>)> {
+    fn follow(&mut self, r: &mut Stream, ram_id: u32) -> Result<(Vec<Command>, Vec<u8>)> {
         let mut commands = Vec::new();
         self.ram_records(r)?;
         r.footer(ram_id)?;
@@ -494,10 +497,8 @@ impl ChannelRx {
             let len = v.payload_len as usize;
             let normal = header.normal_pages as usize;
             let raw_len = normal * page as usize;
-            if len > 0 {
-                if !self.conn.read_exact(&mut payload[..len])? {
-                    fail!(ConnectionClosed, "the channel closed before packet {}'s payload", header.packet_num);
-                }
+            if len > 0 && !self.conn.read_exact(&mut payload[..len])? {
+                fail!(ConnectionClosed, "the channel closed before packet {}'s payload", header.packet_num);
             }
             let data: &[u8] = if method == Compression::None || normal == 0 {
                 &payload[..len]
