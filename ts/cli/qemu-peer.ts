@@ -93,7 +93,7 @@ export async function recvQemu(argv: string[]): Promise<CommandResult> {
       seconds: s.seconds,
       bytesPerSecond: s.seconds > 0 ? wire / s.seconds : 0,
       channels: s.perChannel.length,
-      pages: pagesOf(s.perChannel),
+      pages: { normal: pagesOf(s.perChannel).normal + s.mainPages, zero: pagesOf(s.perChannel).zero + s.mainZeroPages },
       perChannel: s.perChannel,
       address: rx.address,
       ...(o.to ? { to: o.to } : {}),

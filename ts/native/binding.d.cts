@@ -378,6 +378,9 @@ export interface QemuRecvSummary {
   to?: string
   blocks: Array<QemuPeerBlock>
   mainBytes: number
+  /** Pages the main channel carried itself (a source without multifd): with data, zero. */
+  mainPages: number
+  mainZeroPages: number
   perChannel: Array<QemuPeerChannel>
   /** Flushes (sync rounds) the source made. */
   flushes: number

@@ -188,6 +188,7 @@ fn receives_two_sync_rounds_in_order_into_a_qemu_file_and_raw_images() {
 
     let s = server.join().unwrap().unwrap();
     assert_eq!(s.flushes, 3);
+    assert_eq!((s.main_pages, s.main_zero_pages), (1, 0));
     assert_eq!(s.pages_present, [10, 1]);
     assert_eq!(s.per_channel.iter().map(|c| c.syncs).collect::<Vec<_>>(), [3, 3]);
     assert_eq!(s.device_state_bytes, device_tail().len() as u64);

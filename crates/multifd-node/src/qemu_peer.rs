@@ -59,6 +59,9 @@ pub struct QemuRecvSummary {
     pub to: Option<String>,
     pub blocks: Vec<QemuPeerBlock>,
     pub main_bytes: f64,
+    /// Pages the main channel carried itself (a source without multifd): with data, zero.
+    pub main_pages: f64,
+    pub main_zero_pages: f64,
     pub per_channel: Vec<QemuPeerChannel>,
     /// Flushes (sync rounds) the source made.
     pub flushes: f64,
@@ -75,6 +78,8 @@ impl From<RecvSummary> for QemuRecvSummary {
             to: s.to.map(|p| p.display().to_string()),
             blocks: s.blocks.iter().zip(&s.pages_present).map(|(b, &p)| QemuPeerBlock { name: b.name.clone(), length: b.used_len as f64, pages_present: Some(p as f64) }).collect(),
             main_bytes: s.main_bytes as f64,
+            main_pages: s.main_pages as f64,
+            main_zero_pages: s.main_zero_pages as f64,
             per_channel: channels(&s.per_channel),
             flushes: s.flushes as f64,
             device_state_bytes: s.device_state_bytes as f64,

@@ -194,6 +194,9 @@ impl From<Counters> for ChannelTotals {
 pub struct PeerProgress {
     /// Bytes on the main channel.
     pub main_bytes: AtomicU64,
+    /// Pages that came on the main channel (QEMU without multifd): with data, and zero.
+    pub main_pages: AtomicU64,
+    pub main_zero_pages: AtomicU64,
     /// Bytes of guest RAM the run covers in all (known once the block list is read).
     pub total: AtomicU64,
     pub channels: std::sync::Mutex<Vec<std::sync::Arc<ChannelStats>>>,

@@ -40,6 +40,9 @@ pub struct RecvSummary {
     /// Pages holding data per block, in block order.
     pub pages_present: Vec<u64>,
     pub main_bytes: u64,
+    /// Pages the main channel carried itself (a source without multifd): with data, zero.
+    pub main_pages: u64,
+    pub main_zero_pages: u64,
     pub per_channel: Vec<ChannelTotals>,
     /// Flushes (sync rounds) the main stream carried.
     pub flushes: u64,
@@ -267,6 +270,8 @@ impl QemuReceiver {
             blocks,
             pages_present,
             main_bytes: self.progress.main_bytes.load(Ordering::Relaxed),
+            main_pages: self.progress.main_pages.load(Ordering::Relaxed),
+            main_zero_pages: self.progress.main_zero_pages.load(Ordering::Relaxed),
             per_channel: self.progress.per_channel(),
             flushes,
             device_state_bytes: tail.len() as u64,
@@ -356,9 +361,11 @@ impl MainLoop<'_> {
                             fail!(QemuStream, "a 'zero' page at byte {at} is filled with {fill:#04x}");
                         }
                         self.sink.zero(block, w.addr)?;
+                        self.rx.progress.main_zero_pages.fetch_add(1, Ordering::Relaxed);
                     } else {
                         r.fill(&mut self.page, "page data")?;
                         self.sink.data(block, w.addr, &self.page)?;
+                        self.rx.progress.main_pages.fetch_add(1, Ordering::Relaxed);
                     }
                 }
                 f => fail!(QemuStream, "RAM flags {f:#x} at byte {at} where pages, a flush or the end of the section belong"),
