@@ -18,6 +18,7 @@ import { createInterface } from 'node:readline'
 import { fileURLToPath } from 'node:url'
 import { promisify } from 'node:util'
 import { MultifdError, QemuReceiver, QemuSender, inspectQemuFile } from '../ts/index.js'
+import { fdCount, threadCount } from './helpers.js'
 
 const root = fileURLToPath(new URL('..', import.meta.url))
 const py = (name: string): string => join(root, 'bench/qemu', name)
@@ -218,16 +219,21 @@ const hostile: Array<[string, Buffer, string]> = [
 ]
 
 for (const [what, bytes, code] of hostile) {
-  test(`a main stream with ${what} fails with ${code} and leaves no file`, async (t) => {
+  test.serial(`a main stream with ${what} fails with ${code}, leaves no file, no thread and no descriptor`, async (t) => {
     const dir = mkdtempSync(join(tmpdir(), 'multifd-qemupeer-'))
     t.teardown(() => rmSync(dir, { recursive: true, force: true }))
     const to = join(dir, 'out.qemu')
+    const [fds, threads] = [fdCount(), threadCount()]
     const rx = QemuReceiver.listen({ address: 'tcp:127.0.0.1:0', to, peerTimeoutMs: 5_000 })
     const port = Number(rx.address.split(':').pop())
     const sock = net.connect(port, '127.0.0.1', () => sock.end(bytes))
     sock.on('error', () => {})
+    const closed = new Promise((r) => sock.once('close', r))
     const err = await rx.done.then(() => undefined, (e: unknown) => e)
     sock.destroy()
+    await closed
+    t.is(threadCount(), threads, 'the receive thread and any channel thread are joined')
+    t.is(fdCount(), fds, 'listener, connections and the partial file are closed')
     t.true(err instanceof MultifdError, String(err))
     t.is((err as MultifdError).code as string, code, (err as Error).message)
     t.false(existsSync(to))

@@ -53,9 +53,9 @@ pub struct RecvSummary {
     pub to: Option<PathBuf>,
 }
 
-/// A bound listener waiting for one QEMU source.
+/// A bound listener waiting for one QEMU source. The listener closes when the run ends.
 pub struct QemuReceiver {
-    listener: Listener,
+    listener: std::sync::Mutex<Option<Listener>>,
     address: Address,
     progress: Arc<PeerProgress>,
     failure: Arc<Failure>,
@@ -109,7 +109,7 @@ impl QemuReceiver {
     pub fn bind(address: &Address) -> Result<QemuReceiver> {
         let listener = Listener::bind(address)?;
         let address = listener.local_address()?;
-        Ok(QemuReceiver { listener, address, progress: Arc::default(), failure: Failure::new(Arc::new(|_| {})) })
+        Ok(QemuReceiver { listener: std::sync::Mutex::new(Some(listener)), address, progress: Arc::default(), failure: Failure::new(Arc::new(|_| {})) })
     }
 
     /// The address QEMU should migrate to (with the real port when bound to port 0).
@@ -176,7 +176,11 @@ impl QemuReceiver {
     /// Runs the whole receive. On failure nothing is left at `to` (the temporary file is
     /// removed) and the first error is returned.
     pub fn run(&self, opts: &RecvOptions) -> Result<RecvSummary> {
-        let r = self.run_inner(opts);
+        let Some(listener) = self.listener.lock().unwrap().take() else {
+            fail!(State, "this receiver already ran");
+        };
+        let r = self.run_inner(&listener, opts);
+        drop(listener);
         if let Err(e) = &r {
             self.failure.fail(e.clone());
         }
@@ -184,7 +188,7 @@ impl QemuReceiver {
         r.map_err(|e| self.failure.first().unwrap_or(e))
     }
 
-    fn run_inner(&self, opts: &RecvOptions) -> Result<RecvSummary> {
+    fn run_inner(&self, listener: &Listener, opts: &RecvOptions) -> Result<RecvSummary> {
         if opts.to.is_none() && opts.out_dir.is_none() {
             fail!(InvalidArgument, "recv --qemu needs --to FILE or --out DIR");
         }
@@ -192,7 +196,7 @@ impl QemuReceiver {
         // QEMU connects the main channel and its multifd channels in any order.
         let main = loop {
             self.check()?;
-            if let Some(conn) = self.listener.accept_timeout(Duration::from_millis(200))? {
+            if let Some(conn) = listener.accept_timeout(Duration::from_millis(200))? {
                 self.classify(conn, &mut acc, opts.peer_timeout)?;
             }
             if let Some(m) = &acc.main {
@@ -228,7 +232,7 @@ impl QemuReceiver {
         self.progress.total.store(word.addr, Ordering::Relaxed);
         let sink = Arc::new(PageSink::create(opts.to.as_deref(), opts.out_dir.as_deref(), &config, ram_id, &blocks)?);
 
-        let mut main = MainLoop { rx: self, opts, sink: sink.clone(), geometry, acc, barrier: None, threads: Vec::new(), compression: Arc::new(OnceLock::new()), last_block: None, page: vec![0; page_size as usize] };
+        let mut main = MainLoop { rx: self, listener, opts, sink: sink.clone(), geometry, acc, barrier: None, threads: Vec::new(), compression: Arc::new(OnceLock::new()), last_block: None, page: vec![0; page_size as usize] };
         let result = main.follow(&mut r, ram_id);
         let threads = std::mem::take(&mut main.threads);
         if let Err(e) = &result {
@@ -290,6 +294,7 @@ type Stream = StreamReader<BufReader<std::io::Chain<std::io::Cursor<[u8; 4]>, Ma
 /// The main thread's state while it follows the stream.
 struct MainLoop<'a> {
     rx: &'a QemuReceiver,
+    listener: &'a Listener,
     opts: &'a RecvOptions,
     sink: Arc<PageSink>,
     geometry: Geometry,
@@ -394,7 +399,7 @@ impl MainLoop<'_> {
                     if left.is_zero() {
                         fail!(Timeout, "{} of the {n} multifd channels connected within {} ms", self.acc.count(), self.opts.peer_timeout.as_millis());
                     }
-                    if let Some(c) = rx.listener.accept_timeout(left.min(Duration::from_millis(200)))? {
+                    if let Some(c) = self.listener.accept_timeout(left.min(Duration::from_millis(200)))? {
                         rx.classify(c, &mut self.acc, self.opts.peer_timeout)?;
                     }
                 }
@@ -402,7 +407,7 @@ impl MainLoop<'_> {
             None => {
                 // Whatever is waiting in the listen queue: QEMU connected every channel before
                 // it wrote the flush that got us here.
-                while let Some(c) = rx.listener.accept_timeout(Duration::ZERO)? {
+                while let Some(c) = self.listener.accept_timeout(Duration::ZERO)? {
                     rx.classify(c, &mut self.acc, self.opts.peer_timeout)?;
                 }
             }
