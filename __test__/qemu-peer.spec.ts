@@ -79,8 +79,9 @@ async function restoreMatches(file: string, ram: string, channels: number): Prom
 
 const leftovers = (dir: string): string[] => readdirSync(dir).filter((n) => n.includes('multifd-partial'))
 
-const matrix: Array<[string, number]> = [
+const matrix: Array<[string, number, ('legacy' | undefined)?]> = [
   ['none', 2],
+  ['none', 2, 'legacy'], // zero pages on the main channel, data pages on the multifd channels
   ['zlib', 2],
   ['zstd', 2],
   ['none', 1],
@@ -88,15 +89,15 @@ const matrix: Array<[string, number]> = [
   ['none', 0], // no multifd: QEMU sends every page on the main channel
 ]
 
-for (const [compression, channels] of matrix) {
-  live(`QEMU -> recv --qemu (${compression}, ${channels ? `${channels} channel(s)` : 'no multifd'}) -> a QEMU file that QEMU restores with mapped-ram + multifd${compression === 'none' && channels === 2 ? ' and mapped-ram alone; raw images too' : ''}`, async (t) => {
+for (const [compression, channels, zeroPages] of matrix) {
+  live(`QEMU -> recv --qemu (${compression}, ${channels ? `${channels} channel(s)` : 'no multifd'}${zeroPages ? `, zero-page-detection ${zeroPages}` : ''}) -> a QEMU file that QEMU restores with mapped-ram + multifd${compression === 'none' && channels === 2 && !zeroPages ? ' and mapped-ram alone; raw images too' : ''}`, async (t) => {
     t.timeout(240_000)
     const { dir, ram } = workdir(t)
     const to = join(dir, 'vm.qemu')
     const outDir = join(dir, 'raw')
-    const first = compression === 'none' && channels === 2
+    const first = compression === 'none' && channels === 2 && !zeroPages
     const rx = QemuReceiver.listen({ address: 'tcp:127.0.0.1:0', to, ...(first ? { outDir } : {}), ...(channels === 4 ? { channels: 4 } : {}) })
-    const [src, s] = await Promise.all([qemuSource(ram, rx.address, channels, compression), rx.done])
+    const [src, s] = await Promise.all([qemuSource(ram, rx.address, channels, compression, zeroPages ? ['--zero-page-detection', zeroPages] : []), rx.done])
     t.is(src.status, 'completed')
     t.is(s.compression, compression)
     t.is(s.perChannel.length, channels)
@@ -104,6 +105,7 @@ for (const [compression, channels] of matrix) {
       t.true(s.flushes >= 2, 'setup and completion flushes at least')
       t.true(s.perChannel.every((c) => c.syncs === s.flushes), 'one SYNC per channel per flush')
       t.is(s.mainPages, 0)
+      t.is(s.mainZeroPages > 0, zeroPages === 'legacy')
     } else {
       t.is(s.flushes, 0)
       t.is(s.mainPages + s.mainZeroPages, (SIZE_MIB << 20) / 4096 + 0x20000 / 4096 * 2 + 0x40000 / 4096 + 2, 'every page once on the main channel')

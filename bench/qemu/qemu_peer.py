@@ -52,6 +52,7 @@ def configure(qmp, a, side):
         params["multifd-compression"] = a.compression
     if side == "src":
         params["max-bandwidth"] = a.max_bandwidth
+        params["zero-page-detection"] = a.zero_page_detection
     if params:
         qmp.execute("migrate-set-parameters", **params)
 
@@ -123,6 +124,8 @@ def main(argv):
     ap.add_argument("--channels", type=int, default=2)
     ap.add_argument("--compression", choices=["none", "zlib", "zstd"], default="none")
     ap.add_argument("--max-bandwidth", type=int, default=1 << 40)
+    ap.add_argument("--zero-page-detection", choices=["multifd", "legacy", "none"], default="multifd",
+                    help="source: where zero pages are found (legacy: on the main channel)")
     ap.add_argument("--kill-after-bytes", type=int, default=0)
     ap.add_argument("--timeout", type=float, default=120)
     a = ap.parse_args(argv)
