@@ -211,3 +211,50 @@ fn receives_two_sync_rounds_in_order_into_a_qemu_file_and_raw_images() {
     assert!(bytes.ends_with(&device_tail()), "device state carried byte for byte");
     assert!(std::fs::read_dir(&dir.0).unwrap().all(|e| !e.unwrap().file_name().to_string_lossy().contains("partial")));
 }
+
+/// Without `channels`, the count is what connected by the first flush; a channel that comes
+/// later carried pages nobody read, so the receive fails rather than write a file without them.
+#[test]
+fn a_channel_connecting_after_the_first_flush_fails_the_receive() {
+    let dir = Tmp(std::env::temp_dir().join(format!("multifd-qemupeer-late-{}", std::process::id())));
+    std::fs::create_dir_all(&dir.0).unwrap();
+    let to = dir.0.join("vm.qemu");
+    let rx = QemuReceiver::bind(&Address::parse("tcp:127.0.0.1:0").unwrap()).unwrap();
+    let Address::Tcp { port, .. } = rx.address().clone() else { unreachable!() };
+    let progress = rx.progress();
+    let opts = RecvOptions { to: Some(to.clone()), out_dir: None, channels: None, peer_timeout: Duration::from_secs(10) };
+    let server = std::thread::spawn(move || rx.run(&opts));
+    let g = Geometry::x86();
+    let blocks = vec![RamBlockEntry { name: "mem".into(), used_len: 16 * P }];
+    let mut c0 = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    c0.write_all(&InitPacket { uuid: [0; 16], channel_id: 0 }.encode()).unwrap();
+    c0.write_all(&PacketHeader::sync(0).encode(g).unwrap()).unwrap();
+    let mut main = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let mut m = Vec::new();
+    qemu_stream::encode_header(&mut m);
+    Configuration { machine: "pc-i440fx-10.0".into(), capabilities: vec![], page_bits: None, uuid: None }.encode(&mut m);
+    qemu_stream::encode_ram_start(&mut m, 1, &blocks);
+    qemu_stream::encode_ram_word(&mut m, ram_flag::MULTIFD_FLUSH);
+    main.write_all(&m).unwrap();
+    // The receiver counts its channels at that flush.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while progress.channels.lock().unwrap().is_empty() {
+        assert!(std::time::Instant::now() < deadline, "the receiver never started its channels");
+        std::thread::yield_now();
+    }
+    let mut c1 = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    c1.write_all(&InitPacket { uuid: [0; 16], channel_id: 1 }.encode()).unwrap();
+    let mut m = Vec::new();
+    qemu_stream::encode_ram_word(&mut m, ram_flag::EOS);
+    qemu_stream::encode_footer(&mut m, 1);
+    qemu_stream::encode_section_part(&mut m, kind::SECTION_END, 1);
+    qemu_stream::encode_ram_word(&mut m, ram_flag::EOS);
+    qemu_stream::encode_footer(&mut m, 1);
+    m.extend_from_slice(&device_tail());
+    main.write_all(&m).unwrap();
+    drop((main, c0, c1));
+    let e = server.join().unwrap().unwrap_err();
+    assert_eq!(e.code, ErrorCode::ChannelCountMismatch, "{e}");
+    assert!(!to.exists());
+    assert!(std::fs::read_dir(&dir.0).unwrap().next().is_none(), "no partial file left");
+}

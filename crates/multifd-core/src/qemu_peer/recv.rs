@@ -330,9 +330,13 @@ impl MainLoop<'_> {
                 Top::Eof => fail!(Truncated, "the stream ended at byte {} before the RAM section did", r.pos()),
             }
         }
-        // A clean end needs every channel past its last SYNC and closed: then the source is done.
         let tail = r.rest(limits::MAX_DEVICE_STATE, "the device state")?;
         qemu_stream::split_device_tail(&tail)?;
+        // A channel that connected after the count was taken (a handshake held up on a lossy
+        // network) carried pages nobody read: never a file that silently lacks them.
+        if self.barrier.is_some() && self.opts.channels.is_none() && self.listener.accept_timeout(Duration::ZERO)?.is_some() {
+            fail!(ChannelCountMismatch, "a connection arrived after the first flush, when the {} multifd channel(s) were counted; give --channels N (the source's multifd-channels)", self.acc.channels.len());
+        }
         Ok((commands, tail))
     }
 
