@@ -243,9 +243,24 @@ for (const [what, bytes, code] of hostile) {
   })
 }
 
-test('recv --qemu and send --qemu refuse bad options before listening or connecting', (t) => {
+test.serial('recv --qemu and send --qemu refuse bad options before listening or connecting (exit 2 on the command line)', async (t) => {
   t.throws(() => QemuReceiver.listen({ address: 'tcp:127.0.0.1:0' }), { instanceOf: MultifdError, message: /give `to`/ })
   t.throws(() => QemuSender.start({ file: '/nonexistent', address: 'nope', channels: 2 }), { instanceOf: MultifdError })
+  t.is((await cli(['recv', '--qemu', 'tcp:127.0.0.1:0'])).code, 2)
+  t.is((await cli(['send', '--qemu', '/nonexistent'])).code, 2)
+})
+
+test.serial('a receive still waiting for QEMU is cancelled cleanly', async (t) => {
+  const dir = mkdtempSync(join(tmpdir(), 'multifd-qemupeer-'))
+  t.teardown(() => rmSync(dir, { recursive: true, force: true }))
+  const [fds, threads] = [fdCount(), threadCount()]
+  const rx = QemuReceiver.listen({ address: 'tcp:127.0.0.1:0', to: join(dir, 'x.qemu') })
+  rx.cancel()
+  const err = await rx.done.then(() => undefined, (e: unknown) => e)
+  t.is((err as MultifdError).code, 'ERR_MULTIFD_CANCELLED')
+  t.is(threadCount(), threads)
+  t.is(fdCount(), fds)
+  t.deepEqual(readdirSync(dir), [])
 })
 
 test('send --qemu of a file that is not a QEMU file fails with its code', async (t) => {
