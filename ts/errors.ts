@@ -50,6 +50,7 @@ export const ERROR_CODES = [
   'ERR_MULTIFD_DUPLICATE_BLOCK',
   'ERR_MULTIFD_OUTPUT_EXISTS',
   'ERR_MULTIFD_SOURCE_TRUNCATED',
+  'ERR_MULTIFD_QEMU_STREAM',
 ] as const
 
 export type MultifdErrorCode = (typeof ERROR_CODES)[number]

@@ -6,6 +6,7 @@ export { type SourceTlsOptions, type DestinationTlsOptions, type PemSource } fro
 export { migrate, type MigrateOptions } from './migrate.js'
 export { runLiveMigration, type LiveMigrateOptions, type LiveOptions, type LiveSummary, type RoundDecision, type RoundStats } from './live.js'
 export { extractQemuBlock, inspectQemuFile, type QemuBlockInfo, type QemuFileInfo } from './qemu.js'
+export { QemuReceiver, QemuSender, type QemuReceiveOptions, type QemuSendOptions, type QemuRecvSummary, type QemuSendSummary, type QemuPeerBlock, type QemuPeerChannel, type QemuPeerProgress } from './qemu-peer.js'
 export { inspectSnapshot, restore, snapshot, type FileProgress, type FileSummary, type RestoreOptions, type SnapshotBlockInfo, type SnapshotInfo, type SnapshotOptions } from './snapshot.js'
 export type { ChannelStats, Stats, Summary, SessionEvents, TlsSummary } from './session.js'
 export { type MigrationState, type Role, stateChannel, syncChannel, errorChannel, warningChannel, roundChannel, tlsChannel } from './state.js'

@@ -14,6 +14,7 @@ import { INSPECT_HELP, inspect } from './inspect.js'
 import { installInterruptHandler, interruptStatus } from './interrupt.js'
 import type { CommandResult } from './output.js'
 import { Output, refuseOverlap } from './outputs.js'
+import { RECV_QEMU_HELP, SEND_QEMU_HELP, recvQemu, sendQemu } from './qemu-peer.js'
 import { RECV_HELP, SEND_HELP, recv, send } from './transfer.js'
 import { z } from 'zod'
 
@@ -31,6 +32,8 @@ Usage: multifd COMMAND [options]      multifd help COMMAND
 Commands:
   recv ADDRESS --out FILE...        receive a migration into image files
   send ADDRESS FILE...              send image files as blocks
+  recv --qemu ADDRESS --to FILE     receive a live migration from QEMU into a QEMU file
+  send --qemu FILE ADDRESS          play a QEMU mapped-ram file into a QEMU destination
   snapshot FILE... --to SNAPSHOT    write a mapped-ram snapshot
   restore SNAPSHOT --out DIR        read a snapshot back into image files
   inspect FILE [--rebuild DIR]      decode a channel capture or a snapshot (ours or QEMU's)
@@ -41,7 +44,7 @@ Commands:
 Common: --json (machine-readable output only), -h/--help.
 Exit status: 0 done, 1 failed, 2 usage error, 130/143/129 interrupted (SIGINT/SIGTERM/SIGHUP).`
 
-const HELP: Record<string, string> = { recv: RECV_HELP, send: SEND_HELP, snapshot: SNAPSHOT_HELP, restore: RESTORE_HELP, inspect: INSPECT_HELP, extract: EXTRACT_HELP, bench: BENCH_HELP, demo: DEMO_HELP }
+const HELP: Record<string, string> = { recv: `${RECV_HELP}\n\n${RECV_QEMU_HELP}`, send: `${SEND_HELP}\n\n${SEND_QEMU_HELP}`, snapshot: SNAPSHOT_HELP, restore: RESTORE_HELP, inspect: INSPECT_HELP, extract: EXTRACT_HELP, bench: BENCH_HELP, demo: DEMO_HELP }
 
 function extract(argv: string[]): number {
   const { values, positionals } = parse(argv, { block: { type: 'string' }, out: { type: 'string' }, 'in-place': { type: 'boolean' } })
@@ -63,6 +66,8 @@ function extract(argv: string[]): number {
 }
 
 const status = (r: CommandResult): number => interruptStatus() ?? (r.status === 'completed' ? 0 : 1)
+/** `--qemu` selects stock QEMU as the peer (ts/cli/qemu-peer.ts). */
+const isQemu = (argv: string[]): boolean => argv.some((a) => a === '--qemu' || a.startsWith('--qemu='))
 
 async function main(argv: string[]): Promise<number> {
   const [command, ...rest] = argv
@@ -81,9 +86,9 @@ async function main(argv: string[]): Promise<number> {
   installInterruptHandler()
   switch (command) {
     case 'send':
-      return status(await send(rest))
+      return status(await (isQemu(rest) ? sendQemu(rest) : send(rest)))
     case 'recv':
-      return status(await recv(rest))
+      return status(await (isQemu(rest) ? recvQemu(rest) : recv(rest)))
     case 'snapshot':
       return status(await snapshotCommand(rest))
     case 'restore':

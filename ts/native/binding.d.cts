@@ -86,6 +86,32 @@ export declare class NativeFileJob {
   finish(): void
 }
 
+/** A destination for one QEMU source, bound at construction. */
+export declare class NativeQemuReceiver {
+  /** Listens on `address` (`tcp:HOST:PORT`, port 0 picks one, or `unix:PATH`). */
+  static bind(address: string): NativeQemuReceiver
+  get address(): string
+  /**
+   * Receives one migration into `to` (a mapped-ram file) and/or `outDir` (raw images);
+   * a `done` event follows.
+   */
+  start(to: string | undefined | null, outDir: string | undefined | null, channels: number | undefined | null, peerTimeoutMs: number, onEvent: (arg: NativeEvent) => void): void
+  progress(): QemuPeerProgress
+  cancel(): void
+  result(): QemuRecvSummary | null
+  finish(): void
+}
+
+/** Plays one mapped-ram file into a QEMU destination. */
+export declare class NativeQemuSender {
+  constructor()
+  start(path: string, address: string, channels: number, compression: string, level: number | undefined | null, connectTimeoutMs: number, peerTimeoutMs: number, onEvent: (arg: NativeEvent) => void): void
+  progress(): QemuPeerProgress
+  cancel(): void
+  result(): QemuSendSummary | null
+  finish(): void
+}
+
 export declare class NativeSource {
   /**
    * Starts opening the control connection (with `tls`, after a mutual TLS handshake, which
@@ -325,6 +351,55 @@ export interface QemuFileInfo {
   /** The stream reaches its end marker (an interrupted save does not). */
   complete: boolean
   blocks: Array<QemuBlockInfo>
+}
+
+export interface QemuPeerBlock {
+  name: string
+  length: number
+  /** Pages holding data (recv); absent pages are zero. */
+  pagesPresent?: number
+}
+
+export interface QemuPeerChannel {
+  bytes: number
+  packets: number
+  normalPages: number
+  zeroPages: number
+  syncs: number
+}
+
+export interface QemuPeerProgress {
+  /** Bytes moved on every connection so far. */
+  bytes: number
+  /** Guest RAM bytes of the migration (0 until the block list is known). */
+  total: number
+  channels: Array<number>
+}
+
+export interface QemuRecvSummary {
+  machine: string
+  to?: string
+  blocks: Array<QemuPeerBlock>
+  mainBytes: number
+  /** Pages the main channel carried itself (a source without multifd): with data, zero. */
+  mainPages: number
+  mainZeroPages: number
+  perChannel: Array<QemuPeerChannel>
+  /** Flushes (sync rounds) the source made. */
+  flushes: number
+  deviceStateBytes: number
+  /** none | zlib | zstd, as the source's packets said. */
+  compression: string
+  seconds: number
+}
+
+export interface QemuSendSummary {
+  machine: string
+  blocks: Array<QemuPeerBlock>
+  mainBytes: number
+  perChannel: Array<QemuPeerChannel>
+  deviceStateBytes: number
+  seconds: number
 }
 
 /**

@@ -133,6 +133,10 @@ error_codes! {
     /// A source file backing a block became shorter than the block while it was read (sent,
     /// or written into a snapshot): the pages past its new end no longer exist.
     SourceTruncated => "ERR_MULTIFD_SOURCE_TRUNCATED",
+    /// A QEMU main migration stream this implementation cannot follow: an iterable section
+    /// other than RAM, an unknown command or RAM flag, a capability it does not carry
+    /// (x-ignore-shared, postcopy), a malformed section.
+    QemuStream => "ERR_MULTIFD_QEMU_STREAM",
 }
 
 impl fmt::Display for ErrorCode {

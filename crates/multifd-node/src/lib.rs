@@ -6,5 +6,6 @@ mod errors;
 pub mod events;
 pub mod files;
 pub mod qemu;
+pub mod qemu_peer;
 mod numbers;
 pub mod sessions;
