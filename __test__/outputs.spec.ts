@@ -302,3 +302,43 @@ test('inspect --rebuild: a few KiB claiming more than --max-size is refused quic
   t.is(readFileSync(victim, 'utf8'), 'keep')
   t.deepEqual(readdirSync(join(d, 'rb2')), ['c'])
 })
+
+test('recv --out a block device writes in place (no partial name), says complete, and holds the bytes; a character device is refused', async (t) => {
+  t.timeout(90_000)
+  const d = workdir(t)
+  const backing = join(d, 'disk.img')
+  writeFileSync(backing, Buffer.alloc(8 << 20, 0xee))
+  let device: string
+  try {
+    device = execFileSync('losetup', ['-f', '--show', backing], { encoding: 'utf8' }).trim()
+  } catch (e) {
+    // A machine without loop devices cannot run this; say so rather than pass silently.
+    t.log(`skipped: no loop device (${(e as Error).message.split('\n')[0]})`)
+    t.pass()
+    return
+  }
+  t.teardown(() => void execFileSync('losetup', ['-d', device]))
+  const img = join(d, 'a.img')
+  const data = randomFillSync(Buffer.alloc(6 << 20))
+  data.fill(0, 0, 1 << 20) // zero pages must be written too: a device is not known to be zero
+  writeFileSync(img, data)
+  const rx = await receiver(['--out', device, '--json'])
+  const tx = await cli(['send', rx.address, img, '--json']).done
+  const rr = await rx.done
+  t.is(tx.code, 0, tx.stderr)
+  t.is(rr.code, 0, rr.stderr)
+  t.like(lastJson(rr.stdout), { status: 'completed', complete: true })
+  const fd = openSync(device, 'r')
+  const back = Buffer.alloc(data.length)
+  readSync(fd, back, 0, back.length, 0)
+  closeSync(fd)
+  t.true(back.equals(data), 'the device holds the sent bytes, zero pages included')
+
+  const chr = await receiver(['--out', '/dev/null', '--json'])
+  const tx2 = await cli(['send', chr.address, img, '--json']).done
+  const rr2 = await chr.done
+  t.is(rr2.code, 1, rr2.stderr)
+  t.like(lastJson(rr2.stdout), { status: 'failed', error: { code: 'ERR_MULTIFD_INVALID_ARGUMENT' } })
+  t.regex(JSON.stringify(lastJson(rr2.stdout).error), /\/dev\/null is neither a regular file nor a block device/)
+  t.is(tx2.code, 1)
+})

@@ -149,7 +149,7 @@ export async function send(argv: string[]): Promise<CommandResult> {
     progress?.stop()
     // Options the facade refuses before anything connects are usage errors (exit 2), like the
     // command line's own checks; exit 1 is kept for failures of the migration itself.
-    if (!source && e instanceof MultifdError && e.code === 'ERR_MULTIFD_INVALID_ARGUMENT') throw new UsageError(e.message)
+    if (!source && e instanceof MultifdError && e.code === 'ERR_MULTIFD_INVALID_ARGUMENT' && !e.remote) throw new UsageError(e.message)
     const r = source ? fromSummary(source.summary(), settings) : { ...failure(e, o.channels), ...settings }
     if (wasInterrupted()) r.status = 'cancelled'
     if (!r.error && e instanceof MultifdError) r.error = { code: e.code, message: e.message }

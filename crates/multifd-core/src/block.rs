@@ -20,8 +20,9 @@
 //!   not supported).
 
 use std::fs::{File, OpenOptions};
+use std::io::{Seek, SeekFrom};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -136,8 +137,21 @@ impl RamBlock {
         let geometry = Geometry::new(page_size)?;
         let at = |what: &str| format!("{what} {}", path.display());
         let file = OpenOptions::new().read(true).write(true).create(len.is_some()).truncate(false).open(path).map_err(|e| os_error(at("open"), e))?;
-        let before = file.metadata().map_err(|e| os_error(at("stat"), e))?.len();
+        let meta = file.metadata().map_err(|e| os_error(at("stat"), e))?;
+        let device = meta.file_type().is_block_device();
+        if !meta.is_file() && !device {
+            fail!(InvalidArgument, "{} is neither a regular file nor a block device; blocks map only those", path.display());
+        }
+        // A block device has a fixed size (its metadata says 0): it is mapped as it is, never
+        // resized, and never assumed to be zero.
+        let before = if device { (&file).seek(SeekFrom::End(0)).map_err(|e| os_error(at("size"), e))? } else { meta.len() };
         let len = match len {
+            Some(l) if device => {
+                if l > before {
+                    fail!(NoSpace, "block device {} holds {before} bytes, block {name:?} needs {l}", path.display());
+                }
+                l
+            }
             Some(l) => {
                 file.set_len(l).map_err(|e| os_error(at("resize"), e))?;
                 l
@@ -148,7 +162,7 @@ impl RamBlock {
         let memory = Mapping::shared_file(file.as_raw_fd(), len, prefault).map_err(|e| e.context(format!("block {name:?} on {}", path.display())))?;
         let pages = len / geometry.page_size() as usize;
         let backing = BackingFile { file, path: path.to_path_buf(), reserved: AtomicBitmap::new(pages), no_fallocate: AtomicBool::new(false), no_punch: AtomicBool::new(false) };
-        Ok(Self::new(name, geometry, memory, Some(backing), before == 0))
+        Ok(Self::new(name, geometry, memory, Some(backing), !device && before == 0))
     }
 
     fn new(name: &str, geometry: Geometry, memory: Mapping, file: Option<BackingFile>, known_zero: bool) -> Self {
