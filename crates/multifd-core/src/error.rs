@@ -126,6 +126,10 @@ error_codes! {
     TlsRequired => "ERR_MULTIFD_TLS_REQUIRED",
     /// One side started TLS and the other has no TLS configured.
     TlsUnavailable => "ERR_MULTIFD_TLS_UNAVAILABLE",
+    /// A control message the session's progress does not allow: `complete` before every
+    /// announced channel was admitted and delivered that epoch's SYNC, `synced` for an epoch the
+    /// source never sent, `completed` before the source sent `complete`.
+    OutOfSequence => "ERR_MULTIFD_OUT_OF_SEQUENCE",
 }
 
 impl fmt::Display for ErrorCode {
