@@ -93,6 +93,11 @@ export class Destination extends Session {
     return this.#blocks
   }
 
+  /** The no-progress bound in ms (`peerTimeoutMs`; 0: off). */
+  get peerTimeoutMs(): number {
+    return this.#options.peerTimeoutMs
+  }
+
   /** Dirty rounds the source has announced. */
   get round(): number {
     return this.#round

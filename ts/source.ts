@@ -312,8 +312,15 @@ export class Source extends Session {
   async sync(): Promise<number> {
     const n = this.#requireActive('sync')
     const epoch = await this.request((id) => n.sync(id))
-    await this.waitFor(() => (this.#acked >= epoch ? epoch : undefined), `sync ${epoch}`)
+    // Every channel wrote its SYNC: from here the destination owes the acknowledgement.
+    const bound = this.#options.peerTimeoutMs
+    await this.waitFor(() => (this.#acked >= epoch ? epoch : undefined), `the destination's acknowledgement of sync ${epoch} (peerTimeoutMs)`, bound > 0 ? bound : undefined)
     return epoch
+  }
+
+  /** The no-progress bound in ms (`peerTimeoutMs`; 0: off). */
+  get peerTimeoutMs(): number {
+    return this.#options.peerTimeoutMs
   }
 
   /** The bandwidth limit in bytes per second over all channels, or undefined for none. */
