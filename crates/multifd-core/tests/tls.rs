@@ -378,3 +378,23 @@ fn identities_read_from_a_real_certificate() {
     let id = multifd_core::tls::Identity::from_der(&der).unwrap();
     assert_eq!(id.alt_names, vec!["localhost".to_string(), "dest.test".into(), "127.0.0.1".into()]);
 }
+
+#[test]
+fn closing_a_source_session_does_not_wait_for_a_stalled_connect() {
+    // A listener that completes TCP handshakes (kernel backlog) but never answers TLS: the
+    // control connect stalls in its TLS handshake until the connect timeout.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = Address::parse(&format!("tcp:{}", silent.local_addr().unwrap())).unwrap();
+    let (events, rx) = sink();
+    let tls = client("source", "ca.pem", Some("localhost"), &addr);
+    let session = multifd_core::lifecycle::SourceSession::connect(addr, Duration::from_secs(4), Some(tls), events).unwrap();
+    let started = std::time::Instant::now();
+    session.close(true);
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(1), "close waited {took:?} for a connect in flight");
+    // The connect ends on its own within its timeout and reports nothing as connected.
+    drop(session);
+    let connected = rx.recv_timeout(Duration::from_secs(6)).into_iter().any(|e| matches!(e, Event::ControlConnected));
+    assert!(!connected);
+    drop(silent);
+}
