@@ -156,39 +156,11 @@ export function rss(): number {
 }
 
 /** A raw control-protocol client, for driving a destination by hand. */
-export async function rawControl(address: string, secure?: RawTls): Promise<{ socket: net.Socket; send: (m: object) => void; next: () => Promise<Record<string, unknown> | undefined> }> {
+export async function rawControl(address: string, secure?: RawTls): Promise<RawControl> {
   const socket = await rawConnect(address, secure)
   socket.on('error', () => undefined)
   socket.write(Buffer.from('MFDC'))
-  const send = (m: object): void => {
-    const body = Buffer.from(JSON.stringify(m))
-    const len = Buffer.alloc(4)
-    len.writeUInt32BE(body.length)
-    socket.write(Buffer.concat([len, body]))
-  }
-  // Frames as they arrive; `next()` takes the oldest, or undefined once the socket closed.
-  const frames: Array<Record<string, unknown>> = []
-  const waiting: Array<(f: Record<string, unknown> | undefined) => void> = []
-  let closed = false
-  let buf = Buffer.alloc(0)
-  socket.on('data', (chunk: Buffer) => {
-    buf = Buffer.concat([buf, chunk])
-    while (buf.length >= 4 && buf.length >= 4 + buf.readUInt32BE(0)) {
-      const len = buf.readUInt32BE(0)
-      const f = JSON.parse(buf.subarray(4, 4 + len).toString()) as Record<string, unknown>
-      buf = buf.subarray(4 + len)
-      const w = waiting.shift()
-      if (w) w(f)
-      else frames.push(f)
-    }
-  })
-  socket.on('close', () => {
-    closed = true
-    for (const w of waiting.splice(0)) w(undefined)
-  })
-  const next = (): Promise<Record<string, unknown> | undefined> =>
-    frames.length > 0 ? Promise.resolve(frames.shift()) : closed ? Promise.resolve(undefined) : until(new Promise((r) => waiting.push(r)), 10_000, 'a control frame')
-  return { socket, send, next }
+  return controlFrames(socket)
 }
 
 let pki: string | undefined
@@ -277,7 +249,9 @@ export async function rawDestination(options: { stopReading?: boolean } = {}): P
   const channels: net.Socket[] = []
   let resolveControl: (c: RawControl & { hello: Record<string, unknown> }) => void = () => undefined
   const control = until(new Promise<RawControl & { hello: Record<string, unknown> }>((r) => (resolveControl = r)), 10_000, 'the source control connection')
+  const sockets: net.Socket[] = []
   const server = net.createServer((socket) => {
+    sockets.push(socket)
     socket.on('error', () => undefined)
     socket.once('readable', function first() {
       const magic = socket.read(4) as Buffer | null
@@ -303,7 +277,7 @@ export async function rawDestination(options: { stopReading?: boolean } = {}): P
     control,
     channels,
     close: () => {
-      for (const c of channels) c.destroy()
+      for (const c of sockets) c.destroy()
       server.close()
     },
   }
