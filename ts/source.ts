@@ -313,9 +313,30 @@ export class Source extends Session {
     const n = this.#requireActive('sync')
     const epoch = await this.request((id) => n.sync(id))
     // Every channel wrote its SYNC: from here the destination owes the acknowledgement.
+    return this.#acknowledged(epoch, n)
+  }
+
+  /**
+   * Resolves once the destination acknowledged `epoch`. With `peerTimeoutMs`, fails with
+   * ERR_MULTIFD_TIMEOUT when the acknowledgement is missing and nothing moved for that long:
+   * the destination has stopped taking the bytes still queued on the channels (on a slow
+   * link they drain for a while, which is progress) and has not answered.
+   */
+  #acknowledged(epoch: number, n: NativeSource): Promise<number> {
+    const acked = this.waitFor(() => (this.#acked >= epoch ? epoch : undefined), `sync ${epoch}`)
     const bound = this.#options.peerTimeoutMs
-    await this.waitFor(() => (this.#acked >= epoch ? epoch : undefined), `the destination's acknowledgement of sync ${epoch} (peerTimeoutMs)`, bound > 0 ? bound : undefined)
-    return epoch
+    if (bound === 0) return acked
+    let queued = n.unsentBytes()
+    let moved = performance.now()
+    const watchdog = setInterval(() => {
+      const now = n.unsentBytes()
+      if (now < queued) moved = performance.now()
+      queued = now
+      const idle = performance.now() - moved
+      if (idle > bound) this.fail(new MultifdError('ERR_MULTIFD_TIMEOUT', `source: the destination neither took the channels' bytes nor acknowledged sync ${epoch} for ${Math.round(idle)} ms (peerTimeoutMs ${bound})`))
+    }, Math.max(10, Math.floor(bound / 10)))
+    watchdog.unref()
+    return acked.finally(() => clearInterval(watchdog))
   }
 
   /** The no-progress bound in ms (`peerTimeoutMs`; 0: off). */

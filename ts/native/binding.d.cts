@@ -142,6 +142,11 @@ export declare class NativeSource {
   /** Milliseconds the channels have waited for the bandwidth limit, all channels added up. */
   throttledMs(): number
   /**
+   * Bytes written to the channels that the destination has not taken yet, all channels
+   * added up: while it shrinks, the destination is making progress.
+   */
+  unsentBytes(): number
+  /**
    * Stops queuing new pages (pending sends and syncs end with ERR_MULTIFD_CANCELLED); the
    * packets being written finish, so every channel stays at a packet boundary.
    */

@@ -172,6 +172,12 @@ impl SourceSession {
         self.source.value.lock().unwrap().as_ref().map(|s| s.stats()).unwrap_or_default()
     }
 
+    /// Bytes the channels wrote that the destination has not taken yet (see
+    /// [`Source::unsent_bytes`]); 0 before the channels are up and after close.
+    pub fn unsent_bytes(&self) -> u64 {
+        self.source.value.lock().unwrap().as_ref().map_or(0, |s| s.unsent_bytes())
+    }
+
     pub fn set_max_bandwidth(&self, rate: Option<u64>) -> Result<()> {
         self.with_source(|s| s.set_max_bandwidth(rate))
     }

@@ -263,6 +263,13 @@ impl NativeSource {
         self.session.throttled().as_secs_f64() * 1000.0
     }
 
+    /// Bytes written to the channels that the destination has not taken yet, all channels
+    /// added up: while it shrinks, the destination is making progress.
+    #[napi]
+    pub fn unsent_bytes(&self) -> f64 {
+        self.session.unsent_bytes() as f64
+    }
+
     /// Stops queuing new pages (pending sends and syncs end with ERR_MULTIFD_CANCELLED); the
     /// packets being written finish, so every channel stays at a packet boundary.
     #[napi]
