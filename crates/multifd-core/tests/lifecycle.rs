@@ -43,21 +43,7 @@ fn dest_config(channels: u8, blocks: Vec<Arc<RamBlock>>) -> DestConfig {
 }
 
 fn source_config(s: &SourceSession, channels: u8) -> SourceConfig {
-    SourceConfig {
-        address: s.address().clone(),
-        uuid: UUID,
-        channels,
-        geometry: Geometry::x86(),
-        compression: Compression::None,
-        compression_level: None,
-        zero_page_detection: true,
-        zero_copy: false,
-        connect_timeout: Duration::from_secs(5),
-        max_bandwidth: None,
-        peer_timeout: None,
-        integrity: false,
-        tls: s.tls().cloned(),
-    }
+    SourceConfig { address: s.address().clone(), tls: s.tls().cloned(), ..source_config_for(channels) }
 }
 
 fn block(name: &str) -> Arc<RamBlock> {
@@ -134,4 +120,60 @@ fn a_source_refuses_acknowledgements_it_is_not_owed() {
     assert_eq!(session.failure().secondary().len(), 1);
     session.close(true);
     dest.close();
+}
+
+#[test]
+fn unsent_bytes_shrink_as_the_destination_reads() {
+    use std::io::Read;
+    use multifd_core::session::Failure;
+    use multifd_core::source::Source;
+    // A peer that lets the channels connect (kernel backlog) but reads nothing until told.
+    let peer = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = Address::parse(&format!("tcp:{}", peer.local_addr().unwrap())).unwrap();
+    let big = Arc::new(RamBlock::allocate("ram", 64 << 20, 4096, false).unwrap());
+    fill(&big, 5, 0);
+    let (events, _rx) = sink();
+    // A peer timeout, so a failing assertion does not leave a channel blocked in write forever.
+    let config = SourceConfig { address, zero_page_detection: false, peer_timeout: Some(Duration::from_secs(2)), ..source_config_for(1) };
+    let source = Source::start(config, Failure::new(events)).unwrap();
+    source.send(1, big, Selection::Whole).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut queued = 0;
+    while queued == 0 && std::time::Instant::now() < deadline {
+        queued = source.unsent_bytes();
+        std::thread::yield_now();
+    }
+    assert!(queued > 0, "nothing queued on the channel");
+    // The peer starts reading: what this side has queued drains.
+    let (mut conn, _) = peer.accept().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut buf = vec![0u8; 1 << 20];
+        while conn.read(&mut buf).is_ok_and(|n| n > 0) {}
+    });
+    let mut now = queued;
+    while now >= queued && std::time::Instant::now() < deadline {
+        now = source.unsent_bytes();
+        std::thread::yield_now();
+    }
+    assert!(now < queued, "the send queue never shrank ({queued} bytes)");
+    source.close(true);
+    reader.join().unwrap();
+}
+
+fn source_config_for(channels: u8) -> SourceConfig {
+    SourceConfig {
+        address: Address::parse("tcp:127.0.0.1:1").unwrap(),
+        uuid: UUID,
+        channels,
+        geometry: Geometry::x86(),
+        compression: Compression::None,
+        compression_level: None,
+        zero_page_detection: true,
+        zero_copy: false,
+        connect_timeout: Duration::from_secs(5),
+        max_bandwidth: None,
+        peer_timeout: None,
+        integrity: false,
+        tls: None,
+    }
 }
