@@ -99,8 +99,9 @@ export interface Peer {
   exited: Promise<number | null>
 }
 
-export function spawnPeer(args: string[]): Peer {
-  const child = spawn(process.execPath, ['--import=tsx', PEER, ...args], { stdio: ['ignore', 'pipe', 'inherit'] })
+/** Spawns `script` (default: fixtures/peer.ts) with `args`. */
+export function spawnPeer(args: string[], script: string = PEER): Peer {
+  const child = spawn(process.execPath, ['--import=tsx', script, ...args], { stdio: ['ignore', 'pipe', 'inherit'] })
   const seen: Array<Record<string, unknown>> = []
   const waiters: Array<{ type: string; resolve: (m: Record<string, unknown>) => void }> = []
   createInterface({ input: child.stdout! }).on('line', (line) => {
@@ -155,39 +156,11 @@ export function rss(): number {
 }
 
 /** A raw control-protocol client, for driving a destination by hand. */
-export async function rawControl(address: string, secure?: RawTls): Promise<{ socket: net.Socket; send: (m: object) => void; next: () => Promise<Record<string, unknown> | undefined> }> {
+export async function rawControl(address: string, secure?: RawTls): Promise<RawControl> {
   const socket = await rawConnect(address, secure)
   socket.on('error', () => undefined)
   socket.write(Buffer.from('MFDC'))
-  const send = (m: object): void => {
-    const body = Buffer.from(JSON.stringify(m))
-    const len = Buffer.alloc(4)
-    len.writeUInt32BE(body.length)
-    socket.write(Buffer.concat([len, body]))
-  }
-  // Frames as they arrive; `next()` takes the oldest, or undefined once the socket closed.
-  const frames: Array<Record<string, unknown>> = []
-  const waiting: Array<(f: Record<string, unknown> | undefined) => void> = []
-  let closed = false
-  let buf = Buffer.alloc(0)
-  socket.on('data', (chunk: Buffer) => {
-    buf = Buffer.concat([buf, chunk])
-    while (buf.length >= 4 && buf.length >= 4 + buf.readUInt32BE(0)) {
-      const len = buf.readUInt32BE(0)
-      const f = JSON.parse(buf.subarray(4, 4 + len).toString()) as Record<string, unknown>
-      buf = buf.subarray(4 + len)
-      const w = waiting.shift()
-      if (w) w(f)
-      else frames.push(f)
-    }
-  })
-  socket.on('close', () => {
-    closed = true
-    for (const w of waiting.splice(0)) w(undefined)
-  })
-  const next = (): Promise<Record<string, unknown> | undefined> =>
-    frames.length > 0 ? Promise.resolve(frames.shift()) : closed ? Promise.resolve(undefined) : until(new Promise((r) => waiting.push(r)), 10_000, 'a control frame')
-  return { socket, send, next }
+  return controlFrames(socket)
 }
 
 let pki: string | undefined
@@ -221,5 +194,91 @@ export function testPki(): {
     pem: (n) => readFileSync(file(n), 'utf8'),
     dest: (allow) => ({ cert: file('dest.pem'), key: file('dest.key'), ca: file('ca.pem'), ...(allow ? { allow } : {}) }),
     source: (who = 'source', ca = 'ca.pem', name) => ({ cert: file(`${who}.pem`), key: file(`${who}.key`), ca: file(ca), ...(name ? { name } : {}) }),
+  }
+}
+
+/** Control frames of a raw peer: `send` one, `next()` takes the oldest received. */
+export interface RawControl {
+  socket: net.Socket
+  send: (m: object) => void
+  next: () => Promise<Record<string, unknown> | undefined>
+}
+
+/** Frames a control connection whose magic was already read (or written): length-prefixed JSON. */
+function controlFrames(socket: net.Socket, initial: Buffer = Buffer.alloc(0)): RawControl {
+  const send = (m: object): void => {
+    const body = Buffer.from(JSON.stringify(m))
+    const len = Buffer.alloc(4)
+    len.writeUInt32BE(body.length)
+    socket.write(Buffer.concat([len, body]))
+  }
+  const frames: Array<Record<string, unknown>> = []
+  const waiting: Array<(f: Record<string, unknown> | undefined) => void> = []
+  let closed = false
+  let buf = initial
+  const drain = (): void => {
+    while (buf.length >= 4 && buf.length >= 4 + buf.readUInt32BE(0)) {
+      const len = buf.readUInt32BE(0)
+      const f = JSON.parse(buf.subarray(4, 4 + len).toString()) as Record<string, unknown>
+      buf = buf.subarray(4 + len)
+      const w = waiting.shift()
+      if (w) w(f)
+      else frames.push(f)
+    }
+  }
+  socket.on('data', (chunk: Buffer) => {
+    buf = Buffer.concat([buf, chunk])
+    drain()
+  })
+  socket.on('close', () => {
+    closed = true
+    for (const w of waiting.splice(0)) w(undefined)
+  })
+  drain()
+  const next = (): Promise<Record<string, unknown> | undefined> =>
+    frames.length > 0 ? Promise.resolve(frames.shift()) : closed ? Promise.resolve(undefined) : until(new Promise((r) => waiting.push(r)), 10_000, 'a control frame')
+  return { socket, send, next }
+}
+
+/**
+ * A fake destination speaking the control protocol by hand, on loopback: it answers the
+ * hello with a welcome and accepts multifd channels (reading them unless `stopReading`).
+ * `control` resolves with the control connection once its hello arrived (and was welcomed).
+ */
+export async function rawDestination(options: { stopReading?: boolean } = {}): Promise<{ address: string; control: Promise<RawControl & { hello: Record<string, unknown> }>; channels: net.Socket[]; close: () => void }> {
+  const channels: net.Socket[] = []
+  let resolveControl: (c: RawControl & { hello: Record<string, unknown> }) => void = () => undefined
+  const control = until(new Promise<RawControl & { hello: Record<string, unknown> }>((r) => (resolveControl = r)), 10_000, 'the source control connection')
+  const sockets: net.Socket[] = []
+  const server = net.createServer((socket) => {
+    sockets.push(socket)
+    socket.on('error', () => undefined)
+    socket.once('readable', function first() {
+      const magic = socket.read(4) as Buffer | null
+      if (!magic) return socket.once('readable', first)
+      if (magic.toString('latin1') === 'MFDC') {
+        const c = controlFrames(socket)
+        void c.next().then((hello) => {
+          if (hello?.type !== 'hello') return
+          c.send({ type: 'welcome', protocol: hello.protocol })
+          resolveControl({ ...c, hello })
+        })
+      } else {
+        channels.push(socket)
+        if (options.stopReading) socket.pause()
+        else socket.resume()
+      }
+    })
+  })
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve))
+  const port = (server.address() as net.AddressInfo).port
+  return {
+    address: `tcp:127.0.0.1:${port}`,
+    control,
+    channels,
+    close: () => {
+      for (const c of sockets) c.destroy()
+      server.close()
+    },
   }
 }

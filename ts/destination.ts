@@ -5,11 +5,12 @@
  */
 import { z } from 'zod'
 import { binding, type NativeEvent } from './native.js'
-import { MultifdError, native } from './errors.js'
+import { MultifdError, native, nativeError } from './errors.js'
 import { RamBlock, RamBlockSchema } from './block.js'
 import { Address, parseOptions } from './options.js'
 import { PROTOCOL_VERSION, decodeMessage, encodeMessage, remoteError, type ControlMessage, type Hello } from './protocol.js'
-import { Session, type ChannelStats, type TlsSummary } from './session.js'
+import { Session } from './session.js'
+import { DEFAULT_PEER_TIMEOUT_MS, type ChannelStats, type TlsSummary } from './types.js'
 import { DestinationTlsOptions, tlsCredentials, tlsSummary } from './tls.js'
 
 /** One entry of the block table a source announces. */
@@ -35,11 +36,12 @@ const DestinationOptions = z.strictObject({
   /** How long, after the handshake, every announced channel has to connect. */
   channelTimeoutMs: z.int().positive().default(10_000),
   /**
-   * Detect a stalled or hung source: a channel may not stall mid-packet longer than this, TCP
-   * user-timeout and keepalive are set, and the control connection must hear from the peer
-   * this often (both sides ping). Fails with ERR_MULTIFD_TIMEOUT. Off by default.
+   * No-progress bound: a source that stops sending mid-packet or stops answering fails the
+   * session with ERR_MULTIFD_TIMEOUT after this long, on both sides. TCP user-timeout and
+   * keepalive are set, and the control connection must hear from the peer this often (both
+   * sides ping every third of it). 30 s by default; 0 disables it.
    */
-  peerTimeoutMs: z.int().min(100).max(3_600_000).optional(),
+  peerTimeoutMs: z.union([z.literal(0), z.int().min(100).max(3_600_000)]).default(DEFAULT_PEER_TIMEOUT_MS),
   /**
    * How long a connection may take to send its first bytes (with TLS: to complete its
    * handshake and pass the allow-list too), and the source its hello.
@@ -60,7 +62,6 @@ export class Destination extends Session {
   readonly #native: InstanceType<typeof binding.NativeDestination>
   #blocks: RamBlock[] = []
   #channels = 0
-  #epoch = 0
   #integrity = false
   #round = 0
   #closed = false
@@ -92,6 +93,11 @@ export class Destination extends Session {
     return this.#blocks
   }
 
+  /** The no-progress bound in ms (`peerTimeoutMs`; 0: off). */
+  get peerTimeoutMs(): number {
+    return this.#options.peerTimeoutMs
+  }
+
   /** Dirty rounds the source has announced. */
   get round(): number {
     return this.#round
@@ -111,26 +117,30 @@ export class Destination extends Session {
       case 'controlConnected':
         this.setState('setup')
         this.#helloTimer = setTimeout(() => this.fail(new MultifdError('ERR_MULTIFD_TIMEOUT', `no hello from the source within ${this.#options.handshakeTimeoutMs} ms`)), this.#options.handshakeTimeoutMs)
-        break
+        return
       case 'control':
-        void this.#onControl(ev.frame!)
-        break
+        return void this.#onControl(ev.frame)
       case 'controlClosed':
-        if (this.state !== 'completed') {
-          this.fail(ev.code ? new MultifdError(ev.code as MultifdError['code'], `control connection: ${ev.message}`) : new MultifdError('ERR_MULTIFD_CONNECTION_CLOSED', 'the source closed the control connection before completing'))
-        }
-        break
+        if (this.state === 'completed') return
+        return this.fail(
+          ev.error
+            ? new MultifdError(nativeError(ev.error).code, `control connection: ${ev.error.message}`)
+            : new MultifdError('ERR_MULTIFD_CONNECTION_CLOSED', 'the source closed the control connection before completing'),
+        )
       case 'channel':
-        this.emit('channel', ev.channel!)
-        break
+        this.emit('channel', ev.id)
+        return
       case 'synced':
-        this.#epoch = ev.epoch!
-        this.#send({ type: 'synced', epoch: ev.epoch!, packetNum: ev.packetNum! })
-        this.publishSync(ev.epoch!, ev.packetNum!)
-        break
+        // Told, not asked: the channel threads already acknowledged it to the source.
+        return this.publishSync(ev.epoch, ev.packetNum)
       case 'failed':
-        this.fail(new MultifdError(ev.code as MultifdError['code'], ev.message ?? ''))
-        break
+        return this.fail(nativeError(ev.error))
+      case 'warning':
+        return this.warn(nativeError(ev.error))
+      case 'done':
+      case 'rejected':
+      case 'channelsReady':
+        return // source events
     }
   }
 
@@ -192,11 +202,11 @@ export class Destination extends Session {
         compression: h.compression,
         channelTimeoutMs: this.#options.channelTimeoutMs,
         integrity: this.#integrity,
-        ...(this.#options.peerTimeoutMs === undefined ? {} : { peerTimeoutMs: this.#options.peerTimeoutMs }),
+        ...(this.#options.peerTimeoutMs === 0 ? {} : { peerTimeoutMs: this.#options.peerTimeoutMs }),
       }),
     )
     this.#send({ type: 'welcome', protocol: PROTOCOL_VERSION })
-    if (this.#options.peerTimeoutMs !== undefined) this.startLiveness(this.#options.peerTimeoutMs, () => this.#send({ type: 'ping' }))
+    if (this.#options.peerTimeoutMs > 0) this.startLiveness(this.#options.peerTimeoutMs, () => this.#send({ type: 'ping' }))
     this.setState('active')
   }
 
@@ -220,9 +230,9 @@ export class Destination extends Session {
 
   #onComplete(epoch: number, digests?: Array<{ name: string; xxh3: string }>): void {
     if (this.state !== 'active') throw new MultifdError('ERR_MULTIFD_PROTOCOL', `complete arrived in state ${this.state}`)
-    if (epoch !== this.#epoch) {
-      throw new MultifdError('ERR_MULTIFD_PROTOCOL', `source completed after sync ${epoch}, but this destination passed sync ${this.#epoch}`)
-    }
+    // Accepted natively only when every announced channel was admitted and delivered this
+    // epoch's SYNC (ERR_MULTIFD_OUT_OF_SEQUENCE otherwise); the channel readers are joined.
+    native(() => this.#native.complete(epoch))
     if (this.#integrity) {
       if (!digests || digests.length !== this.#blocks.length) throw new MultifdError('ERR_MULTIFD_PROTOCOL', 'integrity was negotiated but complete carries no block digests')
       for (const d of digests) {
@@ -233,7 +243,6 @@ export class Destination extends Session {
       }
     }
     this.setState('device')
-    native(() => this.#native.finish())
     this.#send({ type: 'completed' })
     this.succeed()
   }

@@ -51,14 +51,20 @@ export const ERROR_CODES = [
   'ERR_MULTIFD_OUTPUT_EXISTS',
   'ERR_MULTIFD_SOURCE_TRUNCATED',
   'ERR_MULTIFD_QEMU_STREAM',
+  'ERR_MULTIFD_OUT_OF_SEQUENCE',
 ] as const
 
 export type MultifdErrorCode = (typeof ERROR_CODES)[number]
 
 const KNOWN = new Set<string>(ERROR_CODES)
 
-function isCode(s: string): s is MultifdErrorCode {
-  return KNOWN.has(s)
+export function isCode(s: unknown): s is MultifdErrorCode {
+  return typeof s === 'string' && KNOWN.has(s)
+}
+
+/** A code from the native layer or a peer; one this version does not know is a protocol error. */
+export function codeOf(s: string): MultifdErrorCode {
+  return isCode(s) ? s : 'ERR_MULTIFD_PROTOCOL'
 }
 
 export class MultifdError extends Error {
@@ -75,17 +81,25 @@ export class MultifdError extends Error {
   }
 }
 
-const NATIVE_PREFIX = /^(ERR_MULTIFD_[A-Z_]+): ([\s\S]*)$/
+/** A failure carried by a native event. */
+export function nativeError(e: { code: string; message: string }): MultifdError {
+  return new MultifdError(codeOf(e.code), e.message)
+}
 
 /**
- * Turns an error thrown by the native addon (message `ERR_MULTIFD_…: text`) into a
- * `MultifdError`. Anything else is returned unchanged.
+ * Turns an error thrown by the native addon into a `MultifdError`: its `code` property is the
+ * stable code and its message the core's message. Bindings that still report through a plain
+ * napi error (blocks, codecs, files) put the code before the message instead (`ERR_…: text`);
+ * that code is looked up exactly, as the session bindings' `code` is. Anything else is
+ * returned unchanged.
  */
 export function fromNative(e: unknown): unknown {
-  if (!(e instanceof Error)) return e
-  const m = NATIVE_PREFIX.exec(e.message)
-  if (!m || !isCode(m[1]!)) return e
-  return new MultifdError(m[1]!, m[2]!, { cause: e })
+  if (!(e instanceof Error) || e instanceof MultifdError) return e
+  if ('code' in e && isCode(e.code)) return new MultifdError(e.code, e.message, { cause: e })
+  const colon = e.message.indexOf(': ')
+  const prefix = colon < 0 ? '' : e.message.slice(0, colon)
+  if (!isCode(prefix)) return e
+  return new MultifdError(prefix, e.message.slice(colon + 2), { cause: e })
 }
 
 /** Any thrown value as a MultifdError (unknown failures become ERR_MULTIFD_IO). */

@@ -12,49 +12,11 @@
 import { z } from 'zod'
 import { MultifdError, asMultifdError } from './errors.js'
 import { parseOptions } from './options.js'
-import type { Summary } from './session.js'
 import { Source, type SourceOptions } from './source.js'
 import { roundChannel } from './state.js'
+import type { RoundDecision, RoundStats, Summary } from './types.js'
 
-/** What the loop decided at the end of a round. */
-export type RoundDecision =
-  /** More dirty bytes than the limit allows: another round. */
-  | 'continue'
-  /** The dirty bytes left fit the downtime limit: switch over. */
-  | 'switchover'
-  /** `maxRounds` reached without fitting, `onNoConvergence: 'switchover'`: switch over anyway. */
-  | 'forced-switchover'
-  /** `maxRounds` reached without fitting, `onNoConvergence: 'fail'`: the migration fails. */
-  | 'fail'
-  /** The final round (writers paused): the migration completed. */
-  | 'complete'
-
-/** One round of a live migration, as the `round` event and `multifd:round` carry it. */
-export interface RoundStats {
-  /** 0 is the full pass; every later round sends the pages dirtied during the one before. */
-  round: number
-  /** The round sent after switchover, with the writers paused. */
-  final: boolean
-  /** Dirty pages this round sent (zero pages included). */
-  pages: number
-  /** Bytes on the channels during the round (headers and SYNC packets included). */
-  bytes: number
-  /** From the start of the round until the destination passed its sync (final: completed). */
-  durationMs: number
-  /** `bytes / durationMs`, in bytes per second: the bandwidth measured in this round. */
-  bandwidth: number
-  /** Pages dirtied while the round ran: the next round's work. */
-  dirtyPagesLeft: number
-  dirtyBytesLeft: number
-  /**
-   * The downtime if the switchover came now: `switchoverCostMs` (the round trips the final
-   * round pays whatever its size) plus `dirtyBytesLeft / bandwidth`.
-   */
-  expectedDowntimeMs: number
-  decision: RoundDecision
-  /** Final round only: from `onSwitchover` returning to the destination reporting completion. */
-  downtimeMs?: number
-}
+export type { RoundDecision, RoundStats } from './types.js'
 
 const LiveOptionsSchema = z.strictObject({
   live: z.literal(true),

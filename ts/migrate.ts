@@ -1,5 +1,5 @@
 import { Source, type SourceOptions } from './source.js'
-import type { Summary } from './session.js'
+import type { Summary } from './types.js'
 import { migrateLive, type LiveMigrateOptions, type LiveSummary } from './live.js'
 
 export type MigrateOptions = SourceOptions & {

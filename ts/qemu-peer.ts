@@ -6,7 +6,7 @@
  */
 import { z } from 'zod'
 import { binding, type NativeEvent } from './native.js'
-import { MultifdError, native } from './errors.js'
+import { MultifdError, native, nativeError } from './errors.js'
 import { Address, CompressionMethod, parseOptions } from './options.js'
 import type { QemuPeerProgress, QemuRecvSummary, QemuSendSummary } from './native/binding.cjs'
 
@@ -17,9 +17,9 @@ function settle<T>(job: { finish(): void; result(): T | null }, start: (onEvent:
   return new Promise<T>((resolve, reject) => {
     native(() =>
       start((ev) => {
-        if (ev.kind !== 'done') return
+        if (ev.kind !== 'done' && ev.kind !== 'rejected') return
         job.finish()
-        if (ev.code) return reject(new MultifdError(ev.code as MultifdError['code'], ev.message ?? ''))
+        if (ev.kind === 'rejected') return reject(nativeError(ev.error))
         const r = job.result()
         if (r === null) return reject(new MultifdError('ERR_MULTIFD_STATE', 'the run ended without a result'))
         resolve(r)

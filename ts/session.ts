@@ -3,61 +3,11 @@
  * failure, request promises keyed by id, and stats.
  */
 import { EventEmitter } from 'node:events'
-import type { ChannelCounters } from './native/binding.cjs'
 import { MultifdError, asMultifdError } from './errors.js'
-import { type MigrationState, type Role, errorChannel, isFinal, stateChannel, syncChannel, tlsChannel, warningChannel } from './state.js'
-import type { RoundStats } from './live.js'
+import { type MigrationState, type Role, canMove, errorChannel, isFinal, stateChannel, syncChannel, tlsChannel, warningChannel } from './state.js'
+import type { ChannelStats, SessionEvents, Stats, Summary, TlsSummary } from './types.js'
 
-/** One channel's counters, read from Rust atomics (fields documented in `ChannelCounters`). */
-export type ChannelStats = ChannelCounters
-
-export interface Stats extends ChannelStats {
-  channels: ChannelStats[]
-  /** Seconds since the session became active. */
-  seconds: number
-  /** Bytes per second over `seconds`. */
-  bytesPerSecond: number
-}
-
-/** The outcome of a session, as the CLI prints it. */
-export interface Summary {
-  role: Role
-  status: 'completed' | 'failed' | 'cancelled'
-  /** Bytes moved on the multifd channels, headers included. */
-  bytes: number
-  seconds: number
-  bytesPerSecond: number
-  channels: number
-  pages: { normal: number; zero: number }
-  syncs: number
-  perChannel: ChannelStats[]
-  error?: { code: string; message: string }
-  /** With TLS: what the control connection negotiated and who the peer is. */
-  tls?: TlsSummary
-}
-
-/** A session's TLS, as negotiated on its control connection (the channels use the same credentials). */
-export interface TlsSummary {
-  /** `TLS 1.3` or `TLS 1.2`. */
-  protocol: string
-  /** e.g. `TLS13_AES_128_GCM_SHA256`. */
-  cipherSuite: string
-  /** The identity in the peer's verified certificate. */
-  peer?: { subject: string; altNames: string[] }
-}
-
-export interface SessionEvents {
-  state: [state: MigrationState, previous: MigrationState]
-  sync: [epoch: number, packetNum: number]
-  channel: [id: number]
-  failed: [error: MultifdError]
-  /** Something degraded without failing the session (e.g. zero-copy fell back to copying). */
-  warning: [warning: MultifdError]
-  /** Source of a live migration: a round ended (also on `multifd:round`). */
-  round: [stats: RoundStats]
-  /** With TLS: the control connection is authenticated both ways (also on `multifd:tls`). */
-  tls: [tls: TlsSummary]
-}
+export type { ChannelStats, SessionEvents, Stats, Summary, TlsSummary } from './types.js'
 
 interface Pending {
   resolve: (v: number) => void
@@ -145,9 +95,11 @@ export abstract class Session extends EventEmitter<SessionEvents> {
     return s
   }
 
+  /** Moves to `next`, checked against the state table (`state.ts`); a final state stays. */
   protected setState(next: MigrationState): void {
     const previous = this.#state
     if (previous === next || isFinal(previous)) return
+    if (!canMove(previous, next)) throw new MultifdError('ERR_MULTIFD_STATE', `${this.role}: no transition from ${previous} to ${next}`)
     this.#state = next
     if (next === 'active' && this.#startedAt === undefined) this.#startedAt = performance.now()
     if (isFinal(next)) this.#endedAt = performance.now()

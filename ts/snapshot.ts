@@ -4,7 +4,7 @@
  */
 import { z } from 'zod'
 import { binding, type NativeEvent } from './native.js'
-import { MultifdError, native } from './errors.js'
+import { MultifdError, native, nativeError } from './errors.js'
 import { RamBlock, RamBlockSchema } from './block.js'
 import { parseOptions } from './options.js'
 import type { FileProgress, SnapshotBlockInfo, SnapshotFileInfo } from './native/binding.cjs'
@@ -35,10 +35,10 @@ function run(job: InstanceType<typeof binding.NativeFileJob>, channels: number, 
     const timer = onProgress ? setInterval(() => onProgress(job.progress()), 200) : undefined
     native(() =>
       start((ev) => {
-        if (ev.kind !== 'done') return
+        if (ev.kind !== 'done' && ev.kind !== 'rejected') return
         if (timer) clearInterval(timer)
         job.finish()
-        if (ev.code) return reject(new MultifdError(ev.code as MultifdError['code'], ev.message ?? ''))
+        if (ev.kind === 'rejected') return reject(nativeError(ev.error))
         const p = job.progress()
         const seconds = (performance.now() - t0) / 1000
         onProgress?.(p)

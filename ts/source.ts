@@ -6,11 +6,12 @@ import { randomBytes } from 'node:crypto'
 import { setTimeout as delay } from 'node:timers/promises'
 import { z } from 'zod'
 import { binding, type NativeEvent } from './native.js'
-import { MultifdError, asMultifdError, native } from './errors.js'
+import { MultifdError, asMultifdError, native, nativeError } from './errors.js'
 import { RamBlock, RamBlockSchema } from './block.js'
 import { Address, CompressionMethod, PageSize, parseOptions } from './options.js'
 import { PROTOCOL_VERSION, decodeMessage, encodeMessage, remoteError, type ControlMessage } from './protocol.js'
-import { Session, type ChannelStats, type Summary, type TlsSummary } from './session.js'
+import { Session } from './session.js'
+import { DEFAULT_PEER_TIMEOUT_MS, type ChannelStats, type Summary, type TlsSummary } from './types.js'
 import { SourceTlsOptions, tlsCredentials, tlsSummary } from './tls.js'
 
 const Bandwidth = z.int().positive().optional()
@@ -36,13 +37,18 @@ const SourceOptions = z.strictObject({
    * `zero-copy-send`). On loopback the kernel copies anyway; stats report it.
    */
   zeroCopySend: z.boolean().default(false),
+  /**
+   * Bound on opening each connection (TCP connect and, with TLS, the handshake). The control
+   * connection opens first; then every channel at once, so all of them are up within this.
+   */
   connectTimeoutMs: z.int().positive().default(10_000),
   /**
-   * Detect a stalled or hung destination: channel writes block at most this long, TCP
-   * user-timeout and keepalive are set, and the control connection must hear from the peer
-   * this often (both sides ping). Fails with ERR_MULTIFD_TIMEOUT. Off by default.
+   * No-progress bound: a destination that stops reading or answering fails the session with
+   * ERR_MULTIFD_TIMEOUT after this long, on both sides. Channel writes block at most this
+   * long, TCP user-timeout and keepalive are set, and the control connection must hear from
+   * the peer this often (both sides ping every third of it). 30 s by default; 0 disables it.
    */
-  peerTimeoutMs: z.int().min(100).max(3_600_000).optional(),
+  peerTimeoutMs: z.union([z.literal(0), z.int().min(100).max(3_600_000)]).default(DEFAULT_PEER_TIMEOUT_MS),
   /**
    * End-to-end integrity (negotiated; not a QEMU feature): every packet carries an xxh3-64
    * digest of its data pages in a reserved header word (a QEMU peer would ignore it), the
@@ -94,24 +100,28 @@ export interface ByteRange {
   length: number
 }
 
+/** What the source waits to hear, from its native side or the destination; each is heard once. */
+type Signal = 'controlConnected' | 'welcome' | 'channelsReady' | 'completed' | 'controlClosed'
+
+type NativeSource = InstanceType<typeof binding.NativeSource>
+
 export class Source extends Session {
   readonly session: string
   readonly address: string
   readonly blocks: readonly RamBlock[]
   readonly #options: z.output<typeof SourceOptions>
-  #native: InstanceType<typeof binding.NativeSource> | undefined
-  #closed = false
-  #welcomed = false
-  #controlUp = false
-  #channelsUp = false
-  #syncedEpoch = 0
-  #completed = false
-  #controlClosed = false
+  /** The native session: set by `connect`, cleared by close. */
+  #native: NativeSource | undefined
+  /** What has been heard so far (the public state machine is `state`, see `state.ts`). */
+  #heard = new Set<Signal>()
+  /** The highest sync the destination acknowledged (the native ledger checked it was owed). */
+  #acked = 0
   #round = 0
   #completedAt: number | undefined
   #maxBandwidth: number | undefined
   #throttledMs = 0
-  #aborting: MultifdError | undefined
+  /** Once `cancel()` or `abort()` begins: the error the session ends with, and how. */
+  #ending: { error: MultifdError; final: 'failed' | 'cancelled' } | undefined
 
   private constructor(o: z.output<typeof SourceOptions>) {
     super('source')
@@ -132,14 +142,24 @@ export class Source extends Session {
     return src
   }
 
+  #hear(s: Signal): void {
+    this.#heard.add(s)
+    this.recheck()
+  }
+
+  #until(s: Signal, what: string, timeoutMs?: number): Promise<true> {
+    return this.waitFor(() => (this.#heard.has(s) ? true : undefined), what, timeoutMs)
+  }
+
   async #start(): Promise<void> {
     const o = this.#options
     this.setState('setup')
     try {
       const tls = o.tls ? tlsCredentials(o.tls) : undefined
       // Connects and TLS handshakes run on native threads; the event loop stays free.
-      this.#native = native(() => binding.NativeSource.connect(o.address, o.connectTimeoutMs, tls, (ev) => this.#onEvent(ev)))
-      await this.waitFor(() => (this.#controlUp ? true : undefined), 'the control connection', o.connectTimeoutMs + CONNECT_SLACK_MS)
+      const n = native(() => binding.NativeSource.connect(o.address, o.connectTimeoutMs, tls, (ev) => this.#onEvent(ev)))
+      this.#native = n
+      await this.#until('controlConnected', 'the control connection', o.connectTimeoutMs + CONNECT_SLACK_MS)
       this.#send({
         type: 'hello',
         protocol: PROTOCOL_VERSION,
@@ -150,10 +170,9 @@ export class Source extends Session {
         blocks: o.blocks.map((b) => ({ name: b.name, length: b.size })),
         ...(o.integrity === 'none' ? {} : { integrity: o.integrity }),
       })
-      await this.waitFor(() => (this.#welcomed ? true : undefined), 'the destination welcome', o.handshakeTimeoutMs)
-      const nativeSource = this.#native
+      await this.#until('welcome', 'the destination welcome', o.handshakeTimeoutMs)
       native(() =>
-        nativeSource.startChannels({
+        n.startChannels({
           uuid: Buffer.from(this.session, 'hex'),
           channels: o.channels,
           pageSize: o.pageSize,
@@ -163,13 +182,13 @@ export class Source extends Session {
           zeroCopy: o.zeroCopySend,
           integrity: o.integrity === 'xxh3',
           connectTimeoutMs: o.connectTimeoutMs,
-          ...(o.peerTimeoutMs === undefined ? {} : { peerTimeoutMs: o.peerTimeoutMs }),
+          ...(o.peerTimeoutMs === 0 ? {} : { peerTimeoutMs: o.peerTimeoutMs }),
           ...(o.maxBandwidth === undefined ? {} : { maxBandwidth: o.maxBandwidth }),
         }),
       )
-      // Channels connect one after another, each within connectTimeoutMs.
-      await this.waitFor(() => (this.#channelsUp ? true : undefined), 'the multifd channels', o.connectTimeoutMs * o.channels + CONNECT_SLACK_MS)
-      if (o.peerTimeoutMs !== undefined) this.startLiveness(o.peerTimeoutMs, () => this.#send({ type: 'ping' }))
+      // Channels connect all at once (as QEMU's), each within connectTimeoutMs.
+      await this.#until('channelsReady', 'the multifd channels', o.connectTimeoutMs + CONNECT_SLACK_MS)
+      if (o.peerTimeoutMs > 0) this.startLiveness(o.peerTimeoutMs, () => this.#send({ type: 'ping' }))
       this.setState('active')
     } catch (e) {
       this.fail(e)
@@ -186,71 +205,71 @@ export class Source extends Session {
   #onEvent(ev: NativeEvent): void {
     switch (ev.kind) {
       case 'done':
-        this.answer(ev.id!, ev.code ? new MultifdError(ev.code as MultifdError['code'], ev.message ?? '') : (ev.pages ?? 0))
-        break
+        return this.answer(ev.id, ev.value)
+      case 'rejected':
+        return this.answer(ev.id, nativeError(ev.error))
       case 'failed':
-        this.fail(new MultifdError(ev.code as MultifdError['code'], ev.message ?? ''))
-        break
+        return this.fail(nativeError(ev.error))
       case 'channel':
-        this.emit('channel', ev.channel!)
-        break
+        this.emit('channel', ev.id)
+        return
       case 'controlConnected':
-        this.#controlUp = true
-        this.publishTls()
-        this.recheck()
-        break
+        this.#hear('controlConnected')
+        return this.publishTls()
       case 'channelsReady':
-        this.#channelsUp = true
-        this.recheck()
-        break
+        return this.#hear('channelsReady')
       case 'warning':
-        this.warn(new MultifdError(ev.code as MultifdError['code'], ev.message ?? ''))
-        break
+        return this.warn(nativeError(ev.error))
       case 'control':
-        this.#onControl(ev.frame!)
-        break
+        return this.#onControl(ev.frame)
       case 'controlClosed':
-        this.#controlClosed = true
-        this.recheck()
-        if (!this.#completed && this.state !== 'cancelling') {
-          this.fail(ev.code ? new MultifdError(ev.code as MultifdError['code'], `control connection: ${ev.message}`) : new MultifdError('ERR_MULTIFD_CONNECTION_CLOSED', 'the destination closed the control connection'))
-        }
-        break
+        this.#hear('controlClosed')
+        // After completion, or while cancel/abort waits for exactly this, a closing peer is expected.
+        if (this.#heard.has('completed') || this.#ending) return
+        return this.fail(
+          ev.error
+            ? new MultifdError(nativeError(ev.error).code, `control connection: ${ev.error.message}`)
+            : new MultifdError('ERR_MULTIFD_CONNECTION_CLOSED', 'the destination closed the control connection'),
+        )
+      case 'synced':
+        return // the destination's event; a source hears `synced` on the control connection
     }
   }
 
   #onControl(frame: Buffer): void {
     this.heard()
-    let m: ControlMessage
+    const n = this.#native
+    if (!n) return
     try {
-      m = decodeMessage(frame)
+      const m = decodeMessage(frame)
+      switch (m.type) {
+        case 'welcome':
+          if (m.protocol !== PROTOCOL_VERSION) throw new MultifdError('ERR_MULTIFD_PROTOCOL', `destination speaks control protocol ${m.protocol}, expected ${PROTOCOL_VERSION}`)
+          return this.#hear('welcome')
+        case 'synced':
+          // Only for a sync this source sent and not acknowledged before (checked natively).
+          native(() => n.synced(m.epoch))
+          this.#acked = m.epoch
+          this.publishSync(m.epoch, m.packetNum)
+          return this.recheck()
+        case 'completed':
+          // Only after this source sent `complete` (checked natively).
+          native(() => n.completed())
+          this.#completedAt ??= performance.now()
+          return this.#hear('completed')
+        case 'ping':
+          return
+        case 'error':
+          return this.fail(remoteError(m, 'destination'))
+        default:
+          throw new MultifdError('ERR_MULTIFD_PROTOCOL', `unexpected control message ${m.type} from the destination`)
+      }
     } catch (e) {
-      return this.fail(e)
+      this.fail(e)
     }
-    switch (m.type) {
-      case 'welcome':
-        if (m.protocol !== PROTOCOL_VERSION) return this.fail(new MultifdError('ERR_MULTIFD_PROTOCOL', `destination speaks control protocol ${m.protocol}, expected ${PROTOCOL_VERSION}`))
-        this.#welcomed = true
-        break
-      case 'synced':
-        this.#syncedEpoch = Math.max(this.#syncedEpoch, m.epoch)
-        this.publishSync(m.epoch, m.packetNum)
-        break
-      case 'completed':
-        this.#completed = true
-        this.#completedAt ??= performance.now()
-        break
-      case 'ping':
-        return
-      case 'error':
-        return this.fail(remoteError(m, 'destination'))
-      default:
-        return this.fail(new MultifdError('ERR_MULTIFD_PROTOCOL', `unexpected control message ${m.type} from the destination`))
-    }
-    this.recheck()
   }
 
-  #requireActive(what: string): InstanceType<typeof binding.NativeSource> {
+  #requireActive(what: string): NativeSource {
     if (this.error) throw this.error
     if (!this.#native || (this.state !== 'active' && this.state !== 'device')) {
       throw new MultifdError('ERR_MULTIFD_STATE', `cannot ${what} in state ${this.state}`)
@@ -286,13 +305,43 @@ export class Source extends Session {
   /**
    * A barrier on both sides: a SYNC packet goes out on every channel after its queued pages,
    * and this resolves once the destination reports that every channel has passed it, so every
-   * page sent before is in destination memory. Resolves with the sync epoch.
+   * page sent before is in destination memory. The destination's channel threads send that
+   * report themselves, so its latency does not depend on the destination's event loop.
+   * Resolves with the sync epoch.
    */
   async sync(): Promise<number> {
     const n = this.#requireActive('sync')
     const epoch = await this.request((id) => n.sync(id))
-    await this.waitFor(() => (this.#syncedEpoch >= epoch ? epoch : undefined), `sync ${epoch}`)
-    return epoch
+    // Every channel wrote its SYNC: from here the destination owes the acknowledgement.
+    return this.#acknowledged(epoch, n)
+  }
+
+  /**
+   * Resolves once the destination acknowledged `epoch`. With `peerTimeoutMs`, fails with
+   * ERR_MULTIFD_TIMEOUT when the acknowledgement is missing and nothing moved for that long:
+   * the destination has stopped taking the bytes still queued on the channels (on a slow
+   * link they drain for a while, which is progress) and has not answered.
+   */
+  #acknowledged(epoch: number, n: NativeSource): Promise<number> {
+    const acked = this.waitFor(() => (this.#acked >= epoch ? epoch : undefined), `sync ${epoch}`)
+    const bound = this.#options.peerTimeoutMs
+    if (bound === 0) return acked
+    let queued = n.unsentBytes()
+    let moved = performance.now()
+    const watchdog = setInterval(() => {
+      const now = n.unsentBytes()
+      if (now < queued) moved = performance.now()
+      queued = now
+      const idle = performance.now() - moved
+      if (idle > bound) this.fail(new MultifdError('ERR_MULTIFD_TIMEOUT', `source: the destination neither took the channels' bytes nor acknowledged sync ${epoch} for ${Math.round(idle)} ms (peerTimeoutMs ${bound})`))
+    }, Math.max(10, Math.floor(bound / 10)))
+    watchdog.unref()
+    return acked.finally(() => clearInterval(watchdog))
+  }
+
+  /** The no-progress bound in ms (`peerTimeoutMs`; 0: off). */
+  get peerTimeoutMs(): number {
+    return this.#options.peerTimeoutMs
   }
 
   /** The bandwidth limit in bytes per second over all channels, or undefined for none. */
@@ -314,7 +363,7 @@ export class Source extends Session {
 
   /** Milliseconds the channels waited for the bandwidth limit so far, all channels added up. */
   get throttledMs(): number {
-    return this.#closed ? this.#throttledMs : (this.#native?.throttledMs() ?? 0)
+    return this.#native?.throttledMs() ?? this.#throttledMs
   }
 
   /**
@@ -327,36 +376,51 @@ export class Source extends Session {
 
   /**
    * Fails the session with `error`, on both sides: for orchestration that decides to give up,
-   * e.g. a live migration that does not converge. Like `cancel()` it is a handshake: this side
-   * stops queuing, tells the destination, and closes its channels only once the destination
-   * has stopped (or after 2 s), so the destination fails with this code rather than with the
-   * closed sockets it would otherwise see first. Pending promises reject with `error`;
+   * e.g. a live migration that does not converge. Like `cancel()` it is a handshake (see
+   * there), ending `failed` with `error` on both sides. Pending promises reject with `error`;
    * resolves once the session is failed. First error wins: if the session already ended,
    * nothing changes.
    */
   async abort(error: MultifdError): Promise<void> {
     if (!(error instanceof MultifdError)) throw new MultifdError('ERR_MULTIFD_INVALID_ARGUMENT', 'abort needs a MultifdError')
-    if (this.error || this.#aborting || this.state === 'completed' || this.state === 'cancelling') return
-    this.#aborting = error
-    this.#native?.stopQueuing()
-    try {
-      this.#send({ type: 'error', code: error.code, message: error.message })
-      await Promise.race([
-        this.waitFor(() => (this.#controlClosed ? true : undefined), 'the destination to stop'),
-        delay(2000, undefined, { ref: false }),
-      ])
-    } catch {
-      // the destination may already be gone; the session fails with `error` below regardless
-    }
-    this.fail(error)
+    if (this.error || this.#ending || this.state === 'completed') return
+    return this.#stop(error, 'failed', { type: 'error', code: error.code, message: error.message })
   }
 
-  /** While aborting, whatever breaks (the destination closing its sockets) is the abort. */
+  /**
+   * Cancels: both sides stop, every pending promise rejects with ERR_MULTIFD_CANCELLED, and
+   * both sides end `cancelled`. A handshake, as `abort()`.
+   */
+  async cancel(): Promise<void> {
+    if (this.error || this.#ending || this.state === 'completed') return
+    this.setState('cancelling')
+    return this.#stop(new MultifdError('ERR_MULTIFD_CANCELLED', 'the migration was cancelled by the source'), 'cancelled', { type: 'cancel' })
+  }
+
+  /**
+   * The stop handshake of `cancel()` and `abort()`: this side stops queuing at once (channels
+   * finish the packet in hand), tells the destination with `announce`, and closes its
+   * channels only once the destination has stopped (or after 2 s), so the destination ends
+   * with this side's reason rather than with the closed sockets it would otherwise see first.
+   */
+  async #stop(error: MultifdError, final: 'failed' | 'cancelled', announce: ControlMessage): Promise<void> {
+    this.#ending = { error, final }
+    this.#native?.stopQueuing()
+    try {
+      this.#send(announce)
+      await Promise.race([this.#until('controlClosed', 'the destination to stop'), delay(2000, undefined, { ref: false })])
+    } catch {
+      // the destination may already be gone; the session ends with `error` below regardless
+    }
+    this.fail(error, final)
+  }
+
+  /** While stopping, whatever breaks (the destination closing its sockets) is the stop's reason. */
   protected override fail(e: unknown, final: 'failed' | 'cancelled' = 'failed'): void {
-    const aborting = this.#aborting
-    if (aborting && !this.error && e !== aborting) {
-      aborting.secondary.push(e)
-      return super.fail(aborting, final)
+    const ending = this.#ending
+    if (ending && !this.error && e !== ending.error) {
+      ending.error.secondary.push(e)
+      return super.fail(ending.error, ending.final)
     }
     super.fail(e, final)
   }
@@ -373,12 +437,13 @@ export class Source extends Session {
    * Finishes: a final sync, then both sides complete and close. Resolves with the summary.
    */
   async complete(): Promise<Summary> {
-    this.#requireActive('complete')
+    const n = this.#requireActive('complete')
     this.setState('device')
     try {
       const epoch = await this.sync()
-      this.#send({ type: 'complete', epoch, ...(this.#options.integrity === 'xxh3' ? { digests: this.blocks.map((b) => ({ name: b.name, xxh3: b.digest() })) } : {}) })
-      await this.waitFor(() => (this.#completed ? true : undefined), 'the destination completion', this.#options.handshakeTimeoutMs)
+      const frame = encodeMessage({ type: 'complete', epoch, ...(this.#options.integrity === 'xxh3' ? { digests: this.blocks.map((b) => ({ name: b.name, xxh3: b.digest() })) } : {}) })
+      native(() => n.sendComplete(epoch, frame))
+      await this.#until('completed', 'the destination completion', this.#options.handshakeTimeoutMs)
       this.succeed()
     } catch (e) {
       this.fail(e)
@@ -386,31 +451,9 @@ export class Source extends Session {
     return this.done
   }
 
-  /**
-   * Cancels: both sides stop, every pending promise rejects with ERR_MULTIFD_CANCELLED. This
-   * side stops queuing at once (channels finish the packet in hand), the destination hears it
-   * on the control connection, and the channels close only once the destination has stopped
-   * (or after 2 s), so both sides end `cancelled`, not `failed`.
-   */
-  async cancel(): Promise<void> {
-    if (this.error || this.state === 'completed' || this.state === 'cancelling') return
-    this.setState('cancelling')
-    this.#native?.stopQueuing()
-    try {
-      this.#send({ type: 'cancel' })
-      await Promise.race([
-        this.waitFor(() => (this.#controlClosed ? true : undefined), 'the destination to stop'),
-        delay(2000, undefined, { ref: false }),
-      ])
-    } catch {
-      // the destination may already be gone
-    }
-    this.fail(new MultifdError('ERR_MULTIFD_CANCELLED', 'the migration was cancelled by the source'), 'cancelled')
-  }
-
   protected override tellPeer(e: MultifdError): void {
     // A cancel was announced with `cancel`, an abort with its own `error` message already.
-    if (e.code === 'ERR_MULTIFD_CANCELLED' || e === this.#aborting) return
+    if (e.code === 'ERR_MULTIFD_CANCELLED' || e === this.#ending?.error) return
     try {
       this.#send({ type: 'error', code: e.code, message: e.message })
     } catch {
@@ -419,14 +462,15 @@ export class Source extends Session {
   }
 
   protected override nativeTls(): TlsSummary | undefined {
-    return this.#closed ? undefined : tlsSummary(this.#native?.tlsInfo())
+    return tlsSummary(this.#native?.tlsInfo())
   }
 
   protected override closeNative(abort: boolean): void {
-    if (this.#closed || !this.#native) return
-    this.#throttledMs = this.#native.throttledMs()
-    this.#closed = true
-    this.#native.close(abort)
+    const n = this.#native
+    if (!n) return
+    this.#throttledMs = n.throttledMs()
+    this.#native = undefined
+    n.close(abort)
   }
 
   protected override nativeStats(): ChannelStats[] {

@@ -31,8 +31,27 @@ export const warningChannel = diagnostics.channel('multifd:warning')
  */
 export const roundChannel = diagnostics.channel('multifd:round')
 
-const FINAL: ReadonlySet<MigrationState> = new Set(['completed', 'failed', 'cancelled'])
+/**
+ * The state machine, as one table: the states each state may move to. Any state but a final
+ * one may fail or be cancelled; `cancelling` ends `cancelled` (or `failed`, when the
+ * cancellation itself broke). Every transition a session makes is checked against it.
+ */
+const TRANSITIONS: Readonly<Record<MigrationState, readonly MigrationState[]>> = {
+  none: ['setup', 'failed', 'cancelling', 'cancelled'],
+  setup: ['active', 'failed', 'cancelling', 'cancelled'],
+  active: ['device', 'failed', 'cancelling', 'cancelled'],
+  device: ['completed', 'failed', 'cancelling', 'cancelled'],
+  cancelling: ['cancelled', 'failed'],
+  completed: [],
+  failed: [],
+  cancelled: [],
+}
 
 export function isFinal(s: MigrationState): boolean {
-  return FINAL.has(s)
+  return TRANSITIONS[s].length === 0
+}
+
+/** Whether a session in state `from` may move to `to`. */
+export function canMove(from: MigrationState, to: MigrationState): boolean {
+  return TRANSITIONS[from].includes(to)
 }

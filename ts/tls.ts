@@ -8,7 +8,7 @@ import { readFileSync } from 'node:fs'
 import { z } from 'zod'
 import { MultifdError } from './errors.js'
 import type { TlsCredentials, TlsSessionInfo } from './native.js'
-import type { TlsSummary } from './session.js'
+import type { TlsSummary } from './types.js'
 
 /** PEM text (starting `-----BEGIN`), PEM bytes, or the path of a PEM file. */
 export const PemSource = z.union([z.string().min(1), z.instanceof(Uint8Array)])

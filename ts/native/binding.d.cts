@@ -66,8 +66,13 @@ export declare class NativeDestination {
   configure(options: DestinationOptions): void
   stats(): Array<ChannelCounters>
   fail(codeName: string, message: string): boolean
-  /** Completes: channel readers stop at the next packet boundary and are joined. */
-  finish(): void
+  /**
+   * The source said `complete {epoch}`: accepted only when every announced channel was
+   * admitted and delivered that epoch's SYNC (otherwise the session fails with
+   * ERR_MULTIFD_OUT_OF_SEQUENCE); then channel readers stop at the next packet boundary and
+   * are joined.
+   */
+  complete(epoch: number): void
   /** Joins every thread and closes every connection and the listener. */
   close(): void
 }
@@ -112,6 +117,10 @@ export declare class NativeQemuSender {
   finish(): void
 }
 
+/**
+ * A source session: type conversion over the core's [`SourceSession`], which owns the
+ * control connection, the channels, the protocol's sequencing rules and teardown.
+ */
 export declare class NativeSource {
   /**
    * Starts opening the control connection (with `tls`, after a mutual TLS handshake, which
@@ -122,9 +131,22 @@ export declare class NativeSource {
   /** The control connection's TLS session, once connected with TLS. */
   tlsInfo(): TlsSessionInfo | null
   sendControl(frame: Buffer): void
+  /** Sends the `complete` frame, which names `epoch` (the last sync, acknowledged). */
+  sendComplete(epoch: number, frame: Buffer): void
   /**
-   * Starts connecting the multifd channels in the background (each authenticated with TLS
-   * when configured, each sending its init packet); `channelsReady` follows, or `failed`.
+   * The destination acknowledged sync `epoch`; anything but a sync this source sent (and not
+   * acknowledged before) fails the session with ERR_MULTIFD_OUT_OF_SEQUENCE.
+   */
+  synced(epoch: number): void
+  /**
+   * The destination reported completion; before `complete` was sent this fails the session
+   * with ERR_MULTIFD_OUT_OF_SEQUENCE.
+   */
+  completed(): void
+  /**
+   * Starts connecting the multifd channels in the background, all at once (each
+   * authenticated with TLS when configured, each sending its init packet); `channelsReady`
+   * follows, or `failed`.
    */
   startChannels(options: ChannelOptions): void
   /**
@@ -132,7 +154,10 @@ export declare class NativeSource {
    * A `done` event with this `id` follows.
    */
   send(id: number, block: Block, ranges: Array<ByteRange> | undefined | null, dirty: boolean): void
-  /** Queues a SYNC on every channel; a `done` event with this `id` and the epoch follows. */
+  /**
+   * Queues a SYNC on every channel; a `done` event with this `id` follows once every channel
+   * wrote it. Returns the epoch the destination now owes a `synced` for.
+   */
   sync(id: number): number
   stats(): Array<ChannelCounters>
   /**
@@ -143,6 +168,11 @@ export declare class NativeSource {
   /** Milliseconds the channels have waited for the bandwidth limit, all channels added up. */
   throttledMs(): number
   /**
+   * Bytes written to the channels that the destination has not taken yet, all channels
+   * added up: while it shrinks, the destination is making progress.
+   */
+  unsentBytes(): number
+  /**
    * Stops queuing new pages (pending sends and syncs end with ERR_MULTIFD_CANCELLED); the
    * packets being written finish, so every channel stays at a packet boundary.
    */
@@ -150,8 +180,9 @@ export declare class NativeSource {
   /** Fails the session with `code` (first error wins): channels are shut down at once. */
   fail(codeName: string, message: string): boolean
   /**
-   * Joins every thread and closes every connection. With `abort`, sockets are shut down
-   * first; otherwise channel threads finish their queues (call after the final sync).
+   * Closes every connection and joins the channel threads, never waiting for the network
+   * (a connect in flight closes what it opens). With `abort`, sockets are shut down first;
+   * otherwise channel threads finish their queues (call after the final sync).
    */
   close(abort: boolean): void
 }
@@ -288,19 +319,24 @@ export declare function inspectQemuFile(path: string): QemuFileInfo
 /** Reads a snapshot file's description (complete or not). */
 export declare function inspectSnapshot(path: string): SnapshotFileInfo
 
-/** One event as JavaScript receives it. `kind` says which fields are set. */
-export interface NativeEvent {
-  /** `failed` | `done` | `synced` | `channel` | `control` | `controlClosed` | `controlConnected` | `channelsReady` | `warning` */
-  kind: string
-  id?: number
-  pages?: number
-  epoch?: number
-  packetNum?: number
-  channel?: number
-  code?: string
-  message?: string
-  frame?: Buffer
+/** A failure as it crosses to JavaScript: the stable `ERR_MULTIFD_*` code and the message. */
+export interface NativeError {
+  code: string
+  message: string
 }
+
+/** One event of a native session. */
+export type NativeEvent =
+  | { kind: 'failed'; error: NativeError }
+  | { kind: 'done'; id: number; value: number }
+  | { kind: 'rejected'; id: number; error: NativeError }
+  | { kind: 'synced'; epoch: number; packetNum: number }
+  | { kind: 'channel'; id: number }
+  | { kind: 'control'; frame: Buffer }
+  | { kind: 'controlClosed'; error?: NativeError }
+  | { kind: 'controlConnected' }
+  | { kind: 'channelsReady' }
+  | { kind: 'warning'; error: NativeError }
 
 export interface PacketHeaderFields {
   flags: number

@@ -6,8 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use crate::error::{Result, fail};
-use crate::session::{Event, EventSink};
+use crate::error::{Error, Result, fail};
 use crate::tls::TlsClient;
 use crate::transport::{Address, Conn};
 
@@ -17,6 +16,16 @@ pub const CONTROL_MAGIC: u32 = 0x4d46_4443;
 pub const MAX_FRAME: u32 = 1 << 20;
 /// How long a control write may block before the peer is considered gone.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What the reader thread hands its owner: a frame, then once the end of the connection
+/// (`Closed(None)` for a clean end).
+pub enum Inbound {
+    Frame(Vec<u8>),
+    Closed(Option<Error>),
+}
+
+/// Where the reader thread delivers. Frames come in order, `Closed` last.
+pub type InboundSink = Arc<dyn Fn(Inbound) + Send + Sync>;
 
 /// A control connection with its reader thread.
 pub struct Control {
@@ -28,18 +37,18 @@ pub struct Control {
 impl Control {
     /// Source side: connects (with `tls`, completes the handshake) and announces itself with
     /// the control magic.
-    pub fn connect(addr: &Address, timeout: Duration, tls: Option<&TlsClient>, events: EventSink) -> Result<Arc<Control>> {
+    pub fn connect(addr: &Address, timeout: Duration, tls: Option<&TlsClient>, events: InboundSink) -> Result<Arc<Control>> {
         let conn = Conn::connect_secure(addr, timeout, tls)?;
         conn.write_all(&[&CONTROL_MAGIC.to_be_bytes()])?;
         Ok(Self::start(conn, events))
     }
 
     /// Destination side: the acceptor already consumed the magic.
-    pub fn accepted(conn: Conn, events: EventSink) -> Arc<Control> {
+    pub fn accepted(conn: Conn, events: InboundSink) -> Arc<Control> {
         Self::start(conn, events)
     }
 
-    fn start(conn: Conn, events: EventSink) -> Arc<Control> {
+    fn start(conn: Conn, events: InboundSink) -> Arc<Control> {
         let _ = conn.set_write_timeout(Some(WRITE_TIMEOUT));
         let conn = Arc::new(conn);
         let reader_conn = conn.clone();
@@ -48,12 +57,12 @@ impl Control {
             .spawn(move || {
                 let end = loop {
                     match read_frame(&reader_conn) {
-                        Ok(Some(frame)) => events(Event::Control(frame)),
+                        Ok(Some(frame)) => events(Inbound::Frame(frame)),
                         Ok(None) => break None,
                         Err(e) => break Some(e),
                     }
                 };
-                events(Event::ControlClosed(end));
+                events(Inbound::Closed(end));
             })
             .expect("spawn control reader");
         Arc::new(Control { conn, write: Mutex::new(()), reader: Mutex::new(Some(reader)) })

@@ -12,6 +12,7 @@ use crate::block::RamBlock;
 use crate::control::{CONTROL_MAGIC, Control};
 use crate::error::{Error, ErrorCode, Result, fail};
 use crate::io::Boundary;
+use crate::protocol::{Delivered, synced_frame};
 use crate::session::{ChannelStats, Counters, Event, EventSink, Failure};
 use crate::tls::{TlsServer, looks_like_tls, refuse_plaintext_peer, refuse_tls_peer};
 use crate::transport::{Address, Conn, Listener};
@@ -219,6 +220,29 @@ impl Destination {
         }
     }
 
+    /// The source said `complete {epoch}`: accepted only when every announced channel was
+    /// admitted and delivered that epoch's SYNC (the last barrier passed); then [`finish`].
+    /// Otherwise the session fails with `ERR_MULTIFD_OUT_OF_SEQUENCE`, and that is returned.
+    ///
+    /// [`finish`]: Destination::finish
+    pub fn complete(&self, epoch: u64) -> Result<()> {
+        if let Err(e) = self.delivered().and_then(|d| d.check_complete(epoch)) {
+            self.inner.failure.fail(e.clone());
+            return Err(self.inner.failure.first().unwrap_or(e));
+        }
+        self.finish()
+    }
+
+    /// What the channels delivered so far.
+    fn delivered(&self) -> Result<Delivered> {
+        let Some(s) = self.inner.session.lock().unwrap().clone() else {
+            fail!(OutOfSequence, "the source completed before its hello was accepted");
+        };
+        let admitted = s.channels - s.claims.lock().unwrap().missing().len() as u32;
+        let epoch = s.barrier.state.lock().unwrap().epoch;
+        Ok(Delivered { announced: s.channels, admitted, epoch })
+    }
+
     /// Ends a successful migration: channels may now close, their readers stop at the next
     /// packet boundary and are joined. Returns the first error if the session failed.
     pub fn finish(&self) -> Result<()> {
@@ -398,7 +422,7 @@ impl Inner {
                 // Announced before the reader thread starts: its first frame (the hello) must
                 // not reach the orchestrator ahead of the connection it came on.
                 (self.events)(Event::ControlConnected);
-                *slot = Some(Control::accepted(conn, self.events.clone()));
+                *slot = Some(Control::accepted(conn, crate::session::control_events(self.events.clone())));
                 drop(slot);
             }
             _ => {
@@ -644,7 +668,13 @@ impl Inner {
             let (e, hw) = (b.epoch, b.high_water);
             drop(b);
             s.barrier.cv.notify_all();
+            // The orchestrator is told, not asked: the acknowledgement goes to the source from
+            // here, whatever the JavaScript event loop is doing.
             (self.events)(Event::Synced { epoch: e, packet_num: hw });
+            let control = self.control.lock().unwrap().clone();
+            if let Some(c) = control {
+                c.send(&synced_frame(e, hw)).map_err(|err| err.context(format!("acknowledging sync {e}")))?;
+            }
             return Ok(());
         }
         while b.epoch == epoch {

@@ -137,6 +137,10 @@ error_codes! {
     /// other than RAM, an unknown command or RAM flag, a capability it does not carry
     /// (x-ignore-shared, postcopy), a malformed section.
     QemuStream => "ERR_MULTIFD_QEMU_STREAM",
+    /// A control message the session's progress does not allow: `complete` before every
+    /// announced channel was admitted and delivered that epoch's SYNC, `synced` for an epoch the
+    /// source never sent, `completed` before the source sent `complete`.
+    OutOfSequence => "ERR_MULTIFD_OUT_OF_SEQUENCE",
 }
 
 impl fmt::Display for ErrorCode {

@@ -35,6 +35,16 @@ pub enum Event {
 /// Where events go. The binding forwards them to JavaScript; tests collect them.
 pub type EventSink = Arc<dyn Fn(Event) + Send + Sync>;
 
+/// A control connection's reader, delivering into a session's events.
+pub fn control_events(events: EventSink) -> crate::control::InboundSink {
+    Arc::new(move |i| {
+        events(match i {
+            crate::control::Inbound::Frame(f) => Event::Control(f),
+            crate::control::Inbound::Closed(end) => Event::ControlClosed(end),
+        })
+    })
+}
+
 /// Per-channel counters, read cheaply by polling.
 #[derive(Debug, Default)]
 pub struct ChannelStats {

@@ -208,6 +208,8 @@ enum Command {
 /// A running set of source channels.
 pub struct Source {
     shared: Arc<Shared>,
+    /// The channels' connections, for [`Source::unsent_bytes`]; let go of by `close`.
+    conns: Mutex<Vec<Arc<Conn>>>,
     commands: Mutex<Option<mpsc::Sender<Command>>>,
     threads: Mutex<Vec<JoinHandle<()>>>,
     syncs: AtomicU64,
@@ -238,6 +240,7 @@ impl Source {
         for conn in &conns {
             failure.watch(conn.clone());
         }
+        let watched = conns.clone();
         let shared = Arc::new(Shared {
             queues: Mutex::new(Queues { jobs: (0..n).map(|_| VecDeque::new()).collect(), synced: vec![0; n], cursor: 0, stopping: false }),
             work: (0..n).map(|_| Condvar::new()).collect(),
@@ -279,7 +282,7 @@ impl Source {
                 .spawn(move || s.run_dispatcher(rx))
                 .map_err(|e| Error::new(ErrorCode::Io, format!("spawn dispatcher: {e}")))?,
         );
-        Ok(Source { shared, commands: Mutex::new(Some(tx)), threads: Mutex::new(threads), syncs: AtomicU64::new(0) })
+        Ok(Source { shared, conns: Mutex::new(watched), commands: Mutex::new(Some(tx)), threads: Mutex::new(threads), syncs: AtomicU64::new(0) })
     }
 
     fn command(&self, c: Command) -> Result<()> {
@@ -316,6 +319,13 @@ impl Source {
         self.shared.stats.iter().map(|s| s.snapshot()).collect()
     }
 
+    /// Bytes written to the channels that the destination has not taken yet (still in this
+    /// side's socket send queues: unsent or, for TCP, unacknowledged), all channels added up.
+    /// Shrinking while a sync is awaited means the destination is still reading.
+    pub fn unsent_bytes(&self) -> u64 {
+        self.conns.lock().unwrap().iter().map(|c| send_queue(c.fd())).sum()
+    }
+
     /// Changes `max_bandwidth` while the session runs (`None` lifts the limit). It applies to
     /// the next packet of every channel, including channels waiting for tokens now.
     pub fn set_max_bandwidth(&self, bytes_per_second: Option<u64>) -> Result<()> {
@@ -342,6 +352,7 @@ impl Source {
         for t in self.threads.lock().unwrap().drain(..) {
             let _ = t.join();
         }
+        self.conns.lock().unwrap().clear();
         self.shared.failure.release_connections();
     }
 }
@@ -374,6 +385,15 @@ fn connect_channels(config: &SourceConfig) -> Result<Vec<Conn>> {
             .collect()
     });
     results.into_iter().enumerate().map(|(id, r)| r.map_err(|e| e.context(format!("channel {id}")))).collect()
+}
+
+/// Bytes in a socket's send queue (SIOCOUTQ); 0 when the socket cannot say.
+fn send_queue(fd: std::os::fd::RawFd) -> u64 {
+    let mut queued: libc::c_int = 0;
+    // SAFETY: `fd` is a socket kept open by the `Arc<Conn>` the caller holds; SIOCOUTQ
+    // (TIOCOUTQ) writes one int through the pointer, which points at a live local.
+    let rc = unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &mut queued) };
+    if rc == 0 { u64::try_from(queued).unwrap_or(0) } else { 0 }
 }
 
 impl Drop for Source {

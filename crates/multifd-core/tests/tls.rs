@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use multifd_core::block::RamBlock;
 use multifd_core::control::Control;
 use multifd_core::dest::{DestConfig, Destination};
-use multifd_core::session::{Event, Failure};
+use multifd_core::session::{Event, Failure, control_events};
 use multifd_core::source::{Selection, Source, SourceConfig};
 use multifd_core::tls::{TlsClient, TlsOptions, TlsServer};
 use multifd_core::transport::Address;
@@ -96,7 +96,7 @@ fn mutual_tls_moves_every_page_and_hides_them_on_the_wire() {
 
     // Control: handshake, then frames both ways.
     let (csink, crx) = sink();
-    let control = Control::connect(&proxy, Duration::from_secs(5), Some(&client("source", "ca.pem", Some("localhost"), &proxy)), csink).unwrap();
+    let control = Control::connect(&proxy, Duration::from_secs(5), Some(&client("source", "ca.pem", Some("localhost"), &proxy)), control_events(csink)).unwrap();
     control.send(b"hello").unwrap();
     loop {
         match drx.recv_timeout(Duration::from_secs(5)).expect("hello arrives") {
@@ -188,7 +188,7 @@ fn refused(server_tls: Option<TlsServer>, client_tls: impl Fn(&Address) -> Optio
     let (dest, block, drx) = destination(server_tls.clone(), 1);
     let (csink, crx) = sink();
     let started = Instant::now();
-    let source_err = match Control::connect(dest.address(), Duration::from_secs(3), client_tls(dest.address()).as_ref(), csink) {
+    let source_err = match Control::connect(dest.address(), Duration::from_secs(3), client_tls(dest.address()).as_ref(), control_events(csink)) {
         Err(e) => e,
         Ok(control) => {
             let _ = control.send(b"hello");
@@ -274,7 +274,7 @@ fn a_tls_source_at_a_plaintext_destination() {
 fn allow_list_accepts_an_alternative_name() {
     let (dest, _block, drx) = destination(Some(server(&["source.test"])), 1);
     let (csink, _crx) = sink();
-    let control = Control::connect(dest.address(), Duration::from_secs(3), Some(&client("source", "ca.pem", Some("127.0.0.1"), dest.address())), csink).unwrap();
+    let control = Control::connect(dest.address(), Duration::from_secs(3), Some(&client("source", "ca.pem", Some("127.0.0.1"), dest.address())), control_events(csink)).unwrap();
     control.send(b"x").unwrap();
     loop {
         match drx.recv_timeout(Duration::from_secs(5)).expect("frame") {
@@ -317,7 +317,7 @@ fn a_server_that_stalls_mid_handshake_is_cut_off() {
     });
     let started = Instant::now();
     let (csink, _crx) = sink();
-    let e = Control::connect(&addr, Duration::from_millis(1500), Some(&client("source", "ca.pem", Some("localhost"), &addr)), csink).err().expect("connect fails");
+    let e = Control::connect(&addr, Duration::from_millis(1500), Some(&client("source", "ca.pem", Some("localhost"), &addr)), control_events(csink)).err().expect("connect fails");
     assert_eq!(e.code, ErrorCode::Timeout, "{e}");
     assert!(e.message.contains("TLS handshake"), "{e}");
     let took = started.elapsed();
@@ -357,4 +357,24 @@ fn identities_read_from_a_real_certificate() {
     let der = CertificateDer::from_pem_slice(&pem("dest.pem")).unwrap();
     let id = multifd_core::tls::Identity::from_der(&der).unwrap();
     assert_eq!(id.alt_names, vec!["localhost".to_string(), "dest.test".into(), "127.0.0.1".into()]);
+}
+
+#[test]
+fn closing_a_source_session_does_not_wait_for_a_stalled_connect() {
+    // A listener that completes TCP handshakes (kernel backlog) but never answers TLS: the
+    // control connect stalls in its TLS handshake until the connect timeout.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = Address::parse(&format!("tcp:{}", silent.local_addr().unwrap())).unwrap();
+    let (events, rx) = sink();
+    let tls = client("source", "ca.pem", Some("localhost"), &addr);
+    let session = multifd_core::lifecycle::SourceSession::connect(addr, Duration::from_secs(4), Some(tls), events).unwrap();
+    let started = std::time::Instant::now();
+    session.close(true);
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(1), "close waited {took:?} for a connect in flight");
+    // The connect ends on its own within its timeout and reports nothing as connected.
+    drop(session);
+    let connected = rx.recv_timeout(Duration::from_secs(6)).into_iter().any(|e| matches!(e, Event::ControlConnected));
+    assert!(!connected);
+    drop(silent);
 }

@@ -1,4 +1,5 @@
-//! Forwards data-plane events to one JavaScript callback per session.
+//! Forwards data-plane events to one JavaScript callback per session, as a discriminated union
+//! (`kind`) the binding generates: TypeScript narrows on `kind`, no casts.
 
 use std::sync::{Arc, Mutex};
 
@@ -8,52 +9,57 @@ use napi::threadsafe_function::{ThreadsafeFunction, ThreadsafeFunctionCallMode};
 use napi::Status;
 use napi_derive::napi;
 
-/// One event as JavaScript receives it. `kind` says which fields are set.
+/// A failure as it crosses to JavaScript: the stable `ERR_MULTIFD_*` code and the message.
 #[napi(object)]
-pub struct NativeEvent {
-    /// `failed` | `done` | `synced` | `channel` | `control` | `controlClosed` | `controlConnected` | `channelsReady` | `warning`
-    pub kind: String,
-    pub id: Option<u32>,
-    pub pages: Option<f64>,
-    pub epoch: Option<f64>,
-    pub packet_num: Option<f64>,
-    pub channel: Option<u32>,
-    pub code: Option<String>,
-    pub message: Option<String>,
-    pub frame: Option<Buffer>,
+pub struct NativeError {
+    pub code: String,
+    pub message: String,
 }
 
-impl NativeEvent {
-    fn of(kind: &str) -> Self {
-        NativeEvent { kind: kind.into(), id: None, pages: None, epoch: None, packet_num: None, channel: None, code: None, message: None, frame: None }
+impl From<multifd_core::Error> for NativeError {
+    fn from(e: multifd_core::Error) -> Self {
+        NativeError { code: e.code.as_str().into(), message: e.message }
     }
+}
 
-    fn with_error(mut self, e: &multifd_core::Error) -> Self {
-        self.code = Some(e.code.as_str().into());
-        self.message = Some(e.message.clone());
-        self
-    }
+/// One event of a native session.
+#[napi(discriminant = "kind", discriminant_case = "camelCase")]
+pub enum NativeEvent {
+    /// The first error; the session is failed and its channels are shut down.
+    Failed { error: NativeError },
+    /// Request `id` finished: pages handled (a send) or the epoch reached (a sync).
+    Done { id: u32, value: f64 },
+    /// Request `id` ended with `error`.
+    Rejected { id: u32, error: NativeError },
+    /// Every channel passed sync barrier `epoch` (destination; the source was already told).
+    Synced { epoch: f64, packet_num: f64 },
+    /// Multifd channel `id` was admitted (destination) or connected (source).
+    Channel { id: u32 },
+    /// A control frame from the peer.
+    Control { frame: Buffer },
+    /// The control connection ended: cleanly (no `error`) or with `error`.
+    ControlClosed { error: Option<NativeError> },
+    /// The control connection is up (source: connected and authenticated; destination: accepted).
+    ControlConnected,
+    /// Source: every channel is connected and has sent its init packet.
+    ChannelsReady,
+    /// Something degraded without failing the session.
+    Warning { error: NativeError },
 }
 
 impl From<Event> for NativeEvent {
     fn from(e: Event) -> Self {
         match e {
-            Event::Failed(err) => NativeEvent::of("failed").with_error(&err),
-            Event::Done { id, result } => {
-                let ev = NativeEvent { id: Some(id), ..NativeEvent::of("done") };
-                match result {
-                    Ok(pages) => NativeEvent { pages: Some(pages as f64), ..ev },
-                    Err(err) => ev.with_error(&err),
-                }
-            }
-            Event::Synced { epoch, packet_num } => NativeEvent { epoch: Some(epoch as f64), packet_num: Some(packet_num as f64), ..NativeEvent::of("synced") },
-            Event::ChannelUp { id } => NativeEvent { channel: Some(id.into()), ..NativeEvent::of("channel") },
-            Event::Control(frame) => NativeEvent { frame: Some(frame.into()), ..NativeEvent::of("control") },
-            Event::ControlClosed(None) => NativeEvent::of("controlClosed"),
-            Event::ControlClosed(Some(err)) => NativeEvent::of("controlClosed").with_error(&err),
-            Event::ControlConnected => NativeEvent::of("controlConnected"),
-            Event::ChannelsReady => NativeEvent::of("channelsReady"),
-            Event::Warning(err) => NativeEvent::of("warning").with_error(&err),
+            Event::Failed(err) => NativeEvent::Failed { error: err.into() },
+            Event::Done { id, result: Ok(value) } => NativeEvent::Done { id, value: value as f64 },
+            Event::Done { id, result: Err(err) } => NativeEvent::Rejected { id, error: err.into() },
+            Event::Synced { epoch, packet_num } => NativeEvent::Synced { epoch: epoch as f64, packet_num: packet_num as f64 },
+            Event::ChannelUp { id } => NativeEvent::Channel { id: id.into() },
+            Event::Control(frame) => NativeEvent::Control { frame: frame.into() },
+            Event::ControlClosed(err) => NativeEvent::ControlClosed { error: err.map(Into::into) },
+            Event::ControlConnected => NativeEvent::ControlConnected,
+            Event::ChannelsReady => NativeEvent::ChannelsReady,
+            Event::Warning(err) => NativeEvent::Warning { error: err.into() },
         }
     }
 }

@@ -1,14 +1,15 @@
-//! Source and destination sessions for the TypeScript orchestrator. Each is a handle over the
-//! core's threads plus the control connection; every decision (when to sync, complete, fail)
-//! is made in TypeScript.
+//! Source and destination sessions for the TypeScript orchestrator: type conversion only. The
+//! core owns connections, threads, the control protocol's sequencing rules and teardown
+//! (`multifd_core::lifecycle`, `multifd_core::dest`); TypeScript decides when to sync,
+//! complete or give up.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use multifd_core::control::Control;
 use multifd_core::dest::{DestConfig, Destination};
-use multifd_core::session::{Counters, Event, Failure};
-use multifd_core::source::{Selection, Source, SourceConfig};
+use multifd_core::lifecycle::SourceSession;
+use multifd_core::session::Counters;
+use multifd_core::source::{Selection, SourceConfig};
 use multifd_core::tls::{TlsClient, TlsOptions, TlsServer};
 use multifd_core::transport::Address;
 use multifd_core::wire::{Compression, Geometry};
@@ -17,7 +18,7 @@ use napi::bindgen_prelude::{Buffer, Function};
 use napi_derive::napi;
 
 use crate::block::Block;
-use crate::errors::IntoNapi;
+use crate::errors::{IntoCoded, Result, coded};
 use crate::events::{JsEvents, NativeEvent};
 use crate::numbers::{code, to_u64, uuid};
 
@@ -82,8 +83,8 @@ pub struct ChannelOptions {
     pub max_bandwidth: Option<f64>,
 }
 
-fn bandwidth(v: Option<f64>) -> napi::Result<Option<u64>> {
-    v.map(|b| to_u64(b, "max bandwidth")).transpose()
+fn bandwidth(v: Option<f64>) -> Result<Option<u64>> {
+    v.map(|b| to_u64(b, "max bandwidth")).transpose().into_coded()
 }
 
 /// Mutual TLS credentials, as PEM (the TypeScript layer reads files).
@@ -133,40 +134,20 @@ pub struct ByteRange {
     pub length: f64,
 }
 
+/// A source session: type conversion over the core's [`SourceSession`], which owns the
+/// control connection, the channels, the protocol's sequencing rules and teardown.
 #[napi]
 pub struct NativeSource {
-    address: Address,
+    session: SourceSession,
     events: JsEvents,
-    failure: Arc<Failure>,
-    control: Arc<Mutex<Option<Arc<Control>>>>,
-    source: Arc<Mutex<Option<Source>>>,
-    tls: Option<TlsClient>,
-    /// Connects (and TLS handshakes) run here, off the JavaScript thread; joined by `close`.
-    connecting: Mutex<Vec<std::thread::JoinHandle<()>>>,
 }
 
-/// Runs `work` on its own thread: its value goes into `slot` and `ready` is emitted, or its
-/// error fails the session. The JavaScript thread never waits on the network.
-fn in_background<T: Send + 'static>(
-    name: &str,
-    failure: &Arc<Failure>,
-    slot: &Arc<Mutex<Option<T>>>,
-    ready: Event,
-    work: impl FnOnce() -> multifd_core::Result<T> + Send + 'static,
-) -> napi::Result<std::thread::JoinHandle<()>> {
-    let (failure, slot) = (failure.clone(), slot.clone());
-    std::thread::Builder::new()
-        .name(name.into())
-        .spawn(move || match work() {
-            Ok(v) => {
-                *slot.lock().unwrap() = Some(v);
-                (failure.events())(ready);
-            }
-            Err(e) => {
-                failure.fail(e);
-            }
-        })
-        .map_err(|e| crate::errors::to_napi(Error::new(ErrorCode::Io, format!("spawn {name}: {e}"))))
+fn channels(n: u32) -> Result<u8> {
+    u8::try_from(n)
+        .ok()
+        .filter(|&c| c > 0)
+        .ok_or_else(|| Error::new(ErrorCode::InvalidArgument, format!("channels must be 1..255, got {n}")))
+        .into_coded()
 }
 
 #[napi]
@@ -175,57 +156,63 @@ impl NativeSource {
     /// the channels repeat) in the background: a `controlConnected` event follows, or `failed`.
     /// `onEvent` receives every event of this session.
     #[napi(factory)]
-    pub fn connect(address: String, connect_timeout_ms: u32, tls: Option<TlsCredentials>, on_event: Function<NativeEvent, ()>) -> napi::Result<NativeSource> {
-        let address = Address::parse(&address).into_napi()?;
-        let tls = tls.map(|c| TlsClient::new(&c.into(), &address)).transpose().into_napi()?;
-        let events = JsEvents::new(on_event)?;
-        let failure = Failure::new(events.sink());
-        let control = Arc::new(Mutex::new(None));
-        let (addr, client, sink) = (address.clone(), tls.clone(), events.sink());
-        let worker = in_background("multifd/connect", &failure, &control, Event::ControlConnected, move || Control::connect(&addr, ms(connect_timeout_ms), client.as_ref(), sink));
-        let worker = match worker {
-            Ok(w) => w,
+    pub fn connect(address: String, connect_timeout_ms: u32, tls: Option<TlsCredentials>, on_event: Function<NativeEvent, ()>) -> Result<NativeSource> {
+        let address = Address::parse(&address).into_coded()?;
+        let tls = tls.map(|c| TlsClient::new(&c.into(), &address)).transpose().into_coded()?;
+        let events = JsEvents::new(on_event).into_coded()?;
+        match SourceSession::connect(address, ms(connect_timeout_ms), tls, events.sink()) {
+            Ok(session) => Ok(NativeSource { session, events }),
             Err(e) => {
                 events.release();
-                return Err(e);
+                Err(coded(e))
             }
-        };
-        Ok(NativeSource { address, events, failure, control, source: Arc::new(Mutex::new(None)), tls, connecting: Mutex::new(vec![worker]) })
+        }
     }
 
     /// The control connection's TLS session, once connected with TLS.
     #[napi]
     pub fn tls_info(&self) -> Option<TlsSessionInfo> {
-        self.control.lock().unwrap().as_ref().and_then(|c| c.conn().tls().map(|t| t.info().into()))
+        self.session.tls_info().map(Into::into)
     }
 
     #[napi]
-    pub fn send_control(&self, frame: Buffer) -> napi::Result<()> {
-        match self.control.lock().unwrap().as_ref() {
-            Some(c) => c.send(&frame).into_napi(),
-            None => Err(Error::new(ErrorCode::State, "the control connection is closed")).into_napi(),
-        }
+    pub fn send_control(&self, frame: Buffer) -> Result<()> {
+        self.session.send_control(&frame).into_coded()
     }
 
-    /// Starts connecting the multifd channels in the background (each authenticated with TLS
-    /// when configured, each sending its init packet); `channelsReady` follows, or `failed`.
+    /// Sends the `complete` frame, which names `epoch` (the last sync, acknowledged).
     #[napi]
-    pub fn start_channels(&self, options: ChannelOptions) -> napi::Result<()> {
-        let mut connecting = self.connecting.lock().unwrap();
-        if connecting.len() > 1 || self.source.lock().unwrap().is_some() {
-            return Err(Error::new(ErrorCode::State, "channels are already started")).into_napi();
-        }
-        let channels = u8::try_from(options.channels)
-            .ok()
-            .filter(|&c| c > 0)
-            .ok_or_else(|| Error::new(ErrorCode::InvalidArgument, format!("channels must be 1..255, got {}", options.channels)))
-            .into_napi()?;
+    pub fn send_complete(&self, epoch: f64, frame: Buffer) -> Result<()> {
+        let epoch = to_u64(epoch, "epoch").into_coded()?;
+        self.session.send_complete(epoch, &frame).into_coded()
+    }
+
+    /// The destination acknowledged sync `epoch`; anything but a sync this source sent (and not
+    /// acknowledged before) fails the session with ERR_MULTIFD_OUT_OF_SEQUENCE.
+    #[napi]
+    pub fn synced(&self, epoch: f64) -> Result<()> {
+        let epoch = to_u64(epoch, "epoch").into_coded()?;
+        self.session.synced(epoch).into_coded()
+    }
+
+    /// The destination reported completion; before `complete` was sent this fails the session
+    /// with ERR_MULTIFD_OUT_OF_SEQUENCE.
+    #[napi]
+    pub fn completed(&self) -> Result<()> {
+        self.session.completed().into_coded()
+    }
+
+    /// Starts connecting the multifd channels in the background, all at once (each
+    /// authenticated with TLS when configured, each sending its init packet); `channelsReady`
+    /// follows, or `failed`.
+    #[napi]
+    pub fn start_channels(&self, options: ChannelOptions) -> Result<()> {
         let config = SourceConfig {
-            address: self.address.clone(),
-            uuid: uuid(&options.uuid)?,
-            channels,
-            geometry: Geometry::new(options.page_size).into_napi()?,
-            compression: Compression::from_name(&options.compression).into_napi()?,
+            address: self.session.address().clone(),
+            uuid: uuid(&options.uuid).into_coded()?,
+            channels: channels(options.channels)?,
+            geometry: Geometry::new(options.page_size).into_coded()?,
+            compression: Compression::from_name(&options.compression).into_coded()?,
             compression_level: options.compression_level,
             zero_page_detection: options.zero_page_detection,
             zero_copy: options.zero_copy,
@@ -233,86 +220,75 @@ impl NativeSource {
             peer_timeout: options.peer_timeout_ms.map(ms),
             max_bandwidth: bandwidth(options.max_bandwidth)?,
             integrity: options.integrity,
-            tls: self.tls.clone(),
+            tls: self.session.tls().cloned(),
         };
-        let failure = self.failure.clone();
-        connecting.push(in_background("multifd/connect", &self.failure, &self.source, Event::ChannelsReady, move || Source::start(config, failure))?);
-        Ok(())
-    }
-
-    fn with_source<T>(&self, f: impl FnOnce(&Source) -> multifd_core::Result<T>) -> napi::Result<T> {
-        match self.source.lock().unwrap().as_ref() {
-            Some(s) => f(s).into_napi(),
-            None => Err(Error::new(ErrorCode::State, "channels are not started")).into_napi(),
-        }
+        self.session.start_channels(config).into_coded()
     }
 
     /// Queues pages of `block`: all of them, `ranges`, or (with `dirty`) the dirty ones.
     /// A `done` event with this `id` follows.
     #[napi]
-    pub fn send(&self, id: u32, block: &Block, ranges: Option<Vec<ByteRange>>, dirty: bool) -> napi::Result<()> {
+    pub fn send(&self, id: u32, block: &Block, ranges: Option<Vec<ByteRange>>, dirty: bool) -> Result<()> {
         let selection = match (ranges, dirty) {
             (_, true) => Selection::Dirty,
-            (Some(r), false) => Selection::Ranges(r.iter().map(|r| Ok((to_u64(r.offset, "offset")?, to_u64(r.length, "length")?))).collect::<napi::Result<_>>()?),
+            (Some(r), false) => Selection::Ranges(r.iter().map(|r| Ok((to_u64(r.offset, "offset")?, to_u64(r.length, "length")?))).collect::<napi::Result<_>>().into_coded()?),
             (None, false) => Selection::Whole,
         };
-        self.with_source(|s| s.send(id, block.inner.clone(), selection))
+        self.session.send(id, block.inner.clone(), selection).into_coded()
     }
 
-    /// Queues a SYNC on every channel; a `done` event with this `id` and the epoch follows.
+    /// Queues a SYNC on every channel; a `done` event with this `id` follows once every channel
+    /// wrote it. Returns the epoch the destination now owes a `synced` for.
     #[napi]
-    pub fn sync(&self, id: u32) -> napi::Result<f64> {
-        self.with_source(|s| s.sync(id)).map(|e| e as f64)
+    pub fn sync(&self, id: u32) -> Result<f64> {
+        self.session.sync(id).map(|e| e as f64).into_coded()
     }
 
     #[napi]
     pub fn stats(&self) -> Vec<ChannelCounters> {
-        counters(self.source.lock().unwrap().as_ref().map(|s| s.stats()).unwrap_or_default())
+        counters(self.session.stats())
     }
 
     /// Changes the bandwidth limit of all channels together (bytes per second; absent for no
     /// limit). Applies to the next packet of every channel.
     #[napi]
-    pub fn set_max_bandwidth(&self, bytes_per_second: Option<f64>) -> napi::Result<()> {
+    pub fn set_max_bandwidth(&self, bytes_per_second: Option<f64>) -> Result<()> {
         let rate = bandwidth(bytes_per_second)?;
-        self.with_source(|s| s.set_max_bandwidth(rate))
+        self.session.set_max_bandwidth(rate).into_coded()
     }
 
     /// Milliseconds the channels have waited for the bandwidth limit, all channels added up.
     #[napi]
     pub fn throttled_ms(&self) -> f64 {
-        self.source.lock().unwrap().as_ref().map_or(0.0, |s| s.throttled().as_secs_f64() * 1000.0)
+        self.session.throttled().as_secs_f64() * 1000.0
+    }
+
+    /// Bytes written to the channels that the destination has not taken yet, all channels
+    /// added up: while it shrinks, the destination is making progress.
+    #[napi]
+    pub fn unsent_bytes(&self) -> f64 {
+        self.session.unsent_bytes() as f64
     }
 
     /// Stops queuing new pages (pending sends and syncs end with ERR_MULTIFD_CANCELLED); the
     /// packets being written finish, so every channel stays at a packet boundary.
     #[napi]
     pub fn stop_queuing(&self) {
-        if let Some(s) = self.source.lock().unwrap().as_ref() {
-            s.stop_queuing();
-        }
+        self.session.stop_queuing();
     }
 
     /// Fails the session with `code` (first error wins): channels are shut down at once.
     #[napi]
     pub fn fail(&self, code_name: String, message: String) -> bool {
-        self.failure.fail(Error::new(code(&code_name), message))
+        self.session.fail(Error::new(code(&code_name), message))
     }
 
-    /// Joins every thread and closes every connection. With `abort`, sockets are shut down
-    /// first; otherwise channel threads finish their queues (call after the final sync).
+    /// Closes every connection and joins the channel threads, never waiting for the network
+    /// (a connect in flight closes what it opens). With `abort`, sockets are shut down first;
+    /// otherwise channel threads finish their queues (call after the final sync).
     #[napi]
     pub fn close(&self, abort: bool) {
-        // A connect in flight ends within its connect timeout; its result is closed below.
-        for w in self.connecting.lock().unwrap().drain(..) {
-            let _ = w.join();
-        }
-        if let Some(s) = self.source.lock().unwrap().take() {
-            s.close(abort);
-        }
-        if let Some(c) = self.control.lock().unwrap().take() {
-            c.close();
-        }
+        self.session.close(abort);
         self.events.release();
     }
 }
@@ -342,15 +318,15 @@ impl NativeDestination {
     #[napi(factory)]
     /// Listens on `address`. With `tls`, every connection must complete a mutual TLS
     /// handshake and pass the allow-list within `classify_timeout_ms` before it is read.
-    pub fn listen(address: String, classify_timeout_ms: u32, tls: Option<TlsCredentials>, on_event: Function<NativeEvent, ()>) -> napi::Result<NativeDestination> {
-        let address = Address::parse(&address).into_napi()?;
-        let tls = tls.map(|c| TlsServer::new(&c.into())).transpose().into_napi()?;
-        let events = JsEvents::new(on_event)?;
+    pub fn listen(address: String, classify_timeout_ms: u32, tls: Option<TlsCredentials>, on_event: Function<NativeEvent, ()>) -> Result<NativeDestination> {
+        let address = Address::parse(&address).into_coded()?;
+        let tls = tls.map(|c| TlsServer::new(&c.into())).transpose().into_coded()?;
+        let events = JsEvents::new(on_event).into_coded()?;
         match Destination::listen(&address, ms(classify_timeout_ms), tls, events.sink()) {
             Ok(dest) => Ok(NativeDestination { dest, events, blocks: Mutex::new(Vec::new()) }),
             Err(e) => {
                 events.release();
-                Err(e).into_napi()
+                Err(e).into_coded()
             }
         }
     }
@@ -368,8 +344,8 @@ impl NativeDestination {
     }
 
     #[napi]
-    pub fn send_control(&self, frame: Buffer) -> napi::Result<()> {
-        self.dest.send_control(&frame).into_napi()
+    pub fn send_control(&self, frame: Buffer) -> Result<()> {
+        self.dest.send_control(&frame).into_coded()
     }
 
     /// Adds a block that pages may be written into (before `configure`).
@@ -380,24 +356,20 @@ impl NativeDestination {
 
     /// Starts admitting channels for this session.
     #[napi]
-    pub fn configure(&self, options: DestinationOptions) -> napi::Result<()> {
-        let channels = u8::try_from(options.channels)
-            .ok()
-            .filter(|&c| c > 0)
-            .ok_or_else(|| Error::new(ErrorCode::InvalidArgument, format!("channels must be 1..255, got {}", options.channels)))
-            .into_napi()?;
+    pub fn configure(&self, options: DestinationOptions) -> Result<()> {
+        let channels = channels(options.channels)?;
         self.dest
             .configure(DestConfig {
-                uuid: uuid(&options.uuid)?,
+                uuid: uuid(&options.uuid).into_coded()?,
                 channels,
-                geometry: Geometry::new(options.page_size).into_napi()?,
-                compression: Compression::from_name(&options.compression).into_napi()?,
+                geometry: Geometry::new(options.page_size).into_coded()?,
+                compression: Compression::from_name(&options.compression).into_coded()?,
                 blocks: self.blocks.lock().unwrap().clone(),
                 channel_timeout: ms(options.channel_timeout_ms),
                 peer_timeout: options.peer_timeout_ms.map(ms),
                 integrity: options.integrity,
             })
-            .into_napi()
+            .into_coded()
     }
 
     #[napi]
@@ -410,10 +382,14 @@ impl NativeDestination {
         self.dest.failure().fail(Error::new(code(&code_name), message))
     }
 
-    /// Completes: channel readers stop at the next packet boundary and are joined.
+    /// The source said `complete {epoch}`: accepted only when every announced channel was
+    /// admitted and delivered that epoch's SYNC (otherwise the session fails with
+    /// ERR_MULTIFD_OUT_OF_SEQUENCE); then channel readers stop at the next packet boundary and
+    /// are joined.
     #[napi]
-    pub fn finish(&self) -> napi::Result<()> {
-        self.dest.finish().into_napi()
+    pub fn complete(&self, epoch: f64) -> Result<()> {
+        let epoch = to_u64(epoch, "epoch").into_coded()?;
+        self.dest.complete(epoch).into_coded()
     }
 
     /// Joins every thread and closes every connection and the listener.

@@ -1,0 +1,105 @@
+/**
+ * Types the facade's modules share (sessions, live migration, TLS, the CLI): one module, so
+ * no facade file needs another's implementation for a type.
+ */
+import type { ChannelCounters } from './native/binding.cjs'
+import type { MultifdError } from './errors.js'
+import type { MigrationState, Role } from './state.js'
+
+/** One channel's counters, read from Rust atomics (fields documented in `ChannelCounters`). */
+export type ChannelStats = ChannelCounters
+
+export interface Stats extends ChannelStats {
+  channels: ChannelStats[]
+  /** Seconds since the session became active. */
+  seconds: number
+  /** Bytes per second over `seconds`. */
+  bytesPerSecond: number
+}
+
+/** The outcome of a session, as the CLI prints it. */
+export interface Summary {
+  role: Role
+  status: 'completed' | 'failed' | 'cancelled'
+  /** Bytes moved on the multifd channels, headers included. */
+  bytes: number
+  seconds: number
+  bytesPerSecond: number
+  channels: number
+  pages: { normal: number; zero: number }
+  syncs: number
+  perChannel: ChannelStats[]
+  error?: { code: string; message: string }
+  /** With TLS: what the control connection negotiated and who the peer is. */
+  tls?: TlsSummary
+}
+
+/** A session's TLS, as negotiated on its control connection (the channels use the same credentials). */
+export interface TlsSummary {
+  /** `TLS 1.3` or `TLS 1.2`. */
+  protocol: string
+  /** e.g. `TLS13_AES_128_GCM_SHA256`. */
+  cipherSuite: string
+  /** The identity in the peer's verified certificate. */
+  peer?: { subject: string; altNames: string[] }
+}
+
+/** What the live loop decided at the end of a round. */
+export type RoundDecision =
+  /** More dirty bytes than the limit allows: another round. */
+  | 'continue'
+  /** The dirty bytes left fit the downtime limit: switch over. */
+  | 'switchover'
+  /** `maxRounds` reached without fitting, `onNoConvergence: 'switchover'`: switch over anyway. */
+  | 'forced-switchover'
+  /** `maxRounds` reached without fitting, `onNoConvergence: 'fail'`: the migration fails. */
+  | 'fail'
+  /** The final round (writers paused): the migration completed. */
+  | 'complete'
+
+/** One round of a live migration, as the `round` event and `multifd:round` carry it. */
+export interface RoundStats {
+  /** 0 is the full pass; every later round sends the pages dirtied during the one before. */
+  round: number
+  /** The round sent after switchover, with the writers paused. */
+  final: boolean
+  /** Dirty pages this round sent (zero pages included). */
+  pages: number
+  /** Bytes on the channels during the round (headers and SYNC packets included). */
+  bytes: number
+  /** From the start of the round until the destination passed its sync (final: completed). */
+  durationMs: number
+  /** `bytes / durationMs`, in bytes per second: the bandwidth measured in this round. */
+  bandwidth: number
+  /** Pages dirtied while the round ran: the next round's work. */
+  dirtyPagesLeft: number
+  dirtyBytesLeft: number
+  /**
+   * The downtime if the switchover came now: `switchoverCostMs` (the round trips the final
+   * round pays whatever its size) plus `dirtyBytesLeft / bandwidth`.
+   */
+  expectedDowntimeMs: number
+  decision: RoundDecision
+  /** Final round only: from `onSwitchover` returning to the destination reporting completion. */
+  downtimeMs?: number
+}
+
+export interface SessionEvents {
+  state: [state: MigrationState, previous: MigrationState]
+  sync: [epoch: number, packetNum: number]
+  channel: [id: number]
+  failed: [error: MultifdError]
+  /** Something degraded without failing the session (e.g. zero-copy fell back to copying). */
+  warning: [warning: MultifdError]
+  /** Source of a live migration: a round ended (also on `multifd:round`). */
+  round: [stats: RoundStats]
+  /** With TLS: the control connection is authenticated both ways (also on `multifd:tls`). */
+  tls: [tls: TlsSummary]
+}
+
+/**
+ * The default no-progress bound (`peerTimeoutMs`): a peer that owes data or an
+ * acknowledgement and is not heard from for this long fails both sides with
+ * `ERR_MULTIFD_TIMEOUT`. 0 disables it.
+ */
+export const DEFAULT_PEER_TIMEOUT_MS = 30_000
