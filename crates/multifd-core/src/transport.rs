@@ -54,6 +54,15 @@ impl Address {
     }
 }
 
+impl crate::tls::Dialed for Address {
+    fn host(&self) -> Option<&str> {
+        match self {
+            Address::Tcp { host, .. } => Some(host),
+            Address::Unix(_) => None,
+        }
+    }
+}
+
 impl std::fmt::Display for Address {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {

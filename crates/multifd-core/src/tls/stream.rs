@@ -26,7 +26,7 @@ const SEND_BUFFER: usize = 64 << 10;
 
 /// What a plaintext destination answers to a TLS ClientHello before closing: the control
 /// magic "MFDC", which no TLS record starts with, so the source can say what went wrong.
-pub(crate) const PLAINTEXT_REFUSAL: [u8; 4] = crate::control::CONTROL_MAGIC.to_be_bytes();
+pub(crate) const PLAINTEXT_REFUSAL: [u8; 4] = crate::wire::CONTROL_MAGIC.to_be_bytes();
 /// What a TLS destination answers to a plaintext peer: a TLS fatal `handshake_failure` alert
 /// record, which a plaintext reader recognises as TLS.
 const TLS_REFUSAL: [u8; 7] = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 40];

@@ -15,6 +15,9 @@ pub use packet::{BlockInfo, BlockLookup, CommonHeader, PacketHeader, PacketValid
 
 /// `MULTIFD_MAGIC`: first four bytes of every init packet and packet header.
 pub const MAGIC: u32 = 0x1122_3344;
+/// First four bytes of our control connection: "MFDC". Distinct from [`MAGIC`], so one
+/// listener tells a control connection from a multifd channel by its first bytes.
+pub const CONTROL_MAGIC: u32 = 0x4d46_4443;
 /// `MULTIFD_VERSION`: has been 1 in every QEMU release.
 pub const VERSION: u32 = 1;
 /// `MULTIFD_PACKET_SIZE`: payload bytes per full packet; pages per packet = this / page size.
