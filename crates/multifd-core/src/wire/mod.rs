@@ -32,5 +32,7 @@ pub const HEADER_FIXED_LEN: usize = 320;
 pub const BLOCK_NAME_LEN: usize = 256;
 /// The longest block name that fits with its NUL.
 pub const MAX_BLOCK_NAME: usize = BLOCK_NAME_LEN - 1;
+/// Most channels a session may have (QEMU's `multifd-channels` is 1..255; ids are 0..254).
+pub const MAX_CHANNELS: u32 = 255;
 /// Upper bound on a compressed payload: two packets' worth, as QEMU's receive buffer.
 pub const MAX_COMPRESSED_PAYLOAD: u32 = 2 * PACKET_SIZE;
