@@ -14,7 +14,7 @@ use rustls::Connection;
 
 use super::{TlsClient, TlsServer, tls_error};
 use crate::error::{Error, ErrorCode, Result, fail};
-use crate::io::io_error;
+use crate::io::{io_error, wait_readable};
 
 /// Bytes read from the socket per system call; rustls takes them 4 KiB at a time.
 const INBOX_SIZE: usize = 256 << 10;
@@ -314,32 +314,3 @@ fn raw_read(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
     }
 }
 
-/// Waits until `fd` has something to read (data, end of stream or an error); false when
-/// `timeout` passed first.
-fn wait_readable(fd: RawFd, timeout: Option<Duration>) -> Result<bool> {
-    let deadline = timeout.map(|t| Instant::now() + t);
-    loop {
-        let ms = match deadline {
-            None => -1,
-            Some(d) => {
-                let left = d.saturating_duration_since(Instant::now());
-                if left.is_zero() {
-                    return Ok(false);
-                }
-                left.as_millis().clamp(1, i32::MAX as u128) as libc::c_int
-            }
-        };
-        let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
-        // SAFETY: one valid pollfd for a descriptor the caller owns.
-        let rc = unsafe { libc::poll(&mut pfd, 1, ms) };
-        if rc > 0 {
-            return Ok(true);
-        }
-        if rc < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() != io::ErrorKind::Interrupted {
-                return Err(io_error("poll connection", e));
-            }
-        }
-    }
-}
