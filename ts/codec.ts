@@ -5,7 +5,7 @@
 import { z } from 'zod'
 import { binding } from './native.js'
 import { native } from './errors.js'
-import { BlockDescriptor, CompressionMethod, PageSize, Uuid, parseOptions } from './options.js'
+import { BlockDescriptor, Channels, CompressionMethod, PageSize, Uuid, parseOptions } from './options.js'
 
 export const MULTIFD_MAGIC = 0x11223344
 export const MULTIFD_VERSION = 1
@@ -28,7 +28,7 @@ export interface InitPacket {
   channelId: number
 }
 
-const InitExpectation = z.strictObject({ uuid: Uuid, channels: z.int().min(1).max(255) })
+const InitExpectation = z.strictObject({ uuid: Uuid, channels: Channels })
 export type InitExpectation = z.input<typeof InitExpectation>
 
 /**

@@ -7,7 +7,7 @@ import { z } from 'zod'
 import { binding, type NativeEvent } from './native.js'
 import { MultifdError, native } from './errors.js'
 import { RamBlock, RamBlockSchema } from './block.js'
-import { Address, parseOptions } from './options.js'
+import { Address, Channels, DEFAULT_TIMEOUT_MS, PeerTimeoutMs, TimeoutMs, parseOptions } from './options.js'
 import { PROTOCOL_VERSION, decodeMessage, encodeMessage, remoteError, type ControlMessage, type Hello } from './protocol.js'
 import { Session, type ChannelStats, type TlsSummary } from './session.js'
 import { DestinationTlsOptions, tlsCredentials, tlsSummary } from './tls.js'
@@ -31,20 +31,20 @@ const DestinationOptions = z.strictObject({
     z.custom<(table: AnnouncedBlock[]) => RamBlock[] | Promise<RamBlock[]>>((v) => typeof v === 'function', { error: 'blocks must be an array of RamBlock or a function' }),
   ]),
   /** Expected channel count; by default whatever the source announces. */
-  channels: z.int().min(1).max(255).optional(),
+  channels: Channels.optional(),
   /** How long, after the handshake, every announced channel has to connect. */
-  channelTimeoutMs: z.int().positive().default(10_000),
+  channelTimeoutMs: TimeoutMs.default(DEFAULT_TIMEOUT_MS),
   /**
    * Detect a stalled or hung source: a channel may not stall mid-packet longer than this, TCP
    * user-timeout and keepalive are set, and the control connection must hear from the peer
    * this often (both sides ping). Fails with ERR_MULTIFD_TIMEOUT. Off by default.
    */
-  peerTimeoutMs: z.int().min(100).max(3_600_000).optional(),
+  peerTimeoutMs: PeerTimeoutMs.optional(),
   /**
    * How long a connection may take to send its first bytes (with TLS: to complete its
    * handshake and pass the allow-list too), and the source its hello.
    */
-  handshakeTimeoutMs: z.int().positive().default(10_000),
+  handshakeTimeoutMs: TimeoutMs.default(DEFAULT_TIMEOUT_MS),
   /**
    * Require mutual TLS on every connection (see README, "TLS"). A connection is read only
    * after its handshake, certificate checks and the `allow` list pass; a plaintext peer, an

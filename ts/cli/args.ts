@@ -3,6 +3,7 @@ import { basename } from 'node:path'
 import { parseArgs, type ParseArgsConfig } from 'node:util'
 import { z } from 'zod'
 import { parseSize } from './format.js'
+import type { IntRange } from '../options.js'
 
 /** A mistake on the command line: printed with a hint, exit status 2. */
 export class UsageError extends Error {
@@ -43,6 +44,9 @@ export const IntString = (min: number, max: number): z.ZodType<number, string> =
     }
     return n
   })
+
+/** An integer flag in one of the core's ranges (`LIMITS`). */
+export const IntIn = (r: IntRange): z.ZodType<number, string> => IntString(r.min, r.max)
 
 /** `--block NAME=FILE` pairs, then plain FILE positionals named after the file. */
 export function blockFiles(blocks: string[] | undefined, files: string[]): Array<{ name: string; file: string }> {

@@ -4,8 +4,9 @@ import { Destination } from '../destination.js'
 import { RamBlock } from '../block.js'
 import { Source } from '../source.js'
 import { MultifdError } from '../errors.js'
+import { CompressionMethod, LIMITS, ZeroPageDetection, compressionLevelsText, rangeText } from '../options.js'
 import type { Session, Summary } from '../session.js'
-import { IntString, UsageError, blockFiles, check, parse } from './args.js'
+import { IntIn, IntString, UsageError, blockFiles, check, parse } from './args.js'
 import { bytes, rate } from './format.js'
 import { type CommandResult, failure, print } from './output.js'
 import { Progress } from './progress.js'
@@ -36,12 +37,13 @@ export const SEND_HELP = `multifd send ADDRESS FILE... [--block NAME=FILE]... [o
 Sends image files (mapped, never read into the JavaScript heap) as blocks named after the
 files, to a destination started with \`multifd recv\`.
 
-  --channels N             parallel channels, 1..255 (default 2)
-  --compression METHOD     none | zlib | zstd (default none)
-  --level L                zlib 1..9, zstd 1..20 (default 1)
-  --zero-copy              MSG_ZEROCOPY sends (TCP only, no compression)
+  --channels N             parallel channels, ${rangeText(LIMITS.channels)} (default ${LIMITS.channels.default})
+  --compression METHOD     ${LIMITS.compression.map((m) => m.name).join(' | ')} (default none)
+  --level L                ${compressionLevelsText()}
+  --zero-copy              MSG_ZEROCOPY sends (TCP only, no compression, no TLS)
   --zero-page MODE         multifd (zero pages as offsets only, default) | none
   --peer-timeout-ms MS     fail if the destination stalls or goes silent this long
+                           (${rangeText(LIMITS.peerTimeoutMs)})
   --tls-cert FILE          mutual TLS: this side's certificate (PEM); needs --tls-key, --tls-ca
   --tls-key FILE           the certificate's private key (PEM)
   --tls-ca FILE            the CA that signed the destination's certificate (PEM)
@@ -81,12 +83,13 @@ export async function send(argv: string[]): Promise<CommandResult> {
   const tls = tlsFiles(values)
   const o = check(
     z.object({
-      channels: IntString(1, 255).default(2),
-      compression: z.enum(['none', 'zlib', 'zstd']).default('none'),
-      level: IntString(1, 20).optional(),
+      channels: IntIn(LIMITS.channels).default(LIMITS.channels.default ?? 2),
+      compression: CompressionMethod.default('none'),
+      // Each method's levels, and which options combine, are checked with the source options.
+      level: IntString(0, 0xffff_ffff).optional(),
       'zero-copy': z.boolean().default(false),
-      'zero-page': z.enum(['multifd', 'none']).default('multifd'),
-      'peer-timeout-ms': IntString(100, 3_600_000).optional(),
+      'zero-page': ZeroPageDetection.default('multifd'),
+      'peer-timeout-ms': IntIn(LIMITS.peerTimeoutMs).optional(),
     }),
     values,
   )
@@ -121,6 +124,8 @@ export async function send(argv: string[]): Promise<CommandResult> {
     return r
   } catch (e) {
     progress?.stop()
+    // Options the library refuses (ranges, methods, combinations) are usage errors.
+    if (!source && e instanceof MultifdError && e.code === 'ERR_MULTIFD_INVALID_ARGUMENT') throw new UsageError(e.message)
     const r = source ? fromSummary(source.summary()) : failure(e, o.channels)
     if (wasInterrupted()) r.status = 'cancelled'
     if (!r.error && e instanceof MultifdError) r.error = { code: e.code, message: e.message }
@@ -135,9 +140,12 @@ Listens on ADDRESS (tcp:HOST:PORT, port 0 picks one and prints it; or unix:PATH)
 migration and writes each received block to a raw image file: --block maps a block name to a
 file; --out files take the blocks in the order the source announces them.
 
-  --channels N             expect exactly N channels (default: whatever the source announces)
-  --channel-timeout-ms MS  how long the channels may take to connect (default 10000)
+  --channels N             expect exactly N channels, ${rangeText(LIMITS.channels)} (default: whatever the
+                           source announces)
+  --channel-timeout-ms MS  how long the channels may take to connect, ${rangeText(LIMITS.timeoutMs)}
+                           (default ${LIMITS.timeoutMs.default})
   --peer-timeout-ms MS     fail if the source stalls or goes silent this long
+                           (${rangeText(LIMITS.peerTimeoutMs)})
   --tls-cert FILE          mutual TLS: this side's certificate (PEM); needs --tls-key, --tls-ca
   --tls-key FILE           the certificate's private key (PEM)
   --tls-ca FILE            the CA that signed the source's certificate (PEM)
@@ -156,7 +164,7 @@ export async function recv(argv: string[]): Promise<CommandResult> {
     'tls-allow': { type: 'string', multiple: true },
   })
   const tls = tlsFiles(values)
-  const o = check(z.object({ channels: IntString(1, 255).optional(), 'channel-timeout-ms': IntString(1, 3_600_000).default(10_000), 'peer-timeout-ms': IntString(100, 3_600_000).optional() }), values)
+  const o = check(z.object({ channels: IntIn(LIMITS.channels).optional(), 'channel-timeout-ms': IntIn(LIMITS.timeoutMs).default(LIMITS.timeoutMs.default ?? 10_000), 'peer-timeout-ms': IntIn(LIMITS.peerTimeoutMs).optional() }), values)
   const [address, ...extra] = positionals
   if (!address) throw new UsageError('recv needs an ADDRESS (tcp:HOST:PORT or unix:PATH)')
   if (extra.length > 0) throw new UsageError(`unexpected argument ${JSON.stringify(extra[0])}; output files go after --out`)
