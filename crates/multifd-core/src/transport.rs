@@ -422,6 +422,8 @@ impl Listener {
 
 /// What [`Listener::accept_for`] found.
 #[derive(Debug)]
+// Made once per accepted connection and moved straight on; a box would only add an allocation.
+#[allow(clippy::large_enum_variant)]
 pub enum Accepted {
     Conn(Conn),
     /// Nothing arrived in time.
