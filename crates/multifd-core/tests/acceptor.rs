@@ -126,6 +126,29 @@ fn a_real_source_gets_in_past_silent_connections_and_early_strangers() {
 }
 
 #[test]
+fn more_channels_than_classifier_threads_once_allowed_all_get_in() {
+    // The acceptor once classified in line past 64 classifier threads, and a plaintext channel's
+    // receive loop runs on the thread that classified it: channel 65 took the acceptor over.
+    let _serial = one_at_a_time();
+    let (dsink, drx) = sink();
+    let dest = Destination::listen(&Address::parse("tcp:127.0.0.1:0").unwrap(), Duration::from_secs(10), None, dsink).unwrap();
+    let src = source_block();
+    let dst = Arc::new(RamBlock::allocate("pc.ram", SIZE, 4096, false).unwrap());
+    dest.configure(dest_config(100, &dst)).unwrap();
+    let source = send(dest.address(), 100, &src);
+    loop {
+        match drx.recv_timeout(Duration::from_secs(20)).expect("the destination syncs") {
+            Event::Synced { epoch: 1, .. } => break,
+            Event::Failed(e) => panic!("the destination failed: {e}"),
+            _ => {}
+        }
+    }
+    dest.finish().unwrap();
+    source.close(false);
+    assert_eq!(block_digest(&dst), block_digest(&src));
+}
+
+#[test]
 fn early_channels_expire_after_the_classify_timeout() {
     let _serial = one_at_a_time();
     let (dsink, _drx) = sink();
