@@ -3,7 +3,10 @@
 //! before it on the same channel.
 //!
 //! Adding a method: a module implementing [`Compressor`] and [`Decompressor`], and an entry in
-//! [`METHODS`]. The wire code lives in `wire::Compression`.
+//! [`METHODS`]; its wire code and name are QEMU's, so it becomes a `wire::Compression` variant
+//! (QEMU's other methods wait in `wire::KnownMethod::Unsupported`). Nothing else: the method's
+//! name and levels reach the TypeScript schemas, the CLI and its help through `limits` and the
+//! binding.
 
 mod zlib;
 mod zstd;
