@@ -19,10 +19,18 @@ export const intIn = (r: IntRange): z.ZodInt => z.int().min(r.min).max(r.max)
 /** `r` as `min..max`, for messages and help. */
 export const rangeText = (r: IntRange): string => `${r.min}..${r.max}`
 
+/** The core's default for `r` (a range the core gives one for). */
+function defaultOf(r: IntRange, what: string): number {
+  if (r.default == null) throw new Error(`the native limits give no default for ${what}`)
+  return r.default
+}
+
 export const Channels = intIn(LIMITS.channels)
+export const DEFAULT_CHANNELS = defaultOf(LIMITS.channels, 'channels')
 /** Connect, handshake and channel-arrival timeouts, in milliseconds. */
 export const TimeoutMs = intIn(LIMITS.timeoutMs)
-export const DEFAULT_TIMEOUT_MS = LIMITS.timeoutMs.default ?? 10_000
+export const DEFAULT_TIMEOUT_MS = defaultOf(LIMITS.timeoutMs, 'timeouts')
+export const DEFAULT_PAGE_SIZE = defaultOf(LIMITS.pageSize, 'the page size')
 export const PeerTimeoutMs = intIn(LIMITS.peerTimeoutMs)
 /** Bytes per second over all channels of a session. */
 export const Bandwidth = intIn(LIMITS.maxBandwidth)

@@ -8,7 +8,7 @@ import { z } from 'zod'
 import { binding, type NativeEvent } from './native.js'
 import { MultifdError, asMultifdError, native } from './errors.js'
 import { RamBlock, RamBlockSchema } from './block.js'
-import { Address, Bandwidth as BandwidthLimit, Channels, CompressionMethod, DEFAULT_TIMEOUT_MS, Integrity, LIMITS, PageSize, PeerTimeoutMs, TimeoutMs, ZeroPageDetection, checkSourceRules, parseOptions } from './options.js'
+import { Address, Bandwidth as BandwidthLimit, Channels, CompressionMethod, DEFAULT_CHANNELS, DEFAULT_PAGE_SIZE, DEFAULT_TIMEOUT_MS, Integrity, PageSize, PeerTimeoutMs, TimeoutMs, ZeroPageDetection, checkSourceRules, parseOptions } from './options.js'
 import { PROTOCOL_VERSION, decodeMessage, encodeMessage, remoteError, type ControlMessage } from './protocol.js'
 import { Session, type ChannelStats, type Summary, type TlsSummary } from './session.js'
 import { SourceTlsOptions, tlsCredentials, tlsSummary } from './tls.js'
@@ -22,8 +22,8 @@ const SourceOptions = z.strictObject({
   address: Address,
   blocks: z.array(RamBlockSchema).min(1),
   /** Parallel multifd channels (QEMU's default is 2). Every range: docs/LIMITS.md. */
-  channels: Channels.default(LIMITS.channels.default ?? 2),
-  pageSize: PageSize.default(4096),
+  channels: Channels.default(DEFAULT_CHANNELS),
+  pageSize: PageSize.default(DEFAULT_PAGE_SIZE),
   compression: CompressionMethod.default('none'),
   /** In the method's range (docs/LIMITS.md; default 1, as QEMU). Only the source compresses. */
   compressionLevel: z.int().min(0).max(0xffff_ffff).optional(),

@@ -9,7 +9,7 @@ import { MultifdError } from '../errors.js'
 import { inspectSnapshot } from '../snapshot.js'
 import { inspectQemuFile } from '../qemu.js'
 import { IntIn, UsageError, check, fileNameFor, parse } from './args.js'
-import { LIMITS, PageSize } from '../options.js'
+import { DEFAULT_PAGE_SIZE, LIMITS, PageSize } from '../options.js'
 import { bytes } from './format.js'
 import { z } from 'zod'
 
@@ -100,7 +100,7 @@ function human(file: string, lines: Line[], verbose: boolean): string[] {
 /** Returns the exit status: 0, or 1 when an input is invalid. */
 export function inspect(argv: string[]): number {
   const { values, positionals } = parse(argv, { rebuild: { type: 'string' }, 'page-size': { type: 'string' }, verbose: { type: 'boolean' } })
-  const o = check(z.object({ 'page-size': IntIn(LIMITS.pageSize).pipe(PageSize).default(LIMITS.pageSize.default ?? 4096) }), values)
+  const o = check(z.object({ 'page-size': IntIn(LIMITS.pageSize).pipe(PageSize).default(DEFAULT_PAGE_SIZE) }), values)
   if (positionals.length === 0) throw new UsageError('inspect needs a FILE')
   const json = values.json === true
   if (typeof values.rebuild === 'string') {

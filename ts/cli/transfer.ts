@@ -4,7 +4,7 @@ import { Destination } from '../destination.js'
 import { RamBlock } from '../block.js'
 import { Source } from '../source.js'
 import { MultifdError } from '../errors.js'
-import { CompressionMethod, LIMITS, ZeroPageDetection, compressionLevelsText, rangeText } from '../options.js'
+import { CompressionMethod, DEFAULT_CHANNELS, DEFAULT_TIMEOUT_MS, LIMITS, ZeroPageDetection, compressionLevelsText, rangeText } from '../options.js'
 import type { Session, Summary } from '../session.js'
 import { IntIn, IntString, UsageError, blockFiles, check, parse } from './args.js'
 import { bytes, rate } from './format.js'
@@ -83,7 +83,7 @@ export async function send(argv: string[]): Promise<CommandResult> {
   const tls = tlsFiles(values)
   const o = check(
     z.object({
-      channels: IntIn(LIMITS.channels).default(LIMITS.channels.default ?? 2),
+      channels: IntIn(LIMITS.channels).default(DEFAULT_CHANNELS),
       compression: CompressionMethod.default('none'),
       // Each method's levels, and which options combine, are checked with the source options.
       level: IntString(0, 0xffff_ffff).optional(),
@@ -164,7 +164,7 @@ export async function recv(argv: string[]): Promise<CommandResult> {
     'tls-allow': { type: 'string', multiple: true },
   })
   const tls = tlsFiles(values)
-  const o = check(z.object({ channels: IntIn(LIMITS.channels).optional(), 'channel-timeout-ms': IntIn(LIMITS.timeoutMs).default(LIMITS.timeoutMs.default ?? 10_000), 'peer-timeout-ms': IntIn(LIMITS.peerTimeoutMs).optional() }), values)
+  const o = check(z.object({ channels: IntIn(LIMITS.channels).optional(), 'channel-timeout-ms': IntIn(LIMITS.timeoutMs).default(DEFAULT_TIMEOUT_MS), 'peer-timeout-ms': IntIn(LIMITS.peerTimeoutMs).optional() }), values)
   const [address, ...extra] = positionals
   if (!address) throw new UsageError('recv needs an ADDRESS (tcp:HOST:PORT or unix:PATH)')
   if (extra.length > 0) throw new UsageError(`unexpected argument ${JSON.stringify(extra[0])}; output files go after --out`)
