@@ -62,7 +62,7 @@ export async function rejectionCode(p: Promise<unknown>): Promise<MultifdErrorCo
   throw new Error('expected a rejection')
 }
 
-/** Waits until `cond()` is true, re-checking on every event of `emitter`'s named events. */
+/** Settles as `p` does, or rejects naming `what` if that takes longer than `ms`. */
 export function until<T>(p: Promise<T>, ms: number, what: string): Promise<T> {
   let timer: NodeJS.Timeout
   return Promise.race([
@@ -73,20 +73,24 @@ export function until<T>(p: Promise<T>, ms: number, what: string): Promise<T> {
   ]).finally(() => clearTimeout(timer))
 }
 
-/** Resolves once `check()` is true, checked every millisecond; rejects after `ms`. */
+/**
+ * Resolves once `check()` is true; rejects after `ms`. Checks at once, then after 1, 2, 4 ...
+ * ms, at most every 50 ms: quick for what is about to happen, light on a loaded machine for
+ * what takes a while. Stops checking when it settles either way.
+ */
 export function whenTrue(check: () => boolean, ms: number, what: string): Promise<void> {
-  return until(
-    new Promise<void>((resolve) => {
-      const poll = setInterval(() => {
-        if (check()) {
-          clearInterval(poll)
-          resolve()
-        }
-      }, 1)
-    }),
-    ms,
-    what,
-  )
+  const deadline = performance.now() + ms
+  return new Promise<void>((resolve, reject) => {
+    let pause = 1
+    const poll = (): void => {
+      if (check()) return resolve()
+      const left = deadline - performance.now()
+      if (left <= 0) return reject(new Error(`${what} did not happen within ${ms} ms`))
+      setTimeout(poll, Math.min(pause, left))
+      pause = Math.min(pause * 2, 50)
+    }
+    poll()
+  })
 }
 
 const PEER = fileURLToPath(new URL('./fixtures/peer.ts', import.meta.url))

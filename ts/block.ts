@@ -1,13 +1,13 @@
 import { z } from 'zod'
 import { binding } from './native.js'
 import { native } from './errors.js'
-import { BlockName, PageSize, parseOptions } from './options.js'
+import { BlockName, DEFAULT_PAGE_SIZE, PageSize, parseOptions } from './options.js'
 
 const AllocateOptions = z.strictObject({
   name: BlockName,
   /** Bytes; a positive multiple of the page size. */
   size: z.int().positive(),
-  pageSize: PageSize.default(4096),
+  pageSize: PageSize.default(DEFAULT_PAGE_SIZE),
   /** Fault every page in now, so the transfer does not pay for first touches. */
   prefault: z.boolean().default(false),
 })
@@ -18,7 +18,7 @@ const MapFileOptions = z.strictObject({
   path: z.string().min(1),
   /** Create or resize the file to this many bytes; without it, the file's size is used. */
   size: z.int().positive().optional(),
-  pageSize: PageSize.default(4096),
+  pageSize: PageSize.default(DEFAULT_PAGE_SIZE),
   prefault: z.boolean().default(false),
 })
 export type MapFileOptions = z.input<typeof MapFileOptions>

@@ -5,7 +5,7 @@
 import { z } from 'zod'
 import { binding } from './native.js'
 import { native } from './errors.js'
-import { BlockDescriptor, CompressionMethod, PageSize, Uuid, parseOptions } from './options.js'
+import { BlockDescriptor, Channels, CompressionMethod, DEFAULT_PAGE_SIZE, PageSize, Uuid, parseOptions } from './options.js'
 
 export const MULTIFD_MAGIC = 0x11223344
 export const MULTIFD_VERSION = 1
@@ -28,7 +28,7 @@ export interface InitPacket {
   channelId: number
 }
 
-const InitExpectation = z.strictObject({ uuid: Uuid, channels: z.int().min(1).max(255) })
+const InitExpectation = z.strictObject({ uuid: Uuid, channels: Channels })
 export type InitExpectation = z.input<typeof InitExpectation>
 
 /**
@@ -50,7 +50,7 @@ export function encodeInitPacket(init: { uuid: Uint8Array; channelId: number }):
 }
 
 const HeaderContext = z.strictObject({
-  pageSize: PageSize.default(4096),
+  pageSize: PageSize.default(DEFAULT_PAGE_SIZE),
   compression: CompressionMethod.default('none'),
   blocks: z.array(BlockDescriptor).optional(),
 })
@@ -102,7 +102,7 @@ const PacketFields = z.strictObject({
   /** The integrity digest word (bytes 40..48); 0 as QEMU writes it. */
   digest: u64.default(0n),
   block: z.string().default(''),
-  pageSize: PageSize.default(4096),
+  pageSize: PageSize.default(DEFAULT_PAGE_SIZE),
 })
 export type PacketFields = z.input<typeof PacketFields>
 
@@ -139,7 +139,7 @@ export function nativeErrorCodes(): string[] {
 }
 
 const RebuildOptions = z.strictObject({
-  pageSize: PageSize.default(4096),
+  pageSize: PageSize.default(DEFAULT_PAGE_SIZE),
   /** Refuse blocks larger than this (a hostile capture cannot make it allocate more). */
   maxBlockBytes: z.int().positive().default(2 ** 34),
 })

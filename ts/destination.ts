@@ -7,10 +7,10 @@ import { z } from 'zod'
 import { binding, type NativeEvent } from './native.js'
 import { MultifdError, native, nativeError } from './errors.js'
 import { RamBlock, RamBlockSchema } from './block.js'
-import { Address, parseOptions } from './options.js'
+import { Address, Channels, DEFAULT_PEER_TIMEOUT_MS, DEFAULT_TIMEOUT_MS, PeerTimeoutMs, TimeoutMs, parseOptions } from './options.js'
 import { PROTOCOL_VERSION, decodeMessage, encodeMessage, remoteError, type ControlMessage, type Hello } from './protocol.js'
 import { Session } from './session.js'
-import { DEFAULT_PEER_TIMEOUT_MS, type ChannelStats, type TlsSummary } from './types.js'
+import { type ChannelStats, type TlsSummary } from './types.js'
 import { DestinationTlsOptions, tlsCredentials, tlsSummary } from './tls.js'
 
 /** One entry of the block table a source announces. */
@@ -32,21 +32,21 @@ const DestinationOptions = z.strictObject({
     z.custom<(table: AnnouncedBlock[]) => RamBlock[] | Promise<RamBlock[]>>((v) => typeof v === 'function', { error: 'blocks must be an array of RamBlock or a function' }),
   ]),
   /** Expected channel count; by default whatever the source announces. */
-  channels: z.int().min(1).max(255).optional(),
+  channels: Channels.optional(),
   /** How long, after the handshake, every announced channel has to connect. */
-  channelTimeoutMs: z.int().positive().default(10_000),
+  channelTimeoutMs: TimeoutMs.default(DEFAULT_TIMEOUT_MS),
   /**
    * No-progress bound: a source that stops sending mid-packet or stops answering fails the
    * session with ERR_MULTIFD_TIMEOUT after this long, on both sides. TCP user-timeout and
    * keepalive are set, and the control connection must hear from the peer this often (both
    * sides ping every third of it). 30 s by default; 0 disables it.
    */
-  peerTimeoutMs: z.union([z.literal(0), z.int().min(100).max(3_600_000)]).default(DEFAULT_PEER_TIMEOUT_MS),
+  peerTimeoutMs: PeerTimeoutMs.default(DEFAULT_PEER_TIMEOUT_MS),
   /**
    * How long a connection may take to send its first bytes (with TLS: to complete its
    * handshake and pass the allow-list too), and the source its hello.
    */
-  handshakeTimeoutMs: z.int().positive().default(10_000),
+  handshakeTimeoutMs: TimeoutMs.default(DEFAULT_TIMEOUT_MS),
   /**
    * Require mutual TLS on every connection (see README, "TLS"). A connection is read only
    * after its handshake, certificate checks and the `allow` list pass; a plaintext peer, an

@@ -4,22 +4,23 @@
  */
 import { z } from 'zod'
 import { ERROR_CODES, MultifdError } from './errors.js'
+import { BlockName, Channels, CompressionMethod, Integrity, LIMITS } from './options.js'
 
 export const PROTOCOL_VERSION = 1
 
-const BlockEntry = z.strictObject({ name: z.string().min(1).max(255), length: z.int().nonnegative() })
+const BlockEntry = z.strictObject({ name: BlockName, length: z.int().nonnegative() })
 
 export const ControlMessage = z.discriminatedUnion('type', [
   z.object({
     type: z.literal('hello'),
     protocol: z.int(),
     session: z.string().regex(/^[0-9a-f]{32}$/),
-    channels: z.int().min(1).max(255),
+    channels: Channels,
     pageSize: z.int(),
-    compression: z.enum(['none', 'zlib', 'zstd']),
-    blocks: z.array(BlockEntry).max(4096),
+    compression: CompressionMethod,
+    blocks: z.array(BlockEntry).max(LIMITS.maxBlocks),
     /** End-to-end integrity: per-packet and per-block xxh3-64 digests. Absent = none. */
-    integrity: z.enum(['none', 'xxh3']).optional(),
+    integrity: Integrity.optional(),
   }),
   z.object({ type: z.literal('welcome'), protocol: z.int() }),
   z.object({ type: z.literal('round'), round: z.int().nonnegative() }),
@@ -28,7 +29,7 @@ export const ControlMessage = z.discriminatedUnion('type', [
     type: z.literal('complete'),
     epoch: z.int().nonnegative(),
     /** With integrity: each block's xxh3-64, compared by the destination before it completes. */
-    digests: z.array(z.strictObject({ name: z.string(), xxh3: z.string().regex(/^[0-9a-f]{16}$/) })).max(4096).optional(),
+    digests: z.array(z.strictObject({ name: z.string(), xxh3: z.string().regex(/^[0-9a-f]{16}$/) })).max(LIMITS.maxBlocks).optional(),
   }),
   z.object({ type: z.literal('completed') }),
   z.object({ type: z.literal('cancel') }),

@@ -6,7 +6,7 @@ import { z } from 'zod'
 import { binding, type NativeEvent } from './native.js'
 import { MultifdError, native, nativeError } from './errors.js'
 import { RamBlock, RamBlockSchema } from './block.js'
-import { parseOptions } from './options.js'
+import { Channels as ChannelCount, parseOptions } from './options.js'
 import type { FileProgress, SnapshotBlockInfo, SnapshotFileInfo } from './native/binding.cjs'
 
 export type { FileProgress, SnapshotBlockInfo } from './native/binding.cjs'
@@ -25,7 +25,7 @@ export interface FileSummary {
   file: SnapshotInfo
 }
 
-const Channels = z.int().min(1).max(255).default(4)
+const Channels = ChannelCount.default(4)
 const OnProgress = z.custom<(p: FileProgress) => void>((v) => typeof v === 'function').optional()
 
 /** Runs a native file job and resolves with its summary. */

@@ -8,13 +8,13 @@ import { z } from 'zod'
 import { binding, type NativeEvent } from './native.js'
 import { MultifdError, asMultifdError, native, nativeError } from './errors.js'
 import { RamBlock, RamBlockSchema } from './block.js'
-import { Address, CompressionMethod, PageSize, parseOptions } from './options.js'
+import { Address, Bandwidth as BandwidthLimit, Channels, CompressionMethod, DEFAULT_CHANNELS, DEFAULT_PAGE_SIZE, DEFAULT_PEER_TIMEOUT_MS, DEFAULT_TIMEOUT_MS, Integrity, PageSize, PeerTimeoutMs, TimeoutMs, ZeroPageDetection, checkSourceRules, parseOptions } from './options.js'
 import { PROTOCOL_VERSION, decodeMessage, encodeMessage, remoteError, type ControlMessage } from './protocol.js'
 import { Session } from './session.js'
-import { DEFAULT_PEER_TIMEOUT_MS, type ChannelStats, type Summary, type TlsSummary } from './types.js'
+import { type ChannelStats, type Summary, type TlsSummary } from './types.js'
 import { SourceTlsOptions, tlsCredentials, tlsSummary } from './tls.js'
 
-const Bandwidth = z.int().positive().optional()
+const Bandwidth = BandwidthLimit.optional()
 /** Beyond the native connect timeout, before a wait for a connection gives up on its own. */
 const CONNECT_SLACK_MS = 2000
 
@@ -22,14 +22,14 @@ const SourceOptions = z.strictObject({
   /** `tcp:HOST:PORT` or `unix:PATH`. */
   address: Address,
   blocks: z.array(RamBlockSchema).min(1),
-  /** Parallel multifd channels, 1..255 (QEMU's default is 2). */
-  channels: z.int().min(1).max(255).default(2),
-  pageSize: PageSize.default(4096),
+  /** Parallel multifd channels (QEMU's default is 2). Every range: docs/LIMITS.md. */
+  channels: Channels.default(DEFAULT_CHANNELS),
+  pageSize: PageSize.default(DEFAULT_PAGE_SIZE),
   compression: CompressionMethod.default('none'),
-  /** zlib 1..9, zstd 1..20 (default 1, as QEMU). Only the source compresses. */
-  compressionLevel: z.int().optional(),
+  /** In the method's range (docs/LIMITS.md; default 1, as QEMU). Only the source compresses. */
+  compressionLevel: z.int().min(0).max(0xffff_ffff).optional(),
   /** Send zero pages as offsets only (QEMU's `zero-page-detection=multifd`). */
-  zeroPageDetection: z.enum(['multifd', 'none']).default('multifd'),
+  zeroPageDetection: ZeroPageDetection.default('multifd'),
   /** 16 bytes; random by default. */
   uuid: z.instanceof(Uint8Array).refine((u) => u.length === 16, { error: 'uuid must be 16 bytes' }).optional(),
   /**
@@ -41,21 +41,21 @@ const SourceOptions = z.strictObject({
    * Bound on opening each connection (TCP connect and, with TLS, the handshake). The control
    * connection opens first; then every channel at once, so all of them are up within this.
    */
-  connectTimeoutMs: z.int().positive().default(10_000),
+  connectTimeoutMs: TimeoutMs.default(DEFAULT_TIMEOUT_MS),
   /**
    * No-progress bound: a destination that stops reading or answering fails the session with
    * ERR_MULTIFD_TIMEOUT after this long, on both sides. Channel writes block at most this
    * long, TCP user-timeout and keepalive are set, and the control connection must hear from
    * the peer this often (both sides ping every third of it). 30 s by default; 0 disables it.
    */
-  peerTimeoutMs: z.union([z.literal(0), z.int().min(100).max(3_600_000)]).default(DEFAULT_PEER_TIMEOUT_MS),
+  peerTimeoutMs: PeerTimeoutMs.default(DEFAULT_PEER_TIMEOUT_MS),
   /**
    * End-to-end integrity (negotiated; not a QEMU feature): every packet carries an xxh3-64
    * digest of its data pages in a reserved header word (a QEMU peer would ignore it), the
    * destination checks it after the pages land, and each whole block's digest is compared at
    * completion. A mismatch fails with ERR_MULTIFD_INTEGRITY naming the channel, block and pages.
    */
-  integrity: z.enum(['none', 'xxh3']).default('none'),
+  integrity: Integrity.default('none'),
   /**
    * QEMU's `max-bandwidth`: bytes per second over all channels of the session together
    * (headers included); absent for no limit. Change it while the session runs with
@@ -63,7 +63,7 @@ const SourceOptions = z.strictObject({
    */
   maxBandwidth: Bandwidth,
   /** Bound on each control-channel reply (welcome, completed). */
-  handshakeTimeoutMs: z.int().positive().default(10_000),
+  handshakeTimeoutMs: TimeoutMs.default(DEFAULT_TIMEOUT_MS),
   /**
    * Mutual TLS on the control connection and every channel (see README, "TLS"). Each
    * connection's handshake, certificate checks and the destination's allow-list complete
@@ -78,19 +78,8 @@ const SourceOptions = z.strictObject({
       names.add(b.name)
       if (b.pageSize !== o.pageSize) ctx.addIssue({ code: 'custom', path: ['blocks', i], message: `block ${JSON.stringify(b.name)} has ${b.pageSize}-byte pages, the session uses ${o.pageSize}` })
     }
-    const levels = { none: undefined, zlib: [1, 9], zstd: [1, 20] }[o.compression]
-    if (o.compressionLevel !== undefined && (!levels || o.compressionLevel < levels[0]! || o.compressionLevel > levels[1]!)) {
-      ctx.addIssue({ code: 'custom', path: ['compressionLevel'], message: levels ? `${o.compression} level must be ${levels[0]}..${levels[1]}` : 'a level needs compression zlib or zstd' })
-    }
-    if (o.zeroCopySend && !o.address.startsWith('tcp:')) {
-      ctx.addIssue({ code: 'custom', path: ['zeroCopySend'], message: 'zero-copy send needs a tcp: address (the kernel refuses SO_ZEROCOPY on Unix sockets)' })
-    }
-    if (o.zeroCopySend && o.tls) {
-      ctx.addIssue({ code: 'custom', path: ['zeroCopySend'], message: 'zero-copy send cannot be combined with TLS: pages are encrypted into new buffers (QEMU refuses it too)' })
-    }
-    if (o.zeroCopySend && o.compression !== 'none') {
-      ctx.addIssue({ code: 'custom', path: ['zeroCopySend'], message: 'zero-copy send cannot be combined with compression (QEMU refuses it too)' })
-    }
+    // Compression levels and which options combine: the core's rules (docs/LIMITS.md).
+    checkSourceRules({ ...o, tls: o.tls !== undefined }, ctx)
   })
 export type SourceOptions = z.input<typeof SourceOptions>
 

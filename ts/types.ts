@@ -97,9 +97,3 @@ export interface SessionEvents {
   tls: [tls: TlsSummary]
 }
 
-/**
- * The default no-progress bound (`peerTimeoutMs`): a peer that owes data or an
- * acknowledgement and is not heard from for this long fails both sides with
- * `ERR_MULTIFD_TIMEOUT`. 0 disables it.
- */
-export const DEFAULT_PEER_TIMEOUT_MS = 30_000

@@ -4,6 +4,7 @@ import { parseArgs, type ParseArgsConfig } from 'node:util'
 import { z } from 'zod'
 import { binding } from '../native.js'
 import { parseSize } from './format.js'
+import { LIMITS, type IntRange } from '../options.js'
 
 /** A mistake on the command line: printed with a hint, exit status 2. */
 export class UsageError extends Error {
@@ -54,6 +55,12 @@ export const IntString = (min: number, max: number): z.ZodType<number, string> =
     }
     return n
   })
+
+/** An integer flag in one of the core's ranges (`LIMITS`). */
+export const IntIn = (r: IntRange): z.ZodType<number, string> => IntString(r.min, r.max)
+
+/** `--peer-timeout-ms`: 0 turns the no-progress bound off, otherwise within the core's range. */
+export const PeerTimeoutFlag: z.ZodType<number, string> = z.union([z.literal('0').transform(() => 0), IntIn(LIMITS.peerTimeoutMs)])
 
 /** `--block NAME=FILE` pairs, then plain FILE positionals named after the file. */
 export function blockFiles(blocks: string[] | undefined, files: string[]): Array<{ name: string; file: string }> {

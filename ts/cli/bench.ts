@@ -1,6 +1,7 @@
 /** `multifd bench`: a loopback self-benchmark in this process (both sides, real sockets). */
 import { randomFillSync } from 'node:crypto'
 import { z } from 'zod'
+import { LIMITS, rangeText } from '../options.js'
 import { RamBlock } from '../block.js'
 import { Destination } from '../destination.js'
 import { migrate } from '../migrate.js'
@@ -24,7 +25,7 @@ export async function bench(argv: string[]): Promise<CommandResult> {
         .string()
         .regex(/^\d+(,\d+)*$/, { error: 'channels is a list like 1,2,4' })
         .transform((s) => s.split(',').map(Number))
-        .refine((l) => l.every((n) => n >= 1 && n <= 255), { error: 'each channel count is 1..255' })
+        .refine((l) => l.every((n) => n >= LIMITS.channels.min && n <= LIMITS.channels.max), { error: `each channel count is ${rangeText(LIMITS.channels)}` })
         .default([1, 2, 4]),
     }),
     values,

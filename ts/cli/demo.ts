@@ -11,7 +11,8 @@ import { RamBlock } from '../block.js'
 import { Destination } from '../destination.js'
 import { migrate } from '../migrate.js'
 import type { LiveSummary, RoundStats } from '../live.js'
-import { IntString, Size, check, parse } from './args.js'
+import { IntIn, IntString, Size, check, parse } from './args.js'
+import { LIMITS } from '../options.js'
 import { bytes, duration, rate } from './format.js'
 import type { CommandResult } from './output.js'
 import { onInterrupt } from './interrupt.js'
@@ -46,7 +47,7 @@ function sha256(b: RamBlock): string {
 export async function demo(argv: string[]): Promise<CommandResult> {
   const { values } = parse(argv, { size: { type: 'string' }, channels: { type: 'string' }, 'dirty-rate': { type: 'string' }, 'downtime-ms': { type: 'string' } })
   const o = check(
-    z.object({ size: Size.default(2 ** 30), channels: IntString(1, 255).default(4), 'dirty-rate': IntString(1, 10_000_000).default(50_000), 'downtime-ms': IntString(1, 600_000).default(30) }),
+    z.object({ size: Size.default(2 ** 30), channels: IntIn(LIMITS.channels).default(4), 'dirty-rate': IntString(1, 10_000_000).default(50_000), 'downtime-ms': IntString(1, 600_000).default(30) }),
     values,
   )
   const size = Math.ceil(o.size / 4096) * 4096

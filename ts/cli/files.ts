@@ -5,7 +5,8 @@ import { z } from 'zod'
 import { RamBlock } from '../block.js'
 import { MultifdError } from '../errors.js'
 import { restore, snapshot, type FileProgress, type FileSummary } from '../snapshot.js'
-import { IntString, UsageError, blockFiles, check, fileNameFor, parse } from './args.js'
+import { IntIn, UsageError, blockFiles, check, fileNameFor, parse } from './args.js'
+import { LIMITS } from '../options.js'
 import { bytes } from './format.js'
 import { interruptStatus, onInterrupt } from './interrupt.js'
 import { type CommandResult, failure, print } from './output.js'
@@ -37,7 +38,7 @@ was at SNAPSHOT untouched. An input given as SNAPSHOT is refused (exit 2).
 
 export async function snapshotCommand(argv: string[]): Promise<CommandResult> {
   const { values, positionals } = parse(argv, { to: { type: 'string' }, block: { type: 'string', multiple: true }, channels: { type: 'string' }, 'direct-io': { type: 'boolean' }, 'in-place': { type: 'boolean' } })
-  const o = check(z.object({ to: z.string({ error: 'snapshot needs --to SNAPSHOT' }).min(1), channels: IntString(1, 255).default(4), 'direct-io': z.boolean().default(false), 'in-place': z.boolean().default(false) }), values)
+  const o = check(z.object({ to: z.string({ error: 'snapshot needs --to SNAPSHOT' }).min(1), channels: IntIn(LIMITS.channels).default(4), 'direct-io': z.boolean().default(false), 'in-place': z.boolean().default(false) }), values)
   const specs = blockFiles(values.block as string[] | undefined, positionals)
   if (specs.length === 0) throw new UsageError('snapshot needs at least one FILE (or --block NAME=FILE)')
   refuseOverlap(specs.map((s) => s.file), [o.to])
@@ -86,7 +87,7 @@ into place once the whole snapshot is restored.
 
 export async function restoreCommand(argv: string[]): Promise<CommandResult> {
   const { values, positionals } = parse(argv, { out: { type: 'string' }, channels: { type: 'string' } })
-  const o = check(z.object({ out: z.string({ error: 'restore needs --out DIR' }).min(1), channels: IntString(1, 255).default(4) }), values)
+  const o = check(z.object({ out: z.string({ error: 'restore needs --out DIR' }).min(1), channels: IntIn(LIMITS.channels).default(4) }), values)
   const [snap, ...extra] = positionals
   if (!snap || extra.length > 0) throw new UsageError('restore takes exactly one SNAPSHOT')
   const json = values.json === true

@@ -8,7 +8,8 @@ import { MultifdError, native } from '../errors.js'
 import { binding } from '../native.js'
 import { inspectSnapshot } from '../snapshot.js'
 import { inspectQemuFile } from '../qemu.js'
-import { IntString, Size, UsageError, check, parse } from './args.js'
+import { IntIn, Size, UsageError, check, parse } from './args.js'
+import { DEFAULT_PAGE_SIZE, LIMITS, PageSize } from '../options.js'
 import { bytes } from './format.js'
 import { z } from 'zod'
 
@@ -103,7 +104,7 @@ function human(file: string, lines: Line[], verbose: boolean): string[] {
 /** Returns the exit status: 0, or 1 when an input is invalid. */
 export function inspect(argv: string[]): number {
   const { values, positionals } = parse(argv, { rebuild: { type: 'string' }, 'page-size': { type: 'string' }, 'max-size': { type: 'string' }, verbose: { type: 'boolean' } })
-  const o = check(z.object({ 'page-size': IntString(512, 524288).default(4096), 'max-size': Size.default(64 * 2 ** 30) }), values)
+  const o = check(z.object({ 'page-size': IntIn(LIMITS.pageSize).pipe(PageSize).default(DEFAULT_PAGE_SIZE), 'max-size': Size.default(64 * 2 ** 30) }), values)
   if (positionals.length === 0) throw new UsageError('inspect needs a FILE')
   const json = values.json === true
   if (typeof values.rebuild === 'string') {

@@ -117,12 +117,17 @@ main(process.argv.slice(2)).then(
     process.exitCode = code
   },
   (e: unknown) => {
+    const hint = `Run 'multifd help ${process.argv[2] ?? ''}' for usage.`
     if (e instanceof UsageError) {
-      process.stderr.write(`multifd: ${e.message}\nRun 'multifd help ${process.argv[2] ?? ''}' for usage.\n`)
+      process.stderr.write(`multifd: ${e.message}\n${hint}\n`)
+      process.exitCode = 2
+    } else if (e instanceof MultifdError && e.code === 'ERR_MULTIFD_INVALID_ARGUMENT') {
+      // Options the library refuses (docs/LIMITS.md) are usage errors too.
+      process.stderr.write(`multifd: ${e.code}: ${e.message}\n${hint}\n`)
       process.exitCode = 2
     } else if (e instanceof MultifdError) {
       process.stderr.write(`multifd: ${e.code}: ${e.message}\n`)
-      process.exitCode = e.code === 'ERR_MULTIFD_INVALID_ARGUMENT' ? 2 : 1
+      process.exitCode = 1
     } else {
       process.stderr.write(`multifd: ${e instanceof Error ? (e.stack ?? e.message) : String(e)}\n`)
       process.exitCode = 1

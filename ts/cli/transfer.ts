@@ -4,8 +4,9 @@ import { Destination } from '../destination.js'
 import { RamBlock } from '../block.js'
 import { Source } from '../source.js'
 import { MultifdError } from '../errors.js'
+import { Bandwidth, CompressionMethod, DEFAULT_CHANNELS, DEFAULT_PEER_TIMEOUT_MS, DEFAULT_TIMEOUT_MS, Integrity, LIMITS, ZeroPageDetection, compressionLevelsText, rangeText } from '../options.js'
 import type { Session, Summary } from '../session.js'
-import { IntString, Rate, UsageError, blockFiles, check, parse } from './args.js'
+import { IntIn, IntString, PeerTimeoutFlag, Rate, UsageError, blockFiles, check, parse } from './args.js'
 import { bytes, rate } from './format.js'
 import { type CommandResult, failure, print } from './output.js'
 import { Progress } from './progress.js'
@@ -46,17 +47,19 @@ export const SEND_HELP = `multifd send ADDRESS FILE... [--block NAME=FILE]... [o
 Sends image files (mapped, never read into the JavaScript heap) as blocks named after the
 files, to a destination started with \`multifd recv\`.
 
-  --channels N             parallel channels, 1..255 (default 2)
-  --compression METHOD     none | zlib | zstd (default none)
-  --level L                zlib 1..9, zstd 1..20 (default 1)
-  --zero-copy              MSG_ZEROCOPY sends (TCP only, no compression)
+  --channels N             parallel channels, ${rangeText(LIMITS.channels)} (default ${LIMITS.channels.default})
+  --compression METHOD     ${LIMITS.compression.map((m) => m.name).join(' | ')} (default none)
+  --level L                ${compressionLevelsText()}
+  --zero-copy              MSG_ZEROCOPY sends (TCP only, no compression, no TLS)
   --zero-page MODE         multifd (zero pages as offsets only, default) | none
   --integrity MODE         xxh3 (digest of every packet's pages, checked by the destination,
                            and of every block at the end) | none (default)
   --max-bandwidth RATE     cap over all channels, bytes per second with binary units
                            (500M = 500 MiB/s; default: no cap)
-  --connect-timeout-ms MS  how long connecting (and each TLS handshake) may take (default 10000)
-  --peer-timeout-ms MS     fail if the destination stalls or goes silent this long
+  --connect-timeout-ms MS  how long connecting (and each TLS handshake) may take,
+                           ${rangeText(LIMITS.timeoutMs)} (default ${DEFAULT_TIMEOUT_MS})
+  --peer-timeout-ms MS     fail if the destination stalls or goes silent this long,
+                           ${rangeText(LIMITS.peerTimeoutMs)} (default ${DEFAULT_PEER_TIMEOUT_MS}, 0 disables)
   --tls-cert FILE          mutual TLS: this side's certificate (PEM); needs --tls-key, --tls-ca
   --tls-key FILE           the certificate's private key (PEM)
   --tls-ca FILE            the CA that signed the destination's certificate (PEM)
@@ -99,15 +102,16 @@ export async function send(argv: string[]): Promise<CommandResult> {
   const tls = tlsFiles(values)
   const o = check(
     z.object({
-      channels: IntString(1, 255).default(2),
-      compression: z.enum(['none', 'zlib', 'zstd']).default('none'),
-      level: IntString(1, 20).optional(),
+      channels: IntIn(LIMITS.channels).default(DEFAULT_CHANNELS),
+      compression: CompressionMethod.default('none'),
+      // Each method's levels, and which options combine, are checked with the source options.
+      level: IntString(0, 0xffff_ffff).optional(),
       'zero-copy': z.boolean().default(false),
-      'zero-page': z.enum(['multifd', 'none']).default('multifd'),
-      integrity: z.enum(['none', 'xxh3']).default('none'),
-      'max-bandwidth': Rate.optional(),
-      'connect-timeout-ms': IntString(1, 3_600_000).default(10_000),
-      'peer-timeout-ms': IntString(100, 3_600_000).optional(),
+      'zero-page': ZeroPageDetection.default('multifd'),
+      integrity: Integrity.default('none'),
+      'max-bandwidth': Rate.pipe(Bandwidth).optional(),
+      'connect-timeout-ms': IntIn(LIMITS.timeoutMs).default(DEFAULT_TIMEOUT_MS),
+      'peer-timeout-ms': PeerTimeoutFlag.optional(),
     }),
     values,
   )
@@ -147,8 +151,8 @@ export async function send(argv: string[]): Promise<CommandResult> {
     return r
   } catch (e) {
     progress?.stop()
-    // Options the facade refuses before anything connects are usage errors (exit 2), like the
-    // command line's own checks; exit 1 is kept for failures of the migration itself.
+    // Options the library refuses (ranges, methods, combinations) are usage errors (exit 2),
+    // found before anything connects; a refusal the peer reports is a failed migration (exit 1).
     if (!source && e instanceof MultifdError && e.code === 'ERR_MULTIFD_INVALID_ARGUMENT' && !e.remote) throw new UsageError(e.message)
     const r = source ? fromSummary(source.summary(), settings) : { ...failure(e, o.channels), ...settings }
     if (wasInterrupted()) r.status = 'cancelled'
@@ -169,10 +173,13 @@ completes; on failure or cancel the partial files are removed and an existing FI
 untouched. A device, or any FILE with --in-place, is written where it is ("complete": false in
 the summary unless the migration completed).
 
-  --channels N             expect exactly N channels (default: whatever the source announces)
+  --channels N             expect exactly N channels, ${rangeText(LIMITS.channels)} (default: whatever the
+                           source announces)
   --in-place               write the output files where they are, not under a partial name
-  --channel-timeout-ms MS  how long the channels may take to connect (default 10000)
-  --peer-timeout-ms MS     fail if the source stalls or goes silent this long
+  --channel-timeout-ms MS  how long the channels may take to connect, ${rangeText(LIMITS.timeoutMs)}
+                           (default ${LIMITS.timeoutMs.default})
+  --peer-timeout-ms MS     fail if the source stalls or goes silent this long,
+                           ${rangeText(LIMITS.peerTimeoutMs)} (default ${DEFAULT_PEER_TIMEOUT_MS}, 0 disables)
   --tls-cert FILE          mutual TLS: this side's certificate (PEM); needs --tls-key, --tls-ca
   --tls-key FILE           the certificate's private key (PEM)
   --tls-ca FILE            the CA that signed the source's certificate (PEM)
@@ -192,7 +199,7 @@ export async function recv(argv: string[]): Promise<CommandResult> {
     'tls-allow': { type: 'string', multiple: true },
   })
   const tls = tlsFiles(values)
-  const o = check(z.object({ channels: IntString(1, 255).optional(), 'channel-timeout-ms': IntString(1, 3_600_000).default(10_000), 'peer-timeout-ms': IntString(100, 3_600_000).optional() }), values)
+  const o = check(z.object({ channels: IntIn(LIMITS.channels).optional(), 'channel-timeout-ms': IntIn(LIMITS.timeoutMs).default(DEFAULT_TIMEOUT_MS), 'peer-timeout-ms': PeerTimeoutFlag.optional() }), values)
   const [address, ...extra] = positionals
   if (!address) throw new UsageError('recv needs an ADDRESS (tcp:HOST:PORT or unix:PATH)')
   if (extra.length > 0) throw new UsageError(`unexpected argument ${JSON.stringify(extra[0])}; output files go after --out`)

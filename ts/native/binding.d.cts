@@ -247,6 +247,18 @@ export interface ChannelOptions {
   maxBandwidth?: number
 }
 
+/** Why `address` is not a valid `tcp:HOST:PORT` or `unix:PATH`, or nothing when it is. */
+export declare function checkAddress(address: string): string | null
+
+/** Every limit and rule these choices break, as `Source` start applies them. */
+export declare function checkSourceOptions(o: SourceRuleInput): Array<LimitViolation>
+
+/** A compression method and its levels (absent for `none`). */
+export interface CompressionMethodInfo {
+  name: string
+  levels?: IntRange
+}
+
 /** Decodes a 64-byte init packet; with `expect`, also checks the UUID and the channel id range. */
 export declare function decodeInitPacket(bytes: Uint8Array, expect?: InitExpectation | undefined | null): InitPacketInfo
 
@@ -319,6 +331,44 @@ export declare function inspectQemuFile(path: string): QemuFileInfo
 /** Reads a snapshot file's description (complete or not). */
 export declare function inspectSnapshot(path: string): SnapshotFileInfo
 
+/** An integer range, with the default where there is one. */
+export interface IntRange {
+  min: number
+  max: number
+  default?: number
+}
+
+export declare function limits(): Limits
+
+/** Every limit and rule on what a user configures (docs/LIMITS.md shows the same). */
+export interface Limits {
+  channels: IntRange
+  /** Powers of two in this range. */
+  pageSize: IntRange
+  /** In UTF-8 bytes, without NUL. */
+  blockNameBytes: IntRange
+  maxBlocks: number
+  /** Connect, handshake and channel-arrival timeouts (ms). */
+  timeoutMs: IntRange
+  peerTimeoutMs: IntRange
+  /** Bytes per second. */
+  maxBandwidth: IntRange
+  /** A `unix:` address's path, in bytes. */
+  unixPathBytes: IntRange
+  /** `none` first, then the registry's methods. */
+  compression: Array<CompressionMethodInfo>
+  integrity: Array<string>
+  zeroPageDetection: Array<string>
+  rules: Array<OptionRule>
+}
+
+/** One refused choice: the option it concerns, its code and why. */
+export interface LimitViolation {
+  option: string
+  code: string
+  message: string
+}
+
 /** A failure as it crosses to JavaScript: the stable `ERR_MULTIFD_*` code and the message. */
 export interface NativeError {
   code: string
@@ -337,6 +387,13 @@ export type NativeEvent =
   | { kind: 'controlConnected' }
   | { kind: 'channelsReady' }
   | { kind: 'warning'; error: NativeError }
+
+/** Two choices that do not combine, and why. */
+export interface OptionRule {
+  option: string
+  conflictsWith: string
+  reason: string
+}
 
 export interface PacketHeaderFields {
   flags: number
@@ -486,6 +543,19 @@ export interface SnapshotFileInfo {
   generation: number
   fileLength: number
   blocks: Array<SnapshotBlockInfo>
+}
+
+/** The choices of a sending session the rules look at (already range-checked by the caller). */
+export interface SourceRuleInput {
+  address: string
+  channels: number
+  compression: string
+  compressionLevel?: number
+  zeroCopy: boolean
+  tls: boolean
+  connectTimeoutMs: number
+  peerTimeoutMs?: number
+  maxBandwidth?: number
 }
 
 /** Mutual TLS credentials, as PEM (the TypeScript layer reads files). */

@@ -10,8 +10,7 @@ use crate::error::{Error, Result, fail};
 use crate::tls::TlsClient;
 use crate::transport::{Address, Conn};
 
-/// First bytes of a control connection: "MFDC". Distinct from the multifd magic 0x11223344.
-pub const CONTROL_MAGIC: u32 = 0x4d46_4443;
+pub use crate::wire::CONTROL_MAGIC;
 /// Largest control frame accepted; control messages are small.
 pub const MAX_FRAME: u32 = 1 << 20;
 /// How long a control write may block before the peer is considered gone.

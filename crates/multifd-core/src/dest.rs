@@ -2,8 +2,8 @@
 //! multifd channels admitted by their init packets, and one receive thread per channel that
 //! reads pages straight into block memory. SYNC packets meet at a barrier.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -12,22 +12,28 @@ use crate::block::RamBlock;
 use crate::control::{CONTROL_MAGIC, Control};
 use crate::error::{Error, ErrorCode, Result, fail};
 use crate::io::Boundary;
+use crate::limits::{MAX_EARLY_CHANNELS, MAX_UNIDENTIFIED};
 use crate::protocol::{Delivered, synced_frame};
 use crate::session::{ChannelStats, Counters, Event, EventSink, Failure};
 use crate::tls::{TlsServer, looks_like_tls, refuse_plaintext_peer, refuse_tls_peer};
-use crate::transport::{Address, Conn, Listener};
+use crate::transport::{Accepted, Address, Conn, Listener};
 use crate::wire::{BlockLookup, COMMON_HEADER_LEN, ChannelClaims, CommonHeader, Compression, Geometry, INIT_PACKET_LEN, InitPacket, MAGIC, PacketHeader, PacketValidator};
 
-/// Connections classified at once, each on its own thread; beyond this the acceptor waits.
-const MAX_CLASSIFIERS: usize = 64;
+/// When the process is out of descriptors, how long the acceptor waits for one to be released
+/// before it tries again (it is woken as soon as a connection it dropped is closed).
+const NO_DESCRIPTOR_WAIT: Duration = Duration::from_millis(100);
 
-/// The connections being classified: their sockets (so `close` can cut them short) and threads.
+/// The connections being classified: their sockets by arrival (so `close` can cut them short
+/// and the acceptor can close the oldest), and their threads.
 #[derive(Default)]
 struct Classifiers {
-    fds: HashMap<u64, std::os::fd::RawFd>,
+    fds: BTreeMap<u64, std::os::fd::RawFd>,
     threads: Vec<JoinHandle<()>>,
     next: u64,
 }
+
+/// A multifd channel that arrived before `configure`, with its init packet and arrival time.
+type Early = (Conn, [u8; INIT_PACKET_LEN], Instant);
 
 /// What the destination expects, known once the control handshake has been accepted.
 pub struct DestConfig {
@@ -88,14 +94,20 @@ struct Inner {
     closing: AtomicBool,
     finishing: AtomicBool,
     session: Mutex<Option<Arc<Session>>>,
-    /// Channels that arrived before `configure`, with their init packets.
-    pending: Mutex<Vec<(Conn, [u8; INIT_PACKET_LEN])>>,
+    /// Channels that arrived before `configure` (at most `MAX_EARLY_CHANNELS`, each for at
+    /// most `classify_timeout`), oldest first.
+    pending: Mutex<Vec<Early>>,
     control: Mutex<Option<Arc<Control>>>,
     /// Admitted channels. Admission happens under this lock and is refused once `closing`,
     /// so `close` (which shuts these down under the same lock) cannot miss one.
     channel_conns: Mutex<Vec<Arc<Conn>>>,
     /// Connections being classified (handshaken, first bytes read), each on its own thread.
     classifying: Mutex<Classifiers>,
+    /// Signalled (with `classifying`) when a classifier has let go of its connection.
+    released: Condvar,
+    /// Connections closed without identifying themselves: silent, crowded out, or early
+    /// channels that expired or named another session.
+    strangers: AtomicU64,
     /// The listening socket while the acceptor owns it, so `close` can wake a waiting accept at
     /// once instead of after the next poll interval. Cleared (under the lock) before the
     /// acceptor closes it, so `close` never touches a descriptor that was reused.
@@ -118,6 +130,7 @@ impl Destination {
     /// Binds `address` and starts accepting. `classify_timeout` bounds how long a new
     /// connection may take to complete its TLS handshake (with `tls`) and send its first bytes.
     pub fn listen(address: &Address, classify_timeout: Duration, tls: Option<TlsServer>, events: EventSink) -> Result<Destination> {
+        crate::limits::check_destination(Some(classify_timeout), None, None)?;
         let listener = Listener::bind(address)?;
         let bound = listener.local_address()?;
         let inner = Arc::new(Inner {
@@ -130,6 +143,8 @@ impl Destination {
             control: Mutex::new(None),
             channel_conns: Mutex::new(Vec::new()),
             classifying: Mutex::new(Classifiers::default()),
+            released: Condvar::new(),
+            strangers: AtomicU64::new(0),
             listener_fd: Mutex::new(None),
             receivers: Mutex::new(Vec::new()),
             classify_timeout,
@@ -158,6 +173,18 @@ impl Destination {
         &self.inner.failure
     }
 
+    /// Connections closed so far without identifying themselves (never fatal): silent past the
+    /// classify timeout, crowded out beyond `MAX_UNIDENTIFIED` / `MAX_EARLY_CHANNELS`, or
+    /// channels that arrived before the session and expired or named another session.
+    pub fn strangers(&self) -> u64 {
+        self.inner.strangers.load(Ordering::Relaxed)
+    }
+
+    /// Multifd channels waiting for the session to be configured.
+    pub fn early_channels(&self) -> usize {
+        self.inner.pending.lock().unwrap().len()
+    }
+
     /// The TLS session of the accepted control connection, when TLS is on.
     pub fn control_tls(&self) -> Option<crate::tls::TlsInfo> {
         self.inner.control.lock().unwrap().as_ref().and_then(|c| c.conn().tls().map(|t| t.info()))
@@ -176,6 +203,7 @@ impl Destination {
         // Lock order everywhere: pending, then session. Holding `pending` while the session is
         // set means a channel the acceptor classifies meanwhile is either queued before we
         // drain the queue or sees the session and is admitted directly.
+        crate::limits::check_destination(None, Some(config.channel_timeout), config.peer_timeout)?;
         let mut pending = self.inner.pending.lock().unwrap();
         let mut slot = self.inner.session.lock().unwrap();
         if slot.is_some() {
@@ -205,7 +233,13 @@ impl Destination {
         drop(slot);
         let early = std::mem::take(&mut *pending);
         drop(pending);
-        for (conn, init) in early {
+        for (conn, init, _) in early {
+            // A channel that arrived before the session and names another one was no channel
+            // of this session: a stranger, closed, never fatal.
+            if InitPacket::decode(&init).is_ok_and(|i| i.uuid != session.uuid) {
+                self.inner.strangers.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
             if let Some((id, conn)) = self.inner.admit(&session, conn, init) {
                 self.inner.spawn_receiver(&session, id, conn);
             }
@@ -326,9 +360,18 @@ impl Inner {
     fn accept_until_closed(self: &Arc<Self>, listener: &Listener) {
         while !self.closing.load(Ordering::Acquire) {
             self.check_deadline();
-            match listener.accept_timeout(Duration::from_millis(50)) {
-                Ok(Some(conn)) => self.start_classifying(conn),
-                Ok(None) => {}
+            self.expire_early();
+            match listener.accept_for(Duration::from_millis(50)) {
+                Ok(Accepted::Conn(conn)) => self.start_classifying(conn),
+                Ok(Accepted::Idle) => {}
+                // Out of descriptors: the listener stays readable, so waiting on it would spin.
+                // Make room by closing the oldest connection that has not identified itself,
+                // then wait until a descriptor is released (or a while) before trying again.
+                Ok(Accepted::NoDescriptors) => {
+                    self.shed_oldest();
+                    let c = self.classifying.lock().unwrap();
+                    drop(self.released.wait_timeout(c, NO_DESCRIPTOR_WAIT).unwrap());
+                }
                 // `close` shut the listener down to wake us: not a failure.
                 Err(_) if self.closing.load(Ordering::Acquire) => return,
                 Err(e) => {
@@ -361,6 +404,40 @@ impl Inner {
             // lock) before it lets go of it; shutting it down only wakes its blocked read.
             unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
         }
+        self.released.notify_all();
+    }
+
+    /// Cuts the oldest connection being classified, if any, and counts it as a stranger: its
+    /// classifier finds its entry gone and closes it quietly. Returns whether there was one.
+    fn cut_oldest_unidentified(&self, c: &mut Classifiers) -> bool {
+        let Some((_, fd)) = c.fds.pop_first() else { return false };
+        // SAFETY: as in `cut_classifying`: the classifier still owns the open socket (it looks
+        // for its entry under this lock before letting go); after this, nobody here uses `fd`.
+        unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+        self.strangers.fetch_add(1, Ordering::Relaxed);
+        true
+    }
+
+    /// Closes the oldest early channel, or else cuts the oldest connection being classified,
+    /// to free a descriptor.
+    fn shed_oldest(&self) {
+        let early = {
+            let mut p = self.pending.lock().unwrap();
+            (!p.is_empty()).then(|| p.remove(0))
+        };
+        if early.is_some() {
+            self.strangers.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        self.cut_oldest_unidentified(&mut self.classifying.lock().unwrap());
+    }
+
+    /// Closes early channels that have waited longer than the classify timeout for a session.
+    fn expire_early(&self) {
+        let mut p = self.pending.lock().unwrap();
+        let before = p.len();
+        p.retain(|(_, _, since)| since.elapsed() < self.classify_timeout);
+        self.strangers.fetch_add((before - p.len()) as u64, Ordering::Relaxed);
     }
 
     /// Closing, or finished: no new connection matters any more.
@@ -370,29 +447,26 @@ impl Inner {
 
     /// Classifies `conn` on a thread of its own, so a slow handshake (a far source, or one
     /// that stalls) does not hold up the channels behind it; a multifd channel's receive loop
-    /// then runs on the same thread, next to the TLS state its handshake allocated. Past
-    /// `MAX_CLASSIFIERS` at once, the acceptor classifies in line, which throttles a flood.
+    /// then runs on the same thread, next to the TLS state its handshake allocated. At most
+    /// `MAX_UNIDENTIFIED` connections are being classified at once: a new one closes the
+    /// oldest, so a flood of silent connections cannot crowd out a real source.
     fn start_classifying(self: &Arc<Self>, conn: Conn) {
         let mut c = self.classifying.lock().unwrap();
         if self.ending() {
             return;
         }
         c.threads.retain(|t| !t.is_finished());
+        while c.fds.len() >= MAX_UNIDENTIFIED && self.cut_oldest_unidentified(&mut c) {}
         let id = c.next;
         c.next += 1;
         c.fds.insert(id, conn.fd());
-        if c.threads.len() >= MAX_CLASSIFIERS {
-            drop(c);
-            if let Err(e) = self.classify(conn, id) {
-                self.failure.fail(e);
-            }
-            return;
-        }
         let me = self.clone();
         let spawned = std::thread::Builder::new().name("multifd/classify".into()).spawn(move || {
             if let Err(e) = me.classify(conn, id) {
                 me.failure.fail(e);
             }
+            // Its connection is closed or handed on: the acceptor may be waiting for a descriptor.
+            me.released.notify_all();
         });
         match spawned {
             Ok(t) => c.threads.push(t),
@@ -406,9 +480,24 @@ impl Inner {
 
     /// Reads a new connection's first bytes to tell a control connection from a channel.
     /// `id` is its entry in `classifying`, removed before the connection moves on.
+    /// A connection that sends nothing within the classify timeout, or that the acceptor cut
+    /// to make room, is a stranger: closed and counted, never fatal.
     fn classify(self: &Arc<Self>, mut conn: Conn, id: u64) -> Result<()> {
-        let first = conn.set_read_timeout(Some(self.classify_timeout)).and_then(|()| self.read_first_bytes(&mut conn));
-        self.classifying.lock().unwrap().fds.remove(&id);
+        let spoke = conn.wait_readable(self.classify_timeout);
+        let silent = matches!(spoke, Ok(false));
+        let first = match spoke {
+            Ok(false) => Ok(None),
+            Ok(true) => conn.set_read_timeout(Some(self.classify_timeout)).and_then(|()| self.read_first_bytes(&mut conn)),
+            Err(e) => Err(e),
+        };
+        let cut = self.classifying.lock().unwrap().fds.remove(&id).is_none();
+        if cut {
+            return Ok(()); // counted when it was cut
+        }
+        if silent && !self.ending() {
+            self.strangers.fetch_add(1, Ordering::Relaxed);
+            return Ok(());
+        }
         let Some((magic, init)) = first? else {
             return Ok(()); // connected and left without a byte, or we are closing
         };
@@ -435,7 +524,13 @@ impl Inner {
                             self.receive_from_classifier(&s, id, conn);
                         }
                     }
-                    None => pending.push((conn, init)),
+                    None => {
+                        if pending.len() >= MAX_EARLY_CHANNELS {
+                            pending.remove(0);
+                            self.strangers.fetch_add(1, Ordering::Relaxed);
+                        }
+                        pending.push((conn, init, Instant::now()));
+                    }
                 }
             }
         }

@@ -6,6 +6,7 @@
 
 use std::io;
 use std::os::fd::RawFd;
+use std::time::{Duration, Instant};
 
 use crate::error::{Error, ErrorCode, Result, os_error};
 
@@ -147,6 +148,36 @@ pub fn read_exact(fd: RawFd, buf: &mut [u8]) -> Result<bool> {
     let mut iov = [iovec(buf.as_mut_ptr(), buf.len())];
     // SAFETY: the iovec points into the exclusively borrowed slice.
     unsafe { readv_exact(fd, &mut iov) }
+}
+
+/// Waits until `fd` has something to read (data, end of stream or an error); false when
+/// `timeout` passed first.
+pub fn wait_readable(fd: RawFd, timeout: Option<Duration>) -> Result<bool> {
+    let deadline = timeout.map(|t| Instant::now() + t);
+    loop {
+        let ms = match deadline {
+            None => -1,
+            Some(d) => {
+                let left = d.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Ok(false);
+                }
+                left.as_millis().clamp(1, i32::MAX as u128) as libc::c_int
+            }
+        };
+        let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+        // SAFETY: one valid pollfd for a descriptor the caller owns.
+        let rc = unsafe { libc::poll(&mut pfd, 1, ms) };
+        if rc > 0 {
+            return Ok(true);
+        }
+        if rc < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(os_error("poll connection", e));
+            }
+        }
+    }
 }
 
 #[cfg(test)]

@@ -5,12 +5,14 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, mpsc};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::block::RamBlock;
 use crate::error::{Error, ErrorCode, Result, fail};
 use crate::io::iovec;
+use crate::limits::{SourceChoices, check_source, millis};
 use crate::session::{ChannelStats, Counters, Event, Failure};
+use crate::throttle::Throttle;
 use crate::tls::TlsClient;
 use crate::transport::{Address, Conn};
 use crate::wire::{Compression, Flags, Geometry, InitPacket, PacketHeader};
@@ -27,7 +29,7 @@ pub struct SourceConfig {
     pub channels: u8,
     pub geometry: Geometry,
     pub compression: Compression,
-    /// Level for zlib (1..9) or zstd (1..20); `None` for the method's default (1).
+    /// A level in the method's range (`compress::METHODS`); `None` for its default.
     pub compression_level: Option<u32>,
     /// Scan pages on the channel threads and send zero pages as offsets only.
     pub zero_page_detection: bool,
@@ -43,126 +45,6 @@ pub struct SourceConfig {
     pub integrity: bool,
     /// Mutual TLS on every channel: each handshake completes before the init packet.
     pub tls: Option<TlsClient>,
-}
-
-/// How much a bucket holds: QEMU measures `max-bandwidth` in windows of 100 ms
-/// (`BUFFER_DELAY`), so a burst of up to a tenth of a second's worth goes out at line rate.
-const BURST: Duration = Duration::from_millis(100);
-
-/// QEMU's `max-bandwidth` as one token bucket shared by every channel of a session. A channel
-/// takes tokens for the whole packet (header and payload) just before writing it; when the
-/// bucket is in debt it waits until the debt is paid back at the current rate. Packets are
-/// never split, so a channel may run the bucket up to one packet into debt: the long-run rate
-/// is the limit, bursts are bounded by a tenth of a second's worth plus one packet per channel.
-#[derive(Debug)]
-pub struct Throttle {
-    bucket: Mutex<Bucket>,
-    /// Rate changes and stop wake every waiting channel.
-    changed: Condvar,
-    /// Total time channels spent waiting for tokens, in nanoseconds.
-    waited_ns: AtomicU64,
-}
-
-#[derive(Debug)]
-struct Bucket {
-    rate: Option<u64>,
-    /// Bytes that may go now; negative while in debt.
-    tokens: f64,
-    last: Instant,
-    stopped: bool,
-}
-
-impl Bucket {
-    fn capacity(rate: u64) -> f64 {
-        rate as f64 * BURST.as_secs_f64()
-    }
-
-    /// Adds the tokens earned since the last refill at the current rate.
-    fn refill(&mut self, now: Instant) {
-        if let Some(rate) = self.rate {
-            let earned = now.saturating_duration_since(self.last).as_secs_f64() * rate as f64;
-            self.tokens = (self.tokens + earned).min(Self::capacity(rate));
-        }
-        self.last = now;
-    }
-}
-
-impl Throttle {
-    /// A bucket for `rate` bytes per second (`None`: unlimited), starting full.
-    pub fn new(rate: Option<u64>) -> Result<Throttle> {
-        check_rate(rate)?;
-        Ok(Throttle {
-            bucket: Mutex::new(Bucket { rate, tokens: rate.map_or(0.0, Bucket::capacity), last: Instant::now(), stopped: false }),
-            changed: Condvar::new(),
-            waited_ns: AtomicU64::new(0),
-        })
-    }
-
-    pub fn rate(&self) -> Option<u64> {
-        self.bucket.lock().unwrap().rate
-    }
-
-    /// Changes the rate at once, also for channels already waiting. A debt built up at the old
-    /// rate is kept, but never more than one window's worth of the new rate, as QEMU starts
-    /// the new limit with its next window; lifting the limit releases every waiting channel.
-    pub fn set_rate(&self, rate: Option<u64>) -> Result<()> {
-        check_rate(rate)?;
-        let mut b = self.bucket.lock().unwrap();
-        b.refill(Instant::now());
-        b.tokens = match (b.rate, rate) {
-            (_, None) => 0.0,
-            (None, Some(new)) => Bucket::capacity(new),
-            (Some(_), Some(new)) => b.tokens.clamp(-Bucket::capacity(new), Bucket::capacity(new)),
-        };
-        b.rate = rate;
-        drop(b);
-        self.changed.notify_all();
-        Ok(())
-    }
-
-    /// Takes `bytes` tokens, first waiting while the bucket is in debt. Returns false, without
-    /// taking anything, once the throttle is stopped (the session is closing).
-    pub fn acquire(&self, bytes: u64) -> bool {
-        let mut b = self.bucket.lock().unwrap();
-        let mut waited_since: Option<Instant> = None;
-        let granted = loop {
-            if b.stopped {
-                break false;
-            }
-            let Some(rate) = b.rate else { break true };
-            let now = Instant::now();
-            b.refill(now);
-            if b.tokens >= 0.0 {
-                b.tokens -= bytes as f64;
-                break true;
-            }
-            waited_since.get_or_insert(now);
-            let wait = Duration::from_secs_f64(-b.tokens / rate as f64);
-            b = self.changed.wait_timeout(b, wait).unwrap().0;
-        };
-        if let Some(since) = waited_since {
-            self.waited_ns.fetch_add(since.elapsed().as_nanos() as u64, Ordering::Relaxed);
-        }
-        granted
-    }
-
-    /// Time channels have spent waiting for tokens so far, all channels added up.
-    pub fn waited(&self) -> Duration {
-        Duration::from_nanos(self.waited_ns.load(Ordering::Relaxed))
-    }
-
-    /// Releases every waiting channel for good: `acquire` returns false from now on.
-    pub fn stop(&self) {
-        self.bucket.lock().unwrap().stopped = true;
-        self.changed.notify_all();
-    }
-}
-
-fn check_rate(rate: Option<u64>) -> Result<()> {
-    if rate == Some(0) {
-        fail!(InvalidArgument, "max bandwidth must be at least 1 byte per second (no value for no limit)");
-    }
-    Ok(())
 }
 
 /// Which pages of a block to send.
@@ -220,20 +102,19 @@ impl Source {
     /// the dispatcher. Connections are registered with `failure`, so the first error anywhere
     /// shuts them all down.
     pub fn start(config: SourceConfig, failure: Arc<Failure>) -> Result<Source> {
-        if config.channels == 0 {
-            fail!(InvalidArgument, "a session needs at least one channel");
-        }
-        // Builds one compressor now so a bad level fails before any connection is made.
-        crate::compress::compressor(config.compression, config.compression_level)?;
-        if config.zero_copy && config.compression != Compression::None {
-            fail!(InvalidArgument, "zero-copy send cannot be combined with compression");
-        }
-        if config.zero_copy && config.tls.is_some() {
-            fail!(InvalidArgument, "zero-copy send cannot be combined with TLS: pages are encrypted into new buffers, so there is nothing to send without copying (QEMU refuses the same)");
-        }
-        if config.zero_copy && !matches!(config.address, Address::Tcp { .. }) {
-            fail!(ZeroCopyUnavailable, "zero-copy send needs a TCP address; {} is not (SO_ZEROCOPY is TCP-only)", config.address);
-        }
+        // Every limit and rule, as the TypeScript and CLI layers apply them (`limits`), before
+        // any connection is made.
+        check_source(&SourceChoices {
+            channels: u32::from(config.channels),
+            compression: config.compression.name(),
+            compression_level: config.compression_level,
+            zero_copy: config.zero_copy,
+            tls: config.tls.is_some(),
+            unix: matches!(config.address, Address::Unix(_)),
+            connect_timeout_ms: millis(config.connect_timeout),
+            peer_timeout_ms: config.peer_timeout.map(millis),
+            max_bandwidth: config.max_bandwidth,
+        })?;
         let throttle = Throttle::new(config.max_bandwidth)?;
         let n = config.channels as usize;
         let conns: Vec<Arc<Conn>> = connect_channels(&config)?.into_iter().map(Arc::new).collect();
@@ -650,94 +531,5 @@ impl Shared {
             }
         }
         Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Takes `packet`-byte packets from `threads` threads until `total` bytes went; returns the
-    /// elapsed time.
-    fn drain(t: &Arc<Throttle>, threads: usize, total: u64, packet: u64) -> Duration {
-        let started = Instant::now();
-        let left = Arc::new(AtomicU64::new(total));
-        let handles: Vec<_> = (0..threads)
-            .map(|_| {
-                let (t, left) = (t.clone(), left.clone());
-                std::thread::spawn(move || {
-                    while left.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |l| l.checked_sub(packet)).is_ok() {
-                        assert!(t.acquire(packet));
-                    }
-                })
-            })
-            .collect();
-        handles.into_iter().for_each(|h| h.join().unwrap());
-        started.elapsed()
-    }
-
-    #[test]
-    fn unlimited_never_waits() {
-        let t = Arc::new(Throttle::new(None).unwrap());
-        assert!(drain(&t, 4, 1 << 30, 1 << 19) < Duration::from_millis(500));
-        assert_eq!(t.waited(), Duration::ZERO);
-    }
-
-    #[test]
-    fn shared_bucket_holds_the_rate_across_threads() {
-        // 8 MB/s shared by 4 threads: 4 MB beyond the 0.8 MB burst take about 0.4 s.
-        let rate = 8_000_000;
-        let t = Arc::new(Throttle::new(Some(rate)).unwrap());
-        let took = drain(&t, 4, 4_000_000, 100_000);
-        let expected = (4_000_000.0 - Bucket::capacity(rate)) / rate as f64;
-        assert!(took.as_secs_f64() >= expected * 0.9, "{took:?} < {expected} s");
-        assert!(took.as_secs_f64() < expected * 3.0 + 0.2, "{took:?} far above {expected} s");
-        assert!(t.waited() > Duration::ZERO);
-    }
-
-    #[test]
-    fn a_new_rate_applies_to_waiting_channels() {
-        // 1 KB/s: a 1 MB packet puts the bucket 1000 s into debt; lifting the limit releases it.
-        let t = Arc::new(Throttle::new(Some(1000)).unwrap());
-        assert!(t.acquire(1_000_000));
-        let waiter = {
-            let t = t.clone();
-            std::thread::spawn(move || {
-                let started = Instant::now();
-                assert!(t.acquire(1000));
-                started.elapsed()
-            })
-        };
-        std::thread::sleep(Duration::from_millis(50));
-        t.set_rate(None).unwrap();
-        assert!(waiter.join().unwrap() < Duration::from_secs(5));
-        // A higher rate keeps at most one window of debt: 100 ms at 10 MB/s.
-        t.set_rate(Some(1000)).unwrap();
-        assert!(t.acquire(1_000_000));
-        t.set_rate(Some(10_000_000)).unwrap();
-        let started = Instant::now();
-        assert!(t.acquire(1));
-        assert!(started.elapsed() < Duration::from_secs(2));
-        assert_eq!(t.rate(), Some(10_000_000));
-    }
-
-    #[test]
-    fn stop_releases_waiters_without_granting() {
-        let t = Arc::new(Throttle::new(Some(1)).unwrap());
-        assert!(t.acquire(1 << 20));
-        let waiter = {
-            let t = t.clone();
-            std::thread::spawn(move || t.acquire(1))
-        };
-        std::thread::sleep(Duration::from_millis(20));
-        t.stop();
-        assert!(!waiter.join().unwrap());
-        assert!(!t.acquire(1));
-    }
-
-    #[test]
-    fn zero_is_not_a_rate() {
-        assert_eq!(Throttle::new(Some(0)).unwrap_err().code, ErrorCode::InvalidArgument);
-        assert_eq!(Throttle::new(None).unwrap().set_rate(Some(0)).unwrap_err().code, ErrorCode::InvalidArgument);
     }
 }

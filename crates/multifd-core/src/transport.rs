@@ -55,6 +55,15 @@ impl Address {
     }
 }
 
+impl crate::tls::Dialed for Address {
+    fn host(&self) -> Option<&str> {
+        match self {
+            Address::Tcp { host, .. } => Some(host),
+            Address::Unix(_) => None,
+        }
+    }
+}
+
 impl std::fmt::Display for Address {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
@@ -189,6 +198,11 @@ impl Conn {
             Socket::Tcp(s) => s.shutdown(Shutdown::Read),
             Socket::Unix(s) => s.shutdown(Shutdown::Read),
         };
+    }
+
+    /// Waits until the peer has sent something (or closed); false when `timeout` passed first.
+    pub fn wait_readable(&self, timeout: Duration) -> Result<bool> {
+        crate::io::wait_readable(self.fd(), Some(timeout))
     }
 
     pub fn set_read_timeout(&self, t: Option<Duration>) -> Result<()> {
@@ -405,8 +419,19 @@ impl Listener {
         }
     }
 
-    /// Waits up to `timeout` for a connection. `Ok(None)` when none arrived in time.
+    /// Waits up to `timeout` for a connection. `Ok(None)` when none arrived in time, or when
+    /// the process is out of descriptors (see [`Listener::accept_for`]).
     pub fn accept_timeout(&self, timeout: Duration) -> Result<Option<Conn>> {
+        match self.accept_for(timeout)? {
+            Accepted::Conn(c) => Ok(Some(c)),
+            Accepted::Idle | Accepted::NoDescriptors => Ok(None),
+        }
+    }
+
+    /// Waits up to `timeout` for a connection. A connection waiting while the process (or the
+    /// system) has no descriptor left is `NoDescriptors`, at once: the listener stays readable
+    /// until a descriptor is freed, so waiting on it again would spin.
+    pub fn accept_for(&self, timeout: Duration) -> Result<Accepted> {
         let deadline = Instant::now() + timeout;
         loop {
             let accepted = match self {
@@ -423,24 +448,33 @@ impl Listener {
                         Socket::Unix(s) => s.set_nonblocking(false),
                     }
                     .map_err(|e| os_error("set connection blocking", e))?;
-                    return Ok(Some(conn));
+                    return Ok(Accepted::Conn(conn));
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) if matches!(e.raw_os_error(), Some(libc::ECONNABORTED | libc::EMFILE | libc::ENFILE)) => {
-                    // A client that gave up, or descriptors exhausted: not fatal for the listener.
-                }
+                // A client that gave up before we accepted it: not the listener's problem.
+                Err(e) if e.raw_os_error() == Some(libc::ECONNABORTED) => continue,
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => return Ok(Accepted::NoDescriptors),
                 Err(e) => return Err(os_error("accept", e)),
             }
             let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Ok(None);
+            if left.is_zero() || !crate::io::wait_readable(self.fd(), Some(left))? {
+                return Ok(Accepted::Idle);
             }
-            let mut pfd = libc::pollfd { fd: self.fd(), events: libc::POLLIN, revents: 0 };
-            // SAFETY: one valid pollfd for a descriptor we own.
-            unsafe { libc::poll(&mut pfd, 1, left.as_millis().clamp(1, 1000) as libc::c_int) };
         }
     }
+}
+
+/// What [`Listener::accept_for`] found.
+#[derive(Debug)]
+// Made once per accepted connection and moved straight on; a box would only add an allocation.
+#[allow(clippy::large_enum_variant)]
+pub enum Accepted {
+    Conn(Conn),
+    /// Nothing arrived in time.
+    Idle,
+    /// A connection is waiting but no descriptor is free to accept it (EMFILE / ENFILE).
+    NoDescriptors,
 }
 
 impl Drop for Listener {

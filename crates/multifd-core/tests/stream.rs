@@ -1,7 +1,7 @@
 //! Our own channel streams, recorded off the wire, decode back to the source's blocks.
 
 use std::io::Read;
-use std::sync::{Arc, Mutex, mpsc};
+use std::sync::Arc;
 use std::time::Duration;
 
 use multifd_core::ErrorCode;
@@ -11,6 +11,9 @@ use multifd_core::source::{Selection, Source, SourceConfig};
 use multifd_core::stream::rebuild;
 use multifd_core::transport::{Address, Listener};
 use multifd_core::wire::{Compression, Geometry};
+
+mod common;
+use common::{fill, sink};
 
 /// Accepts `n` connections and records each one's bytes until it closes.
 fn recorder(n: usize) -> (Address, std::thread::JoinHandle<Vec<Vec<u8>>>) {
@@ -34,31 +37,11 @@ fn recorder(n: usize) -> (Address, std::thread::JoinHandle<Vec<Vec<u8>>>) {
     (addr, h)
 }
 
-fn fill(b: &RamBlock, seed: u64) {
-    let mut x = seed | 1;
-    for p in 0..b.pages() as u64 {
-        let page: Vec<u8> = (0..4096usize)
-            .map(|i| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                match p % 4 {
-                    0 => 0,
-                    1 => b"multifd text page "[i % 18],
-                    _ => x as u8,
-                }
-            })
-            .collect();
-        b.store(p * 4096, &page).unwrap();
-    }
-}
-
 fn record(compression: Compression, channels: u8) -> (Vec<Arc<RamBlock>>, Vec<Vec<u8>>) {
     let blocks: Vec<_> = [("mem", 2 << 20), ("rom", 5 * 4096)].iter().map(|(n, l)| Arc::new(RamBlock::allocate(n, *l, 4096, false).unwrap())).collect();
-    blocks.iter().enumerate().for_each(|(i, b)| fill(b, i as u64 + 3));
+    blocks.iter().enumerate().for_each(|(i, b)| fill(b, i as u64 + 3, 4));
     let (addr, rec) = recorder(channels as usize);
-    let (tx, rx) = mpsc::channel();
-    let tx = Mutex::new(tx);
+    let (events, rx) = sink();
     let source = Source::start(
         SourceConfig {
             address: addr,
@@ -75,7 +58,7 @@ fn record(compression: Compression, channels: u8) -> (Vec<Arc<RamBlock>>, Vec<Ve
             max_bandwidth: None,
             tls: None,
         },
-        Failure::new(Arc::new(move |e| drop(tx.lock().unwrap().send(e)))),
+        Failure::new(events),
     )
     .unwrap();
     for b in &blocks {

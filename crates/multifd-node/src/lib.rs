@@ -5,6 +5,7 @@ pub mod codec;
 mod errors;
 pub mod events;
 pub mod files;
+pub mod limits;
 pub mod qemu;
 pub mod qemu_peer;
 mod numbers;

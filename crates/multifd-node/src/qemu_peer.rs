@@ -11,7 +11,6 @@ use std::time::Duration;
 use multifd_core::qemu_peer::{ChannelTotals, PeerProgress, QemuReceiver, QemuSender, RecvOptions, RecvSummary, SendOptions, SendSummary};
 use multifd_core::session::Event;
 use multifd_core::transport::Address;
-use multifd_core::wire::Compression;
 use multifd_core::{Error, ErrorCode};
 use napi::bindgen_prelude::Function;
 use napi_derive::napi;
@@ -231,7 +230,7 @@ impl NativeQemuSender {
     #[allow(clippy::too_many_arguments)]
     pub fn start(&self, path: String, address: String, channels: u32, compression: String, level: Option<u32>, connect_timeout_ms: u32, peer_timeout_ms: u32, on_event: Function<NativeEvent, ()>) -> napi::Result<()> {
         let addr = Address::parse(&address).into_napi()?;
-        let opts = SendOptions { channels, compression: Compression::from_name(&compression).into_napi()?, level, connect_timeout: millis(connect_timeout_ms), peer_timeout: millis(peer_timeout_ms) };
+        let opts = SendOptions { channels, compression: multifd_core::compress::by_name(&compression).into_napi()?, level, connect_timeout: millis(connect_timeout_ms), peer_timeout: millis(peer_timeout_ms) };
         let tx = self.tx.clone();
         self.job.start("multifd/qemu-send", on_event, move || tx.run(Path::new(&path), &addr, &opts))
     }

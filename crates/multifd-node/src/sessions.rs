@@ -6,13 +6,15 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use multifd_core::compress;
 use multifd_core::dest::{DestConfig, Destination};
+use multifd_core::limits::CHANNELS;
 use multifd_core::lifecycle::SourceSession;
 use multifd_core::session::Counters;
 use multifd_core::source::{Selection, SourceConfig};
 use multifd_core::tls::{TlsClient, TlsOptions, TlsServer};
 use multifd_core::transport::Address;
-use multifd_core::wire::{Compression, Geometry};
+use multifd_core::wire::Geometry;
 use multifd_core::{Error, ErrorCode};
 use napi::bindgen_prelude::{Buffer, Function};
 use napi_derive::napi;
@@ -142,11 +144,12 @@ pub struct NativeSource {
     events: JsEvents,
 }
 
+/// The channel count as the core takes it; the range is the core's (`limits::CHANNELS`).
 fn channels(n: u32) -> Result<u8> {
     u8::try_from(n)
         .ok()
-        .filter(|&c| c > 0)
-        .ok_or_else(|| Error::new(ErrorCode::InvalidArgument, format!("channels must be 1..255, got {n}")))
+        .filter(|_| CHANNELS.contains(&n))
+        .ok_or_else(|| Error::new(ErrorCode::InvalidArgument, format!("channels must be {}..{}, got {n}", CHANNELS.start(), CHANNELS.end())))
         .into_coded()
 }
 
@@ -212,7 +215,7 @@ impl NativeSource {
             uuid: uuid(&options.uuid).into_coded()?,
             channels: channels(options.channels)?,
             geometry: Geometry::new(options.page_size).into_coded()?,
-            compression: Compression::from_name(&options.compression).into_coded()?,
+            compression: compress::by_name(&options.compression).into_coded()?,
             compression_level: options.compression_level,
             zero_page_detection: options.zero_page_detection,
             zero_copy: options.zero_copy,
@@ -363,7 +366,7 @@ impl NativeDestination {
                 uuid: uuid(&options.uuid).into_coded()?,
                 channels,
                 geometry: Geometry::new(options.page_size).into_coded()?,
-                compression: Compression::from_name(&options.compression).into_coded()?,
+                compression: compress::by_name(&options.compression).into_coded()?,
                 blocks: self.blocks.lock().unwrap().clone(),
                 channel_timeout: ms(options.channel_timeout_ms),
                 peer_timeout: options.peer_timeout_ms.map(ms),

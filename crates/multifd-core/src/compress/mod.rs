@@ -3,7 +3,10 @@
 //! before it on the same channel.
 //!
 //! Adding a method: a module implementing [`Compressor`] and [`Decompressor`], and an entry in
-//! [`METHODS`]. The wire code lives in `wire::Compression`.
+//! [`METHODS`]; its wire code and name are QEMU's, so it becomes a `wire::Compression` variant
+//! (QEMU's other methods wait in `wire::KnownMethod::Unsupported`). Nothing else: the method's
+//! name and levels reach the TypeScript schemas, the CLI and its help through `limits` and the
+//! binding.
 
 mod zlib;
 mod zstd;
@@ -43,13 +46,35 @@ pub fn method(c: Compression) -> Option<&'static Method> {
     METHODS.iter().find(|m| m.compression == c)
 }
 
+/// The names a user may choose: `none`, then every method of the registry.
+pub fn names() -> impl Iterator<Item = &'static str> {
+    std::iter::once(Compression::None.name()).chain(METHODS.iter().map(|m| m.compression.name()))
+}
+
+/// The method a user named, if it is `none` or in the registry.
+pub fn by_name(name: &str) -> Result<Compression> {
+    match Compression::from_name(name) {
+        Ok(c) if c == Compression::None || method(c).is_some() => Ok(c),
+        _ => fail!(InvalidArgument, "unknown compression method {name:?}; expected one of {}", names().collect::<Vec<_>>().join(", ")),
+    }
+}
+
+/// The level to compress at: `level`, or the method's default when `None`. A level outside
+/// the method's range, or a level for no compression, is refused.
+pub fn level(c: Compression, level: Option<u32>) -> Result<Option<u32>> {
+    match (method(c), level) {
+        (None, None) => Ok(None),
+        (None, Some(l)) => fail!(InvalidArgument, "a compression level ({l}) needs a compression method other than {}", c.name()),
+        (Some(m), None) => Ok(Some(m.default_level)),
+        (Some(m), Some(l)) if m.levels.contains(&l) => Ok(Some(l)),
+        (Some(m), Some(l)) => fail!(InvalidArgument, "{} level must be {}..{}, got {l}", c.name(), m.levels.start(), m.levels.end()),
+    }
+}
+
 /// A compressor for `c` at `level` (`None` for no compression; level `None` = the default).
 pub fn compressor(c: Compression, level: Option<u32>) -> Result<Option<Box<dyn Compressor>>> {
+    let Some(level) = self::level(c, level)? else { return Ok(None) };
     let Some(m) = method(c) else { return Ok(None) };
-    let level = level.unwrap_or(m.default_level);
-    if !m.levels.contains(&level) {
-        fail!(InvalidArgument, "{} level must be {}..{}, got {level}", c.name(), m.levels.start(), m.levels.end());
-    }
     (m.new_compressor)(level).map(Some)
 }
 
@@ -159,5 +184,14 @@ mod tests {
         assert_eq!(compressor(Compression::Zlib, Some(10)).err().unwrap().code, ErrorCode::InvalidArgument);
         assert_eq!(compressor(Compression::Zstd, Some(0)).err().unwrap().code, ErrorCode::InvalidArgument);
         assert!(compressor(Compression::None, None).unwrap().is_none());
+        assert_eq!(compressor(Compression::None, Some(1)).err().unwrap().code, ErrorCode::InvalidArgument);
+        assert_eq!(level(Compression::Zstd, None).unwrap(), Some(1));
+    }
+
+    #[test]
+    fn names_come_from_the_registry() {
+        assert_eq!(names().collect::<Vec<_>>(), ["none", "zlib", "zstd"]);
+        assert_eq!(by_name("zstd").unwrap(), Compression::Zstd);
+        assert_eq!(by_name("qpl").unwrap_err().code, ErrorCode::InvalidArgument);
     }
 }

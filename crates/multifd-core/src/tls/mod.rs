@@ -23,7 +23,6 @@ use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{AlertDescription, CertificateError, ClientConfig, DigitallySignedStruct, DistinguishedName, RootCertStore, ServerConfig, SignatureScheme};
 
 use crate::error::{Error, ErrorCode, Result, fail};
-use crate::transport::Address;
 
 pub use identity::Identity;
 pub use stream::{TlsInfo, TlsStream};
@@ -50,6 +49,13 @@ impl std::fmt::Debug for TlsOptions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TlsOptions").field("name", &self.name).field("allow", &self.allow).finish_non_exhaustive()
     }
+}
+
+/// What a client dials, as far as TLS is concerned: the host name to verify when
+/// [`TlsOptions::name`] is not set, or `None` for an address without a host (a Unix socket).
+/// `transport::Address` implements it; TLS itself knows nothing of addresses.
+pub trait Dialed {
+    fn host(&self) -> Option<&str>;
 }
 
 /// The source's side: a client config and the name to verify.
@@ -102,13 +108,13 @@ fn load_roots(pem: &[u8]) -> Result<Arc<RootCertStore>> {
 }
 
 impl TlsClient {
-    /// A client for connections to `address`, checking the destination's certificate for
-    /// `options.name` or else the address's host.
-    pub fn new(options: &TlsOptions, address: &Address) -> Result<TlsClient> {
-        let name = match (&options.name, address) {
+    /// A client for connections to `dialed`, checking the destination's certificate for
+    /// `options.name` or else the host dialled.
+    pub fn new(options: &TlsOptions, dialed: &impl Dialed) -> Result<TlsClient> {
+        let name = match (&options.name, dialed.host()) {
             (Some(n), _) => n.clone(),
-            (None, Address::Tcp { host, .. }) => host.clone(),
-            (None, Address::Unix(_)) => fail!(InvalidArgument, "TLS over a unix socket needs the destination's certificate name (tls name)"),
+            (None, Some(host)) => host.to_string(),
+            (None, None) => fail!(InvalidArgument, "TLS over a unix socket needs the destination's certificate name (tls name)"),
         };
         let name = ServerName::try_from(name.clone()).map_err(|_| Error::new(ErrorCode::InvalidArgument, format!("TLS name {name:?} is neither a DNS name nor an IP address")))?;
         let config = ClientConfig::builder_with_provider(provider())
@@ -225,7 +231,8 @@ impl ClientCertVerifier for AllowList {
     }
 }
 
-/// A rustls failure as one of our codes. `local` says which side we are, for the wording.
+/// A rustls failure as one of our codes. `peer` names the other side ("source" or
+/// "destination"), for the wording.
 pub(crate) fn tls_error(e: &rustls::Error, peer: &str) -> Error {
     use rustls::Error as E;
     let (code, text) = match e {
@@ -264,8 +271,14 @@ mod tests {
     fn bad_credentials_are_config_errors() {
         let opts = TlsOptions { cert: b"nope".to_vec(), key: b"nope".to_vec(), ca: b"nope".to_vec(), ..Default::default() };
         assert_eq!(TlsServer::new(&opts).unwrap_err().code, ErrorCode::TlsConfig);
-        assert_eq!(TlsClient::new(&opts, &Address::parse("tcp:127.0.0.1:1").unwrap()).unwrap_err().code, ErrorCode::TlsConfig);
-        let unix = TlsClient::new(&opts, &Address::parse("unix:/tmp/x").unwrap()).unwrap_err();
+        struct Host(Option<&'static str>);
+        impl Dialed for Host {
+            fn host(&self) -> Option<&str> {
+                self.0
+            }
+        }
+        assert_eq!(TlsClient::new(&opts, &Host(Some("127.0.0.1"))).unwrap_err().code, ErrorCode::TlsConfig);
+        let unix = TlsClient::new(&opts, &Host(None)).unwrap_err();
         assert_eq!(unix.code, ErrorCode::InvalidArgument);
     }
 

@@ -15,6 +15,7 @@ use rustls::Connection;
 use super::{TlsClient, TlsServer, tls_error};
 use crate::error::{Error, ErrorCode, Result, fail};
 use crate::error::os_error;
+use crate::io::wait_readable;
 
 /// Bytes read from the socket per system call; rustls takes them 4 KiB at a time.
 const INBOX_SIZE: usize = 256 << 10;
@@ -26,7 +27,7 @@ const SEND_BUFFER: usize = 64 << 10;
 
 /// What a plaintext destination answers to a TLS ClientHello before closing: the control
 /// magic "MFDC", which no TLS record starts with, so the source can say what went wrong.
-pub(crate) const PLAINTEXT_REFUSAL: [u8; 4] = crate::control::CONTROL_MAGIC.to_be_bytes();
+pub(crate) const PLAINTEXT_REFUSAL: [u8; 4] = crate::wire::CONTROL_MAGIC.to_be_bytes();
 /// What a TLS destination answers to a plaintext peer: a TLS fatal `handshake_failure` alert
 /// record, which a plaintext reader recognises as TLS.
 const TLS_REFUSAL: [u8; 7] = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 40];
@@ -334,32 +335,3 @@ fn raw_read(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
     }
 }
 
-/// Waits until `fd` has something to read (data, end of stream or an error); false when
-/// `timeout` passed first.
-fn wait_readable(fd: RawFd, timeout: Option<Duration>) -> Result<bool> {
-    let deadline = timeout.map(|t| Instant::now() + t);
-    loop {
-        let ms = match deadline {
-            None => -1,
-            Some(d) => {
-                let left = d.saturating_duration_since(Instant::now());
-                if left.is_zero() {
-                    return Ok(false);
-                }
-                left.as_millis().clamp(1, i32::MAX as u128) as libc::c_int
-            }
-        };
-        let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
-        // SAFETY: one valid pollfd for a descriptor the caller owns.
-        let rc = unsafe { libc::poll(&mut pfd, 1, ms) };
-        if rc > 0 {
-            return Ok(true);
-        }
-        if rc < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() != io::ErrorKind::Interrupted {
-                return Err(os_error("poll connection", e));
-            }
-        }
-    }
-}

@@ -1,4 +1,4 @@
-use super::{INIT_PACKET_LEN, MAGIC, VERSION};
+use super::{INIT_PACKET_LEN, MAGIC, MAX_CHANNELS, VERSION};
 use crate::error::{Result, fail};
 use crate::hex::Hex;
 
@@ -78,10 +78,10 @@ pub struct ChannelClaims {
 }
 
 impl ChannelClaims {
-    /// Claims for a session of `channels` channels (1..=255, as QEMU's `multifd-channels`).
+    /// Claims for a session of `channels` channels (1..=[`MAX_CHANNELS`]).
     pub fn new(channels: u32) -> Result<Self> {
-        if !(1..=255).contains(&channels) {
-            fail!(InvalidArgument, "channel count must be 1..255, got {channels}");
+        if !(1..=MAX_CHANNELS).contains(&channels) {
+            fail!(InvalidArgument, "channels must be 1..{MAX_CHANNELS}, got {channels}");
         }
         Ok(ChannelClaims { channels, taken: [0; 4] })
     }

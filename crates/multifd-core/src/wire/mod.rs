@@ -15,6 +15,9 @@ pub use packet::{BlockInfo, BlockLookup, CommonHeader, PacketHeader, PacketValid
 
 /// `MULTIFD_MAGIC`: first four bytes of every init packet and packet header.
 pub const MAGIC: u32 = 0x1122_3344;
+/// First four bytes of our control connection: "MFDC". Distinct from [`MAGIC`], so one
+/// listener tells a control connection from a multifd channel by its first bytes.
+pub const CONTROL_MAGIC: u32 = 0x4d46_4443;
 /// `MULTIFD_VERSION`: has been 1 in every QEMU release.
 pub const VERSION: u32 = 1;
 /// `MULTIFD_PACKET_SIZE`: payload bytes per full packet; pages per packet = this / page size.
@@ -29,5 +32,7 @@ pub const HEADER_FIXED_LEN: usize = 320;
 pub const BLOCK_NAME_LEN: usize = 256;
 /// The longest block name that fits with its NUL.
 pub const MAX_BLOCK_NAME: usize = BLOCK_NAME_LEN - 1;
+/// Most channels a session may have (QEMU's `multifd-channels` is 1..255; ids are 0..254).
+pub const MAX_CHANNELS: u32 = 255;
 /// Upper bound on a compressed payload: two packets' worth, as QEMU's receive buffer.
 pub const MAX_COMPRESSED_PAYLOAD: u32 = 2 * PACKET_SIZE;
