@@ -13,6 +13,10 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
+/// Words per lazily allocated piece of a page map (covers 2 GiB of 4 KiB pages): the unit in
+/// which the receiver allocates its bitmap and in which the writer writes absent pieces.
+pub const BITMAP_CHUNK_WORDS: usize = 8192;
+
 use crate::error::{Error, ErrorCode, Result, fail};
 use crate::mapped_ram::{BlockHeader, bitmap_len};
 use crate::qemu_stream::{self, Configuration, RamBlockEntry};
@@ -107,7 +111,7 @@ impl QemuFileWriter {
         let len = bitmap_len(b.used_len / b.header.page_size);
         let mut off = 0u64;
         for chunk in chunks {
-            let n = chunk.as_ref().map_or(crate::qemu_peer::BITMAP_CHUNK_WORDS as u64 * 8, |c| c.len() as u64 * 8);
+            let n = chunk.as_ref().map_or(BITMAP_CHUNK_WORDS as u64 * 8, |c| c.len() as u64 * 8);
             if let Some(words) = chunk {
                 let bytes = crate::mapped_ram::bitmap_bytes(&words);
                 let keep = (len - off).min(bytes.len() as u64) as usize;

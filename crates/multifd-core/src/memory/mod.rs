@@ -25,7 +25,7 @@
 //!   compression) into a per-thread buffer first, then hash or compress that buffer.
 //!
 //! Bounds are checked here, once, against the mapping's length; the mapping lives as long as
-//! its owner ([`crate::block::RamBlock`], held by `Arc` by every thread and JavaScript view that
+//! its owner (a `RamBlock` of `block.rs`, held by `Arc` by every thread and JavaScript view that
 //! uses it), and is only unmapped in `Drop`, when nothing refers to it any more.
 //!
 //! Reading a file mapping past the file's end raises SIGBUS, and so does writing a page the

@@ -26,8 +26,7 @@ use crate::session::{ChannelStats, Counters};
 pub use recv::{Canceller, QemuReceiver, RecvOptions, RecvSummary};
 pub use send::{QemuSender, SendOptions, SendSummary, send_file};
 
-/// Words per lazily allocated piece of a [`PageMap`] (covers 2 GiB of 4 KiB pages).
-pub const BITMAP_CHUNK_WORDS: usize = 8192;
+pub use crate::qemu_file_writer::BITMAP_CHUNK_WORDS;
 
 /// Which pages of a block hold data: a bitmap allocated in pieces as pages arrive, so memory
 /// follows the bytes received and not the sizes the stream claims.
