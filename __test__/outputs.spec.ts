@@ -4,12 +4,12 @@
  */
 import test from 'ava'
 import { randomFillSync } from 'node:crypto'
-import { closeSync, existsSync, lstatSync, mkdirSync, openSync, readdirSync, readFileSync, readSync, statSync, symlinkSync, writeFileSync, writeSync } from 'node:fs'
+import { watch, closeSync, existsSync, lstatSync, mkdirSync, openSync, readdirSync, readFileSync, readSync, statSync, symlinkSync, writeFileSync, writeSync } from 'node:fs'
 import { execFileSync } from 'node:child_process'
 import { join } from 'node:path'
 import { RamBlock, Source, encodeInitPacket, encodePacketHeader } from '../ts/index.js'
 import { cli, lastJson, receiver, sha, workdir } from './cli-helpers.js'
-import { testPki, until, whenTrue } from './helpers.js'
+import { rawControl, testPki, until, whenTrue } from './helpers.js'
 
 /** Files in `dir` left under a partial name. */
 const partials = (dir: string): string[] => readdirSync(dir).filter((f) => f.includes('.multifd-partial-'))
@@ -341,4 +341,30 @@ test('recv --out a block device writes in place (no partial name), says complete
   t.like(lastJson(rr2.stdout), { status: 'failed', error: { code: 'ERR_MULTIFD_INVALID_ARGUMENT' } })
   t.regex(JSON.stringify(lastJson(rr2.stdout).error), /\/dev\/null is neither a regular file nor a block device/)
   t.is(tx2.code, 1)
+})
+
+test('recv: a hello refused for what it announces (a name twice, an unaligned block, a bad page size) creates no output at all', async (t) => {
+  t.timeout(90_000)
+  const session = 'ab'.repeat(16)
+  const hello = (over: Record<string, unknown>): Record<string, unknown> => ({ type: 'hello', protocol: 1, session, channels: 1, pageSize: 4096, compression: 'none', blocks: [{ name: 'a', length: 8192 }], ...over })
+  for (const [over, code] of [
+    [{ blocks: [{ name: 'a', length: 8192 }, { name: 'a', length: 8192 }] }, 'ERR_MULTIFD_DUPLICATE_BLOCK'],
+    [{ blocks: [{ name: 'a', length: 5000 }] }, 'ERR_MULTIFD_PROTOCOL'],
+    [{ pageSize: 3000, blocks: [{ name: 'a', length: 6000 }] }, 'ERR_MULTIFD_PROTOCOL'],
+  ] as const) {
+    const d = workdir(t)
+    // Any file made in d, even one removed again at once, shows up here.
+    const made: string[] = []
+    const watcher = watch(d, (_, name) => made.push(String(name)))
+    const rx = await receiver(['--block', `a=${join(d, 'a.out')}`, '--json'])
+    const c = await rawControl(rx.address)
+    c.send(hello(over))
+    const r = await rx.done
+    c.socket.destroy()
+    watcher.close()
+    t.deepEqual(made, [], `${code}: no file was made, not even for a moment`)
+    t.is(r.code, 1, r.stderr)
+    t.like(lastJson(r.stdout), { status: 'failed', error: { code } })
+    t.deepEqual(readdirSync(d), [], `${code}: nothing was created`)
+  }
 })

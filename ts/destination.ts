@@ -8,7 +8,7 @@ import { binding, type NativeEvent } from './native.js'
 import { MultifdError, native, nativeError } from './errors.js'
 import { RamBlock, RamBlockSchema } from './block.js'
 import { Address, Channels, DEFAULT_PEER_TIMEOUT_MS, DEFAULT_TIMEOUT_MS, PeerTimeoutMs, TimeoutMs, parseOptions } from './options.js'
-import { PROTOCOL_VERSION, decodeMessage, encodeMessage, remoteError, type ControlMessage, type Hello } from './protocol.js'
+import { PROTOCOL_VERSION, checkAnnouncement, decodeMessage, encodeMessage, remoteError, type ControlMessage, type Hello } from './protocol.js'
 import { Session } from './session.js'
 import { type ChannelStats, type TlsSummary } from './types.js'
 import { DestinationTlsOptions, tlsCredentials, tlsSummary } from './tls.js'
@@ -189,6 +189,9 @@ export class Destination extends Session {
     if (expected !== undefined && expected !== h.channels) {
       throw new MultifdError('ERR_MULTIFD_CHANNEL_COUNT_MISMATCH', `source announced ${h.channels} channel(s), this destination expects ${expected}`)
     }
+    // The whole announcement is checked before any block is created (outputs: nothing is made,
+    // resized or written for a hello that is then refused).
+    checkAnnouncement(h)
     const blocks = await this.#resolveBlocks(h)
     this.#blocks = blocks
     this.#channels = h.channels

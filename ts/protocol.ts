@@ -4,7 +4,7 @@
  */
 import { z } from 'zod'
 import { ERROR_CODES, MultifdError } from './errors.js'
-import { BlockName, Channels, CompressionMethod, Integrity, LIMITS } from './options.js'
+import { BlockName, Channels, CompressionMethod, Integrity, LIMITS, PageSize } from './options.js'
 
 export const PROTOCOL_VERSION = 1
 
@@ -39,6 +39,21 @@ export const ControlMessage = z.discriminatedUnion('type', [
 ])
 export type ControlMessage = z.infer<typeof ControlMessage>
 export type Hello = Extract<ControlMessage, { type: 'hello' }>
+
+/**
+ * What a destination checks in a hello beyond its shape, before it creates or touches a single
+ * block: the page size is one the core supports, every block is a positive multiple of it, and
+ * no name comes twice. Throws with the code the first problem calls for.
+ */
+export function checkAnnouncement(h: Hello): void {
+  if (!PageSize.safeParse(h.pageSize).success) throw new MultifdError('ERR_MULTIFD_PROTOCOL', `hello announces page size ${h.pageSize}, not a power of two in ${LIMITS.pageSize.min}..${LIMITS.pageSize.max}`)
+  const seen = new Set<string>()
+  for (const b of h.blocks) {
+    if (seen.has(b.name)) throw new MultifdError('ERR_MULTIFD_DUPLICATE_BLOCK', `hello announces block ${JSON.stringify(b.name)} twice`)
+    seen.add(b.name)
+    if (b.length === 0 || b.length % h.pageSize !== 0) throw new MultifdError('ERR_MULTIFD_PROTOCOL', `hello announces block ${JSON.stringify(b.name)} of ${b.length} bytes, not a positive multiple of the ${h.pageSize}-byte page`)
+  }
+}
 
 export function encodeMessage(m: ControlMessage): Buffer {
   return Buffer.from(JSON.stringify(m))
