@@ -87,20 +87,21 @@ export function nativeError(e: { code: string; message: string }): MultifdError 
 }
 
 /**
- * Turns an error thrown by the native addon into a `MultifdError`: its `code` property is the
- * stable code and its message the core's message. Bindings that still report through a plain
- * napi error (blocks, codecs, files) put the code before the message instead (`ERR_…: text`);
- * that code is looked up exactly, as the session bindings' `code` is. Anything else is
- * returned unchanged.
+ * Turns an error thrown by the native addon into a `MultifdError`: every binding throws errors
+ * whose `code` property is the stable code and whose message is the core's message. A napi
+ * refusal of an argument's type (its `code` is napi's status, such as `NumberExpected`) is an
+ * invalid argument. Anything else is returned unchanged.
  */
 export function fromNative(e: unknown): unknown {
   if (!(e instanceof Error) || e instanceof MultifdError) return e
-  if ('code' in e && isCode(e.code)) return new MultifdError(e.code, e.message, { cause: e })
-  const colon = e.message.indexOf(': ')
-  const prefix = colon < 0 ? '' : e.message.slice(0, colon)
-  if (!isCode(prefix)) return e
-  return new MultifdError(prefix, e.message.slice(colon + 2), { cause: e })
+  const code = 'code' in e ? e.code : undefined
+  if (isCode(code)) return new MultifdError(code, e.message, { cause: e })
+  if (typeof code === 'string' && NAPI_ARGUMENT_STATUS.has(code)) return new MultifdError('ERR_MULTIFD_INVALID_ARGUMENT', e.message, { cause: e })
+  return e
 }
+
+/** napi statuses that mean JavaScript passed a value of the wrong type. */
+const NAPI_ARGUMENT_STATUS = new Set(['InvalidArg', 'ObjectExpected', 'StringExpected', 'NameExpected', 'FunctionExpected', 'NumberExpected', 'BooleanExpected', 'ArrayExpected', 'BigintExpected', 'DateExpected', 'ArrayBufferExpected', 'DetachableArraybufferExpected'])
 
 /** Any thrown value as a MultifdError (unknown failures become ERR_MULTIFD_IO). */
 export function asMultifdError(e: unknown): MultifdError {

@@ -21,7 +21,7 @@ use multifd_core::{Error, ErrorCode};
 use napi::bindgen_prelude::Uint8Array;
 use napi_derive::napi;
 
-use crate::errors::IntoNapi;
+use crate::errors::{IntoCoded, Result};
 use crate::numbers::to_u64;
 
 #[napi]
@@ -42,30 +42,30 @@ static NEXT_TOKEN: AtomicU32 = AtomicU32::new(1);
 impl Block {
     /// Anonymous memory, zero-filled; `prefault` faults every page in now.
     #[napi(factory)]
-    pub fn allocate(name: String, length: f64, page_size: u32, prefault: bool) -> napi::Result<Block> {
-        let inner = RamBlock::allocate(&name, to_u64(length, "length")?, page_size, prefault).into_napi()?;
+    pub fn allocate(name: String, length: f64, page_size: u32, prefault: bool) -> Result<Block> {
+        let inner = RamBlock::allocate(&name, to_u64(length, "length")?, page_size, prefault).into_coded()?;
         Ok(Block { inner: Arc::new(inner) })
     }
 
     /// A file mapped MAP_SHARED; with `length` the file is created or resized first.
     #[napi(factory)]
-    pub fn map_file(name: String, path: String, page_size: u32, length: Option<f64>, prefault: bool) -> napi::Result<Block> {
+    pub fn map_file(name: String, path: String, page_size: u32, length: Option<f64>, prefault: bool) -> Result<Block> {
         let length = length.map(|l| to_u64(l, "length")).transpose()?;
-        let inner = RamBlock::map_file(&name, Path::new(&path), page_size, length, prefault).into_napi()?;
+        let inner = RamBlock::map_file(&name, Path::new(&path), page_size, length, prefault).into_coded()?;
         Ok(Block { inner: Arc::new(inner) })
     }
 
     /// Registers this block for other threads of the process and returns its token (the same
     /// token every time until `unshare`). The registry keeps the memory alive until then.
     #[napi]
-    pub fn share(&self) -> napi::Result<u32> {
+    pub fn share(&self) -> Result<u32> {
         let mut shared = registry().lock().unwrap();
         if let Some((&token, _)) = shared.iter().find(|(_, b)| Arc::ptr_eq(b, &self.inner)) {
             return Ok(token);
         }
         let token = NEXT_TOKEN.fetch_add(1, Ordering::Relaxed);
         if token == 0 {
-            return Err(Error::new(ErrorCode::InvalidArgument, "no block tokens left in this process")).into_napi();
+            return Err(Error::new(ErrorCode::InvalidArgument, "no block tokens left in this process")).into_coded();
         }
         shared.insert(token, self.inner.clone());
         Ok(token)
@@ -83,10 +83,10 @@ impl Block {
 
     /// The block registered under `token` by `share()` in any thread of this process.
     #[napi(factory)]
-    pub fn from_shared(token: u32) -> napi::Result<Block> {
+    pub fn from_shared(token: u32) -> Result<Block> {
         match registry().lock().unwrap().get(&token) {
             Some(b) => Ok(Block { inner: b.clone() }),
-            None => Err(Error::new(ErrorCode::InvalidArgument, format!("no shared block has token {token} (never shared, or unshared)"))).into_napi(),
+            None => Err(Error::new(ErrorCode::InvalidArgument, format!("no shared block has token {token} (never shared, or unshared)"))).into_coded(),
         }
     }
 
@@ -123,7 +123,7 @@ impl Block {
     /// A zero-copy view of `length` bytes at `offset`. The view keeps the memory alive; the
     /// block counts as written from now on (zero pages received later are written explicitly).
     #[napi]
-    pub fn view(&self, offset: Option<f64>, length: Option<f64>) -> napi::Result<Uint8Array> {
+    pub fn view(&self, offset: Option<f64>, length: Option<f64>) -> Result<Uint8Array> {
         let offset = to_u64(offset.unwrap_or(0.0), "offset")?;
         let length = match length {
             Some(l) => to_u64(l, "length")?,
@@ -131,7 +131,7 @@ impl Block {
         };
         if offset.checked_add(length).is_none_or(|end| end > self.inner.len()) || length == 0 {
             return Err(Error::new(ErrorCode::InvalidArgument, format!("view {offset}+{length} is outside block {:?} of {} bytes (or empty)", self.inner.name(), self.inner.len())))
-                .into_napi();
+                .into_coded();
         }
         self.inner.mark_written();
         let keep = self.inner.clone();
@@ -146,8 +146,8 @@ impl Block {
 
     /// Marks the pages of `length` bytes at `offset` dirty (rounded out to whole pages).
     #[napi]
-    pub fn mark_dirty(&self, offset: f64, length: f64) -> napi::Result<()> {
-        self.inner.mark_dirty(to_u64(offset, "offset")?, to_u64(length, "length")?).into_napi()
+    pub fn mark_dirty(&self, offset: f64, length: f64) -> Result<()> {
+        self.inner.mark_dirty(to_u64(offset, "offset")?, to_u64(length, "length")?).into_coded()
     }
 
     /// Marks every page dirty.

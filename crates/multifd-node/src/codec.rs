@@ -5,7 +5,7 @@ use multifd_core::{Error, ErrorCode};
 use napi::bindgen_prelude::{BigInt, Buffer, Uint8Array};
 use napi_derive::napi;
 
-use crate::errors::IntoNapi;
+use crate::errors::{IntoCoded, Result};
 
 #[napi(object)]
 pub struct InitPacketInfo {
@@ -20,29 +20,29 @@ pub struct InitExpectation {
     pub channels: u32,
 }
 
-fn uuid_from(bytes: &[u8]) -> napi::Result<[u8; 16]> {
+fn uuid_from(bytes: &[u8]) -> Result<[u8; 16]> {
     bytes
         .try_into()
         .map_err(|_| Error::new(ErrorCode::InvalidArgument, format!("a session UUID is 16 bytes, got {}", bytes.len())))
-        .into_napi()
+        .into_coded()
 }
 
 /// Decodes a 64-byte init packet; with `expect`, also checks the UUID and the channel id range.
 #[napi]
-pub fn decode_init_packet(bytes: &[u8], expect: Option<InitExpectation>) -> napi::Result<InitPacketInfo> {
-    let init = InitPacket::decode(bytes).into_napi()?;
+pub fn decode_init_packet(bytes: &[u8], expect: Option<InitExpectation>) -> Result<InitPacketInfo> {
+    let init = InitPacket::decode(bytes).into_coded()?;
     if let Some(expect) = expect {
-        let claims = ChannelClaims::new(expect.channels).into_napi()?;
-        init.check(&uuid_from(&expect.uuid)?, claims.channels()).into_napi()?;
+        let claims = ChannelClaims::new(expect.channels).into_coded()?;
+        init.check(&uuid_from(&expect.uuid)?, claims.channels()).into_coded()?;
     }
     Ok(InitPacketInfo { uuid: init.uuid.to_vec().into(), channel_id: init.channel_id.into() })
 }
 
 #[napi]
-pub fn encode_init_packet(uuid: &[u8], channel_id: u32) -> napi::Result<Buffer> {
+pub fn encode_init_packet(uuid: &[u8], channel_id: u32) -> Result<Buffer> {
     let channel_id = u8::try_from(channel_id)
         .map_err(|_| Error::new(ErrorCode::InvalidArgument, format!("channel id must be 0..255, got {channel_id}")))
-        .into_napi()?;
+        .into_coded()?;
     Ok(InitPacket { uuid: uuid_from(uuid)?, channel_id }.encode().to_vec().into())
 }
 
@@ -96,10 +96,10 @@ pub struct PacketHeaderFields {
     pub offsets: Vec<BigInt>,
 }
 
-fn u64_of(v: &BigInt, what: &str) -> napi::Result<u64> {
+fn u64_of(v: &BigInt, what: &str) -> Result<u64> {
     let (signed, value, lossless) = v.get_u64();
     if signed || !lossless {
-        return Err(Error::new(ErrorCode::InvalidArgument, format!("{what} must be an unsigned 64-bit integer"))).into_napi();
+        return Err(Error::new(ErrorCode::InvalidArgument, format!("{what} must be an unsigned 64-bit integer"))).into_coded();
     }
     Ok(value)
 }
@@ -113,9 +113,9 @@ fn block_length(b: &BlockDescriptor) -> multifd_core::Result<u64> {
 
 /// Decodes and validates one RAM packet header in QEMU's order (see the spec).
 #[napi]
-pub fn decode_packet_header(bytes: &[u8], context: HeaderContext) -> napi::Result<PacketHeaderInfo> {
-    let geometry = Geometry::new(context.page_size).into_napi()?;
-    let compression = Compression::from_name(&context.compression).into_napi()?;
+pub fn decode_packet_header(bytes: &[u8], context: HeaderContext) -> Result<PacketHeaderInfo> {
+    let geometry = Geometry::new(context.page_size).into_coded()?;
+    let compression = Compression::from_name(&context.compression).into_coded()?;
     let mut h = PacketHeader::default();
     match &context.blocks {
         Some(list) => {
@@ -123,10 +123,10 @@ pub fn decode_packet_header(bytes: &[u8], context: HeaderContext) -> napi::Resul
                 .iter()
                 .map(|b| Ok(BlockInfo { name: b.name.as_bytes().to_vec(), length: block_length(b)? }))
                 .collect::<multifd_core::Result<Vec<_>>>()
-                .into_napi()?;
-            PacketValidator { geometry, compression, blocks: blocks.as_slice() }.decode(bytes, &mut h).into_napi()?;
+                .into_coded()?;
+            PacketValidator { geometry, compression, blocks: blocks.as_slice() }.decode(bytes, &mut h).into_coded()?;
         }
-        None => h.decode_into(bytes, geometry).into_napi()?,
+        None => h.decode_into(bytes, geometry).into_coded()?,
     }
     let method = h.flags.method().map(|m| m.name()).unwrap_or("unsupported");
     Ok(PacketHeaderInfo {
@@ -148,9 +148,9 @@ pub fn decode_packet_header(bytes: &[u8], context: HeaderContext) -> napi::Resul
 /// Builds a RAM packet header with the fields given verbatim (for tools and tests, which may
 /// need invalid packets); the result is 320 + 8 x (524288 / pageSize) bytes.
 #[napi]
-pub fn encode_packet_header(fields: PacketHeaderFields, page_size: u32) -> napi::Result<Buffer> {
-    let geometry = Geometry::new(page_size).into_napi()?;
-    let offsets = fields.offsets.iter().map(|o| u64_of(o, "offset")).collect::<napi::Result<Vec<_>>>()?;
+pub fn encode_packet_header(fields: PacketHeaderFields, page_size: u32) -> Result<Buffer> {
+    let geometry = Geometry::new(page_size).into_coded()?;
+    let offsets = fields.offsets.iter().map(|o| u64_of(o, "offset")).collect::<Result<Vec<_>>>()?;
     let header = PacketHeader {
         flags: Flags(fields.flags),
         pages_alloc: fields.pages_alloc,
@@ -162,7 +162,7 @@ pub fn encode_packet_header(fields: PacketHeaderFields, page_size: u32) -> napi:
         block: fields.block.into_bytes(),
         offsets,
     };
-    Ok(header.encode(geometry).into_napi()?.into())
+    Ok(header.encode(geometry).into_coded()?.into())
 }
 
 /// Every stable error code, for the TypeScript facade's type and for tests.
@@ -197,11 +197,11 @@ pub struct RebuiltCapture {
 
 /// Rebuilds the blocks carried by captured channel streams (one Buffer per channel).
 #[napi]
-pub fn rebuild_from_streams(streams: Vec<Buffer>, page_size: u32, max_block_bytes: f64) -> napi::Result<RebuiltCapture> {
-    let geometry = Geometry::new(page_size).into_napi()?;
+pub fn rebuild_from_streams(streams: Vec<Buffer>, page_size: u32, max_block_bytes: f64) -> Result<RebuiltCapture> {
+    let geometry = Geometry::new(page_size).into_coded()?;
     let refs: Vec<&[u8]> = streams.iter().map(|b| b.as_ref()).collect();
     let max = crate::numbers::to_u64(max_block_bytes, "maxBlockBytes")?;
-    let r = multifd_core::stream::rebuild(&refs, geometry, max).into_napi()?;
+    let r = multifd_core::stream::rebuild(&refs, geometry, max).into_coded()?;
     Ok(RebuiltCapture {
         blocks: r.blocks.into_iter().map(|(name, data)| RebuiltBlock { name, data: data.into() }).collect(),
         channels: r.channels.into_iter().map(Into::into).collect(),

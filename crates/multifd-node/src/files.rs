@@ -14,7 +14,7 @@ use napi::bindgen_prelude::Function;
 use napi_derive::napi;
 
 use crate::block::Block;
-use crate::errors::IntoNapi;
+use crate::errors::{IntoCoded, Result, coded};
 use crate::events::{JsEvents, NativeEvent};
 
 #[napi(object)]
@@ -63,8 +63,8 @@ impl From<SnapshotInfo> for SnapshotFileInfo {
 
 /// Reads a snapshot file's description (complete or not).
 #[napi]
-pub fn inspect_snapshot(path: String) -> napi::Result<SnapshotFileInfo> {
-    snapshot::inspect(&PathBuf::from(path)).map(Into::into).into_napi()
+pub fn inspect_snapshot(path: String) -> Result<SnapshotFileInfo> {
+    snapshot::inspect(&PathBuf::from(path)).map(Into::into).into_coded()
 }
 
 #[napi(object)]
@@ -99,12 +99,12 @@ impl NativeFileJob {
         self.blocks.lock().unwrap().push(block.inner.clone());
     }
 
-    fn start(&self, on_event: Function<NativeEvent, ()>, work: impl FnOnce(&[Arc<RamBlock>], &Progress) -> multifd_core::Result<SnapshotInfo> + Send + 'static) -> napi::Result<()> {
+    fn start(&self, on_event: Function<NativeEvent, ()>, work: impl FnOnce(&[Arc<RamBlock>], &Progress) -> multifd_core::Result<SnapshotInfo> + Send + 'static) -> Result<()> {
         let mut slot = self.thread.lock().unwrap();
         if slot.is_some() {
-            return Err(Error::new(ErrorCode::State, "this job already ran")).into_napi();
+            return Err(Error::new(ErrorCode::State, "this job already ran")).into_coded();
         }
-        let events = JsEvents::new(on_event)?;
+        let events = JsEvents::new(on_event).into_coded()?;
         let sink = events.sink();
         *self.events.lock().unwrap() = Some(events);
         let (blocks, progress, result) = (self.blocks.lock().unwrap().clone(), self.progress.clone(), self.result.clone());
@@ -119,21 +119,21 @@ impl NativeFileJob {
                 });
                 sink(Event::Done { id: 0, result: done });
             })
-            .map_err(|e| napi::Error::from_reason(format!("spawn: {e}")))?;
+            .map_err(|e| coded(multifd_core::error::os_error("spawn a thread", e)))?;
         *slot = Some(handle);
         Ok(())
     }
 
     /// Writes the blocks into a snapshot at `path`; a `done` event follows.
     #[napi]
-    pub fn start_snapshot(&self, path: String, channels: u32, direct_io: bool, incremental: bool, on_event: Function<NativeEvent, ()>) -> napi::Result<()> {
+    pub fn start_snapshot(&self, path: String, channels: u32, direct_io: bool, incremental: bool, on_event: Function<NativeEvent, ()>) -> Result<()> {
         let options = SnapshotOptions { channels: channels as usize, direct_io, incremental };
         self.start(on_event, move |blocks, progress| snapshot::snapshot(blocks, &PathBuf::from(path), options, progress))
     }
 
     /// Reads the snapshot at `path` into the blocks; a `done` event follows.
     #[napi]
-    pub fn start_restore(&self, path: String, channels: u32, on_event: Function<NativeEvent, ()>) -> napi::Result<()> {
+    pub fn start_restore(&self, path: String, channels: u32, on_event: Function<NativeEvent, ()>) -> Result<()> {
         self.start(on_event, move |blocks, progress| snapshot::restore(&PathBuf::from(path), blocks, channels as usize, progress))
     }
 
@@ -184,12 +184,12 @@ pub struct RebuiltFiles {
 /// (created if needed), named from the block names, never through a link or over an existing
 /// file; refused when the blocks add up to more than `max_total_bytes`.
 #[napi]
-pub fn rebuild_captures_to_dir(paths: Vec<String>, page_size: u32, dir: String, max_total_bytes: f64) -> napi::Result<RebuiltFiles> {
-    let geometry = multifd_core::wire::Geometry::new(page_size).into_napi()?;
+pub fn rebuild_captures_to_dir(paths: Vec<String>, page_size: u32, dir: String, max_total_bytes: f64) -> Result<RebuiltFiles> {
+    let geometry = multifd_core::wire::Geometry::new(page_size).into_coded()?;
     let max = crate::numbers::to_u64(max_total_bytes, "maxTotalBytes")?;
-    let streams = paths.iter().map(|p| std::fs::read(p).map_err(|e| Error::new(ErrorCode::Io, format!("read {p}: {e}")))).collect::<multifd_core::Result<Vec<_>>>().into_napi()?;
+    let streams = paths.iter().map(|p| std::fs::read(p).map_err(|e| Error::new(ErrorCode::Io, format!("read {p}: {e}")))).collect::<multifd_core::Result<Vec<_>>>().into_coded()?;
     let refs: Vec<&[u8]> = streams.iter().map(Vec::as_slice).collect();
-    let (files, channels) = multifd_core::stream::rebuild_to_dir(&refs, geometry, &PathBuf::from(dir), max).into_napi()?;
+    let (files, channels) = multifd_core::stream::rebuild_to_dir(&refs, geometry, &PathBuf::from(dir), max).into_coded()?;
     Ok(RebuiltFiles {
         blocks: files.into_iter().map(|f| RebuiltFile { name: f.name, file: f.path.display().to_string(), length: f.len as f64 }).collect(),
         channels: channels.into_iter().map(Into::into).collect(),

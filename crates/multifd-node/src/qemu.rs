@@ -7,7 +7,7 @@ use multifd_core::qemu_file::QemuFile;
 use multifd_core::{Error, ErrorCode};
 use napi_derive::napi;
 
-use crate::errors::IntoNapi;
+use crate::errors::{IntoCoded, Result};
 
 #[napi(object)]
 pub struct QemuBlockInfo {
@@ -32,8 +32,8 @@ pub struct QemuFileInfo {
 
 /// Parses a QEMU migration file's header, configuration and RAM block list.
 #[napi]
-pub fn inspect_qemu_file(path: String) -> napi::Result<QemuFileInfo> {
-    let f = QemuFile::open(Path::new(&path)).into_napi()?;
+pub fn inspect_qemu_file(path: String) -> Result<QemuFileInfo> {
+    let f = QemuFile::open(Path::new(&path)).into_coded()?;
     Ok(QemuFileInfo {
         machine: f.machine().to_string(),
         capabilities: f.capabilities().to_vec(),
@@ -57,11 +57,11 @@ pub fn inspect_qemu_file(path: String) -> napi::Result<QemuFileInfo> {
 /// Writes RAM block `name` of the QEMU file at `path` to `out` (created or truncated; absent
 /// pages read back as zeros). Returns the bytes written.
 #[napi]
-pub fn extract_qemu_block(path: String, name: String, out: String) -> napi::Result<f64> {
-    let f = QemuFile::open(Path::new(&path)).into_napi()?;
+pub fn extract_qemu_block(path: String, name: String, out: String) -> Result<f64> {
+    let f = QemuFile::open(Path::new(&path)).into_coded()?;
     if f.block(&name).is_none() {
         let names: Vec<&str> = f.blocks().iter().map(|b| b.name.as_str()).collect();
-        return Err(Error::new(ErrorCode::UnknownBlock, format!("{path} has no RAM block {name:?}; it has {names:?}"))).into_napi();
+        return Err(Error::new(ErrorCode::UnknownBlock, format!("{path} has no RAM block {name:?}; it has {names:?}"))).into_coded();
     }
     let mut file = OpenOptions::new()
         .write(true)
@@ -69,6 +69,6 @@ pub fn extract_qemu_block(path: String, name: String, out: String) -> napi::Resu
         .truncate(true)
         .open(&out)
         .map_err(|e| Error::new(ErrorCode::Io, format!("open {out}: {e}")))
-        .into_napi()?;
-    f.extract(&name, &mut file).map(|n| n as f64).into_napi()
+        .into_coded()?;
+    f.extract(&name, &mut file).map(|n| n as f64).into_coded()
 }

@@ -15,7 +15,7 @@ use multifd_core::{Error, ErrorCode};
 use napi::bindgen_prelude::Function;
 use napi_derive::napi;
 
-use crate::errors::IntoNapi;
+use crate::errors::{IntoCoded, Result, coded};
 use crate::events::{JsEvents, NativeEvent};
 
 #[napi(object)]
@@ -123,12 +123,12 @@ impl<S: Send + 'static> Job<S> {
         Job { thread: Mutex::new(None), result: Arc::default(), events: Mutex::new(None) }
     }
 
-    fn start(&self, name: &str, on_event: Function<NativeEvent, ()>, work: impl FnOnce() -> multifd_core::Result<S> + Send + 'static) -> napi::Result<()> {
+    fn start(&self, name: &str, on_event: Function<NativeEvent, ()>, work: impl FnOnce() -> multifd_core::Result<S> + Send + 'static) -> Result<()> {
         let mut slot = self.thread.lock().unwrap();
         if slot.is_some() {
-            return Err(Error::new(ErrorCode::State, "this run already started")).into_napi();
+            return Err(Error::new(ErrorCode::State, "this run already started")).into_coded();
         }
-        let events = JsEvents::new(on_event)?;
+        let events = JsEvents::new(on_event).into_coded()?;
         let sink = events.sink();
         *self.events.lock().unwrap() = Some(events);
         let result = self.result.clone();
@@ -141,7 +141,7 @@ impl<S: Send + 'static> Job<S> {
                 });
                 sink(Event::Done { id: 0, result: done });
             })
-            .map_err(|e| napi::Error::from_reason(format!("spawn: {e}")))?;
+            .map_err(|e| coded(multifd_core::error::os_error("spawn a thread", e)))?;
         *slot = Some(handle);
         Ok(())
     }
@@ -171,9 +171,9 @@ pub struct NativeQemuReceiver {
 impl NativeQemuReceiver {
     /// Listens on `address` (`tcp:HOST:PORT`, port 0 picks one, or `unix:PATH`).
     #[napi(factory)]
-    pub fn bind(address: String) -> napi::Result<Self> {
-        let addr = Address::parse(&address).into_napi()?;
-        Ok(NativeQemuReceiver { rx: Arc::new(QemuReceiver::bind(&addr).into_napi()?), job: Job::new() })
+    pub fn bind(address: String) -> Result<Self> {
+        let addr = Address::parse(&address).into_coded()?;
+        Ok(NativeQemuReceiver { rx: Arc::new(QemuReceiver::bind(&addr).into_coded()?), job: Job::new() })
     }
 
     #[napi(getter)]
@@ -184,7 +184,7 @@ impl NativeQemuReceiver {
     /// Receives one migration into `to` (a mapped-ram file) and/or `outDir` (raw images);
     /// a `done` event follows.
     #[napi]
-    pub fn start(&self, to: Option<String>, out_dir: Option<String>, channels: Option<u32>, peer_timeout_ms: u32, on_event: Function<NativeEvent, ()>) -> napi::Result<()> {
+    pub fn start(&self, to: Option<String>, out_dir: Option<String>, channels: Option<u32>, peer_timeout_ms: u32, on_event: Function<NativeEvent, ()>) -> Result<()> {
         let opts = RecvOptions { to: to.map(PathBuf::from), out_dir: out_dir.map(PathBuf::from), channels, peer_timeout: millis(peer_timeout_ms) };
         let rx = self.rx.clone();
         self.job.start("multifd/qemu-recv", on_event, move || rx.run(&opts))
@@ -228,9 +228,9 @@ impl NativeQemuSender {
 
     #[napi]
     #[allow(clippy::too_many_arguments)]
-    pub fn start(&self, path: String, address: String, channels: u32, compression: String, level: Option<u32>, connect_timeout_ms: u32, peer_timeout_ms: u32, on_event: Function<NativeEvent, ()>) -> napi::Result<()> {
-        let addr = Address::parse(&address).into_napi()?;
-        let opts = SendOptions { channels, compression: multifd_core::compress::by_name(&compression).into_napi()?, level, connect_timeout: millis(connect_timeout_ms), peer_timeout: millis(peer_timeout_ms) };
+    pub fn start(&self, path: String, address: String, channels: u32, compression: String, level: Option<u32>, connect_timeout_ms: u32, peer_timeout_ms: u32, on_event: Function<NativeEvent, ()>) -> Result<()> {
+        let addr = Address::parse(&address).into_coded()?;
+        let opts = SendOptions { channels, compression: multifd_core::compress::by_name(&compression).into_coded()?, level, connect_timeout: millis(connect_timeout_ms), peer_timeout: millis(peer_timeout_ms) };
         let tx = self.tx.clone();
         self.job.start("multifd/qemu-send", on_event, move || tx.run(Path::new(&path), &addr, &opts))
     }

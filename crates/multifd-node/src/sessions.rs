@@ -234,7 +234,7 @@ impl NativeSource {
     pub fn send(&self, id: u32, block: &Block, ranges: Option<Vec<ByteRange>>, dirty: bool) -> Result<()> {
         let selection = match (ranges, dirty) {
             (_, true) => Selection::Dirty,
-            (Some(r), false) => Selection::Ranges(r.iter().map(|r| Ok((to_u64(r.offset, "offset")?, to_u64(r.length, "length")?))).collect::<napi::Result<_>>().into_coded()?),
+            (Some(r), false) => Selection::Ranges(r.iter().map(|r| Ok((to_u64(r.offset, "offset")?, to_u64(r.length, "length")?))).collect::<Result<_>>()?),
             (None, false) => Selection::Whole,
         };
         self.session.send(id, block.inner.clone(), selection).into_coded()
