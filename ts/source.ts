@@ -7,7 +7,7 @@ import { setTimeout as delay } from 'node:timers/promises'
 import { z } from 'zod'
 import { binding, type NativeEvent } from './native.js'
 import { MultifdError, asMultifdError, native, nativeError } from './errors.js'
-import { RamBlock, RamBlockSchema } from './block.js'
+import { RamBlock, RamBlockSchema, blockDigests } from './block.js'
 import { Address, CompressionMethod, PageSize, parseOptions } from './options.js'
 import { PROTOCOL_VERSION, decodeMessage, encodeMessage, remoteError, type ControlMessage } from './protocol.js'
 import { Session } from './session.js'
@@ -441,7 +441,9 @@ export class Source extends Session {
     this.setState('device')
     try {
       const epoch = await this.sync()
-      const frame = encodeMessage({ type: 'complete', epoch, ...(this.#options.integrity === 'xxh3' ? { digests: this.blocks.map((b) => ({ name: b.name, xxh3: b.digest() })) } : {}) })
+      // Block digests are native work off the JavaScript thread (this is downtime).
+      const digests = this.#options.integrity === 'xxh3' ? await blockDigests(this.blocks) : undefined
+      const frame = encodeMessage({ type: 'complete', epoch, ...(digests ? { digests } : {}) })
       native(() => n.sendComplete(epoch, frame))
       await this.#until('completed', 'the destination completion', this.#options.handshakeTimeoutMs)
       this.succeed()
