@@ -435,14 +435,16 @@ export class Source extends Session {
 
   /**
    * Finishes: a final sync, then both sides complete and close. Resolves with the summary.
+   * Nothing may write the blocks from here on: with integrity, their digests are taken while
+   * the final sync drains.
    */
   async complete(): Promise<Summary> {
     const n = this.#requireActive('complete')
     this.setState('device')
     try {
-      const epoch = await this.sync()
-      // Block digests are native work off the JavaScript thread (this is downtime).
-      const digests = this.#options.integrity === 'xxh3' ? await blockDigests(this.blocks) : undefined
+      // Block digests are native work off the JavaScript thread, overlapping the final sync
+      // (this is downtime): the blocks no longer change once `complete` is called.
+      const [epoch, digests] = await Promise.all([this.sync(), this.#options.integrity === 'xxh3' ? blockDigests(this.blocks) : undefined])
       const frame = encodeMessage({ type: 'complete', epoch, ...(digests ? { digests } : {}) })
       native(() => n.sendComplete(epoch, frame))
       await this.#until('completed', 'the destination completion', this.#options.handshakeTimeoutMs)
