@@ -55,3 +55,34 @@ test('the digest sits in a reserved word: a header carrying it decodes as QEMU w
   t.like(h, { normalPages: 1, zeroPages: 0, block: 'pc.ram' })
   t.is(encodePacketHeader({ block: 'pc.ram', normalOffsets: [0n] }).readBigUInt64BE(40), 0n, 'without integrity the word is 0, as QEMU writes it')
 })
+
+test('block digests at completion are native work off the JavaScript thread: the event loop keeps ticking', async (t) => {
+  t.timeout(180_000)
+  // Never written, so it costs address space rather than memory; both sides hash all of it.
+  const size = 4096 * MiB
+  const src = [RamBlock.allocate({ name: 'pc.ram', size })]
+  src[0]!.write(size - 4096, Buffer.from('the last page carries data'))
+  const dst = [RamBlock.allocate({ name: 'pc.ram', size })]
+  const dest = Destination.listen({ address: 'tcp:127.0.0.1:0', blocks: dst })
+  const source = await Source.connect({ address: dest.address, blocks: src, channels: 2, integrity: 'xxh3' })
+  await source.sendAll()
+  await source.sync()
+  // Only the completion is left: a final sync, then the block digests on both sides.
+  let last = performance.now()
+  let longest = 0
+  const timer = setInterval(() => {
+    const now = performance.now()
+    longest = Math.max(longest, now - last)
+    last = now
+  }, 2)
+  try {
+    const summary = await source.complete()
+    await dest.done
+    t.is(summary.status, 'completed')
+  } finally {
+    clearInterval(timer)
+  }
+  t.is(Buffer.from(dst[0]!.view(size - 4096, 26)).toString(), 'the last page carries data')
+  t.true(longest < 250, `the event loop stalled for ${longest.toFixed(0)} ms during the completion`)
+  t.log(`longest event-loop gap during the completion: ${longest.toFixed(1)} ms`)
+})

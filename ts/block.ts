@@ -124,9 +124,18 @@ export class RamBlock {
     this.native.markAllDirty()
   }
 
-  /** xxh3-64 of the whole block (16 hex digits). */
+  /**
+   * The block digest the integrity check compares at completion (16 hex digits): xxh3-64 over
+   * the little-endian xxh3-64 digests of the block's consecutive 1 MiB pieces, hashed in
+   * parallel in Rust. This blocks the calling thread; {@link digestAsync} does not.
+   */
   digest(): string {
     return this.native.digest()
+  }
+
+  /** {@link digest}, computed off the JavaScript thread: the event loop keeps running meanwhile. */
+  digestAsync(): Promise<string> {
+    return this.native.digestAsync()
   }
 
   /** Pages marked dirty and not yet sent. */
@@ -141,3 +150,13 @@ export class RamBlock {
 
 /** Zod schema for a RamBlock argument. */
 export const RamBlockSchema = z.custom<RamBlock>((v) => v instanceof RamBlock, { error: 'expected a RamBlock' })
+
+/**
+ * The block digests the integrity check exchanges at completion, in the order given. One block
+ * at a time: each already spreads over every core, off the JavaScript thread.
+ */
+export async function blockDigests(blocks: readonly RamBlock[]): Promise<Array<{ name: string; xxh3: string }>> {
+  const out: Array<{ name: string; xxh3: string }> = []
+  for (const b of blocks) out.push({ name: b.name, xxh3: await b.digestAsync() })
+  return out
+}

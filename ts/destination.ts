@@ -6,7 +6,7 @@
 import { z } from 'zod'
 import { binding, type NativeEvent } from './native.js'
 import { MultifdError, native, nativeError } from './errors.js'
-import { RamBlock, RamBlockSchema } from './block.js'
+import { RamBlock, RamBlockSchema, blockDigests } from './block.js'
 import { Address, Channels, DEFAULT_PEER_TIMEOUT_MS, DEFAULT_TIMEOUT_MS, PeerTimeoutMs, TimeoutMs, parseOptions } from './options.js'
 import { PROTOCOL_VERSION, checkAnnouncement, decodeMessage, encodeMessage, remoteError, type ControlMessage, type Hello } from './protocol.js'
 import { Session } from './session.js'
@@ -165,7 +165,7 @@ export class Destination extends Session {
           this.#round = m.round
           return
         case 'complete':
-          return this.#onComplete(m.epoch, m.digests)
+          return await this.#onComplete(m.epoch, m.digests)
         case 'cancel':
           return this.fail(Object.assign(new MultifdError('ERR_MULTIFD_CANCELLED', 'the source cancelled the migration'), { remote: true }), 'cancelled')
         case 'error':
@@ -231,19 +231,24 @@ export class Destination extends Session {
     return table.map((t) => byName.get(t.name)!)
   }
 
-  #onComplete(epoch: number, digests?: Array<{ name: string; xxh3: string }>): void {
+  async #onComplete(epoch: number, digests?: Array<{ name: string; xxh3: string }>): Promise<void> {
     if (this.state !== 'active') throw new MultifdError('ERR_MULTIFD_PROTOCOL', `complete arrived in state ${this.state}`)
     // Accepted natively only when every announced channel was admitted and delivered this
     // epoch's SYNC (ERR_MULTIFD_OUT_OF_SEQUENCE otherwise); the channel readers are joined.
     native(() => this.#native.complete(epoch))
     if (this.#integrity) {
       if (!digests || digests.length !== this.#blocks.length) throw new MultifdError('ERR_MULTIFD_PROTOCOL', 'integrity was negotiated but complete carries no block digests')
-      for (const d of digests) {
+      const blocks = digests.map((d) => {
         const b = this.#blocks.find((x) => x.name === d.name)
         if (!b) throw new MultifdError('ERR_MULTIFD_PROTOCOL', `complete carries a digest for unknown block ${JSON.stringify(d.name)}`)
-        const here = b.digest()
-        if (here !== d.xxh3) throw new MultifdError('ERR_MULTIFD_INTEGRITY', `block ${JSON.stringify(d.name)} differs after the migration: xxh3 ${here} here, ${d.xxh3} on the source`)
-      }
+        return b
+      })
+      // Native work off the JavaScript thread; a cancel or error may end the session meanwhile.
+      const here = await blockDigests(blocks)
+      if (this.state !== 'active') return
+      digests.forEach((d, i) => {
+        if (here[i]!.xxh3 !== d.xxh3) throw new MultifdError('ERR_MULTIFD_INTEGRITY', `block ${JSON.stringify(d.name)} differs after the migration: xxh3 ${here[i]!.xxh3} here, ${d.xxh3} on the source`)
+      })
     }
     this.setState('device')
     this.#send({ type: 'completed' })

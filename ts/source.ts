@@ -7,7 +7,7 @@ import { setTimeout as delay } from 'node:timers/promises'
 import { z } from 'zod'
 import { binding, type NativeEvent } from './native.js'
 import { MultifdError, asMultifdError, native, nativeError } from './errors.js'
-import { RamBlock, RamBlockSchema } from './block.js'
+import { RamBlock, RamBlockSchema, blockDigests } from './block.js'
 import { Address, Bandwidth as BandwidthLimit, Channels, CompressionMethod, DEFAULT_CHANNELS, DEFAULT_PAGE_SIZE, DEFAULT_PEER_TIMEOUT_MS, DEFAULT_TIMEOUT_MS, Integrity, PageSize, PeerTimeoutMs, TimeoutMs, ZeroPageDetection, checkSourceRules, parseOptions } from './options.js'
 import { PROTOCOL_VERSION, decodeMessage, encodeMessage, remoteError, type ControlMessage } from './protocol.js'
 import { Session } from './session.js'
@@ -424,13 +424,17 @@ export class Source extends Session {
 
   /**
    * Finishes: a final sync, then both sides complete and close. Resolves with the summary.
+   * Nothing may write the blocks from here on: with integrity, their digests are taken while
+   * the final sync drains.
    */
   async complete(): Promise<Summary> {
     const n = this.#requireActive('complete')
     this.setState('device')
     try {
-      const epoch = await this.sync()
-      const frame = encodeMessage({ type: 'complete', epoch, ...(this.#options.integrity === 'xxh3' ? { digests: this.blocks.map((b) => ({ name: b.name, xxh3: b.digest() })) } : {}) })
+      // Block digests are native work off the JavaScript thread, overlapping the final sync
+      // (this is downtime): the blocks no longer change once `complete` is called.
+      const [epoch, digests] = await Promise.all([this.sync(), this.#options.integrity === 'xxh3' ? blockDigests(this.blocks) : undefined])
+      const frame = encodeMessage({ type: 'complete', epoch, ...(digests ? { digests } : {}) })
       native(() => n.sendComplete(epoch, frame))
       await this.#until('completed', 'the destination completion', this.#options.handshakeTimeoutMs)
       this.succeed()

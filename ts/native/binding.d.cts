@@ -42,8 +42,14 @@ export declare class Block {
   markDirty(offset: number, length: number): void
   /** Marks every page dirty. */
   markAllDirty(): void
-  /** xxh3-64 of the whole block, as 16 hex digits (the integrity check at completion). */
+  /**
+   * The block digest the integrity check compares at completion, as 16 hex digits: xxh3-64
+   * over the xxh3-64 digests of the block's 1 MiB pieces (docs/PROTOCOL.md), computed on up
+   * to one thread per core. Blocks the calling thread; see `digestAsync`.
+   */
   digest(): string
+  /** `digest()` computed off the JavaScript thread (the event loop keeps running). */
+  digestAsync(): Promise<string>
   /** Number of dirty pages. */
   dirtyPages(): number
   clearDirty(): void

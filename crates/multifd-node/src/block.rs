@@ -18,11 +18,34 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use multifd_core::block::{Backing, RamBlock};
 use multifd_core::{Error, ErrorCode};
-use napi::bindgen_prelude::Uint8Array;
+use napi::bindgen_prelude::{AsyncTask, Uint8Array};
+use napi::{Env, Task};
 use napi_derive::napi;
 
 use crate::errors::{IntoCoded, Result};
 use crate::numbers::to_u64;
+
+fn hex_digest(d: u64) -> String {
+    format!("{d:016x}")
+}
+
+/// A block digest on libuv's thread pool (which fans the pieces out to more threads).
+pub struct DigestTask {
+    block: Arc<RamBlock>,
+}
+
+impl Task for DigestTask {
+    type Output = u64;
+    type JsValue = String;
+
+    fn compute(&mut self) -> napi::Result<u64> {
+        Ok(multifd_core::integrity::block_digest(&self.block))
+    }
+
+    fn resolve(&mut self, _env: Env, digest: u64) -> napi::Result<String> {
+        Ok(hex_digest(digest))
+    }
+}
 
 #[napi]
 pub struct Block {
@@ -157,10 +180,18 @@ impl Block {
         self.inner.dirty.set_all();
     }
 
-    /// xxh3-64 of the whole block, as 16 hex digits (the integrity check at completion).
+    /// The block digest the integrity check compares at completion, as 16 hex digits: xxh3-64
+    /// over the xxh3-64 digests of the block's 1 MiB pieces (docs/PROTOCOL.md), computed on up
+    /// to one thread per core. Blocks the calling thread; see `digestAsync`.
     #[napi]
     pub fn digest(&self) -> String {
-        format!("{:016x}", multifd_core::integrity::block_digest(&self.inner))
+        hex_digest(multifd_core::integrity::block_digest(&self.inner))
+    }
+
+    /// `digest()` computed off the JavaScript thread (the event loop keeps running).
+    #[napi(ts_return_type = "Promise<string>")]
+    pub fn digest_async(&self) -> AsyncTask<DigestTask> {
+        AsyncTask::new(DigestTask { block: self.inner.clone() })
     }
 
     /// Number of dirty pages.

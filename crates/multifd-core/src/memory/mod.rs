@@ -21,8 +21,10 @@
 //! - **Inspection in place** (the zero-page scan) reads with `ptr::read_volatile`, word by
 //!   word, into registers: each read is a single load the compiler may not merge, repeat or
 //!   assume anything about.
-//! - **Digests and compression input** copy a bounded chunk (one page, or one packet for
-//!   compression) into a per-thread buffer first, then hash or compress that buffer.
+//! - **Digests** read in place with aligned `read_volatile` SIMD loads into registers
+//!   ([`Mapping::xxh3_runs`], kernel in [`xxh3`]), the same rule as the zero scan, wider.
+//! - **Compression input** is one packet's pages copied into a per-thread buffer first, then
+//!   compressed (and, with integrity, hashed) from that buffer.
 //!
 //! Bounds are checked here, once, against the mapping's length; the mapping lives as long as
 //! its owner (a `RamBlock` of `block.rs`, held by `Arc` by every thread and JavaScript view that
@@ -46,15 +48,15 @@
 //! ## Costs
 //! The uncompressed send and receive paths stay copy-free (iovecs). A zero scan is one
 //! volatile 8-byte load per 8 bytes, four independent OR chains (about 4 KiB in 0.1-0.2 us for
-//! a zero page; data pages usually stop in the first 32 bytes). A digest costs one page copy
-//! into a per-thread, L1-resident buffer per page before xxh3 reads it (a 4 KiB memcpy, about
-//! 10-20% of xxh3's own time on a cached page; issue 17 may hash with volatile loads instead).
+//! a zero page; data pages usually stop in the first 32 bytes). A digest is one pass of xxh3
+//! over the bytes where they lie (AVX2 when the CPU has it, else SSE2), no copy.
 //! Compression copies each packet's normal pages into a per-channel buffer once (the digest is
 //! then taken from that copy, so it always matches the compressed bytes). TLS copies each
 //! packet through a 64 KiB per-thread buffer in both directions (rustls only takes slices),
 //! one memcpy on top of the encryption's own.
 
 pub mod guard;
+mod xxh3;
 
 use std::ptr::NonNull;
 
@@ -216,6 +218,33 @@ impl Mapping {
         let bytes = p.wrapping_add(chunks * CHUNK);
         // SAFETY: the last `tail` bytes of the checked range.
         (0..tail).all(|k| unsafe { std::ptr::read_volatile(bytes.add(k)) } == 0)
+    }
+}
+
+impl Mapping {
+    /// xxh3-64 (seed 0) of the bytes of `runs` (`(offset, length)`), taken in order: read in
+    /// place when every run is 32-byte aligned with a length that is a multiple of 64 and the
+    /// runs exceed 240 bytes (pages always do), through a private copy otherwise.
+    pub fn xxh3_runs(&self, runs: &[(u64, usize)]) -> u64 {
+        let raw: Vec<(*const u8, usize)> = runs.iter().map(|&(o, n)| (self.at(o, n).cast_const(), n)).collect();
+        let total: usize = runs.iter().map(|r| r.1).sum();
+        if total > 240 && raw.iter().all(|&(p, n)| xxh3::fits(p, n)) {
+            // SAFETY: `at` checked every run against the mapping, which outlives this call;
+            // `fits` checked their shape, and `total` is their sum.
+            return unsafe { xxh3::digest(&raw, total) };
+        }
+        let mut h = xxhash_rust::xxh3::Xxh3::new();
+        let mut buf = [0u8; 4096];
+        for &(offset, len) in runs {
+            let mut at = 0;
+            while at < len {
+                let n = (len - at).min(buf.len());
+                self.copy_to(offset + at as u64, &mut buf[..n]);
+                h.update(&buf[..n]);
+                at += n;
+            }
+        }
+        h.digest()
     }
 }
 
