@@ -101,7 +101,7 @@ fn tls_step(got: Got, done: usize, total: usize) -> Result<Option<usize>> {
     }
 }
 
-/// Bytes TLS copies out of or into block memory at a time, per thread.
+/// Bytes TLS copies out of block memory at a time, per thread (rustls encrypts from a slice).
 const BOUNCE_SIZE: usize = 64 << 10;
 
 thread_local! {
@@ -308,8 +308,8 @@ impl Conn {
         Ok(true)
     }
 
-    /// Reads exactly the bytes the iovecs describe (block memory: with TLS, decrypted into a
-    /// per-thread buffer and copied in, see `crate::memory`); `Ok(false)` when the peer closed
+    /// Reads exactly the bytes the iovecs describe (block memory: with TLS, copied in straight
+    /// from rustls's decrypted record, see `crate::memory`); `Ok(false)` when the peer closed
     /// before the first byte, `ERR_MULTIFD_CONNECTION_CLOSED` when it closed after.
     ///
     /// # Safety
@@ -322,23 +322,24 @@ impl Conn {
         let total: usize = iov.iter().map(|v| v.iov_len).sum();
         let timeout = *self.read_timeout.lock().unwrap();
         let mut done = 0usize;
-        BOUNCE.with_borrow_mut(|bounce| {
-            for v in iov.iter() {
-                let mut filled = 0;
-                while filled < v.iov_len {
-                    let want = (v.iov_len - filled).min(bounce.len());
-                    let Some(n) = tls_step(tls.read_some(self.fd(), &mut bounce[..want], timeout)?, done, total)? else {
-                        return Ok(false);
-                    };
+        for v in iov.iter() {
+            let mut filled = 0;
+            while filled < v.iov_len {
+                let got = tls.read_with(self.fd(), timeout, |plain| {
+                    let n = plain.len().min(v.iov_len - filled);
                     // SAFETY: the caller guarantees the iovec is writable for this call;
                     // filled + n <= iov_len.
-                    unsafe { crate::memory::copy_in_raw(v.iov_base.cast::<u8>().add(filled), &bounce[..n]) };
-                    filled += n;
-                    done += n;
-                }
+                    unsafe { crate::memory::copy_in_raw(v.iov_base.cast::<u8>().add(filled), &plain[..n]) };
+                    n
+                })?;
+                let Some(n) = tls_step(got, done, total)? else {
+                    return Ok(false);
+                };
+                filled += n;
+                done += n;
             }
-            Ok(true)
-        })
+        }
+        Ok(true)
     }
 
     /// Reads `buf` starting at a packet boundary: a timeout before the first byte is `Idle`;

@@ -51,9 +51,11 @@
 //! a zero page; data pages usually stop in the first 32 bytes). A digest is one pass of xxh3
 //! over the bytes where they lie (AVX2 when the CPU has it, else SSE2), no copy.
 //! Compression copies each packet's normal pages into a per-channel buffer once (the digest is
-//! then taken from that copy, so it always matches the compressed bytes). TLS copies each
-//! packet through a 64 KiB per-thread buffer in both directions (rustls only takes slices),
-//! one memcpy on top of the encryption's own.
+//! then taken from that copy, so it always matches the compressed bytes). TLS sends through a
+//! 64 KiB per-thread copy of the pages (rustls encrypts from slices, copying into each record
+//! as it seals it); it receives by copying each decrypted record straight from rustls's
+//! buffer into the pages ([`copy_in_raw`]), the one write into block memory that the plaintext
+//! path's `readv` also makes.
 
 pub mod guard;
 mod xxh3;
@@ -267,8 +269,8 @@ pub unsafe fn copy_out_raw(src: *const u8, out: &mut [u8]) {
     unsafe { std::ptr::copy_nonoverlapping(src, out.as_mut_ptr(), out.len()) }
 }
 
-/// Copies `data` into the raw memory an iovec describes (TLS decrypts into a private buffer
-/// first).
+/// Copies `data` into the raw memory an iovec describes (TLS copies each decrypted record in
+/// from rustls's buffer).
 ///
 /// # Safety
 /// `dst` must be writable for `data.len()` bytes for the duration of the call.

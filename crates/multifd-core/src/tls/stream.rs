@@ -5,7 +5,7 @@
 //! control connection writes from JavaScript while its reader waits) is never stuck behind an
 //! idle peer. Writes encrypt and send under the lock, which keeps records in sequence order.
 
-use std::io::{self, IoSlice, Read as _};
+use std::io::{self, IoSlice};
 use std::os::fd::RawFd;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -189,13 +189,31 @@ impl TlsStream {
         if out.is_empty() {
             return Ok(Got::Data(0));
         }
+        self.read_with(fd, timeout, |plain| {
+            let n = plain.len().min(out.len());
+            out[..n].copy_from_slice(&plain[..n]);
+            n
+        })
+    }
+
+    /// Hands decrypted plaintext to `take` where rustls holds it (one record at a time, never
+    /// empty), waiting at most `timeout` for the socket; `take` copies what it wants out and
+    /// returns how many bytes it took (at least one). This is the receive path's only copy of
+    /// the plaintext: straight from rustls's record buffer to wherever `take` puts it.
+    pub(crate) fn read_with(&self, fd: RawFd, timeout: Option<Duration>, mut take: impl FnMut(&[u8]) -> usize) -> Result<Got> {
         let mut inbox = self.inbox.lock().unwrap();
         loop {
             {
                 let mut state = self.state.lock().unwrap();
-                match state.reader().read(out) {
-                    Ok(0) => return Ok(Got::Eof), // close_notify
-                    Ok(n) => return Ok(Got::Data(n)),
+                let mut reader = state.reader();
+                match io::BufRead::fill_buf(&mut reader) {
+                    Ok([]) => return Ok(Got::Eof), // close_notify
+                    Ok(plain) => {
+                        let n = take(plain);
+                        debug_assert!(n > 0 && n <= plain.len());
+                        io::BufRead::consume(&mut reader, n);
+                        return Ok(Got::Data(n));
+                    }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                     Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(Got::Eof),
                     Err(e) => return Err(os_error("read TLS plaintext", e)),
