@@ -23,7 +23,6 @@ const { values } = parseArgs({
     json: { type: 'boolean', default: false },
     'no-qemu': { type: 'boolean', default: false },
     'no-ceiling': { type: 'boolean', default: false },
-    'keep-source': { type: 'boolean', default: false },
   },
 })
 const size = parseSize(values.size!)
@@ -96,7 +95,7 @@ for (let rep = 0; rep < reps; rep++) {
     log(`rep ${rep + 1} ch ${ch}: ours ${row.ours.at(-1)!.gbps.toFixed(2)} GB/s` + (row.qemu.length > rep ? `, qemu ${row.qemu.at(-1)!.gbps.toFixed(2)}` : '') + (row.ceiling.length > rep ? `, ceiling ${row.ceiling.at(-1)!.gbps.toFixed(2)}` : ''))
   }
 }
-if (!values['keep-source']) rmSync(srcFile, { force: true })
+rmSync(srcFile, { force: true })
 
 const m = (rs: Result[], k: keyof Result): number => median(rs.map((r) => r[k] as number))
 const perGiB = (cpu: number): number => cpu / (size / GiB)

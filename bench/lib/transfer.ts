@@ -43,9 +43,13 @@ function fillChunk(chunk: Buffer, kind: DataKind, chunkIndex: number): Buffer {
   return chunk
 }
 
-/** Source bytes in /dev/shm (memory, like guest RAM), created once per size and kind. */
+/**
+ * Source bytes in /dev/shm (memory, like guest RAM), one file per size, kind and process: two
+ * benches running at once never share (or delete) each other's source, and the caller removes
+ * it when done.
+ */
 export function sourceFile(size: number, log: (s: string) => void, kind: DataKind = 'random'): string {
-  const file = `/dev/shm/multifd-bench-${kind}-${size}.ram`
+  const file = `/dev/shm/multifd-bench-${kind}-${size}-${process.pid}.ram`
   if (!existsSync(file) || statSync(file).size !== size) {
     log(`writing ${size} bytes of ${kind} data to ${file}`)
     const fd = openSync(file, 'w')
