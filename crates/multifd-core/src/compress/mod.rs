@@ -9,6 +9,7 @@ mod zlib;
 mod zstd;
 
 use crate::error::{Result, fail};
+use crate::memory::WriteTarget;
 use crate::wire::Compression;
 
 /// Compresses the normal pages of one packet at a time.
@@ -19,9 +20,10 @@ pub trait Compressor: Send {
 
 /// Decompresses one packet's payload.
 pub trait Decompressor: Send {
-    /// Decodes `input` into exactly `out.len()` bytes. Less output, more output, input left
-    /// over or a corrupt stream are errors (`ERR_MULTIFD_PAYLOAD_SIZE`, `ERR_MULTIFD_DECOMPRESS`).
-    fn decompress(&mut self, input: &[u8], out: &mut [u8]) -> Result<()>;
+    /// Decodes `input` into exactly `out.len()` bytes, never writing outside `out`. Less
+    /// output, more output, input left over or a corrupt stream are errors
+    /// (`ERR_MULTIFD_PAYLOAD_SIZE`, `ERR_MULTIFD_DECOMPRESS`); `out` then holds some bytes.
+    fn decompress(&mut self, input: &[u8], out: &mut WriteTarget) -> Result<()>;
 }
 
 /// One compression method: its name, level range and constructors.
@@ -108,7 +110,7 @@ mod tests {
                     c.compress(&mut ps.iter().map(|p| p.as_slice()), &mut wire).unwrap();
                     assert!(wire.len() <= crate::wire::MAX_COMPRESSED_PAYLOAD as usize);
                     let mut out = vec![0u8; ps.len() * 4096];
-                    d.decompress(&wire, &mut out).unwrap();
+                    d.decompress(&wire, &mut WriteTarget::buffer(&mut out)).unwrap();
                     assert_eq!(out, ps.concat(), "{} level {level} packet {packet}", m.compression.name());
                 }
             }
@@ -126,17 +128,17 @@ mod tests {
             let fresh = || decompressor(m.compression).unwrap().unwrap();
 
             // Expecting more pages than were sent: short.
-            let e = fresh().decompress(&wire, &mut vec![0; 5 * 4096]).unwrap_err();
+            let e = fresh().decompress(&wire, &mut WriteTarget::buffer(&mut vec![0; 5 * 4096])).unwrap_err();
             assert_eq!(e.code, ErrorCode::PayloadSize, "{name}: {e}");
             // Expecting fewer: long (a bomb is the extreme of this).
-            let e = fresh().decompress(&wire, &mut vec![0; 3 * 4096]).unwrap_err();
+            let e = fresh().decompress(&wire, &mut WriteTarget::buffer(&mut vec![0; 3 * 4096])).unwrap_err();
             assert_eq!(e.code, ErrorCode::PayloadSize, "{name}: {e}");
             // Truncated payload.
-            let e = fresh().decompress(&wire[..wire.len() / 2], &mut vec![0; 4 * 4096]).unwrap_err();
+            let e = fresh().decompress(&wire[..wire.len() / 2], &mut WriteTarget::buffer(&mut vec![0; 4 * 4096])).unwrap_err();
             assert!(matches!(e.code, ErrorCode::PayloadSize | ErrorCode::Decompress), "{name}: {e}");
             // Garbage.
             let garbage: Vec<u8> = (0..1000u32).map(|i| (i * 7919 % 251) as u8).collect();
-            let e = fresh().decompress(&garbage, &mut vec![0; 4096]).unwrap_err();
+            let e = fresh().decompress(&garbage, &mut WriteTarget::buffer(&mut vec![0; 4096])).unwrap_err();
             assert!(matches!(e.code, ErrorCode::PayloadSize | ErrorCode::Decompress), "{name}: {e}");
         }
     }
@@ -149,7 +151,7 @@ mod tests {
             let zeros = vec![0u8; 4096];
             let mut wire = Vec::new();
             c.compress(&mut std::iter::repeat_n(zeros.as_slice(), 128), &mut wire).unwrap();
-            let e = decompressor(m.compression).unwrap().unwrap().decompress(&wire, &mut vec![0; 4096]).unwrap_err();
+            let e = decompressor(m.compression).unwrap().unwrap().decompress(&wire, &mut WriteTarget::buffer(&mut vec![0; 4096])).unwrap_err();
             assert_eq!(e.code, ErrorCode::PayloadSize);
         }
     }
@@ -163,7 +165,7 @@ mod tests {
             let mut wire = Vec::new();
             enc.compress(&mut ps.iter().map(|p| p.as_slice()), &mut wire).unwrap();
             let mut out = vec![0u8; ps.len() * 4096];
-            dec.decompress(&wire, &mut out).unwrap();
+            dec.decompress(&wire, &mut WriteTarget::buffer(&mut out)).unwrap();
             assert_eq!(out, ps.concat());
             total += wire.len();
         }
@@ -203,6 +205,44 @@ mod tests {
         let mixed: Vec<_> = (0..4).map(random_pages).chain((0..40).map(text_pages)).collect();
         let bytes = wire_bytes(Compression::Zlib, 1, &mixed);
         assert!(bytes < (1 + zlib::STORED_PACKETS as usize) * 520 * 1024 + 40 * 8 * 1024, "mixed: {bytes} bytes");
+    }
+
+    #[test]
+    fn decoding_into_pages_never_writes_outside_them() {
+        let m = crate::memory::Mapping::anonymous(4 * 4096, false).unwrap();
+        for meth in METHODS {
+            let mut c = compressor(meth.compression, None).unwrap().unwrap();
+            let ps = pages(3, 2);
+            let mut wire = Vec::new();
+            c.compress(&mut ps.iter().map(|p| p.as_slice()), &mut wire).unwrap();
+            let mut bomb = Vec::new();
+            let zeros = vec![0u8; 4096];
+            c.compress(&mut std::iter::repeat_n(zeros.as_slice(), 64), &mut bomb).unwrap();
+            let mut d = decompressor(meth.compression).unwrap().unwrap();
+            m.fill(0, 4 * 4096, 0xee);
+            // Two pages, not contiguous: pages 1 and 3 of the mapping.
+            let iov = [m.iovec(4096, 4096), m.iovec(3 * 4096, 4096)];
+            // SAFETY: iovecs of a live private mapping no reference covers.
+            d.decompress(&wire, &mut unsafe { crate::memory::WriteTarget::pages(&iov) }).unwrap();
+            let mut got = vec![0u8; 4096];
+            for (i, want) in [(0u64, None), (1, Some(&ps[0])), (2, None), (3, Some(&ps[1]))] {
+                m.copy_to(i * 4096, &mut got);
+                match want {
+                    Some(p) => assert_eq!(&got, p, "{} page {i}", meth.compression.name()),
+                    None => assert!(got.iter().all(|&b| b == 0xee), "{} wrote page {i}", meth.compression.name()),
+                }
+            }
+            // A bomb into one page: an error, the pages around it untouched.
+            m.fill(0, 4 * 4096, 0xee);
+            let iov = [m.iovec(4096, 4096)];
+            // SAFETY: as above.
+            let e = d.decompress(&bomb, &mut unsafe { crate::memory::WriteTarget::pages(&iov) }).unwrap_err();
+            assert_eq!(e.code, ErrorCode::PayloadSize);
+            for i in [0u64, 2, 3] {
+                m.copy_to(i * 4096, &mut got);
+                assert!(got.iter().all(|&b| b == 0xee), "{} bomb wrote page {i}", meth.compression.name());
+            }
+        }
     }
 
     #[test]

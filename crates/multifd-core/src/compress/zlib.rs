@@ -31,6 +31,7 @@ use flate2::{Compress, Decompress, FlushCompress, FlushDecompress, Status};
 
 use super::{Compressor, Decompressor, check_exact};
 use crate::error::{Error, ErrorCode, Result, fail};
+use crate::memory::WriteTarget;
 use crate::wire::MAX_COMPRESSED_PAYLOAD;
 
 /// The zlib-rs level for each zlib level 1..=9 (index 0 unused; see the module documentation).
@@ -45,7 +46,7 @@ pub fn compressor(level: u32) -> Result<Box<dyn Compressor>> {
 }
 
 pub fn decompressor() -> Result<Box<dyn Decompressor>> {
-    Ok(Box::new(ZlibDecompressor(Decompress::new(true))))
+    Ok(Box::new(ZlibDecompressor(Decompress::new(true), Vec::new())))
 }
 
 struct ZlibCompressor {
@@ -140,10 +141,28 @@ impl ZlibCompressor {
     }
 }
 
-struct ZlibDecompressor(Decompress);
+/// The inflater and the buffer it decodes into for block pages (flate2 only writes slices),
+/// copied into them after the checks.
+struct ZlibDecompressor(Decompress, Vec<u8>);
 
 impl Decompressor for ZlibDecompressor {
-    fn decompress(&mut self, input: &[u8], out: &mut [u8]) -> Result<()> {
+    fn decompress(&mut self, input: &[u8], target: &mut WriteTarget) -> Result<()> {
+        if let Some(out) = target.as_buffer() {
+            return self.inflate(input, out);
+        }
+        let mut buf = std::mem::take(&mut self.1);
+        buf.resize(target.len(), 0);
+        let r = self.inflate(input, &mut buf);
+        if r.is_ok() {
+            target.copy_in(&buf);
+        }
+        self.1 = buf;
+        r
+    }
+}
+
+impl ZlibDecompressor {
+    fn inflate(&mut self, input: &[u8], out: &mut [u8]) -> Result<()> {
         // One spare byte shows a payload that decodes to more than its pages.
         let mut spare = [0u8; 1];
         let (in0, out0) = (self.0.total_in(), self.0.total_out());

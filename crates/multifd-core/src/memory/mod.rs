@@ -21,6 +21,11 @@
 //! - **Inspection in place** (the zero-page scan) reads with `ptr::read_volatile`, word by
 //!   word, into registers: each read is a single load the compiler may not merge, repeat or
 //!   assume anything about.
+//! - **Decoders** write a packet's pages through a [`WriteTarget`]: raw `iovec`s from
+//!   `push_page`, handed to C code as an output pointer (zstd's `ZSTD_outBuffer`, which zstd
+//!   fills with `memcpy` from its own window in its default buffered-output mode and never
+//!   reads back) or filled with [`WriteTarget::copy_in`]. It is the same kind of write as
+//!   [`Mapping::copy_from`], bounded by the packet's pages.
 //! - **Digests and compression input** copy a bounded chunk (one page, or one packet for
 //!   compression) into a per-thread buffer first, then hash or compress that buffer.
 //!
@@ -50,7 +55,9 @@
 //! into a per-thread, L1-resident buffer per page before xxh3 reads it (a 4 KiB memcpy, about
 //! 10-20% of xxh3's own time on a cached page; issue 17 may hash with volatile loads instead).
 //! Compression copies each packet's normal pages into a per-channel buffer once (the digest is
-//! then taken from that copy, so it always matches the compressed bytes). TLS copies each
+//! then taken from that copy, so it always matches the compressed bytes). zstd decodes straight
+//! into the pages (one copy, zstd's own out of its window); zlib decodes into a per-channel
+//! buffer and copies that in (flate2 only takes slices). TLS copies each
 //! packet through a 64 KiB per-thread buffer in both directions (rustls only takes slices),
 //! one memcpy on top of the encryption's own.
 
@@ -246,6 +253,70 @@ pub unsafe fn copy_out_raw(src: *const u8, out: &mut [u8]) {
 pub unsafe fn copy_in_raw(dst: *mut u8, data: &[u8]) {
     // SAFETY: forwarded from the caller; `data` is a private buffer.
     unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), dst, data.len()) }
+}
+
+/// Memory a decoder fills: one packet's pages as raw `iovec`s, or a private buffer. Nothing
+/// makes a Rust slice over it; decoders write through [`Self::regions`] (an output pointer for
+/// C code that only writes there) or [`Self::copy_in`].
+pub enum WriteTarget<'a> {
+    Pages(&'a [libc::iovec]),
+    Buffer(libc::iovec, std::marker::PhantomData<&'a mut [u8]>),
+}
+
+impl<'a> WriteTarget<'a> {
+    /// Block pages.
+    ///
+    /// # Safety
+    /// Every iovec must be writable for its length while the target lives (from
+    /// `RamBlock::push_page`, on a block the caller holds), and none may overlap memory Rust
+    /// holds a reference to.
+    pub unsafe fn pages(iov: &'a [libc::iovec]) -> Self {
+        WriteTarget::Pages(iov)
+    }
+
+    /// A private buffer, borrowed for the target's life.
+    pub fn buffer(buf: &'a mut [u8]) -> Self {
+        WriteTarget::Buffer(iovec(buf.as_mut_ptr(), buf.len()), std::marker::PhantomData)
+    }
+
+    /// The regions to fill, in order: each writable for `iov_len` bytes while `self` lives.
+    pub fn regions(&self) -> &[libc::iovec] {
+        match self {
+            WriteTarget::Pages(iov) => iov,
+            WriteTarget::Buffer(one, _) => std::slice::from_ref(one),
+        }
+    }
+
+    /// The private buffer, for decoders that only write slices (block pages are never one).
+    pub fn as_buffer(&mut self) -> Option<&mut [u8]> {
+        match self {
+            WriteTarget::Pages(_) => None,
+            // SAFETY: made by `buffer` from a `&'a mut [u8]` that `self` still borrows
+            // exclusively, and reborrowed here for no longer than `&mut self`.
+            WriteTarget::Buffer(v, _) => Some(unsafe { std::slice::from_raw_parts_mut(v.iov_base.cast::<u8>(), v.iov_len) }),
+        }
+    }
+
+    /// Total bytes.
+    pub fn len(&self) -> usize {
+        self.regions().iter().map(|v| v.iov_len).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Fills the regions in order with `data`, which must be exactly [`Self::len`] bytes.
+    pub fn copy_in(&self, data: &[u8]) {
+        assert_eq!(data.len(), self.len(), "a write target is filled exactly");
+        let mut at = 0;
+        for v in self.regions() {
+            // SAFETY: the constructors guarantee each region is writable for its length; `data`
+            // is a private buffer, so no overlap; `at + iov_len <= data.len()` by the assert.
+            unsafe { std::ptr::copy_nonoverlapping(data.as_ptr().add(at), v.iov_base.cast::<u8>(), v.iov_len) };
+            at += v.iov_len;
+        }
+    }
 }
 
 #[cfg(test)]
