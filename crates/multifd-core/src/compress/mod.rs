@@ -9,13 +9,13 @@ mod zlib;
 mod zstd;
 
 use crate::error::{Result, fail};
-use crate::memory::WriteTarget;
+use crate::memory::{ReadSource, WriteTarget};
 use crate::wire::Compression;
 
 /// Compresses the normal pages of one packet at a time.
 pub trait Compressor: Send {
     /// Appends the compressed form of `pages` to `out` (cleared first), ending with a flush.
-    fn compress(&mut self, pages: &mut dyn Iterator<Item = &[u8]>, out: &mut Vec<u8>) -> Result<()>;
+    fn compress(&mut self, pages: &ReadSource, out: &mut Vec<u8>) -> Result<()>;
 }
 
 /// Decompresses one packet's payload.
@@ -107,7 +107,7 @@ mod tests {
                 for packet in 0..6 {
                     let ps = pages(packet, 1 + (packet as usize * 37) % 128);
                     let mut wire = Vec::new();
-                    c.compress(&mut ps.iter().map(|p| p.as_slice()), &mut wire).unwrap();
+                    c.compress(&ReadSource::slices(&ps.iter().map(|p| p.as_slice()).collect::<Vec<_>>()), &mut wire).unwrap();
                     assert!(wire.len() <= crate::wire::MAX_COMPRESSED_PAYLOAD as usize);
                     let mut out = vec![0u8; ps.len() * 4096];
                     d.decompress(&wire, &mut WriteTarget::buffer(&mut out)).unwrap();
@@ -123,7 +123,7 @@ mod tests {
             let mut c = compressor(m.compression, None).unwrap().unwrap();
             let ps = pages(9, 4);
             let mut wire = Vec::new();
-            c.compress(&mut ps.iter().map(|p| p.as_slice()), &mut wire).unwrap();
+            c.compress(&ReadSource::slices(&ps.iter().map(|p| p.as_slice()).collect::<Vec<_>>()), &mut wire).unwrap();
             let name = m.compression.name();
             let fresh = || decompressor(m.compression).unwrap().unwrap();
 
@@ -150,7 +150,7 @@ mod tests {
             let mut c = compressor(m.compression, None).unwrap().unwrap();
             let zeros = vec![0u8; 4096];
             let mut wire = Vec::new();
-            c.compress(&mut std::iter::repeat_n(zeros.as_slice(), 128), &mut wire).unwrap();
+            c.compress(&ReadSource::slices(&vec![zeros.as_slice(); 128]), &mut wire).unwrap();
             let e = decompressor(m.compression).unwrap().unwrap().decompress(&wire, &mut WriteTarget::buffer(&mut vec![0; 4096])).unwrap_err();
             assert_eq!(e.code, ErrorCode::PayloadSize);
         }
@@ -163,7 +163,7 @@ mod tests {
         let mut total = 0;
         for ps in packets {
             let mut wire = Vec::new();
-            enc.compress(&mut ps.iter().map(|p| p.as_slice()), &mut wire).unwrap();
+            enc.compress(&ReadSource::slices(&ps.iter().map(|p| p.as_slice()).collect::<Vec<_>>()), &mut wire).unwrap();
             let mut out = vec![0u8; ps.len() * 4096];
             dec.decompress(&wire, &mut WriteTarget::buffer(&mut out)).unwrap();
             assert_eq!(out, ps.concat());
@@ -214,10 +214,10 @@ mod tests {
             let mut c = compressor(meth.compression, None).unwrap().unwrap();
             let ps = pages(3, 2);
             let mut wire = Vec::new();
-            c.compress(&mut ps.iter().map(|p| p.as_slice()), &mut wire).unwrap();
+            c.compress(&ReadSource::slices(&ps.iter().map(|p| p.as_slice()).collect::<Vec<_>>()), &mut wire).unwrap();
             let mut bomb = Vec::new();
             let zeros = vec![0u8; 4096];
-            c.compress(&mut std::iter::repeat_n(zeros.as_slice(), 64), &mut bomb).unwrap();
+            c.compress(&ReadSource::slices(&vec![zeros.as_slice(); 64]), &mut bomb).unwrap();
             let mut d = decompressor(meth.compression).unwrap().unwrap();
             m.fill(0, 4 * 4096, 0xee);
             // Two pages, not contiguous: pages 1 and 3 of the mapping.

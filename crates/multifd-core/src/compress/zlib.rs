@@ -31,7 +31,7 @@ use flate2::{Compress, Decompress, FlushCompress, FlushDecompress, Status};
 
 use super::{Compressor, Decompressor, check_exact};
 use crate::error::{Error, ErrorCode, Result, fail};
-use crate::memory::WriteTarget;
+use crate::memory::{ReadSource, WriteTarget};
 use crate::wire::MAX_COMPRESSED_PAYLOAD;
 
 /// The zlib-rs level for each zlib level 1..=9 (index 0 unused; see the module documentation).
@@ -42,7 +42,7 @@ pub(super) const STORED_PACKETS: u32 = 8;
 
 pub fn compressor(level: u32) -> Result<Box<dyn Compressor>> {
     let level = ZLIB_RS_LEVEL[level as usize];
-    Ok(Box::new(ZlibCompressor { z: Compress::new(flate2::Compression::new(level), true), level, stored_for: 0 }))
+    Ok(Box::new(ZlibCompressor { z: Compress::new(flate2::Compression::new(level), true), level, stored_for: 0, copy: Vec::new() }))
 }
 
 pub fn decompressor() -> Result<Box<dyn Decompressor>> {
@@ -53,8 +53,10 @@ struct ZlibCompressor {
     z: Compress,
     /// The zlib-rs level the stream compresses at.
     level: u32,
-    /// Packets left to send stored (level 0) before trying `level` again.
+    /// Packets left to send stored before trying `level` again.
     stored_for: u32,
+    /// Block pages copied out for deflate.
+    copy: Vec<u8>,
 }
 
 fn zlib_error(e: impl std::fmt::Display) -> Error {
@@ -62,7 +64,23 @@ fn zlib_error(e: impl std::fmt::Display) -> Error {
 }
 
 impl Compressor for ZlibCompressor {
-    fn compress(&mut self, pages: &mut dyn Iterator<Item = &[u8]>, out: &mut Vec<u8>) -> Result<()> {
+    fn compress(&mut self, pages: &ReadSource, out: &mut Vec<u8>) -> Result<()> {
+        // deflate reads slices: block pages are copied out first (see `crate::memory`).
+        let mut copy = std::mem::take(&mut self.copy);
+        let r = match pages.as_slices() {
+            Some(s) => self.compress_slices(s, out),
+            None => {
+                pages.copy_out(&mut copy);
+                self.compress_slices(&[&copy], out)
+            }
+        };
+        self.copy = copy;
+        r
+    }
+}
+
+impl ZlibCompressor {
+    fn compress_slices(&mut self, pages: &[&[u8]], out: &mut Vec<u8>) -> Result<()> {
         if self.stored_for > 0 {
             self.stored_for -= 1;
             stored_blocks(pages, out);
@@ -86,7 +104,7 @@ impl Compressor for ZlibCompressor {
 /// Appends `pages` to `out` (cleared first) as deflate stored blocks of up to 64 KiB. The
 /// stream is byte-aligned here (every packet ends with a sync flush), so a block is one header
 /// byte (not final, type 00, padding), LEN and its complement, then the bytes.
-fn stored_blocks(pages: &mut dyn Iterator<Item = &[u8]>, out: &mut Vec<u8>) {
+fn stored_blocks(pages: &[&[u8]], out: &mut Vec<u8>) {
     fn close(out: &mut [u8], header: usize) {
         let len = (out.len() - header - 5) as u16;
         out[header + 1..header + 3].copy_from_slice(&len.to_le_bytes());
@@ -94,7 +112,7 @@ fn stored_blocks(pages: &mut dyn Iterator<Item = &[u8]>, out: &mut Vec<u8>) {
     }
     out.clear();
     let mut header = None;
-    for mut page in pages {
+    for &(mut page) in pages {
         while !page.is_empty() {
             let open = match header {
                 Some(h) if out.len() - h - 5 < usize::from(u16::MAX) => h,
@@ -118,10 +136,10 @@ fn stored_blocks(pages: &mut dyn Iterator<Item = &[u8]>, out: &mut Vec<u8>) {
 }
 
 impl ZlibCompressor {
-    fn deflate(&mut self, pages: &mut dyn Iterator<Item = &[u8]>, out: &mut Vec<u8>) -> Result<()> {
+    fn deflate(&mut self, pages: &[&[u8]], out: &mut Vec<u8>) -> Result<()> {
         out.clear();
         out.reserve(MAX_COMPRESSED_PAYLOAD as usize);
-        let mut pages = pages.peekable();
+        let mut pages = pages.iter().copied().peekable();
         while let Some(mut page) = pages.next() {
             let flush = if pages.peek().is_none() { FlushCompress::Sync } else { FlushCompress::None };
             loop {

@@ -26,6 +26,10 @@
 //!   fills with `memcpy` from its own window in its default buffered-output mode and never
 //!   reads back) or filled with [`WriteTarget::copy_in`]. It is the same kind of write as
 //!   [`Mapping::copy_from`], bounded by the packet's pages.
+//! - **Compressors** read a packet's pages through a [`ReadSource`]: zstd gets the raw pointers
+//!   as its `ZSTD_inBuffer` and `memcpy`s them into its own window before looking at them
+//!   (buffered-input mode), the same kind of read as [`Mapping::copy_to`]; zlib copies them
+//!   out with [`ReadSource::copy_out`] first.
 //! - **Digests and compression input** copy a bounded chunk (one page, or one packet for
 //!   compression) into a per-thread buffer first, then hash or compress that buffer.
 //!
@@ -255,10 +259,76 @@ pub unsafe fn copy_in_raw(dst: *mut u8, data: &[u8]) {
     unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), dst, data.len()) }
 }
 
+/// Memory a compressor reads: one packet's pages as raw `iovec`s, or private slices. Nothing
+/// makes a Rust slice over block memory; compressors read it through [`Self::regions`] (an input
+/// pointer for C code that only copies it into its own window) or [`Self::copy_out`].
+pub struct ReadSource<'a>(Source<'a>);
+
+enum Source<'a> {
+    Pages(&'a [libc::iovec]),
+    Slices(&'a [&'a [u8]]),
+}
+
+impl<'a> ReadSource<'a> {
+    /// Block pages.
+    ///
+    /// # Safety
+    /// Every iovec must be readable for its length while the source lives (from
+    /// `RamBlock::push_page`, on a block the caller holds).
+    pub unsafe fn pages(iov: &'a [libc::iovec]) -> Self {
+        ReadSource(Source::Pages(iov))
+    }
+
+    /// Private slices.
+    pub fn slices(s: &'a [&'a [u8]]) -> Self {
+        ReadSource(Source::Slices(s))
+    }
+
+    /// The private slices, for compressors that only read slices (block pages are never).
+    pub fn as_slices(&self) -> Option<&'a [&'a [u8]]> {
+        match self.0 {
+            Source::Pages(_) => None,
+            Source::Slices(s) => Some(s),
+        }
+    }
+
+    /// The regions in order, as raw pointers and lengths, each readable while `self` lives.
+    pub fn regions(&self) -> impl Iterator<Item = (*const u8, usize)> + '_ {
+        let (iov, slices): (&[libc::iovec], &[&[u8]]) = match self.0 {
+            Source::Pages(iov) => (iov, &[]),
+            Source::Slices(s) => (&[], s),
+        };
+        iov.iter().map(|v| (v.iov_base.cast_const().cast::<u8>(), v.iov_len)).chain(slices.iter().map(|s| (s.as_ptr(), s.len())))
+    }
+
+    /// Total bytes.
+    pub fn len(&self) -> usize {
+        self.regions().map(|(_, n)| n).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// A copy of every region, in order, in `out` (resized to fit).
+    pub fn copy_out(&self, out: &mut Vec<u8>) {
+        out.resize(self.len(), 0);
+        let mut at = 0;
+        for (p, n) in self.regions() {
+            // SAFETY: the constructors guarantee each region is readable for its length; `out`
+            // is a private buffer of `len()` bytes, so no overlap and `at + n <= out.len()`.
+            unsafe { std::ptr::copy_nonoverlapping(p, out.as_mut_ptr().add(at), n) };
+            at += n;
+        }
+    }
+}
+
 /// Memory a decoder fills: one packet's pages as raw `iovec`s, or a private buffer. Nothing
 /// makes a Rust slice over it; decoders write through [`Self::regions`] (an output pointer for
 /// C code that only writes there) or [`Self::copy_in`].
-pub enum WriteTarget<'a> {
+pub struct WriteTarget<'a>(Target<'a>);
+
+enum Target<'a> {
     Pages(&'a [libc::iovec]),
     Buffer(libc::iovec, std::marker::PhantomData<&'a mut [u8]>),
 }
@@ -271,29 +341,29 @@ impl<'a> WriteTarget<'a> {
     /// `RamBlock::push_page`, on a block the caller holds), and none may overlap memory Rust
     /// holds a reference to.
     pub unsafe fn pages(iov: &'a [libc::iovec]) -> Self {
-        WriteTarget::Pages(iov)
+        WriteTarget(Target::Pages(iov))
     }
 
     /// A private buffer, borrowed for the target's life.
     pub fn buffer(buf: &'a mut [u8]) -> Self {
-        WriteTarget::Buffer(iovec(buf.as_mut_ptr(), buf.len()), std::marker::PhantomData)
+        WriteTarget(Target::Buffer(iovec(buf.as_mut_ptr(), buf.len()), std::marker::PhantomData))
     }
 
     /// The regions to fill, in order: each writable for `iov_len` bytes while `self` lives.
     pub fn regions(&self) -> &[libc::iovec] {
-        match self {
-            WriteTarget::Pages(iov) => iov,
-            WriteTarget::Buffer(one, _) => std::slice::from_ref(one),
+        match &self.0 {
+            Target::Pages(iov) => iov,
+            Target::Buffer(one, _) => std::slice::from_ref(one),
         }
     }
 
     /// The private buffer, for decoders that only write slices (block pages are never one).
     pub fn as_buffer(&mut self) -> Option<&mut [u8]> {
-        match self {
-            WriteTarget::Pages(_) => None,
+        match &self.0 {
+            Target::Pages(_) => None,
             // SAFETY: made by `buffer` from a `&'a mut [u8]` that `self` still borrows
             // exclusively, and reborrowed here for no longer than `&mut self`.
-            WriteTarget::Buffer(v, _) => Some(unsafe { std::slice::from_raw_parts_mut(v.iov_base.cast::<u8>(), v.iov_len) }),
+            Target::Buffer(v, _) => Some(unsafe { std::slice::from_raw_parts_mut(v.iov_base.cast::<u8>(), v.iov_len) }),
         }
     }
 
