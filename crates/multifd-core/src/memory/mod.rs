@@ -30,8 +30,8 @@
 //!   as its `ZSTD_inBuffer` and `memcpy`s them into its own window before looking at them
 //!   (buffered-input mode), the same kind of read as [`Mapping::copy_to`]; zlib copies them
 //!   out with [`ReadSource::copy_out`] first.
-//! - **Digests and compression input** copy a bounded chunk (one page, or one packet for
-//!   compression) into a per-thread buffer first, then hash or compress that buffer.
+//! - **Digests** (and compression input when a digest must match it) copy a bounded chunk
+//!   (one page, or one packet) into a per-thread buffer first, then hash or compress it.
 //!
 //! Bounds are checked here, once, against the mapping's length; the mapping lives as long as
 //! its owner ([`crate::block::RamBlock`], held by `Arc` by every thread and JavaScript view that
@@ -58,10 +58,11 @@
 //! a zero page; data pages usually stop in the first 32 bytes). A digest costs one page copy
 //! into a per-thread, L1-resident buffer per page before xxh3 reads it (a 4 KiB memcpy, about
 //! 10-20% of xxh3's own time on a cached page; issue 17 may hash with volatile loads instead).
-//! Compression copies each packet's normal pages into a per-channel buffer once (the digest is
-//! then taken from that copy, so it always matches the compressed bytes). zstd decodes straight
-//! into the pages (one copy, zstd's own out of its window); zlib decodes into a per-channel
-//! buffer and copies that in (flate2 only takes slices). TLS copies each
+zstd compresses from and decodes into the pages in place (the only copy is zstd's own,
+//! between its window and the pages); zlib copies each packet's pages into a per-channel
+//! buffer to compress, and decodes into one and copies that in (flate2 only takes slices).
+//! With integrity on, compression reads one private copy and the digest is taken from it, so it
+//! always matches the compressed bytes. TLS copies each
 //! packet through a 64 KiB per-thread buffer in both directions (rustls only takes slices),
 //! one memcpy on top of the encryption's own.
 
