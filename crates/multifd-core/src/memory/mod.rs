@@ -58,7 +58,7 @@
 //! a zero page; data pages usually stop in the first 32 bytes). A digest costs one page copy
 //! into a per-thread, L1-resident buffer per page before xxh3 reads it (a 4 KiB memcpy, about
 //! 10-20% of xxh3's own time on a cached page; issue 17 may hash with volatile loads instead).
-zstd compresses from and decodes into the pages in place (the only copy is zstd's own,
+//! zstd compresses from and decodes into the pages in place (the only copy is zstd's own,
 //! between its window and the pages); zlib copies each packet's pages into a per-channel
 //! buffer to compress, and decodes into one and copies that in (flate2 only takes slices).
 //! With integrity on, compression reads one private copy and the digest is taken from it, so it
