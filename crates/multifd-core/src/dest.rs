@@ -714,8 +714,6 @@ fn name_this_thread(name: &str) {
     unsafe { libc::prctl(libc::PR_SET_NAME, buf.as_ptr()) };
 }
 
-/// Writes one packet's decoded pages (`pages`, in the order of `offsets`) into `block`,
-/// marking them received: one reservation per run of consecutive pages, then one copy each.
 /// Bytes the receive path has copied into blocks through a private buffer (pages of files
 /// without `fallocate`): a diagnostic for tests that check the other paths make no such copy.
 pub fn staged_bytes() -> u64 {
@@ -724,6 +722,8 @@ pub fn staged_bytes() -> u64 {
 
 static STAGED_BYTES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
+/// Writes one packet's decoded pages (`pages`, in the order of `offsets`) into `block`,
+/// marking them received: one reservation per run of consecutive pages, then one copy each.
 fn store_pages(block: &RamBlock, offsets: &[u64], pages: &[u8]) -> Result<()> {
     STAGED_BYTES.fetch_add(pages.len() as u64, Ordering::Relaxed);
     let page = block.page_size() as usize;
