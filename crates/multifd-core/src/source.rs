@@ -424,7 +424,7 @@ impl Shared {
         let mut zc = cfg.zero_copy.then(|| ZeroCopySender::new(conn.fd()));
         let mut compressor = crate::compress::compressor(cfg.compression, cfg.compression_level)?;
         let mut payload: Vec<u8> = Vec::new();
-        // Compression input: one packet's normal pages, copied out of block memory.
+        // Compression input with a digest: one packet's normal pages, copied out of block memory.
         let mut staging: Vec<u8> = Vec::new();
         while let Some(job) = self.next_job(id) {
             match job {
@@ -447,16 +447,28 @@ impl Shared {
                     header.next_packet_size = normal * g.page_size();
                     let data = &header.offsets[..normal as usize];
                     let digest = match compressor.as_mut().filter(|_| normal > 0) {
-                        Some(c) => {
-                            // Compression reads a private copy of the pages (see `crate::memory`);
+                        Some(c) if cfg.integrity => {
+                            // With a digest, compression reads a private copy of the pages and
                             // the digest is taken from the same copy, so it matches the payload.
                             staging.resize(data.len() * page, 0);
                             for (&o, dst) in data.iter().zip(staging.chunks_exact_mut(page)) {
                                 block.memory().copy_to(o, dst);
                             }
-                            c.compress(&mut staging.chunks_exact(page), &mut payload)?;
+                            c.compress(&crate::memory::ReadSource::slices(&[&staging]), &mut payload)?;
                             header.next_packet_size = payload.len() as u32;
-                            if cfg.integrity { crate::integrity::pages_digest(staging.chunks_exact(page)) } else { 0 }
+                            crate::integrity::pages_digest(staging.chunks_exact(page))
+                        }
+                        Some(c) => {
+                            // Otherwise it reads the pages where they are (see `crate::memory`).
+                            iov.clear();
+                            for &o in data {
+                                block.push_page(&mut iov, 0, o);
+                            }
+                            // SAFETY: every iovec came from `push_page` on `block`, which this
+                            // thread holds (an Arc in the job) until the call returns.
+                            c.compress(&unsafe { crate::memory::ReadSource::pages(&iov) }, &mut payload)?;
+                            header.next_packet_size = payload.len() as u32;
+                            0
                         }
                         None if cfg.integrity => crate::integrity::block_pages_digest(&block, data),
                         None => 0,

@@ -114,7 +114,7 @@ impl<'a> ChannelDecoder<'a> {
                 let data: &[u8] = match self.method.as_mut().and_then(|m| m.1.as_mut()) {
                     Some(d) if normal > 0 => {
                         self.pages.resize(normal * size, 0);
-                        d.decompress(payload, &mut self.pages).map_err(where_)?;
+                        d.decompress(payload, &mut crate::memory::WriteTarget::buffer(&mut self.pages)).map_err(where_)?;
                         &self.pages
                     }
                     _ => payload,

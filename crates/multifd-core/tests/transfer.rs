@@ -96,6 +96,9 @@ fn run(address: &str, channels: u8, compression: Compression) {
     source.sync(300).unwrap();
     wait_for(&drx, |e| matches!(e, Event::Synced { epoch: 2, .. }));
     assert!(src_blocks.iter().zip(&dst_blocks).all(|(a, b)| same(a, b)));
+    // Pages land in block memory without a staging copy, compressed or not (nothing in this
+    // file receives into a file without `fallocate`, the one path that stages).
+    assert_eq!(multifd_core::dest::staged_bytes(), 0, "{compression:?}: pages copied through a receive buffer");
     let sent: u64 = source.stats().iter().map(|s| s.normal_pages + s.zero_pages).sum();
     let total: u64 = src_blocks.iter().map(|b| b.pages() as u64).sum::<u64>() + 4;
     assert_eq!(sent, total);

@@ -21,10 +21,18 @@
 //! - **Inspection in place** (the zero-page scan) reads with `ptr::read_volatile`, word by
 //!   word, into registers: each read is a single load the compiler may not merge, repeat or
 //!   assume anything about.
+//! - **Decoders** write a packet's pages through a [`WriteTarget`]: raw `iovec`s from
+//!   `push_page`, handed to C code as an output pointer (zstd's `ZSTD_outBuffer`, which zstd
+//!   fills with `memcpy` from its own window in its default buffered-output mode and never
+//!   reads back) or filled with [`WriteTarget::copy_in`]. It is the same kind of write as
+//!   [`Mapping::copy_from`], bounded by the packet's pages.
+//! - **Compressors** read a packet's pages through a [`ReadSource`]: zstd gets the raw pointers
+//!   as its `ZSTD_inBuffer` and `memcpy`s them into its own window before looking at them
+//!   (buffered-input mode), the same kind of read as [`Mapping::copy_to`]; zlib copies them
+//!   out with [`ReadSource::copy_out`] first.
 //! - **Digests** read in place with aligned `read_volatile` SIMD loads into registers
-//!   ([`Mapping::xxh3_runs`], kernel in [`xxh3`]), the same rule as the zero scan, wider.
-//! - **Compression input** is one packet's pages copied into a per-thread buffer first, then
-//!   compressed (and, with integrity, hashed) from that buffer.
+//!   ([`Mapping::xxh3_runs`], kernel in [`xxh3`]), the same rule as the zero scan, wider; when a
+//!   digest must match compressed bytes, compression and digest read one private copy.
 //!
 //! Bounds are checked here, once, against the mapping's length; the mapping lives as long as
 //! its owner (a `RamBlock` of `block.rs`, held by `Arc` by every thread and JavaScript view that
@@ -50,12 +58,15 @@
 //! volatile 8-byte load per 8 bytes, four independent OR chains (about 4 KiB in 0.1-0.2 us for
 //! a zero page; data pages usually stop in the first 32 bytes). A digest is one pass of xxh3
 //! over the bytes where they lie (AVX2 when the CPU has it, else SSE2), no copy.
-//! Compression copies each packet's normal pages into a per-channel buffer once (the digest is
-//! then taken from that copy, so it always matches the compressed bytes). TLS sends through a
-//! 64 KiB per-thread copy of the pages (rustls encrypts from slices, copying into each record
-//! as it seals it); it receives by copying each decrypted record straight from rustls's
-//! buffer into the pages ([`copy_in_raw`]), the one write into block memory that the plaintext
-//! path's `readv` also makes.
+//! zstd compresses from and decodes into the pages in place (the only copy is zstd's own,
+//! between its window and the pages); zlib copies each packet's pages into a per-channel
+//! buffer to compress, and decodes into one and copies that in (flate2 only takes slices).
+//! With integrity on, compression reads one private copy and the digest is taken from it, so it
+//! always matches the compressed bytes. TLS sends through a 64 KiB per-thread copy of the
+//! pages (rustls encrypts from slices, copying into each record as it seals it); it receives by
+//! copying each decrypted record straight from rustls's buffer into the pages
+//! ([`copy_in_raw`]), the one write into block memory that the plaintext path's `readv` also
+//! makes.
 
 pub mod guard;
 mod xxh3;
@@ -277,6 +288,136 @@ pub unsafe fn copy_out_raw(src: *const u8, out: &mut [u8]) {
 pub unsafe fn copy_in_raw(dst: *mut u8, data: &[u8]) {
     // SAFETY: forwarded from the caller; `data` is a private buffer.
     unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), dst, data.len()) }
+}
+
+/// Memory a compressor reads: one packet's pages as raw `iovec`s, or private slices. Nothing
+/// makes a Rust slice over block memory; compressors read it through [`Self::regions`] (an input
+/// pointer for C code that only copies it into its own window) or [`Self::copy_out`].
+pub struct ReadSource<'a>(Source<'a>);
+
+enum Source<'a> {
+    Pages(&'a [libc::iovec]),
+    Slices(&'a [&'a [u8]]),
+}
+
+impl<'a> ReadSource<'a> {
+    /// Block pages.
+    ///
+    /// # Safety
+    /// Every iovec must be readable for its length while the source lives (from
+    /// `RamBlock::push_page`, on a block the caller holds).
+    pub unsafe fn pages(iov: &'a [libc::iovec]) -> Self {
+        ReadSource(Source::Pages(iov))
+    }
+
+    /// Private slices.
+    pub fn slices(s: &'a [&'a [u8]]) -> Self {
+        ReadSource(Source::Slices(s))
+    }
+
+    /// The private slices, for compressors that only read slices (block pages are never).
+    pub fn as_slices(&self) -> Option<&'a [&'a [u8]]> {
+        match self.0 {
+            Source::Pages(_) => None,
+            Source::Slices(s) => Some(s),
+        }
+    }
+
+    /// The regions in order, as raw pointers and lengths, each readable while `self` lives.
+    pub fn regions(&self) -> impl Iterator<Item = (*const u8, usize)> + '_ {
+        let (iov, slices): (&[libc::iovec], &[&[u8]]) = match self.0 {
+            Source::Pages(iov) => (iov, &[]),
+            Source::Slices(s) => (&[], s),
+        };
+        iov.iter().map(|v| (v.iov_base.cast_const().cast::<u8>(), v.iov_len)).chain(slices.iter().map(|s| (s.as_ptr(), s.len())))
+    }
+
+    /// Total bytes.
+    pub fn len(&self) -> usize {
+        self.regions().map(|(_, n)| n).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// A copy of every region, in order, in `out` (resized to fit).
+    pub fn copy_out(&self, out: &mut Vec<u8>) {
+        out.resize(self.len(), 0);
+        let mut at = 0;
+        for (p, n) in self.regions() {
+            // SAFETY: the constructors guarantee each region is readable for its length; `out`
+            // is a private buffer of `len()` bytes, so no overlap and `at + n <= out.len()`.
+            unsafe { std::ptr::copy_nonoverlapping(p, out.as_mut_ptr().add(at), n) };
+            at += n;
+        }
+    }
+}
+
+/// Memory a decoder fills: one packet's pages as raw `iovec`s, or a private buffer. Nothing
+/// makes a Rust slice over it; decoders write through [`Self::regions`] (an output pointer for
+/// C code that only writes there) or [`Self::copy_in`].
+pub struct WriteTarget<'a>(Target<'a>);
+
+enum Target<'a> {
+    Pages(&'a [libc::iovec]),
+    Buffer(libc::iovec, std::marker::PhantomData<&'a mut [u8]>),
+}
+
+impl<'a> WriteTarget<'a> {
+    /// Block pages.
+    ///
+    /// # Safety
+    /// Every iovec must be writable for its length while the target lives (from
+    /// `RamBlock::push_page`, on a block the caller holds), and none may overlap memory Rust
+    /// holds a reference to.
+    pub unsafe fn pages(iov: &'a [libc::iovec]) -> Self {
+        WriteTarget(Target::Pages(iov))
+    }
+
+    /// A private buffer, borrowed for the target's life.
+    pub fn buffer(buf: &'a mut [u8]) -> Self {
+        WriteTarget(Target::Buffer(iovec(buf.as_mut_ptr(), buf.len()), std::marker::PhantomData))
+    }
+
+    /// The regions to fill, in order: each writable for `iov_len` bytes while `self` lives.
+    pub fn regions(&self) -> &[libc::iovec] {
+        match &self.0 {
+            Target::Pages(iov) => iov,
+            Target::Buffer(one, _) => std::slice::from_ref(one),
+        }
+    }
+
+    /// The private buffer, for decoders that only write slices (block pages are never one).
+    pub fn as_buffer(&mut self) -> Option<&mut [u8]> {
+        match &self.0 {
+            Target::Pages(_) => None,
+            // SAFETY: made by `buffer` from a `&'a mut [u8]` that `self` still borrows
+            // exclusively, and reborrowed here for no longer than `&mut self`.
+            Target::Buffer(v, _) => Some(unsafe { std::slice::from_raw_parts_mut(v.iov_base.cast::<u8>(), v.iov_len) }),
+        }
+    }
+
+    /// Total bytes.
+    pub fn len(&self) -> usize {
+        self.regions().iter().map(|v| v.iov_len).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Fills the regions in order with `data`, which must be exactly [`Self::len`] bytes.
+    pub fn copy_in(&self, data: &[u8]) {
+        assert_eq!(data.len(), self.len(), "a write target is filled exactly");
+        let mut at = 0;
+        for v in self.regions() {
+            // SAFETY: the constructors guarantee each region is writable for its length; `data`
+            // is a private buffer, so no overlap; `at + iov_len <= data.len()` by the assert.
+            unsafe { std::ptr::copy_nonoverlapping(data.as_ptr().add(at), v.iov_base.cast::<u8>(), v.iov_len) };
+            at += v.iov_len;
+        }
+    }
 }
 
 #[cfg(test)]

@@ -523,7 +523,7 @@ impl ChannelRx {
                     Some(d) => d,
                     None => decompressor.insert(compress::decompressor(method)?.expect("a compression method has a decompressor")),
                 };
-                d.decompress(&payload[..len], &mut pages[..raw_len])?;
+                d.decompress(&payload[..len], &mut crate::memory::WriteTarget::buffer(&mut pages[..raw_len]))?;
                 &pages[..raw_len]
             };
             if let Some(block) = v.block {

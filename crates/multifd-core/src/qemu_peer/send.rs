@@ -310,7 +310,7 @@ impl ChannelTx {
             slices.push(&[]);
             let payload_len = match &mut self.compressor {
                 Some(c) if !normal.is_empty() => {
-                    c.compress(&mut normal.iter().map(page), &mut out)?;
+                    c.compress(&crate::memory::ReadSource::slices(&normal.iter().map(page).collect::<Vec<_>>()), &mut out)?;
                     slices.push(&out);
                     out.len()
                 }
