@@ -209,7 +209,10 @@ fn refused(server_tls: Option<TlsServer>, client_tls: impl Fn(&Address) -> Optio
     let (dest, block, drx) = destination(server_tls, 2);
     let (ssink, srx) = sink();
     let failure = Failure::new(ssink);
-    let src = Arc::new(RamBlock::allocate("pc.ram", 1 << 20, 4096, false).unwrap());
+    // More than the two sockets' buffers hold (a few MiB on loopback): a plaintext source never
+    // reads its channels, so it learns of the refusal only from a write that the closed
+    // connection rejects, which needs it to be still writing when the refusal arrives.
+    let src = Arc::new(RamBlock::allocate("pc.ram", 64 << 20, 4096, false).unwrap());
     fill(&src, 5, 0);
     let source_err = match Source::start(source_config(dest.address(), 2, client_tls(dest.address())), failure.clone()) {
         Err(e) => e,
