@@ -5,7 +5,7 @@
  * encodes what is sent. This module only names the generated types.
  */
 import { binding, type NativeControlMessage } from './native.js'
-import { ERROR_CODES, MultifdError } from './errors.js'
+import { MultifdError, codeOf } from './errors.js'
 
 export const PROTOCOL_VERSION: number = binding.CONTROL_PROTOCOL_VERSION
 
@@ -14,8 +14,7 @@ export type Hello = Extract<ControlMessage, { type: 'hello' }>
 
 /** The error a peer's `error` message stands for, keeping its code when it is one of ours. */
 export function remoteError(m: { code: string; message: string }, peer: string): MultifdError {
-  const code = (ERROR_CODES as readonly string[]).includes(m.code) ? (m.code as MultifdError['code']) : 'ERR_MULTIFD_PROTOCOL'
-  const e = new MultifdError(code, `${peer} failed: ${m.message}`)
+  const e = new MultifdError(codeOf(m.code), `${peer} failed: ${m.message}`)
   e.remote = true
   return e
 }
