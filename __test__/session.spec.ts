@@ -123,3 +123,38 @@ test('the no-progress bound is on by default (30 s) and 0 turns it off', async (
   }
   t.throws(() => Destination.listen({ address: 'tcp:127.0.0.1:0', blocks: dst, peerTimeoutMs: 50 }), { instanceOf: MultifdError, message: /peerTimeoutMs/ })
 })
+
+test('a source speaks the documented JSON, and a frame no destination sends (synced for epoch 0) fails it with ERR_MULTIFD_PROTOCOL, telling the peer', async (t) => {
+  t.timeout(20_000)
+  const fake = await rawDestination()
+  const { src } = blockPair([['ram', MiB]])
+  try {
+    const source = await Source.connect({ address: fake.address, blocks: src, channels: 1, integrity: 'xxh3' })
+    const control = await fake.control
+    t.deepEqual(Object.keys(control.hello), ['type', 'protocol', 'session', 'channels', 'pageSize', 'compression', 'blocks', 'integrity'])
+    t.deepEqual(control.hello, { type: 'hello', protocol: 1, session: source.session, channels: 1, pageSize: 4096, compression: 'none', blocks: [{ name: 'ram', length: MiB }], integrity: 'xxh3' })
+    control.send({ type: 'synced', epoch: 0, packetNum: 0 })
+    t.is(await rejectionCode(until(source.done, 10_000, 'the source to refuse the frame')), 'ERR_MULTIFD_PROTOCOL')
+    let frame = await control.next()
+    while (frame && frame.type === 'ping') frame = await control.next()
+    t.like(frame, { type: 'error', code: 'ERR_MULTIFD_PROTOCOL' })
+  } finally {
+    fake.close()
+  }
+})
+
+test('a destination refuses a hello naming a block twice with ERR_MULTIFD_DUPLICATE_BLOCK before asking for blocks, and says so', async (t) => {
+  t.timeout(20_000)
+  let asked = 0
+  const dest = Destination.listen({ address: 'tcp:127.0.0.1:0', blocks: () => (asked++, []) })
+  try {
+    const c = await rawControl(dest.address)
+    c.send({ type: 'hello', protocol: 1, session: 'ab'.repeat(16), channels: 1, pageSize: 4096, compression: 'none', blocks: [{ name: 'a', length: 4096 }, { name: 'a', length: 4096 }] })
+    t.is(await rejectionCode(until(dest.done, 10_000, 'the destination to refuse the hello')), 'ERR_MULTIFD_DUPLICATE_BLOCK')
+    t.is(asked, 0)
+    t.like(await c.next(), { type: 'error', code: 'ERR_MULTIFD_DUPLICATE_BLOCK' })
+    c.socket.destroy()
+  } finally {
+    dest.close()
+  }
+})

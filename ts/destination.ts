@@ -8,7 +8,7 @@ import { binding, type NativeEvent } from './native.js'
 import { MultifdError, native, nativeError } from './errors.js'
 import { RamBlock, RamBlockSchema, blockDigests } from './block.js'
 import { Address, Channels, DEFAULT_PEER_TIMEOUT_MS, DEFAULT_TIMEOUT_MS, PeerTimeoutMs, TimeoutMs, parseOptions } from './options.js'
-import { PROTOCOL_VERSION, checkAnnouncement, decodeMessage, encodeMessage, remoteError, type ControlMessage, type Hello } from './protocol.js'
+import { PROTOCOL_VERSION, remoteError, type ControlMessage, type Hello } from './protocol.js'
 import { Session } from './session.js'
 import { type ChannelStats, type TlsSummary } from './types.js'
 import { DestinationTlsOptions, tlsCredentials, tlsSummary } from './tls.js'
@@ -119,7 +119,10 @@ export class Destination extends Session {
         this.#helloTimer = setTimeout(() => this.fail(new MultifdError('ERR_MULTIFD_TIMEOUT', `no hello from the source within ${this.#options.handshakeTimeoutMs} ms`)), this.#options.handshakeTimeoutMs)
         return
       case 'control':
-        return void this.#onControl(ev.frame)
+        return void this.#onControl(ev.message)
+      case 'controlRefused':
+        this.heard()
+        return this.fail(nativeError(ev.error))
       case 'controlClosed':
         if (this.state === 'completed') return
         return this.fail(
@@ -146,16 +149,16 @@ export class Destination extends Session {
 
   #send(m: ControlMessage): void {
     try {
-      native(() => this.#native.sendControl(encodeMessage(m)))
+      native(() => this.#native.sendControl(m))
     } catch (e) {
       this.fail(e)
     }
   }
 
-  async #onControl(frame: Buffer): Promise<void> {
+  /** A message from the source, decoded and checked (announcement included) by the core. */
+  async #onControl(m: ControlMessage): Promise<void> {
     this.heard()
     try {
-      const m = decodeMessage(frame)
       switch (m.type) {
         case 'ping':
           return
@@ -189,9 +192,8 @@ export class Destination extends Session {
     if (expected !== undefined && expected !== h.channels) {
       throw new MultifdError('ERR_MULTIFD_CHANNEL_COUNT_MISMATCH', `source announced ${h.channels} channel(s), this destination expects ${expected}`)
     }
-    // The whole announcement is checked before any block is created (outputs: nothing is made,
-    // resized or written for a hello that is then refused).
-    checkAnnouncement(h)
+    // The whole announcement (page size, block names once, lengths) was checked by the core
+    // before this hello reached us, so nothing is made, resized or written for a bad one.
     const blocks = await this.#resolveBlocks(h)
     this.#blocks = blocks
     this.#channels = h.channels
@@ -258,7 +260,7 @@ export class Destination extends Session {
   protected override tellPeer(e: MultifdError): void {
     if (e.code === 'ERR_MULTIFD_CANCELLED' && e.remote) return
     try {
-      this.#native.sendControl(encodeMessage({ type: 'error', code: e.code, message: e.message }))
+      this.#native.sendControl({ type: 'error', code: e.code, message: e.message })
     } catch {
       // the control connection may be what failed, or never existed
     }

@@ -9,7 +9,7 @@ import { binding, type NativeEvent } from './native.js'
 import { MultifdError, asMultifdError, native, nativeError } from './errors.js'
 import { RamBlock, RamBlockSchema, blockDigests } from './block.js'
 import { Address, Bandwidth as BandwidthLimit, Channels, CompressionMethod, DEFAULT_CHANNELS, DEFAULT_PAGE_SIZE, DEFAULT_PEER_TIMEOUT_MS, DEFAULT_TIMEOUT_MS, Integrity, PageSize, PeerTimeoutMs, TimeoutMs, ZeroPageDetection, checkSourceRules, parseOptions } from './options.js'
-import { PROTOCOL_VERSION, decodeMessage, encodeMessage, remoteError, type ControlMessage } from './protocol.js'
+import { PROTOCOL_VERSION, remoteError, type ControlMessage } from './protocol.js'
 import { Session } from './session.js'
 import { type ChannelStats, type Summary, type TlsSummary } from './types.js'
 import { SourceTlsOptions, tlsCredentials, tlsSummary } from './tls.js'
@@ -188,7 +188,7 @@ export class Source extends Session {
   #send(m: ControlMessage): void {
     const n = this.#native
     if (!n) throw new MultifdError('ERR_MULTIFD_STATE', 'the source is not connected')
-    native(() => n.sendControl(encodeMessage(m)))
+    native(() => n.sendControl(m))
   }
 
   #onEvent(ev: NativeEvent): void {
@@ -210,7 +210,10 @@ export class Source extends Session {
       case 'warning':
         return this.warn(nativeError(ev.error))
       case 'control':
-        return this.#onControl(ev.frame)
+        return this.#onControl(ev.message)
+      case 'controlRefused':
+        this.heard()
+        return this.fail(nativeError(ev.error))
       case 'controlClosed':
         this.#hear('controlClosed')
         // After completion, or while cancel/abort waits for exactly this, a closing peer is expected.
@@ -225,12 +228,12 @@ export class Source extends Session {
     }
   }
 
-  #onControl(frame: Buffer): void {
+  /** A message from the destination, decoded and checked by the core. */
+  #onControl(m: ControlMessage): void {
     this.heard()
     const n = this.#native
     if (!n) return
     try {
-      const m = decodeMessage(frame)
       switch (m.type) {
         case 'welcome':
           if (m.protocol !== PROTOCOL_VERSION) throw new MultifdError('ERR_MULTIFD_PROTOCOL', `destination speaks control protocol ${m.protocol}, expected ${PROTOCOL_VERSION}`)
@@ -434,8 +437,7 @@ export class Source extends Session {
       // Block digests are native work off the JavaScript thread, overlapping the final sync
       // (this is downtime): the blocks no longer change once `complete` is called.
       const [epoch, digests] = await Promise.all([this.sync(), this.#options.integrity === 'xxh3' ? blockDigests(this.blocks) : undefined])
-      const frame = encodeMessage({ type: 'complete', epoch, ...(digests ? { digests } : {}) })
-      native(() => n.sendComplete(epoch, frame))
+      native(() => n.sendComplete(epoch, digests))
       await this.#until('completed', 'the destination completion', this.#options.handshakeTimeoutMs)
       this.succeed()
     } catch (e) {

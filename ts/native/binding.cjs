@@ -843,6 +843,7 @@ module.exports.NativeQemuSender = nativeBinding.NativeQemuSender
 module.exports.NativeSource = nativeBinding.NativeSource
 module.exports.checkAddress = nativeBinding.checkAddress
 module.exports.checkSourceOptions = nativeBinding.checkSourceOptions
+module.exports.CONTROL_PROTOCOL_VERSION = nativeBinding.CONTROL_PROTOCOL_VERSION
 module.exports.decodeInitPacket = nativeBinding.decodeInitPacket
 module.exports.decodePacketHeader = nativeBinding.decodePacketHeader
 module.exports.encodeInitPacket = nativeBinding.encodeInitPacket

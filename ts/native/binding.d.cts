@@ -65,7 +65,7 @@ export declare class NativeDestination {
   get address(): string
   /** The accepted control connection's TLS session, when TLS is on. */
   tlsInfo(): TlsSessionInfo | null
-  sendControl(frame: Buffer): void
+  sendControl(message: NativeControlMessage): void
   /** Adds a block that pages may be written into (before `configure`). */
   addBlock(block: Block): void
   /** Starts admitting channels for this session. */
@@ -136,9 +136,12 @@ export declare class NativeSource {
   static connect(address: string, connectTimeoutMs: number, tls: TlsCredentials | undefined | null, onEvent: (arg: NativeEvent) => void): NativeSource
   /** The control connection's TLS session, once connected with TLS. */
   tlsInfo(): TlsSessionInfo | null
-  sendControl(frame: Buffer): void
-  /** Sends the `complete` frame, which names `epoch` (the last sync, acknowledged). */
-  sendComplete(epoch: number, frame: Buffer): void
+  sendControl(message: NativeControlMessage): void
+  /**
+   * Sends `complete`, which names `epoch` (the last sync, acknowledged) and, with
+   * integrity, every block's digest.
+   */
+  sendComplete(epoch: number, digests?: Array<NativeBlockDigest> | undefined | null): void
   /**
    * The destination acknowledged sync `epoch`; anything but a sync this source sent (and not
    * acknowledged before) fails the session with ERR_MULTIFD_OUT_OF_SEQUENCE.
@@ -265,6 +268,9 @@ export interface CompressionMethodInfo {
   levels?: IntRange
 }
 
+/** The control protocol version this build speaks. */
+export declare const CONTROL_PROTOCOL_VERSION: number
+
 /** Decodes a 64-byte init packet; with `expect`, also checks the UUID and the channel id range. */
 export declare function decodeInitPacket(bytes: Uint8Array, expect?: InitExpectation | undefined | null): InitPacketInfo
 
@@ -375,6 +381,30 @@ export interface LimitViolation {
   message: string
 }
 
+/** A block's xxh3-64 (16 lowercase hex digits) in `complete`. */
+export interface NativeBlockDigest {
+  name: string
+  xxh3: string
+}
+
+/** A block of a hello's table. */
+export interface NativeBlockEntry {
+  name: string
+  length: number
+}
+
+/** One control message (docs/PROTOCOL.md, "Messages"). */
+export type NativeControlMessage =
+  | { type: 'hello'; protocol: number; session: string; channels: number; pageSize: number; compression: string; blocks: Array<NativeBlockEntry>; integrity?: string }
+  | { type: 'welcome'; protocol: number }
+  | { type: 'round'; round: number }
+  | { type: 'synced'; epoch: number; packetNum: number }
+  | { type: 'complete'; epoch: number; digests?: Array<NativeBlockDigest> }
+  | { type: 'completed' }
+  | { type: 'cancel' }
+  | { type: 'ping' }
+  | { type: 'error'; code: string; message: string }
+
 /** A failure as it crosses to JavaScript: the stable `ERR_MULTIFD_*` code and the message. */
 export interface NativeError {
   code: string
@@ -388,7 +418,8 @@ export type NativeEvent =
   | { kind: 'rejected'; id: number; error: NativeError }
   | { kind: 'synced'; epoch: number; packetNum: number }
   | { kind: 'channel'; id: number }
-  | { kind: 'control'; frame: Buffer }
+  | { kind: 'control'; message: NativeControlMessage }
+  | { kind: 'controlRefused'; error: NativeError }
   | { kind: 'controlClosed'; error?: NativeError }
   | { kind: 'controlConnected' }
   | { kind: 'channelsReady' }

@@ -1,6 +1,6 @@
 //! The control connection's byte layer: a 4-byte magic, then length-prefixed frames. What the
-//! frames say (hello, sync, complete, error) is decided by the orchestrator (TypeScript);
-//! docs/PROTOCOL.md describes both layers.
+//! frames say is [`crate::control_messages`]; when each is sent is decided by the orchestrator
+//! (TypeScript); docs/PROTOCOL.md describes both layers.
 
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;

@@ -3,12 +3,13 @@
 //! Pure state, no I/O: the source session (`lifecycle`) and the destination (`dest`) consult
 //! it, and `cargo test` covers every rule.
 
+use crate::control_messages::ControlMessage;
 use crate::error::{Result, fail};
 
 /// The `synced` message the destination's channel threads send themselves once every channel
-/// passed barrier `epoch` (JSON, as every control frame; numbers only, so nothing to escape).
+/// passed barrier `epoch`.
 pub fn synced_frame(epoch: u64, packet_num: u64) -> Vec<u8> {
-    format!(r#"{{"type":"synced","epoch":{epoch},"packetNum":{packet_num}}}"#).into_bytes()
+    ControlMessage::Synced { epoch, packet_num }.encode()
 }
 
 /// What a source has asked for and what the destination has acknowledged.

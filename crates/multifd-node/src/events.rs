@@ -3,11 +3,14 @@
 
 use std::sync::{Arc, Mutex};
 
+use multifd_core::control_messages::ControlMessage;
 use multifd_core::session::{Event, EventSink};
-use napi::bindgen_prelude::{Buffer, Function};
+use napi::bindgen_prelude::Function;
 use napi::threadsafe_function::{ThreadsafeFunction, ThreadsafeFunctionCallMode};
 use napi::Status;
 use napi_derive::napi;
+
+use crate::control_messages::NativeControlMessage;
 
 /// A failure as it crosses to JavaScript: the stable `ERR_MULTIFD_*` code and the message.
 #[napi(object)]
@@ -35,8 +38,11 @@ pub enum NativeEvent {
     Synced { epoch: f64, packet_num: f64 },
     /// Multifd channel `id` was admitted (destination) or connected (source).
     Channel { id: u32 },
-    /// A control frame from the peer.
-    Control { frame: Buffer },
+    /// A control message from the peer, decoded and checked by the core.
+    Control { message: NativeControlMessage },
+    /// A control frame from the peer that is not a valid message (`ERR_MULTIFD_PROTOCOL`, or
+    /// `ERR_MULTIFD_DUPLICATE_BLOCK` for a hello naming a block twice).
+    ControlRefused { error: NativeError },
     /// The control connection ended: cleanly (no `error`) or with `error`.
     ControlClosed { error: Option<NativeError> },
     /// The control connection is up (source: connected and authenticated; destination: accepted).
@@ -55,7 +61,10 @@ impl From<Event> for NativeEvent {
             Event::Done { id, result: Err(err) } => NativeEvent::Rejected { id, error: err.into() },
             Event::Synced { epoch, packet_num } => NativeEvent::Synced { epoch: epoch as f64, packet_num: packet_num as f64 },
             Event::ChannelUp { id } => NativeEvent::Channel { id: id.into() },
-            Event::Control(frame) => NativeEvent::Control { frame: frame.into() },
+            Event::Control(frame) => match ControlMessage::decode(&frame) {
+                Ok(m) => NativeEvent::Control { message: m.into() },
+                Err(err) => NativeEvent::ControlRefused { error: err.into() },
+            },
             Event::ControlClosed(err) => NativeEvent::ControlClosed { error: err.map(Into::into) },
             Event::ControlConnected => NativeEvent::ControlConnected,
             Event::ChannelsReady => NativeEvent::ChannelsReady,

@@ -2,6 +2,7 @@
 
 pub mod block;
 pub mod codec;
+pub mod control_messages;
 mod errors;
 pub mod events;
 pub mod files;

@@ -20,6 +20,7 @@ use napi::bindgen_prelude::{Buffer, Function};
 use napi_derive::napi;
 
 use crate::block::Block;
+use crate::control_messages::{self, NativeBlockDigest, NativeControlMessage};
 use crate::errors::{IntoCoded, Result, coded};
 use crate::events::{JsEvents, NativeEvent};
 use crate::numbers::{code, to_u64, uuid};
@@ -179,14 +180,16 @@ impl NativeSource {
     }
 
     #[napi]
-    pub fn send_control(&self, frame: Buffer) -> Result<()> {
-        self.session.send_control(&frame).into_coded()
+    pub fn send_control(&self, message: NativeControlMessage) -> Result<()> {
+        self.session.send_control(&control_messages::encode(message)?).into_coded()
     }
 
-    /// Sends the `complete` frame, which names `epoch` (the last sync, acknowledged).
+    /// Sends `complete`, which names `epoch` (the last sync, acknowledged) and, with
+    /// integrity, every block's digest.
     #[napi]
-    pub fn send_complete(&self, epoch: f64, frame: Buffer) -> Result<()> {
+    pub fn send_complete(&self, epoch: f64, digests: Option<Vec<NativeBlockDigest>>) -> Result<()> {
         let epoch = to_u64(epoch, "epoch").into_coded()?;
+        let frame = control_messages::encode(NativeControlMessage::Complete { epoch: epoch as f64, digests })?;
         self.session.send_complete(epoch, &frame).into_coded()
     }
 
@@ -347,8 +350,8 @@ impl NativeDestination {
     }
 
     #[napi]
-    pub fn send_control(&self, frame: Buffer) -> Result<()> {
-        self.dest.send_control(&frame).into_coded()
+    pub fn send_control(&self, message: NativeControlMessage) -> Result<()> {
+        self.dest.send_control(&control_messages::encode(message)?).into_coded()
     }
 
     /// Adds a block that pages may be written into (before `configure`).
