@@ -5,20 +5,18 @@
  * walks whatever the core defines; each layer must give the same verdict with the same code.
  */
 import test from 'ava'
-import { spawn } from 'node:child_process'
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs'
 import net from 'node:net'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
-import { fileURLToPath } from 'node:url'
 import { Destination, MultifdError, RamBlock, Source } from '../ts/index.js'
 import { binding, type NativeEvent } from '../ts/native.js'
 import { fromNative } from '../ts/errors.js'
+import { cli as runCli, type Run } from './cli-helpers.js'
 import { LIMITS } from '../ts/options.js'
 import { testPki, until } from './helpers.js'
 
 const INVALID = 'ERR_MULTIFD_INVALID_ARGUMENT'
-const CLI = fileURLToPath(new URL('../scripts/multifd', import.meta.url))
 /** Nothing listens here: a source whose options pass fails to connect, not to validate. */
 const NOWHERE = 'tcp:127.0.0.1:1'
 
@@ -45,29 +43,10 @@ const block = (): RamBlock => RamBlock.allocate({ name: 'm', size: 64 * 1024 })
 const source = (o: Record<string, unknown>): Promise<Verdict> => facade(() => Source.connect({ address: NOWHERE, blocks: [block()], connectTimeoutMs: 2000, ...o } as never))
 const destination = (o: Record<string, unknown>): Promise<Verdict> => facade(() => Destination.listen({ address: 'tcp:127.0.0.1:0', blocks: [], ...o } as never))
 
-interface Run {
-  code: number | null
-  stdout: string
-  stderr: string
-}
-
 /** Runs `multifd args`; a `recv` that starts listening is accepted and interrupted. */
 function cli(args: string[]): Promise<Run> {
-  const child = spawn(CLI, args, { stdio: ['ignore', 'pipe', 'pipe'] })
-  let stdout = ''
-  let stderr = ''
-  child.stdout.on('data', (d: Buffer) => (stdout += d.toString()))
-  child.stderr.on('data', (d: Buffer) => {
-    stderr += d.toString()
-    if (stderr.includes('listening on')) child.kill('SIGINT')
-  })
-  const timer = setTimeout(() => child.kill('SIGKILL'), 60_000)
-  return new Promise((resolve) =>
-    child.on('close', (code) => {
-      clearTimeout(timer)
-      resolve({ code, stdout, stderr })
-    }),
-  )
+  const run = runCli(args, { onStderr: (s) => s.includes('listening on') && run.kill('SIGINT') })
+  return run.done
 }
 
 /** The CLI's verdict: exit 2 with a message is INVALID_ARGUMENT; exit 1 or a listening recv is accepted. */

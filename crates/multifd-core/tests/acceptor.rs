@@ -53,21 +53,7 @@ fn dest_config(channels: u8, block: &Arc<RamBlock>) -> DestConfig {
 /// written on every one of them. The caller closes the source once the destination finished.
 fn send(address: &Address, channels: u8, block: &Arc<RamBlock>) -> Source {
     let (ssink, srx) = sink();
-    let config = SourceConfig {
-        address: address.clone(),
-        uuid: UUID,
-        channels,
-        geometry: Geometry::x86(),
-        compression: Compression::None,
-        compression_level: None,
-        zero_page_detection: true,
-        zero_copy: false,
-        max_bandwidth: None,
-        connect_timeout: Duration::from_secs(10),
-        peer_timeout: None,
-        integrity: false,
-        tls: None,
-    };
+    let config = SourceConfig { connect_timeout: Duration::from_secs(10), ..common::source_config(address, UUID, channels) };
     let source = Source::start(config, Failure::new(ssink)).expect("the real source connects");
     source.send(1, block.clone(), Selection::Whole).unwrap();
     source.sync(2).unwrap();

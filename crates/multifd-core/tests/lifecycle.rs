@@ -161,19 +161,5 @@ fn unsent_bytes_shrink_as_the_destination_reads() {
 }
 
 fn source_config_for(channels: u8) -> SourceConfig {
-    SourceConfig {
-        address: Address::parse("tcp:127.0.0.1:1").unwrap(),
-        uuid: UUID,
-        channels,
-        geometry: Geometry::x86(),
-        compression: Compression::None,
-        compression_level: None,
-        zero_page_detection: true,
-        zero_copy: false,
-        connect_timeout: Duration::from_secs(5),
-        max_bandwidth: None,
-        peer_timeout: None,
-        integrity: false,
-        tls: None,
-    }
+    common::source_config(&Address::parse("tcp:127.0.0.1:1").unwrap(), UUID, channels)
 }

@@ -111,21 +111,7 @@ fn on_disk(path: &Path) -> u64 {
 }
 
 fn config(address: &Address, compression: Compression, zero_page_detection: bool) -> SourceConfig {
-    SourceConfig {
-        address: address.clone(),
-        uuid: [3; 16],
-        channels: 2,
-        geometry: Geometry::x86(),
-        compression,
-        compression_level: None,
-        zero_page_detection,
-        zero_copy: false,
-        max_bandwidth: None,
-        connect_timeout: Duration::from_secs(5),
-        peer_timeout: Some(Duration::from_secs(20)),
-        integrity: false,
-        tls: None,
-    }
+    SourceConfig { compression, zero_page_detection, peer_timeout: Some(Duration::from_secs(20)), ..common::source_config(address, [3; 16], 2) }
 }
 
 /// What a transfer ended with on each side (the first error, if any).

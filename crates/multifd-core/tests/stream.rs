@@ -43,21 +43,7 @@ fn record(compression: Compression, channels: u8) -> (Vec<Arc<RamBlock>>, Vec<Ve
     let (addr, rec) = recorder(channels as usize);
     let (events, rx) = sink();
     let source = Source::start(
-        SourceConfig {
-            address: addr,
-            uuid: [5; 16],
-            channels,
-            geometry: Geometry::x86(),
-            compression,
-            compression_level: None,
-            zero_page_detection: true,
-            zero_copy: false,
-            connect_timeout: Duration::from_secs(5),
-            peer_timeout: None,
-            integrity: false,
-            max_bandwidth: None,
-            tls: None,
-        },
+        SourceConfig { compression, ..common::source_config(&addr, [5; 16], channels) },
         Failure::new(events),
     )
     .unwrap();

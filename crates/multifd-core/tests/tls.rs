@@ -33,21 +33,7 @@ fn is_zero(b: &RamBlock) -> bool {
 }
 
 fn source_config(address: &Address, channels: u8, tls: Option<TlsClient>) -> SourceConfig {
-    SourceConfig {
-        address: address.clone(),
-        uuid: [3; 16],
-        channels,
-        geometry: Geometry::x86(),
-        compression: Compression::None,
-        compression_level: None,
-        zero_page_detection: true,
-        zero_copy: false,
-        connect_timeout: Duration::from_secs(5),
-        max_bandwidth: None,
-        peer_timeout: None,
-        integrity: false,
-        tls,
-    }
+    SourceConfig { tls, ..common::source_config(address, [3; 16], channels) }
 }
 
 /// A destination with one 1 MiB block, configured for `channels`.

@@ -5,6 +5,9 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock, mpsc};
 
 use multifd_core::block::RamBlock;
+use multifd_core::source::SourceConfig;
+use multifd_core::transport::Address;
+use multifd_core::wire::{Compression, Geometry};
 use multifd_core::session::{Event, EventSink};
 use multifd_core::tls::TlsOptions;
 
@@ -55,4 +58,25 @@ pub fn pem(name: &str) -> Vec<u8> {
 /// TLS options with `who`'s certificate and key, trusting `ca`.
 pub fn options(who: &str, ca: &str) -> TlsOptions {
     TlsOptions { cert: pem(&format!("{who}.pem")), key: pem(&format!("{who}.key")), ca: pem(ca), ..Default::default() }
+}
+
+/// A plain source configuration (no compression, zero-page detection on, no TLS, 5 s connect
+/// timeout, no peer timeout); tests override what they exercise with struct update syntax.
+#[allow(dead_code)]
+pub fn source_config(address: &Address, uuid: [u8; 16], channels: u8) -> SourceConfig {
+    SourceConfig {
+        address: address.clone(),
+        uuid,
+        channels,
+        geometry: Geometry::x86(),
+        compression: Compression::None,
+        compression_level: None,
+        zero_page_detection: true,
+        zero_copy: false,
+        connect_timeout: std::time::Duration::from_secs(5),
+        max_bandwidth: None,
+        peer_timeout: None,
+        integrity: false,
+        tls: None,
+    }
 }
