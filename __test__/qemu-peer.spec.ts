@@ -9,8 +9,8 @@
  */
 import test, { type ExecutionContext } from 'ava'
 import { execFile, execFileSync, spawn } from 'node:child_process'
-import { createHash } from 'node:crypto'
-import { existsSync, mkdtempSync, readFileSync, readdirSync, rmSync } from 'node:fs'
+import { createHash, randomBytes } from 'node:crypto'
+import { existsSync, mkdtempSync, readFileSync, readdirSync, rmSync, writeFileSync } from 'node:fs'
 import net from 'node:net'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
@@ -123,7 +123,7 @@ for (const [compression, channels, zeroPages] of matrix) {
   })
 }
 
-live('a QEMU file (ours, and QEMU\'s own mapped-ram save) -> send --qemu -> QEMU -incoming: completed, RAM equal', async (t) => {
+live('a QEMU file (ours, and QEMU\'s own mapped-ram save) -> send --qemu (none, zstd, zlib) -> QEMU -incoming: completed, RAM equal', async (t) => {
   t.timeout(240_000)
   const { dir, ram } = workdir(t)
   const ours = join(dir, 'ours.qemu')
@@ -132,8 +132,16 @@ live('a QEMU file (ours, and QEMU\'s own mapped-ram save) -> send --qemu -> QEMU
   t.is(src.status, 'completed')
   const theirs = join(dir, 'theirs.qemu')
   execFileSync('python3', [py('qemu_mig.py'), '--mode', 'save', '--mapped-ram', '--file', theirs, '--src-ram', ram, '--size-mib', String(SIZE_MIB), '--channels', '2', '--prealloc', 'none'], { stdio: 'pipe', timeout: 120_000 })
-  for (const [file, channels, compression] of [[ours, 3, 'none'], [theirs, 2, 'zstd']] as const) {
-    const dst = await qemuDest(ram, channels, compression)
+  // zlib too, also over RAM that does not compress at all: our deflate streams switch to
+  // stored blocks after an incompressible packet, and QEMU's inflate must take them.
+  const noise = join(dir, 'noise.img')
+  writeFileSync(noise, randomBytes(SIZE_MIB << 20))
+  const random = join(dir, 'random.qemu')
+  const rx2 = QemuReceiver.listen({ address: 'tcp:127.0.0.1:0', to: random })
+  const [src2] = await Promise.all([qemuSource(noise, rx2.address, 2), rx2.done])
+  t.is(src2.status, 'completed')
+  for (const [file, channels, compression, guest] of [[ours, 3, 'none', ram], [theirs, 2, 'zstd', ram], [ours, 4, 'zlib', ram], [random, 2, 'zlib', noise]] as const) {
+    const dst = await qemuDest(guest, channels, compression)
     const tx = QemuSender.start({ file, address: dst.address, channels, compression })
     const s = await tx.done
     t.is(s.perChannel.length, channels)
