@@ -121,8 +121,9 @@ main(process.argv.slice(2)).then(
     if (e instanceof UsageError) {
       process.stderr.write(`multifd: ${e.message}\n${hint}\n`)
       process.exitCode = 2
-    } else if (e instanceof MultifdError && e.code === 'ERR_MULTIFD_INVALID_ARGUMENT') {
-      // Options the library refuses (docs/LIMITS.md) are usage errors too.
+    } else if (e instanceof MultifdError && e.code === 'ERR_MULTIFD_INVALID_ARGUMENT' && !e.remote) {
+      // Options the library refuses (docs/LIMITS.md) are usage errors too; one the peer
+      // reported is a failure of the migration.
       process.stderr.write(`multifd: ${e.code}: ${e.message}\n${hint}\n`)
       process.exitCode = 2
     } else if (e instanceof MultifdError) {

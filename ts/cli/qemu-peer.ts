@@ -1,6 +1,5 @@
 /** `multifd recv --qemu` and `multifd send --qemu`: stock QEMU 10 as the peer. */
 import { z } from 'zod'
-import { MultifdError } from '../errors.js'
 import { QemuReceiver, QemuSender, type QemuPeerChannel, type QemuPeerProgress } from '../qemu-peer.js'
 import { IntString, UsageError, check, parse } from './args.js'
 import { bytes, rate } from './format.js'
@@ -72,13 +71,8 @@ export async function recvQemu(argv: string[]): Promise<CommandResult> {
   if (positionals.length > 0) throw new UsageError(`unexpected argument ${JSON.stringify(positionals[0])}`)
   if (o.to === undefined && o.out === undefined) throw new UsageError('recv --qemu needs --to FILE (a QEMU file) or --out DIR (raw images)')
   const json = values.json === true
-  let rx: QemuReceiver
-  try {
-    rx = QemuReceiver.listen({ address: o.qemu, ...(o.to ? { to: o.to } : {}), ...(o.out ? { outDir: o.out } : {}), ...(o.channels ? { channels: o.channels } : {}), peerTimeoutMs: o['peer-timeout-ms'] })
-  } catch (e) {
-    if (e instanceof MultifdError && e.code === 'ERR_MULTIFD_INVALID_ARGUMENT') throw new UsageError(e.message)
-    throw e
-  }
+  // Options the library refuses throw ERR_MULTIFD_INVALID_ARGUMENT: main reports it as a usage error.
+  const rx = QemuReceiver.listen({ address: o.qemu, ...(o.to ? { to: o.to } : {}), ...(o.out ? { outDir: o.out } : {}), ...(o.channels ? { channels: o.channels } : {}), peerTimeoutMs: o['peer-timeout-ms'] })
   process.stderr.write(`listening on ${rx.address} for a QEMU source (migrate ${rx.address})\n`)
   onInterrupt(() => rx.cancel())
   const progress = progressOf(() => rx.progress(), json, 'receiving from QEMU')
@@ -145,13 +139,7 @@ export async function sendQemu(argv: string[]): Promise<CommandResult> {
   if (!address) throw new UsageError('send --qemu FILE needs the destination ADDRESS (tcp:HOST:PORT)')
   if (extra.length > 0) throw new UsageError(`unexpected argument ${JSON.stringify(extra[0])}`)
   const json = values.json === true
-  let tx: QemuSender
-  try {
-    tx = QemuSender.start({ file: o.qemu, address, channels: o.channels, compression: o.compression, ...(o.level === undefined ? {} : { level: o.level }), connectTimeoutMs: o['connect-timeout-ms'], peerTimeoutMs: o['peer-timeout-ms'] })
-  } catch (e) {
-    if (e instanceof MultifdError && e.code === 'ERR_MULTIFD_INVALID_ARGUMENT') throw new UsageError(e.message)
-    throw e
-  }
+  const tx = QemuSender.start({ file: o.qemu, address, channels: o.channels, compression: o.compression, ...(o.level === undefined ? {} : { level: o.level }), connectTimeoutMs: o['connect-timeout-ms'], peerTimeoutMs: o['peer-timeout-ms'] })
   onInterrupt(() => tx.cancel())
   const progress = progressOf(() => tx.progress(), json, 'sending to QEMU')
   try {

@@ -151,9 +151,9 @@ export async function send(argv: string[]): Promise<CommandResult> {
     return r
   } catch (e) {
     progress?.stop()
-    // Options the library refuses (ranges, methods, combinations) are usage errors (exit 2),
-    // found before anything connects; a refusal the peer reports is a failed migration (exit 1).
-    if (!source && e instanceof MultifdError && e.code === 'ERR_MULTIFD_INVALID_ARGUMENT' && !e.remote) throw new UsageError(e.message)
+    // Options the library refuses before anything connects go to main as usage errors (exit 2);
+    // a refusal the peer reports is a failed migration (exit 1).
+    if (!source && e instanceof MultifdError && e.code === 'ERR_MULTIFD_INVALID_ARGUMENT' && !e.remote) throw e
     const r = source ? fromSummary(source.summary(), settings) : { ...failure(e, o.channels), ...settings }
     if (wasInterrupted()) r.status = 'cancelled'
     if (!r.error && e instanceof MultifdError) r.error = { code: e.code, message: e.message }
