@@ -4,10 +4,10 @@
  * within bounded time, and the process can migrate again.
  */
 import test from 'ava'
-import net from 'node:net'
 import { Destination, MultifdError, Source, migrate } from '../ts/index.js'
 import { readdirSync, readlinkSync } from 'node:fs'
 import { MiB, blockPair, fdCount, rejectionCode, sameBytes, spawnPeer, testPki, threadCount, until, whenTrue } from './helpers.js'
+import { faultProxy as proxy } from './fault-proxy.js'
 
 /** Each fault runs in plaintext and over mutual TLS (whose reads time out by poll, not SO_RCVTIMEO). */
 const pki = testPki()
@@ -21,47 +21,6 @@ const modes = [
 ]
 
 const fdList = (): string[] => readdirSync('/proc/self/fd').map((f) => { try { return `${f}:${readlinkSync(`/proc/self/fd/${f}`)}` } catch { return f } })
-
-/** A loopback TCP proxy in front of `target`; `cut(n)` destroys the n-th accepted connection. */
-async function proxy(target: string): Promise<{ address: string; cut: (n: number) => boolean; stall: () => void; accepted: () => number; close: () => Promise<void> }> {
-  const [, host, port] = /^tcp:(.+):(\d+)$/.exec(target)!
-  const pairs: Array<[net.Socket, net.Socket]> = []
-  const server = net.createServer((down) => {
-    const up = net.connect(Number(port), host)
-    for (const s of [down, up]) s.on('error', () => undefined)
-    down.pipe(up)
-    up.pipe(down)
-    pairs.push([down, up])
-  })
-  await new Promise<void>((r) => server.listen(0, '127.0.0.1', r))
-  return {
-    address: `tcp:127.0.0.1:${(server.address() as net.AddressInfo).port}`,
-    accepted: () => pairs.length,
-    cut: (n) => {
-      const p = pairs[n]
-      if (!p) return false
-      p[0].destroy()
-      p[1].destroy()
-      return true
-    },
-    /** Stops forwarding in both directions, as a hung peer whose sockets stay open. */
-    stall: () => {
-      for (const [down, up] of pairs) {
-        down.unpipe(up)
-        up.unpipe(down)
-        down.pause()
-        up.pause()
-      }
-    },
-    /** Resolves once every proxied socket and the listener have released their descriptors. */
-    close: async () => {
-      const closed = (s: net.Socket): Promise<void> => (s.closed ? Promise.resolve() : new Promise((r) => s.once('close', () => r())))
-      const all = pairs.flat().map(closed)
-      for (const s of pairs.flat()) s.destroy()
-      await Promise.all([...all, new Promise<void>((r) => server.close(() => r()))])
-    },
-  }
-}
 
 // Serial: counts the whole process's threads and descriptors.
 for (const mode of modes) {
@@ -79,7 +38,7 @@ for (const mode of modes) {
     const sending = rejectionCode(source.sendAll().then(() => source.complete()))
     await whenTrue(() => p.accepted() === 5 && source.stats().bytes > 2 * MiB, 10_000, 'all connections and first bytes')
     const cutAt = performance.now()
-    t.true(p.cut(2), 'connection 2 (a multifd channel: connection 0 is the control one) exists')
+    t.true(p.cut(2, 'close'), 'connection 2 (a multifd channel: connection 0 is the control one) exists')
     t.is(await until(sending, 5000, 'source failure'), 'ERR_MULTIFD_CONNECTION_CLOSED')
     t.is(await until(rejectionCode(dest.done), 5000, 'destination failure'), 'ERR_MULTIFD_CONNECTION_CLOSED')
     t.true(performance.now() - cutAt < 5000)

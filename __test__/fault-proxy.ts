@@ -1,0 +1,141 @@
+/**
+ * A loopback TCP proxy for fault tests: it forwards every connection to `target` and can cut
+ * one (with a RST on both sides, or a plain close), cut it once it has carried a given number
+ * of bytes, refuse new connections, or stall everything (a hung peer whose sockets stay open).
+ */
+import net from 'node:net'
+
+export interface ProxiedConnection {
+  /** Accepted order: 0 is the first connection the source opened (its control connection). */
+  readonly index: number
+  /** Bytes forwarded so far, source to destination. */
+  readonly upBytes: () => number
+  /** Bytes forwarded so far, destination to source. */
+  readonly downBytes: () => number
+  readonly open: () => boolean
+}
+
+export interface FaultProxy {
+  readonly address: string
+  /** Connections accepted so far (refused ones included). */
+  accepted: () => number
+  connections: () => readonly ProxiedConnection[]
+  /** Cuts connection `n` now: RST both ways (`reset`, the default) or a plain close. False when there is no such open connection. */
+  cut: (n: number, how?: 'reset' | 'close') => boolean
+  /** Cuts connection `n` with a RST once it has forwarded `bytes` source-to-destination bytes (at once if it already has). */
+  cutAfter: (n: number, bytes: number) => void
+  /** From now on, connections for which `refuse(index)` is true are reset as soon as they arrive. */
+  refuseWhen: (refuse: ((index: number) => boolean) | undefined) => void
+  /** Stops forwarding in both directions, as a hung peer whose sockets stay open. */
+  stall: () => void
+  /** Resolves once every proxied socket and the listener have released their descriptors. */
+  close: () => Promise<void>
+}
+
+interface Pair extends ProxiedConnection {
+  down: net.Socket
+  up: net.Socket
+  up_: number
+  down_: number
+  cutAt?: number | undefined
+}
+
+function reset(s: net.Socket): void {
+  // A RST, as a broken path or a killed peer's kernel sends it (not a FIN).
+  if (!s.destroyed) s.resetAndDestroy()
+}
+
+export async function faultProxy(target: string): Promise<FaultProxy> {
+  const m = /^tcp:(.+):(\d+)$/.exec(target)
+  if (!m) throw new Error(`faultProxy needs a tcp: address, got ${target}`)
+  const [, host, port] = m
+  const pairs: Pair[] = []
+  const sockets: net.Socket[] = []
+  let refuse: ((index: number) => boolean) | undefined
+  let accepted = 0
+  let stalled = false
+
+  const cutPair = (p: Pair, how: 'reset' | 'close'): void => {
+    for (const s of [p.down, p.up]) (how === 'reset' ? reset(s) : s.destroy())
+  }
+
+  const server = net.createServer((down) => {
+    const index = accepted++
+    sockets.push(down)
+    down.on('error', () => undefined)
+    if (refuse?.(index)) {
+      reset(down)
+      return
+    }
+    const up = net.connect(Number(port), host)
+    sockets.push(up)
+    up.on('error', () => undefined)
+    const pair: Pair = {
+      index,
+      down,
+      up,
+      up_: 0,
+      down_: 0,
+      upBytes: () => pair.up_,
+      downBytes: () => pair.down_,
+      open: () => !down.destroyed && !up.destroyed,
+    }
+    down.on('data', (chunk: Buffer) => {
+      pair.up_ += chunk.length
+      if (pair.cutAt !== undefined && pair.up_ >= pair.cutAt) {
+        // Forward only what fits under the threshold, then cut: the cut lands mid-stream.
+        const keep = chunk.length - (pair.up_ - pair.cutAt)
+        if (keep > 0) up.write(chunk.subarray(0, keep), () => cutPair(pair, 'reset'))
+        else cutPair(pair, 'reset')
+        pair.cutAt = undefined
+        return
+      }
+      if (!up.write(chunk)) down.pause()
+    })
+    up.on('drain', () => stalled || down.resume())
+    up.on('data', (chunk: Buffer) => {
+      pair.down_ += chunk.length
+      if (!down.write(chunk)) up.pause()
+    })
+    down.on('drain', () => stalled || up.resume())
+    // One side gone closes the other, except while stalled: a hung path passes nothing on.
+    down.on('close', () => stalled || cutPair(pair, 'close'))
+    up.on('close', () => stalled || cutPair(pair, 'close'))
+    pairs.push(pair)
+  })
+  await new Promise<void>((r) => server.listen(0, '127.0.0.1', r))
+
+  return {
+    address: `tcp:127.0.0.1:${(server.address() as net.AddressInfo).port}`,
+    accepted: () => accepted,
+    connections: () => pairs,
+    cut: (n, how = 'reset') => {
+      const p = pairs.find((q) => q.index === n)
+      if (!p || !p.open()) return false
+      cutPair(p, how)
+      return true
+    },
+    cutAfter: (n, bytes) => {
+      const p = pairs.find((q) => q.index === n)
+      if (!p) throw new Error(`no connection ${n} yet`)
+      if (p.up_ >= bytes) cutPair(p, 'reset')
+      else p.cutAt = bytes
+    },
+    refuseWhen: (r) => {
+      refuse = r
+    },
+    stall: () => {
+      stalled = true
+      for (const p of pairs) {
+        p.down.pause()
+        p.up.pause()
+      }
+    },
+    close: async () => {
+      const closed = (s: net.Socket): Promise<void> => (s.closed ? Promise.resolve() : new Promise((r) => s.once('close', () => r())))
+      const all = sockets.map(closed)
+      for (const s of sockets) s.destroy()
+      await Promise.all([...all, new Promise<void>((r) => server.close(() => r()))])
+    },
+  }
+}
