@@ -15,10 +15,10 @@ use crate::io::Boundary;
 use crate::limits::{MAX_EARLY_CHANNELS, MAX_UNIDENTIFIED};
 use crate::memory::WriteTarget;
 use crate::protocol::{Delivered, synced_frame};
-use crate::session::{ChannelStats, Counters, Event, EventSink, Failure};
+use crate::session::{ChannelState, ChannelStats, Counters, Event, EventSink, Failure, Recovery};
 use crate::tls::{TlsServer, looks_like_tls, refuse_plaintext_peer, refuse_tls_peer};
 use crate::transport::{Accepted, Address, Conn, Listener};
-use crate::wire::{BlockLookup, COMMON_HEADER_LEN, ChannelClaims, CommonHeader, Compression, Geometry, INIT_PACKET_LEN, InitPacket, MAGIC, PacketHeader, PacketValidator};
+use crate::wire::{BlockLookup, COMMON_HEADER_LEN, ChannelClaims, CommonHeader, Compression, Geometry, INIT_PACKET_LEN, InitPacket, MAGIC, PacketHeader, PacketValidator, REPLACEMENT_ACK, Replacement};
 
 /// When the process is out of descriptors, how long the acceptor waits for one to be released
 /// before it tries again (it is woken as soon as a connection it dropped is closed).
@@ -49,6 +49,9 @@ pub struct DestConfig {
     pub peer_timeout: Option<Duration>,
     /// Check each packet's data pages against the digest in its header (negotiated).
     pub integrity: bool,
+    /// How long a channel whose connection broke may take to be replaced before the session
+    /// fails with the cause; zero fails at once.
+    pub resume_window: Duration,
 }
 
 /// The blocks by name, for the validator.
@@ -68,11 +71,69 @@ struct Barrier {
     cv: Condvar,
 }
 
+/// What one SYNC did at the barrier.
+#[derive(Debug, PartialEq, Eq)]
+enum Reach {
+    /// The channel had reached this epoch before (a replacement sent it again).
+    Again,
+    /// Counted; other channels are still due.
+    Counted,
+    /// Counted, and it was the last: barrier `epoch` is released.
+    Released(u64),
+}
+
 struct BarrierState {
+    /// Channels that reached the next barrier (`epoch + 1`), each counted once.
     arrived: u32,
+    /// Barriers released so far.
     epoch: u64,
+    /// Per channel: the last SYNC epoch it reached (a replacement sends some again).
+    passed: Vec<u64>,
     high_water: u64,
     stopping: bool,
+}
+
+impl BarrierState {
+    fn new(channels: u32) -> Self {
+        BarrierState { arrived: 0, epoch: 0, passed: vec![0; channels as usize], high_water: 0, stopping: false }
+    }
+
+    /// Channel `id` reached its SYNC `k` (of `channels` channels): an arrival counts once per
+    /// channel and epoch, however often a replacement sends the SYNC again.
+    fn reach(&mut self, id: usize, k: u64, channels: u32) -> Reach {
+        if k <= self.passed[id] {
+            return Reach::Again;
+        }
+        self.passed[id] = k;
+        self.arrived += 1;
+        if self.arrived < channels {
+            return Reach::Counted;
+        }
+        self.arrived = 0;
+        self.epoch += 1;
+        Reach::Released(self.epoch)
+    }
+}
+
+/// Where one channel's connection stands, for replacing it.
+#[derive(Default)]
+struct Link {
+    /// The connection the current receive loop reads.
+    conn: Option<Arc<Conn>>,
+    /// A receive loop of this channel is running (a replacement waits until it has ended).
+    running: bool,
+    /// The connection broke: why and when. The replacement is due within the resume window.
+    lost: Option<(Error, Instant)>,
+}
+
+/// One admitted connection, for its receive loop.
+struct Admitted {
+    id: u8,
+    conn: Arc<Conn>,
+    /// The channel's generation this loop serves: a replacement bumps it.
+    generation: u64,
+    /// The SYNC epoch the connection starts after (a replacement's marker; 0 for a first).
+    synced: u64,
 }
 
 struct Session {
@@ -87,6 +148,18 @@ struct Session {
     integrity: bool,
     barrier: Barrier,
     stats: Vec<ChannelStats>,
+    resume_window: Duration,
+    links: Mutex<Vec<Link>>,
+    /// Signalled when a receive loop ends (with `links`).
+    link_ended: Condvar,
+    /// Per channel: bumped by each replacement, so the loop it replaced leaves.
+    generations: Vec<AtomicU64>,
+}
+
+impl Session {
+    fn is_current(&self, id: u8, generation: u64) -> bool {
+        self.generations[usize::from(id)].load(Ordering::Acquire) == generation
+    }
 }
 
 struct Inner {
@@ -204,7 +277,7 @@ impl Destination {
         // Lock order everywhere: pending, then session. Holding `pending` while the session is
         // set means a channel the acceptor classifies meanwhile is either queued before we
         // drain the queue or sees the session and is admitted directly.
-        crate::limits::check_destination(None, Some(config.channel_timeout), config.peer_timeout)?;
+        crate::limits::check_destination_with(None, Some(config.channel_timeout), config.peer_timeout, Some(config.resume_window))?;
         let mut pending = self.inner.pending.lock().unwrap();
         let mut slot = self.inner.session.lock().unwrap();
         if slot.is_some() {
@@ -227,8 +300,12 @@ impl Destination {
             deadline: Instant::now() + config.channel_timeout,
             peer_timeout: config.peer_timeout,
             integrity: config.integrity,
-            barrier: Barrier { state: Mutex::new(BarrierState { arrived: 0, epoch: 0, high_water: 0, stopping: false }), cv: Condvar::new() },
+            barrier: Barrier { state: Mutex::new(BarrierState::new(n)), cv: Condvar::new() },
             stats: (0..n).map(|_| ChannelStats::default()).collect(),
+            resume_window: config.resume_window,
+            links: Mutex::new((0..n).map(|_| Link::default()).collect()),
+            link_ended: Condvar::new(),
+            generations: (0..n).map(|_| AtomicU64::new(0)).collect(),
         });
         *slot = Some(session.clone());
         drop(slot);
@@ -241,8 +318,8 @@ impl Destination {
                 self.inner.strangers.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
-            if let Some((id, conn)) = self.inner.admit(&session, conn, init) {
-                self.inner.spawn_receiver(&session, id, conn);
+            if let Some(a) = self.inner.admit(&session, conn, init) {
+                self.inner.spawn_receiver(&session, a);
             }
         }
         Ok(())
@@ -386,6 +463,12 @@ impl Inner {
     fn check_deadline(&self) {
         let session = self.session.lock().unwrap().clone();
         if let Some(s) = session {
+            let overdue = s.links.lock().unwrap().iter().enumerate().find_map(|(id, l)| {
+                l.lost.as_ref().filter(|(_, since)| since.elapsed() >= s.resume_window).map(|(cause, _)| (id, cause.clone()))
+            });
+            if let Some((id, cause)) = overdue {
+                self.failure.fail(cause.context(format!("channel {id} was not replaced within {} ms", s.resume_window.as_millis())));
+            }
             let claims = s.claims.lock().unwrap();
             if !claims.is_complete() && Instant::now() > s.deadline && !self.failure.is_failed() {
                 let missing = claims.missing();
@@ -521,8 +604,8 @@ impl Inner {
                 match session {
                     Some(s) => {
                         drop(pending);
-                        if let Some((id, conn)) = self.admit(&s, conn, init) {
-                            self.receive_from_classifier(&s, id, conn);
+                        if let Some(a) = self.admit(&s, conn, init) {
+                            self.receive_from_classifier(&s, a);
                         }
                     }
                     None => {
@@ -586,10 +669,25 @@ impl Inner {
     }
 
     /// Admits a classified channel: checks its init packet against the session and registers
-    /// its connection. `None` when it is refused (the session fails) or the destination is
-    /// closing; otherwise its id and connection, for its receive loop.
-    fn admit(&self, s: &Session, conn: Conn, init: [u8; INIT_PACKET_LEN]) -> Option<(u8, Arc<Conn>)> {
-        let admitted = InitPacket::admit(&init, &s.uuid, &mut s.claims.lock().unwrap());
+    /// its connection. A replacement (the init packet's marker, for a channel already here)
+    /// takes the old connection's place once the old receive loop has ended, and is told so.
+    /// `None` when it is refused (the session fails) or the destination is closing.
+    fn admit(&self, s: &Session, conn: Conn, buf: [u8; INIT_PACKET_LEN]) -> Option<Admitted> {
+        let replacement = Replacement::decode(&buf);
+        let admitted = {
+            let mut claims = s.claims.lock().unwrap();
+            match replacement {
+                Some(_) => InitPacket::decode(&buf).and_then(|i| {
+                    i.check(&s.uuid, s.channels)?;
+                    // A replacement for a connection that never got here is its first arrival.
+                    if !claims.is_claimed(i.channel_id) {
+                        claims.claim(i.channel_id)?;
+                    }
+                    Ok(i)
+                }),
+                None => InitPacket::admit(&buf, &s.uuid, &mut claims),
+            }
+        };
         let init = match admitted {
             Ok(i) => i,
             Err(e) => {
@@ -598,22 +696,71 @@ impl Inner {
                 return None;
             }
         };
-        if let Some(t) = s.peer_timeout
-            && let Err(e) = conn.set_peer_timeout(t)
-        {
-            conn.shutdown();
-            self.failure.fail(e);
-            return None;
-        }
+        let id = init.channel_id;
         let conn = Arc::new(conn);
+        let generation = s.generations[usize::from(id)].fetch_add(1, Ordering::AcqRel) + 1;
+        let old = self.take_over(s, id, generation)?;
         let mut conns = self.channel_conns.lock().unwrap();
-        if self.closing.load(Ordering::Acquire) {
+        if self.closing.load(Ordering::Acquire) || !s.is_current(id, generation) {
             conn.shutdown();
             return None;
         }
-        self.failure.watch(conn.clone());
+        match &old.conn {
+            Some(o) => {
+                self.failure.swap(o, conn.clone());
+                conns.retain(|c| !Arc::ptr_eq(c, o));
+            }
+            None => self.failure.watch(conn.clone()),
+        }
         conns.push(conn.clone());
-        Some((init.channel_id, conn))
+        drop(conns);
+        s.links.lock().unwrap()[usize::from(id)].conn = Some(conn.clone());
+        let ready = s.peer_timeout.map_or(Ok(()), |t| conn.set_peer_timeout(t)).and_then(|()| match replacement {
+            Some(_) => conn.write_all(&[&REPLACEMENT_ACK]),
+            None => Ok(()),
+        });
+        if let Err(e) = ready {
+            conn.shutdown();
+            self.failure.fail(e.context(format!("channel {id}")));
+            return None;
+        }
+        if let Some(r) = replacement {
+            let (cause, took) = match old.lost {
+                Some((cause, since)) => (cause, since.elapsed()),
+                None => (Error::new(ErrorCode::ConnectionClosed, "replaced by the source while it still looked alive here"), Duration::ZERO),
+            };
+            s.stats[usize::from(id)].set_state(ChannelState::Up);
+            (self.events)(Event::Recovered(Recovery { connection: Some(id), cause: cause.context(format!("channel {id}")), pages_resent: r.pages_resent, took }));
+        }
+        Some(Admitted { id, conn, generation, synced: replacement.map_or(0, |r| r.acked_epoch) })
+    }
+
+    /// Makes generation `generation` channel `id`'s receive loop: shuts the previous
+    /// connection down, wakes its loop if it waits at the barrier, and waits until it has
+    /// ended, so no older bytes land after the replacement's. Returns what the old link was.
+    /// `None` when the session fails or a newer replacement came meanwhile.
+    fn take_over(&self, s: &Session, id: u8, generation: u64) -> Option<Link> {
+        let i = usize::from(id);
+        let mut links = s.links.lock().unwrap();
+        if let Some(c) = &links[i].conn {
+            c.shutdown();
+        }
+        {
+            let _b = s.barrier.state.lock().unwrap();
+            s.barrier.cv.notify_all();
+        }
+        while links[i].running {
+            if self.failure.is_failed() || self.closing.load(Ordering::Acquire) || !s.is_current(id, generation) {
+                return None;
+            }
+            links = s.link_ended.wait_timeout(links, Duration::from_millis(100)).unwrap().0;
+        }
+        if !s.is_current(id, generation) {
+            return None;
+        }
+        let old = std::mem::take(&mut links[i]);
+        links[i].running = true;
+        Some(old)
     }
 
     /// Runs channel `id`'s receive loop for the thread that classified it. Plaintext: right
@@ -621,47 +768,74 @@ impl Inner {
     /// arena its handshake allocated rustls's record buffer from. Sharing one arena with the
     /// per-record plaintext allocations of the receive loop cost 50% more CPU per GiB (measured
     /// with glibc: the record buffer shrinks and grows around them on every socket read).
-    fn receive_from_classifier(self: &Arc<Self>, s: &Arc<Session>, id: u8, conn: Arc<Conn>) {
-        if conn.tls().is_none() {
-            name_this_thread(&format!("multifd/recv/{id}"));
-            return self.run_receiver(s, id, &conn);
+    fn receive_from_classifier(self: &Arc<Self>, s: &Arc<Session>, a: Admitted) {
+        if a.conn.tls().is_none() {
+            name_this_thread(&format!("multifd/recv/{}", a.id));
+            return self.run_receiver(s, a);
         }
-        name_this_thread(&format!("multifd/held/{id}"));
-        if let Some(receiver) = self.receiver_thread(s, id, conn) {
+        name_this_thread(&format!("multifd/held/{}", a.id));
+        if let Some(receiver) = self.receiver_thread(s, a) {
             let _ = receiver.join();
         }
     }
 
     /// A channel admitted by `configure` (it arrived before the session was known) gets a
     /// receive thread of its own.
-    fn spawn_receiver(self: &Arc<Self>, s: &Arc<Session>, id: u8, conn: Arc<Conn>) {
-        if let Some(receiver) = self.receiver_thread(s, id, conn) {
+    fn spawn_receiver(self: &Arc<Self>, s: &Arc<Session>, a: Admitted) {
+        if let Some(receiver) = self.receiver_thread(s, a) {
             self.receivers.lock().unwrap().push(receiver);
         }
     }
 
     /// Channel `id`'s receive loop on a new thread; `None` (and the session failed) when no
     /// thread could be started.
-    fn receiver_thread(self: &Arc<Self>, s: &Arc<Session>, id: u8, conn: Arc<Conn>) -> Option<JoinHandle<()>> {
-        let (me, s2) = (self.clone(), s.clone());
-        match std::thread::Builder::new().name(format!("multifd/recv/{id}")).spawn(move || me.run_receiver(&s2, id, &conn)) {
+    fn receiver_thread(self: &Arc<Self>, s: &Arc<Session>, a: Admitted) -> Option<JoinHandle<()>> {
+        let (me, s2, id) = (self.clone(), s.clone(), a.id);
+        match std::thread::Builder::new().name(format!("multifd/recv/{id}")).spawn(move || me.run_receiver(&s2, a)) {
             Ok(t) => Some(t),
             Err(e) => {
                 self.failure.fail(Error::new(ErrorCode::Io, format!("spawn receive thread: {e}")));
+                let mut links = s.links.lock().unwrap();
+                links[usize::from(id)].running = false;
+                s.link_ended.notify_all();
                 None
             }
         }
     }
 
-    /// Channel `id`'s receive loop, on the calling thread, until the channel ends.
-    fn run_receiver(&self, s: &Session, id: u8, conn: &Conn) {
-        (self.events)(Event::ChannelUp { id });
-        if let Err(e) = self.receive(s, id, conn) {
-            self.failure.fail(e.context(format!("channel {id}")));
+    /// Channel `a.id`'s receive loop, on the calling thread, until the channel ends. A
+    /// connection fault (not a protocol error) leaves the channel lost, awaiting its
+    /// replacement within the resume window, instead of failing the session.
+    fn run_receiver(&self, s: &Session, a: Admitted) {
+        let id = a.id;
+        if a.synced == 0 && a.generation == 1 {
+            (self.events)(Event::ChannelUp { id });
         }
+        let result = self.receive(s, &a);
+        let mut links = s.links.lock().unwrap();
+        let link = &mut links[usize::from(id)];
+        link.running = false;
+        match result {
+            Ok(()) => {}
+            // Replaced: its successor takes over; this connection's end is no fault.
+            Err(_) if !s.is_current(id, a.generation) => {}
+            Err(e) if is_connection_fault(&e) && !s.resume_window.is_zero() && !self.ending() && !self.failure.is_failed() => {
+                link.lost = Some((e, Instant::now()));
+                s.stats[usize::from(id)].set_state(ChannelState::Lost);
+            }
+            Err(e) => {
+                drop(links);
+                self.failure.fail(e.context(format!("channel {id}")));
+                links = s.links.lock().unwrap();
+            }
+        }
+        drop(links);
+        s.link_ended.notify_all();
     }
 
-    fn receive(&self, s: &Session, id: u8, conn: &Conn) -> Result<()> {
+    fn receive(&self, s: &Session, a: &Admitted) -> Result<()> {
+        let (id, conn) = (a.id, &*a.conn);
+        let mut synced = a.synced;
         let stats = &s.stats[id as usize];
         let page = s.geometry.page_size() as usize;
         let mut buf = vec![0u8; s.geometry.header_len()];
@@ -724,9 +898,8 @@ impl Inner {
                     ChannelStats::add(&stats.zero_pages, u64::from(header.zero_pages));
                     ChannelStats::add(&stats.bytes, (buf.len() + payload.len()) as u64);
                     ChannelStats::add(&stats.packets, 1);
-                    if header.flags.is_sync() {
-                        ChannelStats::add(&stats.syncs, 1);
-                        self.arrive(s, header.packet_num)?;
+                    if header.flags.is_sync() && !self.arrive(s, a, &mut synced, header.packet_num)? {
+                        return Ok(());
                     }
                     continue;
                 }
@@ -762,23 +935,27 @@ impl Inner {
             }
             ChannelStats::add(&stats.bytes, (buf.len() + header.normal_pages as usize * page) as u64);
             ChannelStats::add(&stats.packets, 1);
-            if header.flags.is_sync() {
-                ChannelStats::add(&stats.syncs, 1);
-                self.arrive(s, header.packet_num)?;
+            if header.flags.is_sync() && !self.arrive(s, a, &mut synced, header.packet_num)? {
+                return Ok(());
             }
         }
     }
 
-    /// Parks this channel at the sync barrier until every channel has reached it.
-    fn arrive(&self, s: &Session, packet_num: u64) -> Result<()> {
+    /// Channel `a.id` read a SYNC, its `synced + 1`th: counts its arrival at that barrier
+    /// once (a replacement sends again SYNCs its predecessor may have delivered), then parks it
+    /// until every channel has arrived. False when the channel was replaced meanwhile: its loop
+    /// leaves without reading on.
+    fn arrive(&self, s: &Session, a: &Admitted, synced: &mut u64, packet_num: u64) -> Result<bool> {
+        *synced += 1;
+        let k = *synced;
         let mut b = s.barrier.state.lock().unwrap();
         b.high_water = b.high_water.max(packet_num);
-        b.arrived += 1;
-        let epoch = b.epoch;
-        if b.arrived == s.channels {
-            b.arrived = 0;
-            b.epoch += 1;
-            let (e, hw) = (b.epoch, b.high_water);
+        let reached = b.reach(usize::from(a.id), k, s.channels);
+        if reached != Reach::Again {
+            ChannelStats::add(&s.stats[usize::from(a.id)].syncs, 1);
+        }
+        if let Reach::Released(e) = reached {
+            let hw = b.high_water;
             drop(b);
             s.barrier.cv.notify_all();
             // The orchestrator is told, not asked: the acknowledgement goes to the source from
@@ -788,16 +965,25 @@ impl Inner {
             if let Some(c) = control {
                 c.send(&synced_frame(e, hw)).map_err(|err| err.context(format!("acknowledging sync {e}")))?;
             }
-            return Ok(());
+            return Ok(true);
         }
-        while b.epoch == epoch {
+        while b.epoch < k {
             if b.stopping {
                 return Err(self.failure.first().unwrap_or_else(|| Error::new(ErrorCode::Cancelled, "the destination is closing")));
             }
+            if !s.is_current(a.id, a.generation) {
+                return Ok(false);
+            }
             b = s.barrier.cv.wait(b).unwrap();
         }
-        Ok(())
+        Ok(true)
     }
+}
+
+/// A fault of the connection itself (closed, reset, timed out), which the source repairs with
+/// a replacement; anything else (a protocol error) fails the session.
+fn is_connection_fault(e: &Error) -> bool {
+    matches!(e.code, ErrorCode::ConnectionClosed | ErrorCode::Timeout)
 }
 
 /// Names the calling thread as `top` and `perf` show it (at most 15 bytes).
@@ -847,4 +1033,27 @@ fn check_digest(header: &PacketHeader, channel: u8, block: &str, got: u64) -> Re
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_barrier_counts_each_channel_once_per_epoch() {
+        let mut b = BarrierState::new(2);
+        assert_eq!(b.reach(0, 1, 2), Reach::Counted);
+        // Channel 0's replacement sends SYNC 1 again before channel 1 arrived: not a second
+        // arrival (which would release the barrier without channel 1).
+        assert_eq!(b.reach(0, 1, 2), Reach::Again);
+        assert_eq!(b.epoch, 0);
+        assert_eq!(b.reach(1, 1, 2), Reach::Released(1));
+        // A replacement numbering from an older acknowledged epoch: everything up to what the
+        // channel passed is a repeat.
+        assert_eq!(b.reach(1, 1, 2), Reach::Again);
+        assert_eq!(b.reach(1, 2, 2), Reach::Counted);
+        assert_eq!(b.reach(1, 2, 2), Reach::Again);
+        assert_eq!(b.reach(0, 2, 2), Reach::Released(2));
+        assert_eq!((b.epoch, b.arrived), (2, 0));
+    }
 }

@@ -13,6 +13,7 @@ pub mod error;
 mod hex;
 pub mod integrity;
 pub mod io;
+pub mod journal;
 pub mod lifecycle;
 pub mod limits;
 pub mod mapped_ram;

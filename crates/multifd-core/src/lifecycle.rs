@@ -120,6 +120,12 @@ impl SourceSession {
     /// acknowledged before fails the session with `ERR_MULTIFD_OUT_OF_SEQUENCE`.
     pub fn synced(&self, epoch: u64) -> Result<()> {
         let checked = self.ledger.lock().unwrap().synced(epoch);
+        if checked.is_ok()
+            && let Some(s) = self.source.value.lock().unwrap().as_ref()
+        {
+            // Delivered: no channel has to send any of it again.
+            s.acked(epoch);
+        }
         checked.inspect_err(|e| {
             self.failure.fail(e.clone());
         })

@@ -37,6 +37,14 @@ pub const DEFAULT_PEER_TIMEOUT_MS: u32 = 30_000;
 /// `maxBandwidth` in bytes per second (up to JavaScript's largest safe integer); absent for
 /// no limit.
 pub const MAX_BANDWIDTH: RangeInclusive<u64> = 1..=(1 << 53) - 1;
+/// `channelRetries`: redials per connection after a connection fault, waiting 50 ms before
+/// the first and doubling up to 2 s between the next; 0 fails the session at the first fault.
+pub const CHANNEL_RETRIES: RangeInclusive<u32> = 0..=100;
+pub const DEFAULT_CHANNEL_RETRIES: u32 = 5;
+/// `resumeWindowMs`: how long a destination waits for a lost connection's replacement before
+/// it fails with the cause; 0 fails at once.
+pub const RESUME_WINDOW_MS: RangeInclusive<u32> = 0..=3_600_000;
+pub const DEFAULT_RESUME_WINDOW_MS: u32 = 10_000;
 /// A `unix:` address's path, in bytes (the kernel's `sun_path` holds 108 with the NUL).
 pub const UNIX_PATH_BYTES: RangeInclusive<usize> = 1..=107;
 /// Connections a destination holds that have not identified themselves yet (no first bytes
@@ -101,6 +109,7 @@ pub struct SourceChoices<'a> {
     pub connect_timeout_ms: u32,
     pub peer_timeout_ms: Option<u32>,
     pub max_bandwidth: Option<u64>,
+    pub channel_retries: u32,
 }
 
 /// Every limit and rule `c` breaks, in the order of [`RULES`] after the ranges.
@@ -114,6 +123,7 @@ pub fn source_violations(c: &SourceChoices) -> Vec<Violation> {
     if let Some(b) = c.max_bandwidth {
         range_check(&mut out, "maxBandwidth", b, &MAX_BANDWIDTH, " bytes per second");
     }
+    range_check(&mut out, "channelRetries", c.channel_retries, &CHANNEL_RETRIES, "");
     match compress::by_name(c.compression) {
         Err(e) => out.push(Violation { option: "compression", error: e }),
         Ok(method) => {
@@ -151,7 +161,15 @@ pub fn millis(d: Duration) -> u32 {
 /// The destination's timeouts: how long a connection may take to identify itself (`handshake`),
 /// every channel to arrive (`channel`), and the no-progress timeout (`peer`).
 pub fn check_destination(handshake: Option<Duration>, channel: Option<Duration>, peer: Option<Duration>) -> Result<()> {
+    check_destination_with(handshake, channel, peer, None)
+}
+
+/// [`check_destination`], and the time a lost connection's replacement may take (`resume`).
+pub fn check_destination_with(handshake: Option<Duration>, channel: Option<Duration>, peer: Option<Duration>, resume: Option<Duration>) -> Result<()> {
     let mut out = Vec::new();
+    if let Some(t) = resume {
+        range_check(&mut out, "resumeWindowMs", millis(t), &RESUME_WINDOW_MS, " ms");
+    }
     if let Some(t) = handshake {
         range_check(&mut out, "handshakeTimeoutMs", millis(t), &TIMEOUT_MS, " ms");
     }
@@ -197,6 +215,8 @@ pub struct Description {
     pub peer_timeout_ms: Range,
     pub max_bandwidth: Range,
     pub unix_path_bytes: Range,
+    pub channel_retries: Range,
+    pub resume_window_ms: Range,
     pub compression: Vec<MethodInfo>,
     pub integrity: Vec<&'static str>,
     pub zero_page_detection: Vec<&'static str>,
@@ -214,6 +234,8 @@ pub fn describe() -> Description {
         peer_timeout_ms: range(&PEER_TIMEOUT_MS, Some(DEFAULT_PEER_TIMEOUT_MS)),
         max_bandwidth: Range { min: *MAX_BANDWIDTH.start() as f64, max: *MAX_BANDWIDTH.end() as f64, default: None },
         unix_path_bytes: usize_range(&UNIX_PATH_BYTES),
+        channel_retries: range(&CHANNEL_RETRIES, Some(DEFAULT_CHANNEL_RETRIES)),
+        resume_window_ms: range(&RESUME_WINDOW_MS, Some(DEFAULT_RESUME_WINDOW_MS)),
         compression: compress::names()
             .map(|name| {
                 let method = compress::by_name(name).ok().and_then(compress::method);
@@ -239,6 +261,8 @@ pub fn markdown() -> String {
         ("connectTimeoutMs, handshakeTimeoutMs, channelTimeoutMs", r(&d.timeout_ms), default(&d.timeout_ms), "milliseconds"),
         ("peerTimeoutMs", format!("0 or {}", r(&d.peer_timeout_ms)), default(&d.peer_timeout_ms), "milliseconds without progress before both sides fail; 0 disables"),
         ("maxBandwidth", r(&d.max_bandwidth), default(&d.max_bandwidth), "bytes per second over all channels; absent for no limit"),
+        ("channelRetries", r(&d.channel_retries), default(&d.channel_retries), "redials per connection after a fault (50 ms, doubling, at most 2 s apart); 0 fails at the first"),
+        ("resumeWindowMs", r(&d.resume_window_ms), default(&d.resume_window_ms), "milliseconds a destination waits for a lost connection's replacement; 0 fails at once"),
         ("unix: address path", format!("{} bytes", r(&d.unix_path_bytes)), "-".into(), "the kernel's sun_path"),
     ];
     let methods: Vec<String> = d.compression.iter().map(|m| m.name.to_string()).collect();
@@ -280,6 +304,12 @@ mod tests {
         }
         for (t, good) in [(99, false), (100, true), (3_600_000, true), (3_600_001, false)] {
             assert_eq!(check_source(&SourceChoices { peer_timeout_ms: Some(t), ..ok() }).is_ok(), good, "{t}");
+        }
+        for (n, good) in [(0, true), (100, true), (101, false)] {
+            assert_eq!(check_source(&SourceChoices { channel_retries: n, ..ok() }).is_ok(), good, "{n}");
+        }
+        for (ms, good) in [(0, true), (3_600_000, true), (3_600_001, false)] {
+            assert_eq!(check_destination_with(None, None, None, Some(Duration::from_millis(ms))).is_ok(), good, "{ms}");
         }
         assert_eq!(check_source(&SourceChoices { max_bandwidth: Some(0), ..ok() }).unwrap_err().code, ErrorCode::InvalidArgument);
         assert!(check_destination(Some(Duration::ZERO), None, None).is_err());

@@ -2,7 +2,9 @@
 //! the connections to shut down, and the event sink towards the orchestrator.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::AtomicU8;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use crate::error::Error;
 use crate::transport::Conn;
@@ -30,6 +32,44 @@ pub enum Event {
     ChannelsReady,
     /// Something degraded without failing the session (e.g. zero-copy fell back to copying).
     Warning(Error),
+    /// A broken connection was replaced and carries traffic again.
+    Recovered(Recovery),
+}
+
+/// One repaired connection.
+#[derive(Debug, Clone)]
+pub struct Recovery {
+    /// The channel id; `None` for the control connection.
+    pub connection: Option<u8>,
+    /// Why it broke.
+    pub cause: Error,
+    /// Pages sent again (source) or announced to come again (destination) because of it.
+    pub pages_resent: u64,
+    /// From the break being noticed to the replacement carrying traffic.
+    pub took: Duration,
+}
+
+/// Where a channel's connection stands.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[repr(u8)]
+pub enum ChannelState {
+    #[default]
+    Up = 0,
+    /// Source: redialling after a connection fault.
+    Recovering = 1,
+    /// Destination: the connection broke and its replacement is awaited (`resume_window`).
+    /// Source: given up on.
+    Lost = 2,
+}
+
+impl ChannelState {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            ChannelState::Up => "up",
+            ChannelState::Recovering => "recovering",
+            ChannelState::Lost => "lost",
+        }
+    }
 }
 
 /// Where events go. The binding forwards them to JavaScript; tests collect them.
@@ -61,6 +101,8 @@ pub struct ChannelStats {
     pub zc_copied: AtomicU64,
     pub zc_enobufs: AtomicU64,
     pub zc_fallbacks: AtomicU64,
+    /// A [`ChannelState`].
+    pub state: AtomicU8,
 }
 
 /// A snapshot of [`ChannelStats`].
@@ -76,11 +118,24 @@ pub struct Counters {
     pub zc_copied: u64,
     pub zc_enobufs: u64,
     pub zc_fallbacks: u64,
+    pub state: ChannelState,
 }
 
 impl ChannelStats {
     pub fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn set_state(&self, s: ChannelState) {
+        self.state.store(s as u8, Ordering::Relaxed);
+    }
+
+    pub fn state(&self) -> ChannelState {
+        match self.state.load(Ordering::Relaxed) {
+            1 => ChannelState::Recovering,
+            2 => ChannelState::Lost,
+            _ => ChannelState::Up,
+        }
     }
 
     pub fn snapshot(&self) -> Counters {
@@ -96,6 +151,7 @@ impl ChannelStats {
             zc_copied: get(&self.zc_copied),
             zc_enobufs: get(&self.zc_enobufs),
             zc_fallbacks: get(&self.zc_fallbacks),
+            state: self.state(),
         }
     }
 }
@@ -120,10 +176,23 @@ impl Failure {
 
     /// Registers a connection to shut down on failure.
     pub fn watch(&self, conn: Arc<Conn>) {
+        let mut conns = self.conns.lock().unwrap();
         if self.is_failed() {
             conn.shutdown();
         }
-        self.conns.lock().unwrap().push(conn);
+        conns.push(conn);
+    }
+
+    /// Puts `new` in `old`'s place: `old` is never shut down by a later failure (its
+    /// descriptor may be closed and reused), `new` is. Under the same lock as `fail`'s
+    /// shutdowns, so a failure now shuts `new` down either here or there.
+    pub fn swap(&self, old: &Arc<Conn>, new: Arc<Conn>) {
+        let mut conns = self.conns.lock().unwrap();
+        conns.retain(|c| !Arc::ptr_eq(c, old));
+        if self.is_failed() {
+            new.shutdown();
+        }
+        conns.push(new);
     }
 
     /// Lets go of every watched connection, so they close once their threads are gone. Called

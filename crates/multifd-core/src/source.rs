@@ -2,21 +2,30 @@
 //! batches of pages by a dispatcher that hands each batch to the next channel with room.
 
 use std::collections::VecDeque;
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, mpsc};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::block::RamBlock;
+use crate::compress::Compressor;
 use crate::error::{Error, ErrorCode, Result, fail};
 use crate::io::iovec;
+use crate::journal::{Entry, Journal};
 use crate::limits::{SourceChoices, check_source, millis};
-use crate::session::{ChannelStats, Counters, Event, Failure};
+use crate::session::{ChannelState, ChannelStats, Counters, Event, Failure, Recovery};
 use crate::throttle::Throttle;
 use crate::tls::TlsClient;
 use crate::transport::{Address, Conn};
-use crate::wire::{Compression, Flags, Geometry, InitPacket, PacketHeader};
+use crate::wire::{Compression, Flags, Geometry, InitPacket, PacketHeader, REPLACEMENT_ACK, Replacement};
 use crate::zerocopy::{self, Notice, ZeroCopySender};
+
+/// The first wait before a redial; each next one doubles, up to [`MAX_REDIAL_WAIT`].
+const FIRST_REDIAL_WAIT: Duration = Duration::from_millis(50);
+const MAX_REDIAL_WAIT: Duration = Duration::from_secs(2);
 
 /// Jobs waiting per channel: one being written, one ready behind it, so no channel idles
 /// while the dispatcher finds its next batch.
@@ -45,6 +54,9 @@ pub struct SourceConfig {
     pub integrity: bool,
     /// Mutual TLS on every channel: each handshake completes before the init packet.
     pub tls: Option<TlsClient>,
+    /// Redials of a channel whose connection broke (see `limits::CHANNEL_RETRIES`); 0 fails
+    /// the session at the first connection fault.
+    pub channel_retries: u32,
 }
 
 /// Which pages of a block to send.
@@ -59,12 +71,14 @@ pub enum Selection {
 
 enum Job {
     Pages { block: Arc<RamBlock>, offsets: Vec<u64> },
-    Sync,
+    Sync { epoch: u64 },
 }
 
 struct Queues {
     jobs: Vec<VecDeque<Job>>,
     synced: Vec<u64>,
+    /// Per channel: the watcher saw its connection break while the channel thread did not.
+    broken: Vec<bool>,
     cursor: usize,
     stopping: bool,
 }
@@ -80,6 +94,13 @@ struct Shared {
     stats: Vec<ChannelStats>,
     failure: Arc<Failure>,
     throttle: Throttle,
+    /// Each channel's current connection (replaced on recovery). Lock order: `links`, then
+    /// `queues`.
+    links: Mutex<Vec<Arc<Conn>>>,
+    /// Per channel: what it wrote since the last acknowledged SYNC.
+    journals: Vec<Mutex<Journal>>,
+    /// Wakes the connection watcher (a stop, or a connection replaced).
+    wake_watcher: UnixStream,
 }
 
 enum Command {
@@ -90,8 +111,6 @@ enum Command {
 /// A running set of source channels.
 pub struct Source {
     shared: Arc<Shared>,
-    /// The channels' connections, for [`Source::unsent_bytes`]; let go of by `close`.
-    conns: Mutex<Vec<Arc<Conn>>>,
     commands: Mutex<Option<mpsc::Sender<Command>>>,
     threads: Mutex<Vec<JoinHandle<()>>>,
     syncs: AtomicU64,
@@ -114,16 +133,23 @@ impl Source {
             connect_timeout_ms: millis(config.connect_timeout),
             peer_timeout_ms: config.peer_timeout.map(millis),
             max_bandwidth: config.max_bandwidth,
+            channel_retries: config.channel_retries,
         })?;
         let throttle = Throttle::new(config.max_bandwidth)?;
         let n = config.channels as usize;
+        let (wake_watcher, watcher_end) = UnixStream::pair().map_err(|e| crate::error::os_error("create the watcher's wake socket", e))?;
+        for end in [&wake_watcher, &watcher_end] {
+            end.set_nonblocking(true).map_err(|e| crate::error::os_error("create the watcher's wake socket", e))?;
+        }
         let conns: Vec<Arc<Conn>> = connect_channels(&config)?.into_iter().map(Arc::new).collect();
         for conn in &conns {
             failure.watch(conn.clone());
         }
-        let watched = conns.clone();
         let shared = Arc::new(Shared {
-            queues: Mutex::new(Queues { jobs: (0..n).map(|_| VecDeque::new()).collect(), synced: vec![0; n], cursor: 0, stopping: false }),
+            queues: Mutex::new(Queues { jobs: (0..n).map(|_| VecDeque::new()).collect(), synced: vec![0; n], broken: vec![false; n], cursor: 0, stopping: false }),
+            links: Mutex::new(conns.clone()),
+            journals: (0..n).map(|_| Mutex::new(Journal::default())).collect(),
+            wake_watcher,
             work: (0..n).map(|_| Condvar::new()).collect(),
             progress: Condvar::new(),
             packet_num: AtomicU64::new(0),
@@ -140,20 +166,29 @@ impl Source {
                 }
             });
         }
-        let mut threads = Vec::with_capacity(n + 1);
+        let mut threads = Vec::with_capacity(n + 2);
         for (id, conn) in conns.into_iter().enumerate() {
             let s = shared.clone();
             threads.push(
                 std::thread::Builder::new()
                     .name(format!("multifd/send/{id}"))
                     .spawn(move || {
-                        if let Err(e) = s.run_channel(id, &conn) {
+                        if let Err(e) = s.run_channel(id, conn) {
                             s.failure.fail(e.context(format!("channel {id}")));
                         }
                     })
                     .map_err(|e| Error::new(ErrorCode::Io, format!("spawn channel thread: {e}")))?,
             );
             (failure.events())(Event::ChannelUp { id: id as u8 });
+        }
+        if shared.config.channel_retries > 0 {
+            let s = shared.clone();
+            threads.push(
+                std::thread::Builder::new()
+                    .name("multifd/watch".into())
+                    .spawn(move || s.watch_connections(&watcher_end))
+                    .map_err(|e| Error::new(ErrorCode::Io, format!("spawn the connection watcher: {e}")))?,
+            );
         }
         let (tx, rx) = mpsc::channel();
         let s = shared.clone();
@@ -163,7 +198,7 @@ impl Source {
                 .spawn(move || s.run_dispatcher(rx))
                 .map_err(|e| Error::new(ErrorCode::Io, format!("spawn dispatcher: {e}")))?,
         );
-        Ok(Source { shared, conns: Mutex::new(watched), commands: Mutex::new(Some(tx)), threads: Mutex::new(threads), syncs: AtomicU64::new(0) })
+        Ok(Source { shared, commands: Mutex::new(Some(tx)), threads: Mutex::new(threads), syncs: AtomicU64::new(0) })
     }
 
     fn command(&self, c: Command) -> Result<()> {
@@ -204,7 +239,14 @@ impl Source {
     /// side's socket send queues: unsent or, for TCP, unacknowledged), all channels added up.
     /// Shrinking while a sync is awaited means the destination is still reading.
     pub fn unsent_bytes(&self) -> u64 {
-        self.conns.lock().unwrap().iter().map(|c| send_queue(c.fd())).sum()
+        self.shared.links.lock().unwrap().iter().map(|c| send_queue(c.fd())).sum()
+    }
+
+    /// The destination acknowledged sync `epoch`: every channel forgets what it wrote up to it.
+    pub fn acked(&self, epoch: u64) {
+        for j in &self.shared.journals {
+            j.lock().unwrap().acked(epoch);
+        }
     }
 
     /// Changes `max_bandwidth` while the session runs (`None` lifts the limit). It applies to
@@ -233,7 +275,7 @@ impl Source {
         for t in self.threads.lock().unwrap().drain(..) {
             let _ = t.join();
         }
-        self.conns.lock().unwrap().clear();
+        self.shared.links.lock().unwrap().clear();
         self.shared.failure.release_connections();
     }
 }
@@ -242,17 +284,7 @@ impl Source {
 /// one after another): each connects, authenticates, sets its timeouts and sends its init
 /// packet. The first failing channel (by id) fails the whole start; the others are closed.
 fn connect_channels(config: &SourceConfig) -> Result<Vec<Conn>> {
-    let open = |id: u8| -> Result<Conn> {
-        let conn = Conn::connect_secure(&config.address, config.connect_timeout, config.tls.as_ref())?;
-        if let Some(t) = config.peer_timeout {
-            conn.set_peer_timeout(t)?;
-        }
-        if config.zero_copy {
-            zerocopy::enable(conn.fd())?;
-        }
-        conn.write_all(&[&InitPacket { uuid: config.uuid, channel_id: id }.encode()])?;
-        Ok(conn)
-    };
+    let open = |id: u8| open_channel(config, id, None);
     let results: Vec<Result<Conn>> = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..config.channels)
             .map(|id| std::thread::Builder::new().name(format!("multifd/connect/{id}")).spawn_scoped(scope, move || open(id)))
@@ -266,6 +298,48 @@ fn connect_channels(config: &SourceConfig) -> Result<Vec<Conn>> {
             .collect()
     });
     results.into_iter().enumerate().map(|(id, r)| r.map_err(|e| e.context(format!("channel {id}")))).collect()
+}
+
+/// Opens channel `id`'s connection: connect (and TLS), timeouts, zero-copy, init packet. A
+/// replacement carries the marker and waits (within the connect timeout) for the
+/// destination's acknowledgement that it took the old connection's place.
+fn open_channel(config: &SourceConfig, id: u8, replacing: Option<Replacement>) -> Result<Conn> {
+    let conn = Conn::connect_secure(&config.address, config.connect_timeout, config.tls.as_ref())?;
+    if config.zero_copy {
+        zerocopy::enable(conn.fd())?;
+    }
+    let init = InitPacket { uuid: config.uuid, channel_id: id };
+    match replacing {
+        None => conn.write_all(&[&init.encode()])?,
+        Some(r) => {
+            conn.set_read_timeout(Some(config.connect_timeout))?;
+            conn.set_write_timeout(Some(config.connect_timeout))?;
+            conn.write_all(&[&r.encode(&init)])?;
+            let mut ack = [0u8; REPLACEMENT_ACK.len()];
+            if !conn.read_exact(&mut ack)? {
+                fail!(ConnectionClosed, "the destination closed the replacement connection before taking it");
+            }
+            if ack != REPLACEMENT_ACK {
+                fail!(Protocol, "the destination answered a replacement connection with {ack:02x?}");
+            }
+            conn.set_read_timeout(None)?;
+            conn.set_write_timeout(None)?;
+        }
+    }
+    if let Some(t) = config.peer_timeout {
+        conn.set_peer_timeout(t)?;
+    }
+    Ok(conn)
+}
+
+/// A fault of the connection itself (reset, closed, timed out), which a replacement repairs.
+fn is_connection_fault(e: &Error) -> bool {
+    matches!(e.code, ErrorCode::ConnectionClosed | ErrorCode::Timeout)
+}
+
+/// A redial that failed in a way another redial may not (connect refused, reset, timed out).
+fn may_redial(e: &Error) -> bool {
+    is_connection_fault(e) || e.code == ErrorCode::Io
 }
 
 /// Bytes in a socket's send queue (SIOCOUTQ); 0 when the socket cannot say.
@@ -283,12 +357,38 @@ impl Drop for Source {
     }
 }
 
+/// One channel's connection and its write state, kept across replacements.
+struct Writer {
+    id: usize,
+    conn: Arc<Conn>,
+    wire: Vec<u8>,
+    header: PacketHeader,
+    iov: Vec<libc::iovec>,
+    zc: Option<ZeroCopySender>,
+    compressor: Option<Box<dyn Compressor>>,
+    payload: Vec<u8>,
+    /// Compression input with a digest: one packet's normal pages, copied out of block memory.
+    staging: Vec<u8>,
+}
+
+/// Whether a write went out or the source stopped first (between packets).
+#[derive(PartialEq, Eq)]
+enum Wrote {
+    Yes,
+    Stopped,
+}
+
 impl Shared {
     fn stop(&self) {
         self.queues.lock().unwrap().stopping = true;
         self.work.iter().for_each(Condvar::notify_all);
         self.progress.notify_all();
         self.throttle.stop();
+        let _ = (&self.wake_watcher).write(&[1]);
+    }
+
+    fn stopping(&self) -> bool {
+        self.queues.lock().unwrap().stopping
     }
 
     fn stopped_error(&self) -> Error {
@@ -385,7 +485,7 @@ impl Shared {
             if q.stopping {
                 return Err(self.stopped_error());
             }
-            q.jobs[c].push_back(Job::Sync);
+            q.jobs[c].push_back(Job::Sync { epoch: target });
             self.work[c].notify_one();
         }
         while q.synced.iter().any(|&s| s < target) {
@@ -397,151 +497,357 @@ impl Shared {
         Ok(target)
     }
 
-    fn next_job(&self, id: usize) -> Option<Job> {
+    /// The channel's next job; `None` once stopping; an error when the watcher saw the
+    /// channel's connection break.
+    fn next_job(&self, id: usize) -> Result<Option<Job>> {
         let mut q = self.queues.lock().unwrap();
         loop {
             if q.stopping {
-                return None;
+                return Ok(None);
+            }
+            if q.broken[id] {
+                fail!(ConnectionClosed, "the destination's end of the connection closed or reset");
             }
             if let Some(job) = q.jobs[id].pop_front() {
                 self.progress.notify_one();
-                return Some(job);
+                return Ok(Some(job));
             }
             q = self.work[id].wait(q).unwrap();
         }
     }
 
-    fn run_channel(&self, id: usize, conn: &Conn) -> Result<()> {
+    fn run_channel(&self, id: usize, conn: Arc<Conn>) -> Result<()> {
         let cfg = &self.config;
-        let stats = &self.stats[id];
-        ChannelStats::add(&stats.bytes, crate::wire::INIT_PACKET_LEN as u64);
+        ChannelStats::add(&self.stats[id].bytes, crate::wire::INIT_PACKET_LEN as u64);
+        let mut w = Writer {
+            id,
+            zc: cfg.zero_copy.then(|| ZeroCopySender::new(conn.fd())),
+            conn,
+            wire: vec![0u8; cfg.geometry.header_len()],
+            header: PacketHeader::default(),
+            iov: Vec::with_capacity(cfg.geometry.page_count() as usize + 1),
+            compressor: crate::compress::compressor(cfg.compression, cfg.compression_level)?,
+            payload: Vec::new(),
+            staging: Vec::new(),
+        };
+        loop {
+            match self.pump(&mut w) {
+                Ok(()) => return Ok(()),
+                Err(cause) if self.recoverable(&cause) => {
+                    if self.recover(&mut w, cause)? == Wrote::Stopped {
+                        return Ok(());
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
 
-        let g = cfg.geometry;
-        let page = g.page_size() as usize;
-        let mut wire = vec![0u8; g.header_len()];
-        let mut header = PacketHeader::default();
-        let mut iov: Vec<libc::iovec> = Vec::with_capacity(g.page_count() as usize + 1);
-        let mut zc = cfg.zero_copy.then(|| ZeroCopySender::new(conn.fd()));
-        let mut compressor = crate::compress::compressor(cfg.compression, cfg.compression_level)?;
-        let mut payload: Vec<u8> = Vec::new();
-        // Compression input with a digest: one packet's normal pages, copied out of block memory.
-        let mut staging: Vec<u8> = Vec::new();
-        while let Some(job) = self.next_job(id) {
-            match job {
+    /// A connection fault this channel repairs itself: never while the session is failing or
+    /// stopping, never with `channel_retries` 0.
+    fn recoverable(&self, e: &Error) -> bool {
+        self.config.channel_retries > 0 && is_connection_fault(e) && !self.failure.is_failed() && !self.stopping()
+    }
+
+    /// Writes the channel's jobs until the source stops, journaling each before it goes out.
+    fn pump(&self, w: &mut Writer) -> Result<()> {
+        let page = u64::from(self.config.geometry.page_size());
+        while let Some(job) = self.next_job(w.id)? {
+            let wrote = match job {
                 Job::Pages { block, offsets } => {
-                    header.offsets.clear();
-                    let mut zeros = Vec::new();
-                    for &o in &offsets {
-                        if cfg.zero_page_detection && block.is_zero_page(o) {
-                            zeros.push(o);
-                        } else {
-                            header.offsets.push(o);
-                        }
-                    }
-                    let normal = header.offsets.len() as u32;
-                    header.offsets.extend_from_slice(&zeros);
-                    header.flags = Flags(cfg.compression.wire_code());
-                    header.pages_alloc = g.page_count();
-                    header.normal_pages = normal;
-                    header.zero_pages = zeros.len() as u32;
-                    header.next_packet_size = normal * g.page_size();
-                    let data = &header.offsets[..normal as usize];
-                    let digest = match compressor.as_mut().filter(|_| normal > 0) {
-                        Some(c) if cfg.integrity => {
-                            // With a digest, compression reads a private copy of the pages and
-                            // the digest is taken from the same copy, so it matches the payload.
-                            staging.resize(data.len() * page, 0);
-                            for (&o, dst) in data.iter().zip(staging.chunks_exact_mut(page)) {
-                                block.memory().copy_to(o, dst);
-                            }
-                            c.compress(&crate::memory::ReadSource::slices(&[&staging]), &mut payload)?;
-                            header.next_packet_size = payload.len() as u32;
-                            crate::integrity::pages_digest(staging.chunks_exact(page))
-                        }
-                        Some(c) => {
-                            // Otherwise it reads the pages where they are (see `crate::memory`).
-                            iov.clear();
-                            for &o in data {
-                                block.push_page(&mut iov, 0, o);
-                            }
-                            // SAFETY: every iovec came from `push_page` on `block`, which this
-                            // thread holds (an Arc in the job) until the call returns.
-                            c.compress(&unsafe { crate::memory::ReadSource::pages(&iov) }, &mut payload)?;
-                            header.next_packet_size = payload.len() as u32;
-                            0
-                        }
-                        None if cfg.integrity => crate::integrity::block_pages_digest(&block, data),
-                        None => 0,
-                    };
-                    header.digest = digest;
-                    // A source file truncated under the scan or the copies above.
-                    block.check_faults(true)?;
-                    // Bandwidth limit: the whole packet, just before it is numbered and written.
-                    // A stop while waiting ends the thread here, between packets.
-                    if !self.throttle.acquire((wire.len() + header.next_packet_size as usize) as u64) {
-                        return Ok(());
-                    }
-                    header.packet_num = self.packet_num.fetch_add(1, Ordering::Relaxed);
-                    header.block.clear();
-                    header.block.extend_from_slice(block.name().as_bytes());
-                    header.encode_into(g, &mut wire)?;
-
-                    iov.clear();
-                    iov.push(iovec(wire.as_ptr(), wire.len()));
-                    if compressor.is_some() {
-                        if normal > 0 {
-                            iov.push(iovec(payload.as_ptr(), payload.len()));
-                        }
-                        // SAFETY: both iovecs point into buffers this thread owns.
-                        unsafe { conn.writev_all(&mut iov)? };
-                        block.check_faults(true)?;
-                        ChannelStats::add(&stats.bytes, (wire.len() + header.next_packet_size as usize) as u64);
-                        ChannelStats::add(&stats.packets, 1);
-                        ChannelStats::add(&stats.normal_pages, u64::from(normal));
-                        ChannelStats::add(&stats.zero_pages, zeros.len() as u64);
-                        continue;
-                    }
-                    // Contiguous pages share one iovec (never the header's).
-                    for &o in header.normal_offsets() {
-                        block.push_page(&mut iov, 1, o);
-                    }
-                    match zc.as_mut() {
-                        Some(zc) => {
-                            // SAFETY: every page iovec came from `push_page` on `block`, which the
-                            // sender keeps alive until the kernel reports the send complete.
-                            if let Some(Notice::FellBack(w)) = unsafe { zc.send(&wire, &mut iov[1..], &block, stats).map_err(|e| block.explain(e, true))? } {
-                                (self.failure.events())(Event::Warning(w.context(format!("channel {id}"))));
-                            }
-                        }
-                        // SAFETY: the header buffer is ours; every page iovec came from
-                        // `push_page` (bounds-checked) on a block this job holds an Arc to.
-                        None => unsafe { conn.writev_all(&mut iov).map_err(|e| block.explain(e, true))? },
-                    }
-                    // TLS copies the pages in user space: a truncated file shows up here.
-                    block.check_faults(true)?;
-                    ChannelStats::add(&stats.bytes, (wire.len() + normal as usize * page) as u64);
-                    ChannelStats::add(&stats.packets, 1);
-                    ChannelStats::add(&stats.normal_pages, u64::from(normal));
-                    ChannelStats::add(&stats.zero_pages, zeros.len() as u64);
+                    self.journals[w.id].lock().unwrap().pages(&block, &offsets, page);
+                    self.write_pages(w, &block, &offsets)?
                 }
-                Job::Sync => {
-                    if !self.throttle.acquire(wire.len() as u64) {
-                        return Ok(());
-                    }
-                    let sync = PacketHeader::sync(self.packet_num.fetch_add(1, Ordering::Relaxed));
-                    sync.encode_into(g, &mut wire)?;
-                    conn.write_all(&[&wire])?;
-                    if let Some(zc) = zc.as_mut() {
-                        zc.flush(stats, || self.queues.lock().unwrap().stopping)?;
-                    }
-                    ChannelStats::add(&stats.bytes, wire.len() as u64);
-                    ChannelStats::add(&stats.syncs, 1);
-                    let mut q = self.queues.lock().unwrap();
-                    q.synced[id] += 1;
-                    self.progress.notify_all();
+                Job::Sync { epoch } => {
+                    self.journals[w.id].lock().unwrap().sync(epoch);
+                    self.write_sync(w, epoch)?
                 }
+            };
+            if wrote == Wrote::Stopped {
+                return Ok(());
             }
         }
         Ok(())
+    }
+
+    /// Replaces channel `w.id`'s broken connection: redial with backoff, the replacement marker,
+    /// the destination's acknowledgement, then everything written since the last acknowledged
+    /// SYNC again (the pages' current contents). Gives up with `cause` after the retries.
+    fn recover(&self, w: &mut Writer, cause: Error) -> Result<Wrote> {
+        let id = w.id;
+        let noticed = Instant::now();
+        self.stats[id].set_state(ChannelState::Recovering);
+        w.conn.shutdown();
+        let mut wait = FIRST_REDIAL_WAIT;
+        let mut last = cause.clone();
+        for _ in 0..self.config.channel_retries {
+            if !self.pause(id, wait) {
+                return Ok(Wrote::Stopped);
+            }
+            wait = (wait * 2).min(MAX_REDIAL_WAIT);
+            let (marker, entries) = {
+                let j = self.journals[id].lock().unwrap();
+                (Replacement { acked_epoch: j.acked_epoch(), pages_resent: j.page_count() }, j.entries())
+            };
+            let conn = match open_channel(&self.config, id as u8, Some(marker)) {
+                Ok(c) => Arc::new(c),
+                Err(e) if may_redial(&e) => {
+                    last = e;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            self.install(w, conn);
+            ChannelStats::add(&self.stats[id].bytes, crate::wire::INIT_PACKET_LEN as u64);
+            (self.failure.events())(Event::Recovered(Recovery {
+                connection: Some(id as u8),
+                cause: cause.clone().context(format!("channel {id}")),
+                pages_resent: marker.pages_resent,
+                took: noticed.elapsed(),
+            }));
+            match self.resend(w, &entries) {
+                Ok(wrote) => return Ok(wrote),
+                Err(e) if self.recoverable(&e) => {
+                    self.stats[id].set_state(ChannelState::Recovering);
+                    w.conn.shutdown();
+                    last = e;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        self.stats[id].set_state(ChannelState::Lost);
+        Err(cause.context(format!("gave up after {} redial(s), the last failing with {}", self.config.channel_retries, last)))
+    }
+
+    /// Waits `d` before a redial; false when the source stops meanwhile.
+    fn pause(&self, id: usize, d: Duration) -> bool {
+        let until = Instant::now() + d;
+        let mut q = self.queues.lock().unwrap();
+        loop {
+            let now = Instant::now();
+            if q.stopping || self.failure.is_failed() {
+                return false;
+            }
+            if now >= until {
+                return true;
+            }
+            q = self.work[id].wait_timeout(q, until - now).unwrap().0;
+        }
+    }
+
+    /// Puts `conn` in place of the channel's broken connection, for every later write, a
+    /// failure's shutdown and the watcher.
+    fn install(&self, w: &mut Writer, conn: Arc<Conn>) {
+        self.failure.swap(&w.conn, conn.clone());
+        let mut links = self.links.lock().unwrap();
+        links[w.id] = conn.clone();
+        self.queues.lock().unwrap().broken[w.id] = false;
+        drop(links);
+        if w.zc.is_some() {
+            w.zc = Some(ZeroCopySender::new(conn.fd()));
+        }
+        w.conn = conn;
+        self.stats[w.id].set_state(ChannelState::Up);
+        let _ = (&self.wake_watcher).write(&[1]);
+    }
+
+    /// Writes a journal again on a replacement connection, in order: pages (their current
+    /// contents, treated as any page) in packets, and SYNCs.
+    fn resend(&self, w: &mut Writer, entries: &[Entry]) -> Result<Wrote> {
+        let page = u64::from(self.config.geometry.page_size());
+        let per_packet = self.config.geometry.page_count() as usize;
+        let mut batch = Vec::with_capacity(per_packet);
+        for e in entries {
+            match e {
+                Entry::Pages { block, runs, .. } => {
+                    for &(first, count) in runs {
+                        for p in first..first + count {
+                            batch.push(p * page);
+                            if batch.len() == per_packet && self.write_pages(w, block, &std::mem::take(&mut batch))? == Wrote::Stopped {
+                                return Ok(Wrote::Stopped);
+                            }
+                        }
+                    }
+                    if !batch.is_empty() && self.write_pages(w, block, &std::mem::take(&mut batch))? == Wrote::Stopped {
+                        return Ok(Wrote::Stopped);
+                    }
+                }
+                Entry::Sync { epoch } => {
+                    if self.write_sync(w, *epoch)? == Wrote::Stopped {
+                        return Ok(Wrote::Stopped);
+                    }
+                }
+            }
+        }
+        Ok(Wrote::Yes)
+    }
+
+    /// Writes one packet of `block`'s pages at `offsets`.
+    fn write_pages(&self, w: &mut Writer, block: &Arc<RamBlock>, offsets: &[u64]) -> Result<Wrote> {
+        let cfg = &self.config;
+        let (id, stats) = (w.id, &self.stats[w.id]);
+        let g = cfg.geometry;
+        let page = g.page_size() as usize;
+        let Writer { conn, wire, header, iov, zc, compressor, payload, staging, .. } = w;
+        header.offsets.clear();
+        let mut zeros = Vec::new();
+        for &o in offsets {
+            if cfg.zero_page_detection && block.is_zero_page(o) {
+                zeros.push(o);
+            } else {
+                header.offsets.push(o);
+            }
+        }
+        let normal = header.offsets.len() as u32;
+        header.offsets.extend_from_slice(&zeros);
+        header.flags = Flags(cfg.compression.wire_code());
+        header.pages_alloc = g.page_count();
+        header.normal_pages = normal;
+        header.zero_pages = zeros.len() as u32;
+        header.next_packet_size = normal * g.page_size();
+        let data = &header.offsets[..normal as usize];
+        let digest = match compressor.as_mut().filter(|_| normal > 0) {
+            Some(c) if cfg.integrity => {
+                // With a digest, compression reads a private copy of the pages and the digest
+                // is taken from the same copy, so it matches the payload.
+                staging.resize(data.len() * page, 0);
+                for (&o, dst) in data.iter().zip(staging.chunks_exact_mut(page)) {
+                    block.memory().copy_to(o, dst);
+                }
+                c.compress(&crate::memory::ReadSource::slices(&[staging]), payload)?;
+                header.next_packet_size = payload.len() as u32;
+                crate::integrity::pages_digest(staging.chunks_exact(page))
+            }
+            Some(c) => {
+                // Otherwise it reads the pages where they are (see `crate::memory`).
+                iov.clear();
+                for &o in data {
+                    block.push_page(iov, 0, o);
+                }
+                // SAFETY: every iovec came from `push_page` on `block`, which the caller holds
+                // (an Arc in the job or the journal) until the call returns.
+                c.compress(&unsafe { crate::memory::ReadSource::pages(iov) }, payload)?;
+                header.next_packet_size = payload.len() as u32;
+                0
+            }
+            None if cfg.integrity => crate::integrity::block_pages_digest(block, data),
+            None => 0,
+        };
+        header.digest = digest;
+        // A source file truncated under the scan or the copies above.
+        block.check_faults(true)?;
+        // Bandwidth limit: the whole packet, just before it is numbered and written. A stop
+        // while waiting ends the thread here, between packets.
+        if !self.throttle.acquire((wire.len() + header.next_packet_size as usize) as u64) {
+            return Ok(Wrote::Stopped);
+        }
+        header.packet_num = self.packet_num.fetch_add(1, Ordering::Relaxed);
+        header.block.clear();
+        header.block.extend_from_slice(block.name().as_bytes());
+        header.encode_into(g, wire)?;
+
+        iov.clear();
+        iov.push(iovec(wire.as_ptr(), wire.len()));
+        if compressor.is_some() {
+            if normal > 0 {
+                iov.push(iovec(payload.as_ptr(), payload.len()));
+            }
+            // SAFETY: both iovecs point into buffers this thread owns.
+            unsafe { conn.writev_all(iov)? };
+            block.check_faults(true)?;
+            ChannelStats::add(&stats.bytes, (wire.len() + header.next_packet_size as usize) as u64);
+        } else {
+            // Contiguous pages share one iovec (never the header's).
+            for &o in header.normal_offsets() {
+                block.push_page(iov, 1, o);
+            }
+            match zc.as_mut() {
+                Some(zc) => {
+                    // SAFETY: every page iovec came from `push_page` on `block`, which the
+                    // sender keeps alive until the kernel reports the send complete.
+                    if let Some(Notice::FellBack(w)) = unsafe { zc.send(wire, &mut iov[1..], block, stats).map_err(|e| block.explain(e, true))? } {
+                        (self.failure.events())(Event::Warning(w.context(format!("channel {id}"))));
+                    }
+                }
+                // SAFETY: the header buffer is ours; every page iovec came from `push_page`
+                // (bounds-checked) on a block the caller holds an Arc to.
+                None => unsafe { conn.writev_all(iov).map_err(|e| block.explain(e, true))? },
+            }
+            // TLS copies the pages in user space: a truncated file shows up here.
+            block.check_faults(true)?;
+            ChannelStats::add(&stats.bytes, (wire.len() + normal as usize * page) as u64);
+        }
+        ChannelStats::add(&stats.packets, 1);
+        ChannelStats::add(&stats.normal_pages, u64::from(normal));
+        ChannelStats::add(&stats.zero_pages, zeros.len() as u64);
+        Ok(Wrote::Yes)
+    }
+
+    /// Writes SYNC `epoch` and counts it (once, however often it is written).
+    fn write_sync(&self, w: &mut Writer, epoch: u64) -> Result<Wrote> {
+        let stats = &self.stats[w.id];
+        if !self.throttle.acquire(w.wire.len() as u64) {
+            return Ok(Wrote::Stopped);
+        }
+        let sync = PacketHeader::sync(self.packet_num.fetch_add(1, Ordering::Relaxed));
+        sync.encode_into(self.config.geometry, &mut w.wire)?;
+        w.conn.write_all(&[&w.wire])?;
+        if let Some(zc) = w.zc.as_mut() {
+            zc.flush(stats, || self.queues.lock().unwrap().stopping)?;
+        }
+        ChannelStats::add(&stats.bytes, w.wire.len() as u64);
+        let mut q = self.queues.lock().unwrap();
+        if q.synced[w.id] < epoch {
+            q.synced[w.id] = epoch;
+            ChannelStats::add(&stats.syncs, 1);
+            self.progress.notify_all();
+        }
+        Ok(Wrote::Yes)
+    }
+
+    /// Notices a channel connection that broke while its thread does not write (the
+    /// destination never writes on a channel, so a hang-up, a reset or an end of stream from
+    /// it is a fault): shuts it down and wakes the thread, which then recovers. Runs until
+    /// the source stops.
+    fn watch_connections(&self, wake: &UnixStream) {
+        loop {
+            if self.stopping() {
+                return;
+            }
+            let watched: Vec<(usize, Arc<Conn>)> = {
+                let links = self.links.lock().unwrap();
+                let q = self.queues.lock().unwrap();
+                links.iter().enumerate().filter(|(i, _)| !q.broken[*i] && self.stats[*i].state() == ChannelState::Up).map(|(i, c)| (i, c.clone())).collect()
+            };
+            let mut fds: Vec<libc::pollfd> = std::iter::once(wake.as_raw_fd()).chain(watched.iter().map(|(_, c)| c.fd())).map(|fd| libc::pollfd { fd, events: libc::POLLIN, revents: 0 }).collect();
+            for f in &mut fds[1..] {
+                // Not POLLIN: a TLS destination may have sent session tickets nobody reads.
+                f.events = libc::POLLRDHUP;
+            }
+            // SAFETY: `fds` is a live array of `fds.len()` pollfds; every descriptor in it is
+            // kept open by an `Arc<Conn>` in `watched` (or is the wake socket) for the call.
+            let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+            if n < 0 {
+                if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return;
+            }
+            if fds[0].revents != 0 {
+                let mut drain = [0u8; 64];
+                while matches!((&*wake).read(&mut drain), Ok(n) if n > 0) {}
+            }
+            for (f, (i, conn)) in fds[1..].iter().zip(&watched) {
+                if f.revents == 0 {
+                    continue;
+                }
+                let links = self.links.lock().unwrap();
+                if Arc::ptr_eq(&links[*i], conn) {
+                    conn.shutdown();
+                    self.queues.lock().unwrap().broken[*i] = true;
+                    self.work[*i].notify_all();
+                }
+            }
+        }
     }
 }

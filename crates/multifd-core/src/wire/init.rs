@@ -70,6 +70,43 @@ impl InitPacket {
     }
 }
 
+/// Our extension in the init packet's reserved bytes: this connection replaces a broken one of
+/// the same channel id (QEMU's first connections leave the bytes zero, and so do ours).
+///
+/// Layout from byte 25: the marker "RPLC" (u32), the last SYNC epoch the source saw
+/// acknowledged (u64, the replacement's SYNCs are numbered from it), and the pages the
+/// replacement sends again (u64), all big-endian; the rest stays zero.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Replacement {
+    pub acked_epoch: u64,
+    pub pages_resent: u64,
+}
+
+/// "RPLC" at byte 25 marks a replacement.
+pub const REPLACEMENT_MARKER: u32 = 0x5250_4c43;
+/// What a destination writes on a replacement connection once it has taken the old one's
+/// place (the only bytes a destination ever writes on a channel): "MFDRPLOK".
+pub const REPLACEMENT_ACK: [u8; 8] = *b"MFDRPLOK";
+
+impl Replacement {
+    /// `init` with this marker in its reserved bytes.
+    pub fn encode(&self, init: &InitPacket) -> [u8; INIT_PACKET_LEN] {
+        let mut out = init.encode();
+        out[25..29].copy_from_slice(&REPLACEMENT_MARKER.to_be_bytes());
+        out[29..37].copy_from_slice(&self.acked_epoch.to_be_bytes());
+        out[37..45].copy_from_slice(&self.pages_resent.to_be_bytes());
+        out
+    }
+
+    /// The marker of an init packet, if it carries one (`buf` already decoded).
+    pub fn decode(buf: &[u8; INIT_PACKET_LEN]) -> Option<Replacement> {
+        (u32::from_be_bytes(buf[25..29].try_into().unwrap()) == REPLACEMENT_MARKER).then(|| Replacement {
+            acked_epoch: u64::from_be_bytes(buf[29..37].try_into().unwrap()),
+            pages_resent: u64::from_be_bytes(buf[37..45].try_into().unwrap()),
+        })
+    }
+}
+
 /// Which channel ids have arrived, so a second channel with the same id is refused.
 #[derive(Debug, Clone)]
 pub struct ChannelClaims {
@@ -100,6 +137,11 @@ impl ChannelClaims {
         }
         self.taken[word] |= bit;
         Ok(())
+    }
+
+    /// Whether `id` has arrived.
+    pub fn is_claimed(&self, id: u8) -> bool {
+        u32::from(id) < self.channels && self.taken[usize::from(id / 64)] & (1 << (id % 64)) != 0
     }
 
     pub fn is_complete(&self) -> bool {
@@ -134,6 +176,18 @@ mod tests {
         let mut bytes = init.encode();
         bytes[25..].fill(0xaa);
         assert_eq!(InitPacket::decode(&bytes).unwrap(), init);
+    }
+
+    #[test]
+    fn a_replacement_marker_round_trips_and_first_connections_carry_none() {
+        let init = InitPacket { uuid: [3; 16], channel_id: 1 };
+        assert_eq!(Replacement::decode(&init.encode()), None, "a first connection is QEMU's bytes");
+        let r = Replacement { acked_epoch: 7, pages_resent: 1 << 40 };
+        let bytes = r.encode(&init);
+        assert_eq!(InitPacket::decode(&bytes).unwrap(), init);
+        assert_eq!(Replacement::decode(&bytes), Some(r));
+        assert_eq!(&bytes[25..29], b"RPLC");
+        assert!(bytes[45..].iter().all(|&b| b == 0));
     }
 
     #[test]

@@ -10,7 +10,7 @@ mod packet;
 
 pub use flags::{Compression, Flags, KnownMethod};
 pub use geometry::Geometry;
-pub use init::{ChannelClaims, InitPacket};
+pub use init::{ChannelClaims, InitPacket, REPLACEMENT_ACK, Replacement};
 pub use packet::{BlockInfo, BlockLookup, CommonHeader, PacketHeader, PacketValidator, ValidatedPacket};
 
 /// `MULTIFD_MAGIC`: first four bytes of every init packet and packet header.
