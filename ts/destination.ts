@@ -7,7 +7,7 @@ import { z } from 'zod'
 import { binding, type NativeEvent } from './native.js'
 import { MultifdError, native, nativeError } from './errors.js'
 import { RamBlock, RamBlockSchema, blockDigests } from './block.js'
-import { Address, Channels, DEFAULT_PEER_TIMEOUT_MS, DEFAULT_TIMEOUT_MS, PeerTimeoutMs, TimeoutMs, parseOptions } from './options.js'
+import { Address, Channels, DEFAULT_PEER_TIMEOUT_MS, DEFAULT_RESUME_WINDOW_MS, DEFAULT_TIMEOUT_MS, PeerTimeoutMs, ResumeWindowMs, TimeoutMs, parseOptions } from './options.js'
 import { PROTOCOL_VERSION, remoteError, type ControlMessage, type Hello } from './protocol.js'
 import { Session } from './session.js'
 import { type ChannelStats, type TlsSummary } from './types.js'
@@ -47,6 +47,12 @@ const DestinationOptions = z.strictObject({
    * handshake and pass the allow-list too), and the source its hello.
    */
   handshakeTimeoutMs: TimeoutMs.default(DEFAULT_TIMEOUT_MS),
+  /**
+   * How long a channel whose connection broke (reset, closed mid-migration, `peerTimeoutMs`)
+   * may take to be replaced by the source before the migration fails with the cause's code.
+   * A protocol error is never waited out. 0 fails at once, as QEMU does.
+   */
+  resumeWindowMs: ResumeWindowMs.default(DEFAULT_RESUME_WINDOW_MS),
   /**
    * Require mutual TLS on every connection (see README, "TLS"). A connection is read only
    * after its handshake, certificate checks and the `allow` list pass; a plaintext peer, an
@@ -140,6 +146,8 @@ export class Destination extends Session {
         return this.fail(nativeError(ev.error))
       case 'warning':
         return this.warn(nativeError(ev.error))
+      case 'recovery':
+        return this.recovered(ev)
       case 'done':
       case 'rejected':
       case 'channelsReady':
@@ -207,6 +215,7 @@ export class Destination extends Session {
         compression: h.compression,
         channelTimeoutMs: this.#options.channelTimeoutMs,
         integrity: this.#integrity,
+        resumeWindowMs: this.#options.resumeWindowMs,
         ...(this.#options.peerTimeoutMs === 0 ? {} : { peerTimeoutMs: this.#options.peerTimeoutMs }),
       }),
     )

@@ -36,6 +36,12 @@ export const PeerTimeoutMs = z.union([z.literal(0), intIn(LIMITS.peerTimeoutMs)]
 export const DEFAULT_PEER_TIMEOUT_MS = defaultOf(LIMITS.peerTimeoutMs, 'peerTimeoutMs')
 /** Bytes per second over all channels of a session. */
 export const Bandwidth = intIn(LIMITS.maxBandwidth)
+/** `channelRetries`: redials per connection after a connection fault; 0 fails at the first. */
+export const ChannelRetries = intIn(LIMITS.channelRetries)
+export const DEFAULT_CHANNEL_RETRIES = defaultOf(LIMITS.channelRetries, 'channelRetries')
+/** `resumeWindowMs`: how long a destination waits for a lost connection's replacement; 0 fails at once. */
+export const ResumeWindowMs = intIn(LIMITS.resumeWindowMs)
+export const DEFAULT_RESUME_WINDOW_MS = defaultOf(LIMITS.resumeWindowMs, 'resumeWindowMs')
 
 export const PageSize = intIn(LIMITS.pageSize).refine((n) => (n & (n - 1)) === 0, {
   error: `page size must be a power of two from ${LIMITS.pageSize.min} to ${LIMITS.pageSize.max}`,
@@ -92,6 +98,7 @@ export interface SourceRuleInput {
   connectTimeoutMs: number
   peerTimeoutMs?: number | undefined
   maxBandwidth?: number | undefined
+  channelRetries: number
 }
 
 /**
@@ -106,6 +113,7 @@ export function checkSourceRules(o: SourceRuleInput, ctx: z.RefinementCtx): void
     zeroCopy: o.zeroCopySend,
     tls: o.tls,
     connectTimeoutMs: o.connectTimeoutMs,
+    channelRetries: o.channelRetries,
     ...(o.compressionLevel === undefined ? {} : { compressionLevel: o.compressionLevel }),
     ...(o.peerTimeoutMs === undefined ? {} : { peerTimeoutMs: o.peerTimeoutMs }),
     ...(o.maxBandwidth === undefined ? {} : { maxBandwidth: o.maxBandwidth }),

@@ -3,23 +3,27 @@
  * failure, request promises keyed by id, and stats.
  */
 import { EventEmitter } from 'node:events'
-import { MultifdError, asMultifdError } from './errors.js'
-import { type MigrationState, type Role, canMove, errorChannel, isFinal, stateChannel, syncChannel, tlsChannel, warningChannel } from './state.js'
-import type { ChannelStats, SessionEvents, Stats, Summary, TlsSummary } from './types.js'
+import { MultifdError, asMultifdError, nativeError } from './errors.js'
+import { type MigrationState, type Role, canMove, errorChannel, isFinal, recoveryChannel, stateChannel, syncChannel, tlsChannel, warningChannel } from './state.js'
+import type { ChannelStats, Recovery, SessionEvents, Stats, Summary, TlsSummary } from './types.js'
+import type { NativeEvent } from './native.js'
 
-export type { ChannelStats, SessionEvents, Stats, Summary, TlsSummary } from './types.js'
+export type { ChannelStats, Recovery, SessionEvents, Stats, Summary, TlsSummary } from './types.js'
 
 interface Pending {
   resolve: (v: number) => void
   reject: (e: MultifdError) => void
 }
 
-export function totals(channels: ChannelStats[], startedAt: number | undefined): Stats {
-  const sum = (k: keyof ChannelStats): number => channels.reduce((a, c) => a + c[k], 0)
+type Counter = Exclude<keyof ChannelStats, 'state'>
+
+export function totals(channels: ChannelStats[], startedAt: number | undefined, recoveries: Recovery[] = []): Stats {
+  const sum = (k: Counter): number => channels.reduce((a, c) => a + c[k], 0)
   const seconds = startedAt === undefined ? 0 : (performance.now() - startedAt) / 1000
   const bytes = sum('bytes')
   return {
     channels,
+    recoveries,
     bytes,
     packets: sum('packets'),
     normalPages: sum('normalPages'),
@@ -50,6 +54,7 @@ export abstract class Session extends EventEmitter<SessionEvents> {
   /** Counters as they were when the native side closed. */
   #finalStats: ChannelStats[] | undefined
   #endedAt: number | undefined
+  #recoveries: Recovery[] = []
   #settled: Promise<Summary>
   #settle!: { resolve: (s: Summary) => void; reject: (e: MultifdError) => void }
 
@@ -87,7 +92,7 @@ export abstract class Session extends EventEmitter<SessionEvents> {
   protected abstract tellPeer(e: MultifdError): void
 
   stats(): Stats {
-    const s = totals(this.#finalStats ?? this.nativeStats(), this.#startedAt)
+    const s = totals(this.#finalStats ?? this.nativeStats(), this.#startedAt, [...this.#recoveries])
     if (this.#endedAt !== undefined && this.#startedAt !== undefined) {
       s.seconds = (this.#endedAt - this.#startedAt) / 1000
       s.bytesPerSecond = s.seconds > 0 ? s.bytes / s.seconds : 0
@@ -154,6 +159,20 @@ export abstract class Session extends EventEmitter<SessionEvents> {
   protected stopLiveness(): void {
     clearInterval(this.#liveness)
     this.#liveness = undefined
+  }
+
+  /** A native `recovery` event: recorded, emitted and published on `multifd:recovery`. */
+  protected recovered(ev: Extract<NativeEvent, { kind: 'recovery' }>): void {
+    const r: Recovery = {
+      connection: ev.connection ?? 'control',
+      side: this.role,
+      cause: { code: nativeError(ev.cause).code, message: ev.cause.message },
+      pagesResent: ev.pagesResent,
+      ms: ev.ms,
+    }
+    this.#recoveries.push(r)
+    if (recoveryChannel.hasSubscribers) recoveryChannel.publish({ role: this.role, session: this.session, address: this.address, ...r })
+    this.emit('recovery', r)
   }
 
   protected warn(w: MultifdError): void {
@@ -285,6 +304,7 @@ export abstract class Session extends EventEmitter<SessionEvents> {
       pages: { normal: s.normalPages, zero: s.zeroPages },
       syncs: s.syncs,
       perChannel: s.channels,
+      recoveries: s.recoveries,
       ...(this.#error ? { error: { code: this.#error.code, message: this.#error.message } } : {}),
       ...(this.tls ? { tls: this.tls } : {}),
     }

@@ -8,7 +8,7 @@ import { z } from 'zod'
 import { binding, type NativeEvent } from './native.js'
 import { MultifdError, asMultifdError, native, nativeError } from './errors.js'
 import { RamBlock, RamBlockSchema, blockDigests } from './block.js'
-import { Address, Bandwidth as BandwidthLimit, Channels, CompressionMethod, DEFAULT_CHANNELS, DEFAULT_PAGE_SIZE, DEFAULT_PEER_TIMEOUT_MS, DEFAULT_TIMEOUT_MS, Integrity, PageSize, PeerTimeoutMs, TimeoutMs, ZeroPageDetection, checkSourceRules, parseOptions } from './options.js'
+import { Address, Bandwidth as BandwidthLimit, ChannelRetries, Channels, CompressionMethod, DEFAULT_CHANNEL_RETRIES, DEFAULT_CHANNELS, DEFAULT_PAGE_SIZE, DEFAULT_PEER_TIMEOUT_MS, DEFAULT_TIMEOUT_MS, Integrity, PageSize, PeerTimeoutMs, TimeoutMs, ZeroPageDetection, checkSourceRules, parseOptions } from './options.js'
 import { PROTOCOL_VERSION, remoteError, type ControlMessage } from './protocol.js'
 import { Session } from './session.js'
 import { type ChannelStats, type Summary, type TlsSummary } from './types.js'
@@ -64,6 +64,14 @@ const SourceOptions = z.strictObject({
   maxBandwidth: Bandwidth,
   /** Bound on each control-channel reply (welcome, completed). */
   handshakeTimeoutMs: TimeoutMs.default(DEFAULT_TIMEOUT_MS),
+  /**
+   * Redials of a channel whose connection breaks (reset, closed, `peerTimeoutMs`), 50 ms
+   * apart and doubling up to 2 s: the replacement (a fresh TLS handshake with the same checks)
+   * takes the old one's place at the destination and sends again every page the channel sent
+   * since the last acknowledged sync, with its current contents. Each repair is a `recovery`
+   * event. 0 fails the migration at the first broken connection, as QEMU does.
+   */
+  channelRetries: ChannelRetries.default(DEFAULT_CHANNEL_RETRIES),
   /**
    * Mutual TLS on the control connection and every channel (see README, "TLS"). Each
    * connection's handshake, certificate checks and the destination's allow-list complete
@@ -173,6 +181,7 @@ export class Source extends Session {
           connectTimeoutMs: o.connectTimeoutMs,
           ...(o.peerTimeoutMs === 0 ? {} : { peerTimeoutMs: o.peerTimeoutMs }),
           ...(o.maxBandwidth === undefined ? {} : { maxBandwidth: o.maxBandwidth }),
+          channelRetries: o.channelRetries,
         }),
       )
       // Channels connect all at once (as QEMU's), each within connectTimeoutMs.
@@ -209,6 +218,8 @@ export class Source extends Session {
         return this.#hear('channelsReady')
       case 'warning':
         return this.warn(nativeError(ev.error))
+      case 'recovery':
+        return this.recovered(ev)
       case 'control':
         return this.#onControl(ev.message)
       case 'controlRefused':

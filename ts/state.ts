@@ -25,6 +25,12 @@ export const tlsChannel = diagnostics.channel('multifd:tls')
 export const warningChannel = diagnostics.channel('multifd:warning')
 
 /**
+ * `multifd:recovery` — `{ role, session, address, ...Recovery }` when a broken connection was
+ * replaced and carries traffic again: which one, why it broke, pages sent again, time to repair.
+ */
+export const recoveryChannel = diagnostics.channel('multifd:recovery')
+
+/**
  * `multifd:round` — `{ role, session, address, ...RoundStats }` after every round of a live
  * migration (source side): pages, bytes, duration, bandwidth, dirty pages left, expected
  * downtime; the final round also carries the real downtime.

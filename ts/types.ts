@@ -2,15 +2,37 @@
  * Types the facade's modules share (sessions, live migration, TLS, the CLI): one module, so
  * no facade file needs another's implementation for a type.
  */
-import type { ChannelCounters } from './native/binding.cjs'
-import type { MultifdError } from './errors.js'
+import type { ChannelCounters, LinkState } from './native/binding.cjs'
+import type { MultifdError, MultifdErrorCode } from './errors.js'
 import type { MigrationState, Role } from './state.js'
 
-/** One channel's counters, read from Rust atomics (fields documented in `ChannelCounters`). */
-export type ChannelStats = ChannelCounters
+/**
+ * Where a channel's connection stands: `up`; `recovering` (source: redialling after a
+ * connection fault); `lost` (destination: broken, its replacement awaited within
+ * `resumeWindowMs`; source: given up on).
+ */
+export type ChannelState = `${LinkState}`
 
-export interface Stats extends ChannelStats {
+/** One channel's counters, read from Rust atomics (fields documented in `ChannelCounters`), and its state. */
+export type ChannelStats = Omit<ChannelCounters, 'state'> & { state: ChannelState }
+
+/** One repaired connection: the `recovery` event, `multifd:recovery` on diagnostics_channel, `stats().recoveries`, the summary. */
+export interface Recovery {
+  /** A channel id, or 'control'. */
+  connection: number | 'control'
+  side: 'source' | 'destination'
+  /** Why it broke. */
+  cause: { code: MultifdErrorCode; message: string }
+  /** Pages sent again (source) or expected again (destination) because of it. */
+  pagesResent: number
+  /** From the break being noticed to the replacement carrying traffic, in ms. */
+  ms: number
+}
+
+export interface Stats extends Omit<ChannelStats, 'state'> {
   channels: ChannelStats[]
+  /** Every connection repaired so far, in order. */
+  recoveries: Recovery[]
   /** Seconds since the session became active. */
   seconds: number
   /** Bytes per second over `seconds`. */
@@ -29,6 +51,8 @@ export interface Summary {
   pages: { normal: number; zero: number }
   syncs: number
   perChannel: ChannelStats[]
+  /** Every connection repaired during the session, in order. */
+  recoveries: Recovery[]
   error?: { code: string; message: string }
   /** With TLS: what the control connection negotiated and who the peer is. */
   tls?: TlsSummary
@@ -91,6 +115,8 @@ export interface SessionEvents {
   failed: [error: MultifdError]
   /** Something degraded without failing the session (e.g. zero-copy fell back to copying). */
   warning: [warning: MultifdError]
+  /** A broken connection was repaired (also on `multifd:recovery`). */
+  recovery: [recovery: Recovery]
   /** Source of a live migration: a round ended (also on `multifd:round`). */
   round: [stats: RoundStats]
   /** With TLS: the control connection is authenticated both ways (also on `multifd:tls`). */

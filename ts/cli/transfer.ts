@@ -4,7 +4,7 @@ import { Destination } from '../destination.js'
 import { RamBlock } from '../block.js'
 import { Source } from '../source.js'
 import { MultifdError } from '../errors.js'
-import { Bandwidth, CompressionMethod, DEFAULT_CHANNELS, DEFAULT_PEER_TIMEOUT_MS, DEFAULT_TIMEOUT_MS, Integrity, LIMITS, ZeroPageDetection, compressionLevelsText, rangeText } from '../options.js'
+import { Bandwidth, CompressionMethod, DEFAULT_CHANNEL_RETRIES, DEFAULT_CHANNELS, DEFAULT_PEER_TIMEOUT_MS, DEFAULT_RESUME_WINDOW_MS, DEFAULT_TIMEOUT_MS, Integrity, LIMITS, ZeroPageDetection, compressionLevelsText, rangeText } from '../options.js'
 import type { Session, Summary } from '../session.js'
 import { IntIn, IntString, PeerTimeoutFlag, Rate, UsageError, blockFiles, check, parse } from './args.js'
 import { bytes, rate } from './format.js'
@@ -14,7 +14,12 @@ import { onInterrupt, wasInterrupted } from './interrupt.js'
 import { Output, refuseOverlap } from './outputs.js'
 
 function fromSummary(s: Summary, extra: Record<string, unknown> = {}): CommandResult {
-  return { status: s.status, bytes: s.bytes, seconds: s.seconds, bytesPerSecond: s.bytesPerSecond, channels: s.channels, pages: s.pages, ...(s.error ? { error: s.error } : {}), perChannel: s.perChannel, ...(s.tls ? { tls: s.tls } : {}), ...extra }
+  return { status: s.status, bytes: s.bytes, seconds: s.seconds, bytesPerSecond: s.bytesPerSecond, channels: s.channels, pages: s.pages, ...(s.error ? { error: s.error } : {}), perChannel: s.perChannel, recoveries: s.recoveries, ...(s.tls ? { tls: s.tls } : {}), ...extra }
+}
+
+/** One line per repaired connection. */
+function recoveryLines(s: Summary): string[] {
+  return s.recoveries.map((r) => `recovered ${r.connection === 'control' ? 'the control connection' : `channel ${r.connection}`} in ${Math.round(r.ms)} ms after ${r.cause.code} (${r.pagesResent} page(s) sent again)`)
 }
 
 function channelLines(s: Summary): string[] {
@@ -22,7 +27,8 @@ function channelLines(s: Summary): string[] {
   return [
     ...(s.tls ? [`tls: ${s.tls.protocol}, ${s.tls.cipherSuite}${s.tls.peer ? `, peer ${s.tls.peer.subject}` : ''}`] : []),
     `wire: ${bytes(s.bytes)}${raw > 0 ? `, ${(raw / Math.max(1, s.bytes)).toFixed(2)}x compression of the data pages` : ''}`,
-    ...s.perChannel.map((c, i) => `channel ${i}: ${bytes(c.bytes)} in ${c.packets} packets (${rate(s.seconds > 0 ? c.bytes / s.seconds : 0)})`),
+    ...s.perChannel.map((c, i) => `channel ${i}: ${bytes(c.bytes)} in ${c.packets} packets (${rate(s.seconds > 0 ? c.bytes / s.seconds : 0)})${c.state === 'up' ? '' : `, ${c.state}`}`),
+    ...recoveryLines(s),
   ]
 }
 
@@ -60,6 +66,10 @@ files, to a destination started with \`multifd recv\`.
                            ${rangeText(LIMITS.timeoutMs)} (default ${DEFAULT_TIMEOUT_MS})
   --peer-timeout-ms MS     fail if the destination stalls or goes silent this long,
                            ${rangeText(LIMITS.peerTimeoutMs)} (default ${DEFAULT_PEER_TIMEOUT_MS}, 0 disables)
+  --channel-retries N      redials of a channel whose connection breaks, 50 ms apart and
+                           doubling up to 2 s; the replacement sends again what the channel sent
+                           since the last acknowledged sync, ${rangeText(LIMITS.channelRetries)}
+                           (default ${DEFAULT_CHANNEL_RETRIES}, 0 fails at the first broken connection)
   --tls-cert FILE          mutual TLS: this side's certificate (PEM); needs --tls-key, --tls-ca
   --tls-key FILE           the certificate's private key (PEM)
   --tls-ca FILE            the CA that signed the destination's certificate (PEM)
@@ -96,6 +106,7 @@ export async function send(argv: string[]): Promise<CommandResult> {
     'max-bandwidth': { type: 'string' },
     'connect-timeout-ms': { type: 'string' },
     'peer-timeout-ms': { type: 'string' },
+    'channel-retries': { type: 'string' },
     ...TLS_FLAGS,
     'tls-name': { type: 'string' },
   })
@@ -112,6 +123,7 @@ export async function send(argv: string[]): Promise<CommandResult> {
       'max-bandwidth': Rate.pipe(Bandwidth).optional(),
       'connect-timeout-ms': IntIn(LIMITS.timeoutMs).default(DEFAULT_TIMEOUT_MS),
       'peer-timeout-ms': PeerTimeoutFlag.optional(),
+      'channel-retries': IntIn(LIMITS.channelRetries).default(DEFAULT_CHANNEL_RETRIES),
     }),
     values,
   )
@@ -140,6 +152,7 @@ export async function send(argv: string[]): Promise<CommandResult> {
       ...(o['max-bandwidth'] === undefined ? {} : { maxBandwidth: o['max-bandwidth'] }),
       connectTimeoutMs: o['connect-timeout-ms'],
       ...(o['peer-timeout-ms'] === undefined ? {} : { peerTimeoutMs: o['peer-timeout-ms'] }),
+      channelRetries: o['channel-retries'],
       ...(tls ? { tls: { ...tls, ...(values['tls-name'] === undefined ? {} : { name: values['tls-name'] as string }) } } : {}),
     })
     progress = progressOf(source, json, 'sending', total)
@@ -180,6 +193,8 @@ the summary unless the migration completed).
                            (default ${LIMITS.timeoutMs.default})
   --peer-timeout-ms MS     fail if the source stalls or goes silent this long,
                            ${rangeText(LIMITS.peerTimeoutMs)} (default ${DEFAULT_PEER_TIMEOUT_MS}, 0 disables)
+  --resume-window-ms MS    how long a broken channel's replacement may take before the
+                           migration fails, ${rangeText(LIMITS.resumeWindowMs)} (default ${DEFAULT_RESUME_WINDOW_MS}, 0 fails at once)
   --tls-cert FILE          mutual TLS: this side's certificate (PEM); needs --tls-key, --tls-ca
   --tls-key FILE           the certificate's private key (PEM)
   --tls-ca FILE            the CA that signed the source's certificate (PEM)
@@ -195,11 +210,20 @@ export async function recv(argv: string[]): Promise<CommandResult> {
     'in-place': { type: 'boolean' },
     'channel-timeout-ms': { type: 'string' },
     'peer-timeout-ms': { type: 'string' },
+    'resume-window-ms': { type: 'string' },
     ...TLS_FLAGS,
     'tls-allow': { type: 'string', multiple: true },
   })
   const tls = tlsFiles(values)
-  const o = check(z.object({ channels: IntIn(LIMITS.channels).optional(), 'channel-timeout-ms': IntIn(LIMITS.timeoutMs).default(DEFAULT_TIMEOUT_MS), 'peer-timeout-ms': PeerTimeoutFlag.optional() }), values)
+  const o = check(
+    z.object({
+      channels: IntIn(LIMITS.channels).optional(),
+      'channel-timeout-ms': IntIn(LIMITS.timeoutMs).default(DEFAULT_TIMEOUT_MS),
+      'peer-timeout-ms': PeerTimeoutFlag.optional(),
+      'resume-window-ms': IntIn(LIMITS.resumeWindowMs).default(DEFAULT_RESUME_WINDOW_MS),
+    }),
+    values,
+  )
   const [address, ...extra] = positionals
   if (!address) throw new UsageError('recv needs an ADDRESS (tcp:HOST:PORT or unix:PATH)')
   if (extra.length > 0) throw new UsageError(`unexpected argument ${JSON.stringify(extra[0])}; output files go after --out`)
@@ -216,6 +240,7 @@ export async function recv(argv: string[]): Promise<CommandResult> {
     ...(o.channels === undefined ? {} : { channels: o.channels }),
     channelTimeoutMs: o['channel-timeout-ms'],
     ...(o['peer-timeout-ms'] === undefined ? {} : { peerTimeoutMs: o['peer-timeout-ms'] }),
+    resumeWindowMs: o['resume-window-ms'],
     ...(tls ? { tls: { ...tls, ...(values['tls-allow'] === undefined ? {} : { allow: values['tls-allow'] as string[] }) } } : {}),
     blocks: (table) => {
       // The whole table is matched to files before any file is created.

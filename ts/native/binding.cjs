@@ -854,5 +854,6 @@ module.exports.fileNameFor = nativeBinding.fileNameFor
 module.exports.inspectQemuFile = nativeBinding.inspectQemuFile
 module.exports.inspectSnapshot = nativeBinding.inspectSnapshot
 module.exports.limits = nativeBinding.limits
+module.exports.LinkState = nativeBinding.LinkState
 module.exports.rebuildCapturesToDir = nativeBinding.rebuildCapturesToDir
 module.exports.rebuildFromStreams = nativeBinding.rebuildFromStreams

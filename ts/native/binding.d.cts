@@ -236,6 +236,11 @@ export interface ChannelCounters {
   zeroCopyEnobufs: number
   /** 1 when this channel fell back to copying sends. */
   zeroCopyFallbacks: number
+  /**
+   * Where its connection stands: `up`; `recovering` (source: redialling after a fault);
+   * `lost` (destination: broken, its replacement awaited; source: given up on).
+   */
+  state: LinkState
 }
 
 export interface ChannelOptions {
@@ -254,6 +259,8 @@ export interface ChannelOptions {
   integrity: boolean
   /** Bytes per second over all channels; absent for no limit. */
   maxBandwidth?: number
+  /** Redials of a channel whose connection broke; 0 fails at the first fault. */
+  channelRetries: number
 }
 
 /** Why `address` is not a valid `tcp:HOST:PORT` or `unix:PATH`, or nothing when it is. */
@@ -287,6 +294,8 @@ export interface DestinationOptions {
   peerTimeoutMs?: number
   /** Check each packet's data pages against the digest in its header. */
   integrity: boolean
+  /** How long a broken channel's replacement may take; 0 fails at once. */
+  resumeWindowMs: number
 }
 
 export declare function encodeInitPacket(uuid: Uint8Array, channelId: number): Buffer
@@ -367,6 +376,10 @@ export interface Limits {
   maxBandwidth: IntRange
   /** A `unix:` address's path, in bytes. */
   unixPathBytes: IntRange
+  /** Redials per connection after a fault. */
+  channelRetries: IntRange
+  /** How long a destination waits for a lost connection's replacement (ms). */
+  resumeWindowMs: IntRange
   /** `none` first, then the registry's methods. */
   compression: Array<CompressionMethodInfo>
   integrity: Array<string>
@@ -379,6 +392,13 @@ export interface LimitViolation {
   option: string
   code: string
   message: string
+}
+
+/** A channel connection's state. */
+export declare const enum LinkState {
+  Up = 'up',
+  Recovering = 'recovering',
+  Lost = 'lost',
 }
 
 /** A block's xxh3-64 (16 lowercase hex digits) in `complete`. */
@@ -424,6 +444,7 @@ export type NativeEvent =
   | { kind: 'controlConnected' }
   | { kind: 'channelsReady' }
   | { kind: 'warning'; error: NativeError }
+  | { kind: 'recovery'; connection?: number; cause: NativeError; pagesResent: number; ms: number }
 
 /** Two choices that do not combine, and why. */
 export interface OptionRule {
@@ -593,6 +614,7 @@ export interface SourceRuleInput {
   connectTimeoutMs: number
   peerTimeoutMs?: number
   maxBandwidth?: number
+  channelRetries: number
 }
 
 /** Mutual TLS credentials, as PEM (the TypeScript layer reads files). */

@@ -113,6 +113,9 @@ impl SourceSession {
     /// Sends `complete`, which names `epoch`: the last sync sent, acknowledged.
     pub fn send_complete(&self, epoch: u64, frame: &[u8]) -> Result<()> {
         self.ledger.lock().unwrap().complete_sent(epoch)?;
+        if let Some(s) = self.source.value.lock().unwrap().as_ref() {
+            s.completing();
+        }
         self.send_control(frame)
     }
 

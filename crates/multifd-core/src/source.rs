@@ -5,7 +5,7 @@ use std::collections::VecDeque;
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, mpsc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -101,6 +101,9 @@ struct Shared {
     journals: Vec<Mutex<Journal>>,
     /// Wakes the connection watcher (a stop, or a connection replaced).
     wake_watcher: UnixStream,
+    /// Everything is delivered and `complete` is on its way: the destination closes the
+    /// channels now, which is no fault.
+    completing: AtomicBool,
 }
 
 enum Command {
@@ -150,6 +153,7 @@ impl Source {
             links: Mutex::new(conns.clone()),
             journals: (0..n).map(|_| Mutex::new(Journal::default())).collect(),
             wake_watcher,
+            completing: AtomicBool::new(false),
             work: (0..n).map(|_| Condvar::new()).collect(),
             progress: Condvar::new(),
             packet_num: AtomicU64::new(0),
@@ -240,6 +244,13 @@ impl Source {
     /// Shrinking while a sync is awaited means the destination is still reading.
     pub fn unsent_bytes(&self) -> u64 {
         self.shared.links.lock().unwrap().iter().map(|c| send_queue(c.fd())).sum()
+    }
+
+    /// The last sync is acknowledged and `complete` goes out: from now on the destination
+    /// closing a channel is the migration ending, not a fault to repair.
+    pub fn completing(&self) {
+        self.shared.completing.store(true, Ordering::Release);
+        let _ = (&self.shared.wake_watcher).write(&[1]);
     }
 
     /// The destination acknowledged sync `epoch`: every channel forgets what it wrote up to it.
@@ -546,7 +557,7 @@ impl Shared {
     /// A connection fault this channel repairs itself: never while the session is failing or
     /// stopping, never with `channel_retries` 0.
     fn recoverable(&self, e: &Error) -> bool {
-        self.config.channel_retries > 0 && is_connection_fault(e) && !self.failure.is_failed() && !self.stopping()
+        self.config.channel_retries > 0 && is_connection_fault(e) && !self.completing.load(Ordering::Acquire) && !self.failure.is_failed() && !self.stopping()
     }
 
     /// Writes the channel's jobs until the source stops, journaling each before it goes out.
@@ -597,7 +608,7 @@ impl Shared {
                 }
                 Err(e) => return Err(e),
             };
-            self.install(w, conn);
+            self.install(w, conn)?;
             ChannelStats::add(&self.stats[id].bytes, crate::wire::INIT_PACKET_LEN as u64);
             (self.failure.events())(Event::Recovered(Recovery {
                 connection: Some(id as u8),
@@ -637,7 +648,7 @@ impl Shared {
 
     /// Puts `conn` in place of the channel's broken connection, for every later write, a
     /// failure's shutdown and the watcher.
-    fn install(&self, w: &mut Writer, conn: Arc<Conn>) {
+    fn install(&self, w: &mut Writer, conn: Arc<Conn>) -> Result<()> {
         self.failure.swap(&w.conn, conn.clone());
         let mut links = self.links.lock().unwrap();
         links[w.id] = conn.clone();
@@ -647,8 +658,12 @@ impl Shared {
             w.zc = Some(ZeroCopySender::new(conn.fd()));
         }
         w.conn = conn;
+        // A compression stream spans a connection's packets: the replacement starts a new one,
+        // as the destination's new receive loop does.
+        w.compressor = crate::compress::compressor(self.config.compression, self.config.compression_level)?;
         self.stats[w.id].set_state(ChannelState::Up);
         let _ = (&self.wake_watcher).write(&[1]);
+        Ok(())
     }
 
     /// Writes a journal again on a replacement connection, in order: pages (their current
@@ -811,7 +826,7 @@ impl Shared {
     /// the source stops.
     fn watch_connections(&self, wake: &UnixStream) {
         loop {
-            if self.stopping() {
+            if self.stopping() || self.completing.load(Ordering::Acquire) {
                 return;
             }
             let watched: Vec<(usize, Arc<Conn>)> = {

@@ -51,6 +51,10 @@ pub enum NativeEvent {
     ChannelsReady,
     /// Something degraded without failing the session.
     Warning { error: NativeError },
+    /// A broken connection was replaced: `connection` is its channel id (absent: the control
+    /// connection), `cause` why it broke, `pages_resent` the pages sent (source) or announced
+    /// (destination) again, `ms` from the break being noticed to the replacement carrying traffic.
+    Recovery { connection: Option<u32>, cause: NativeError, pages_resent: f64, ms: f64 },
 }
 
 impl From<Event> for NativeEvent {
@@ -69,6 +73,12 @@ impl From<Event> for NativeEvent {
             Event::ControlConnected => NativeEvent::ControlConnected,
             Event::ChannelsReady => NativeEvent::ChannelsReady,
             Event::Warning(err) => NativeEvent::Warning { error: err.into() },
+            Event::Recovered(r) => NativeEvent::Recovery {
+                connection: r.connection.map(u32::from),
+                cause: r.cause.into(),
+                pages_resent: r.pages_resent as f64,
+                ms: r.took.as_secs_f64() * 1000.0,
+            },
         }
     }
 }

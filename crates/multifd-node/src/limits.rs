@@ -50,6 +50,10 @@ pub struct Limits {
     pub max_bandwidth: IntRange,
     /// A `unix:` address's path, in bytes.
     pub unix_path_bytes: IntRange,
+    /// Redials per connection after a fault.
+    pub channel_retries: IntRange,
+    /// How long a destination waits for a lost connection's replacement (ms).
+    pub resume_window_ms: IntRange,
     /// `none` first, then the registry's methods.
     pub compression: Vec<CompressionMethodInfo>,
     pub integrity: Vec<String>,
@@ -69,6 +73,8 @@ pub fn limits() -> Limits {
         peer_timeout_ms: d.peer_timeout_ms.into(),
         max_bandwidth: d.max_bandwidth.into(),
         unix_path_bytes: d.unix_path_bytes.into(),
+        channel_retries: d.channel_retries.into(),
+        resume_window_ms: d.resume_window_ms.into(),
         compression: d.compression.into_iter().map(|m| CompressionMethodInfo { name: m.name.into(), levels: m.levels.map(Into::into) }).collect(),
         integrity: d.integrity.into_iter().map(Into::into).collect(),
         zero_page_detection: d.zero_page_detection.into_iter().map(Into::into).collect(),
@@ -88,6 +94,7 @@ pub struct SourceRuleInput {
     pub connect_timeout_ms: u32,
     pub peer_timeout_ms: Option<u32>,
     pub max_bandwidth: Option<f64>,
+    pub channel_retries: u32,
 }
 
 /// One refused choice: the option it concerns, its code and why.
@@ -112,6 +119,7 @@ pub fn check_source_options(o: SourceRuleInput) -> Vec<LimitViolation> {
         peer_timeout_ms: o.peer_timeout_ms,
         // Not a whole number of bytes, or beyond 2^64: a value no range holds.
         max_bandwidth: o.max_bandwidth.map(|b| if b.fract() == 0.0 && b >= 0.0 { b as u64 } else { 0 }),
+        channel_retries: o.channel_retries,
     };
     limits::source_violations(&choices).into_iter().map(|v| LimitViolation { option: v.option.into(), code: v.error.code.as_str().into(), message: v.error.message }).collect()
 }

@@ -10,7 +10,7 @@ use multifd_core::compress;
 use multifd_core::dest::{DestConfig, Destination};
 use multifd_core::limits::CHANNELS;
 use multifd_core::lifecycle::SourceSession;
-use multifd_core::session::Counters;
+use multifd_core::session::{ChannelState, Counters};
 use multifd_core::source::{Selection, SourceConfig};
 use multifd_core::tls::{TlsClient, TlsOptions, TlsServer};
 use multifd_core::transport::Address;
@@ -43,6 +43,27 @@ pub struct ChannelCounters {
     pub zero_copy_enobufs: f64,
     /// 1 when this channel fell back to copying sends.
     pub zero_copy_fallbacks: f64,
+    /// Where its connection stands: `up`; `recovering` (source: redialling after a fault);
+    /// `lost` (destination: broken, its replacement awaited; source: given up on).
+    pub state: LinkState,
+}
+
+/// A channel connection's state.
+#[napi(string_enum = "lowercase")]
+pub enum LinkState {
+    Up,
+    Recovering,
+    Lost,
+}
+
+impl From<ChannelState> for LinkState {
+    fn from(s: ChannelState) -> Self {
+        match s {
+            ChannelState::Up => LinkState::Up,
+            ChannelState::Recovering => LinkState::Recovering,
+            ChannelState::Lost => LinkState::Lost,
+        }
+    }
 }
 
 fn counters(stats: Vec<Counters>) -> Vec<ChannelCounters> {
@@ -59,6 +80,7 @@ fn counters(stats: Vec<Counters>) -> Vec<ChannelCounters> {
             zero_copy_copied: c.zc_copied as f64,
             zero_copy_enobufs: c.zc_enobufs as f64,
             zero_copy_fallbacks: c.zc_fallbacks as f64,
+            state: c.state.into(),
         })
         .collect()
 }
@@ -84,6 +106,8 @@ pub struct ChannelOptions {
     pub integrity: bool,
     /// Bytes per second over all channels; absent for no limit.
     pub max_bandwidth: Option<f64>,
+    /// Redials of a channel whose connection broke; 0 fails at the first fault.
+    pub channel_retries: u32,
 }
 
 fn bandwidth(v: Option<f64>) -> Result<Option<u64>> {
@@ -227,6 +251,7 @@ impl NativeSource {
             max_bandwidth: bandwidth(options.max_bandwidth)?,
             integrity: options.integrity,
             tls: self.session.tls().cloned(),
+            channel_retries: options.channel_retries,
         };
         self.session.start_channels(config).into_coded()
     }
@@ -310,6 +335,8 @@ pub struct DestinationOptions {
     pub peer_timeout_ms: Option<u32>,
     /// Check each packet's data pages against the digest in its header.
     pub integrity: bool,
+    /// How long a broken channel's replacement may take; 0 fails at once.
+    pub resume_window_ms: u32,
 }
 
 #[napi]
@@ -374,6 +401,7 @@ impl NativeDestination {
                 channel_timeout: ms(options.channel_timeout_ms),
                 peer_timeout: options.peer_timeout_ms.map(ms),
                 integrity: options.integrity,
+                resume_window: ms(options.resume_window_ms),
             })
             .into_coded()
     }
