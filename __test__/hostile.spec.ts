@@ -106,7 +106,9 @@ async function attack(c: Case, secure?: RawTls): Promise<{ code: MultifdErrorCod
   target.view().fill(0x5a)
   other.view().fill(0xa5)
   const before = [hashExcept(target, c.touches), hashExcept(other)]
-  const dest = Destination.listen({ address: 'tcp:127.0.0.1:0', blocks: [target, other], channelTimeoutMs: 5000, ...(secure ? { tls: destTls } : {}) })
+  // A channel that closes mid-packet looks like a cut one: the destination waits this long for
+  // a replacement, then fails with the cause.
+  const dest = Destination.listen({ address: 'tcp:127.0.0.1:0', blocks: [target, other], channelTimeoutMs: 5000, resumeWindowMs: 1000, ...(secure ? { tls: destTls } : {}) })
   const uuid = randomBytes(16)
   const ctl = await rawControl(dest.address, secure)
   const channels = c.channels ?? 1

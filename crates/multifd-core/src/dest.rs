@@ -405,6 +405,9 @@ impl Destination {
         // No classifier starts once `closing` is set (checked under the classifiers' lock).
         self.join_receivers();
         self.inner.channel_conns.lock().unwrap().clear();
+        if let Some(s) = self.inner.session.lock().unwrap().as_ref() {
+            s.links.lock().unwrap().iter_mut().for_each(|l| l.conn = None);
+        }
         self.inner.failure.release_connections();
         self.inner.pending.lock().unwrap().clear();
         if let Some(c) = self.inner.control.lock().unwrap().take() {
