@@ -99,8 +99,8 @@ struct Shared {
     links: Mutex<Vec<Arc<Conn>>>,
     /// Per channel: what it wrote since the last acknowledged SYNC.
     journals: Vec<Mutex<Journal>>,
-    /// Wakes the connection watcher (a stop, or a connection replaced).
-    wake_watcher: UnixStream,
+    /// Wakes the connection watcher (a stop, or a connection replaced); let go of by `close`.
+    wake_watcher: Mutex<Option<UnixStream>>,
     /// Everything is delivered and `complete` is on its way: the destination closes the
     /// channels now, which is no fault.
     completing: AtomicBool,
@@ -152,7 +152,7 @@ impl Source {
             queues: Mutex::new(Queues { jobs: (0..n).map(|_| VecDeque::new()).collect(), synced: vec![0; n], broken: vec![false; n], cursor: 0, stopping: false }),
             links: Mutex::new(conns.clone()),
             journals: (0..n).map(|_| Mutex::new(Journal::default())).collect(),
-            wake_watcher,
+            wake_watcher: Mutex::new(Some(wake_watcher)),
             completing: AtomicBool::new(false),
             work: (0..n).map(|_| Condvar::new()).collect(),
             progress: Condvar::new(),
@@ -250,7 +250,7 @@ impl Source {
     /// closing a channel is the migration ending, not a fault to repair.
     pub fn completing(&self) {
         self.shared.completing.store(true, Ordering::Release);
-        let _ = (&self.shared.wake_watcher).write(&[1]);
+        self.shared.wake_watcher();
     }
 
     /// The destination acknowledged sync `epoch`: every channel forgets what it wrote up to it.
@@ -287,6 +287,7 @@ impl Source {
             let _ = t.join();
         }
         self.shared.links.lock().unwrap().clear();
+        self.shared.wake_watcher.lock().unwrap().take();
         self.shared.failure.release_connections();
     }
 }
@@ -395,7 +396,13 @@ impl Shared {
         self.work.iter().for_each(Condvar::notify_all);
         self.progress.notify_all();
         self.throttle.stop();
-        let _ = (&self.wake_watcher).write(&[1]);
+        self.wake_watcher();
+    }
+
+    fn wake_watcher(&self) {
+        if let Some(w) = self.wake_watcher.lock().unwrap().as_ref() {
+            let _ = (&*w).write(&[1]);
+        }
     }
 
     fn stopping(&self) -> bool {
@@ -662,7 +669,7 @@ impl Shared {
         // as the destination's new receive loop does.
         w.compressor = crate::compress::compressor(self.config.compression, self.config.compression_level)?;
         self.stats[w.id].set_state(ChannelState::Up);
-        let _ = (&self.wake_watcher).write(&[1]);
+        self.wake_watcher();
         Ok(())
     }
 
