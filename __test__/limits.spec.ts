@@ -190,6 +190,24 @@ const walks: Walk[] = [
     },
   },
   {
+    limit: 'channelRetries',
+    values: boundaries(LIMITS.channelRetries),
+    layers: {
+      'Source options': (v) => source({ channelRetries: v }),
+      'multifd send --channel-retries': (v) => command(['send', NOWHERE, image, '--channel-retries', flag(v)]),
+      'NativeSource.startChannels': (v) => nativeSource({ channelRetries: v }),
+    },
+  },
+  {
+    limit: 'resumeWindowMs',
+    values: boundaries(LIMITS.resumeWindowMs),
+    layers: {
+      'Destination options': (v) => destination({ resumeWindowMs: v }),
+      'multifd recv --resume-window-ms': (v) => command(['recv', 'tcp:127.0.0.1:0', '--out', join(dir, 'o'), '--resume-window-ms', flag(v)]),
+      'NativeDestination.configure': (v) => nativeDestination({ resumeWindowMs: v }),
+    },
+  },
+  {
     limit: 'maxBandwidth',
     values: boundaries(LIMITS.maxBandwidth),
     layers: {

@@ -259,8 +259,11 @@ export interface ChannelOptions {
   integrity: boolean
   /** Bytes per second over all channels; absent for no limit. */
   maxBandwidth?: number
-  /** Redials of a channel whose connection broke; 0 fails at the first fault. */
-  channelRetries: number
+  /**
+   * Redials of a channel whose connection broke; 0 fails at the first fault; absent for the
+   * core's default.
+   */
+  channelRetries?: number
 }
 
 /** Why `address` is not a valid `tcp:HOST:PORT` or `unix:PATH`, or nothing when it is. */
@@ -294,8 +297,11 @@ export interface DestinationOptions {
   peerTimeoutMs?: number
   /** Check each packet's data pages against the digest in its header. */
   integrity: boolean
-  /** How long a broken channel's replacement may take; 0 fails at once. */
-  resumeWindowMs: number
+  /**
+   * How long a broken channel's replacement may take; 0 fails at once; absent for the core's
+   * default.
+   */
+  resumeWindowMs?: number
 }
 
 export declare function encodeInitPacket(uuid: Uint8Array, channelId: number): Buffer
@@ -614,7 +620,7 @@ export interface SourceRuleInput {
   connectTimeoutMs: number
   peerTimeoutMs?: number
   maxBandwidth?: number
-  channelRetries: number
+  channelRetries?: number
 }
 
 /** Mutual TLS credentials, as PEM (the TypeScript layer reads files). */

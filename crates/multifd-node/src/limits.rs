@@ -94,7 +94,7 @@ pub struct SourceRuleInput {
     pub connect_timeout_ms: u32,
     pub peer_timeout_ms: Option<u32>,
     pub max_bandwidth: Option<f64>,
-    pub channel_retries: u32,
+    pub channel_retries: Option<u32>,
 }
 
 /// One refused choice: the option it concerns, its code and why.
@@ -119,7 +119,7 @@ pub fn check_source_options(o: SourceRuleInput) -> Vec<LimitViolation> {
         peer_timeout_ms: o.peer_timeout_ms,
         // Not a whole number of bytes, or beyond 2^64: a value no range holds.
         max_bandwidth: o.max_bandwidth.map(|b| if b.fract() == 0.0 && b >= 0.0 { b as u64 } else { 0 }),
-        channel_retries: o.channel_retries,
+        channel_retries: o.channel_retries.unwrap_or(limits::DEFAULT_CHANNEL_RETRIES),
     };
     limits::source_violations(&choices).into_iter().map(|v| LimitViolation { option: v.option.into(), code: v.error.code.as_str().into(), message: v.error.message }).collect()
 }

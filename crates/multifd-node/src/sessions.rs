@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use multifd_core::compress;
 use multifd_core::dest::{DestConfig, Destination};
-use multifd_core::limits::CHANNELS;
+use multifd_core::limits::{CHANNELS, DEFAULT_CHANNEL_RETRIES, DEFAULT_RESUME_WINDOW_MS};
 use multifd_core::lifecycle::SourceSession;
 use multifd_core::session::{ChannelState, Counters};
 use multifd_core::source::{Selection, SourceConfig};
@@ -106,8 +106,9 @@ pub struct ChannelOptions {
     pub integrity: bool,
     /// Bytes per second over all channels; absent for no limit.
     pub max_bandwidth: Option<f64>,
-    /// Redials of a channel whose connection broke; 0 fails at the first fault.
-    pub channel_retries: u32,
+    /// Redials of a channel whose connection broke; 0 fails at the first fault; absent for the
+    /// core's default.
+    pub channel_retries: Option<u32>,
 }
 
 fn bandwidth(v: Option<f64>) -> Result<Option<u64>> {
@@ -251,7 +252,7 @@ impl NativeSource {
             max_bandwidth: bandwidth(options.max_bandwidth)?,
             integrity: options.integrity,
             tls: self.session.tls().cloned(),
-            channel_retries: options.channel_retries,
+            channel_retries: options.channel_retries.unwrap_or(DEFAULT_CHANNEL_RETRIES),
         };
         self.session.start_channels(config).into_coded()
     }
@@ -335,8 +336,9 @@ pub struct DestinationOptions {
     pub peer_timeout_ms: Option<u32>,
     /// Check each packet's data pages against the digest in its header.
     pub integrity: bool,
-    /// How long a broken channel's replacement may take; 0 fails at once.
-    pub resume_window_ms: u32,
+    /// How long a broken channel's replacement may take; 0 fails at once; absent for the core's
+    /// default.
+    pub resume_window_ms: Option<u32>,
 }
 
 #[napi]
@@ -401,7 +403,7 @@ impl NativeDestination {
                 channel_timeout: ms(options.channel_timeout_ms),
                 peer_timeout: options.peer_timeout_ms.map(ms),
                 integrity: options.integrity,
-                resume_window: ms(options.resume_window_ms),
+                resume_window: ms(options.resume_window_ms.unwrap_or(DEFAULT_RESUME_WINDOW_MS)),
             })
             .into_coded()
     }
