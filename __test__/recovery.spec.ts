@@ -10,8 +10,8 @@ import { mkdtempSync, rmSync, truncateSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { randomBytes } from 'node:crypto'
-import { Destination, RamBlock, Source, migrate, type Recovery } from '../ts/index.js'
-import { MiB, blockPair, fdCount, rejectionCode, sameBytes, testPki, threadCount, until, whenTrue } from './helpers.js'
+import { Destination, RamBlock, Source, encodeInitPacket, encodePacketHeader, migrate, type Recovery } from '../ts/index.js'
+import { MiB, blockPair, fdCount, rawChannel, rawControl, rejectionCode, sameBytes, testPki, threadCount, until, whenTrue } from './helpers.js'
 import { faultProxy } from './fault-proxy.js'
 import { startDirtier } from './dirtier.js'
 
@@ -259,4 +259,40 @@ test('a source that fails on its own: the destination reports the source code, n
   t.is(await until(sending, 10_000, 'source failure'), 'ERR_MULTIFD_SOURCE_TRUNCATED')
   t.is(await until(rejectionCode(dest.done), 10_000, 'destination failure'), 'ERR_MULTIFD_SOURCE_TRUNCATED')
   t.true(dest.error!.remote)
+})
+
+test('a replacement is admitted in place of a connection that still looks alive and reads on from there; a second channel 0 without the marker is still a duplicate', async (t) => {
+  t.timeout(30_000)
+  const target = RamBlock.allocate({ name: 'pc.ram', size: MiB })
+  const dest = Destination.listen({ address: 'tcp:127.0.0.1:0', blocks: [target] })
+  const uuid = randomBytes(16)
+  const ctl = await rawControl(dest.address)
+  ctl.send({ type: 'hello', protocol: 1, session: uuid.toString('hex'), channels: 1, pageSize: 4096, compression: 'none', blocks: [{ name: 'pc.ram', length: MiB }] })
+  t.like(await ctl.next(), { type: 'welcome' })
+  const packet = (offset: bigint, fill: number, packetNum: bigint): Buffer[] => [encodePacketHeader({ block: 'pc.ram', normalOffsets: [offset], packetNum }), Buffer.alloc(4096, fill)]
+  const first = await rawChannel(dest.address, [encodeInitPacket({ uuid, channelId: 0 }), ...packet(0n, 7, 0n)])
+  const firstClosed = new Promise<void>((r) => first.once('close', () => r()))
+  await whenTrue(() => dest.stats().normalPages === 1, 5000, 'the first page')
+  // The same channel again, with the replacement marker: acknowledged, the old one shut down.
+  const marker = Buffer.from(encodeInitPacket({ uuid, channelId: 0 }))
+  marker.write('RPLC', 25, 'latin1')
+  marker.writeBigUInt64BE(0n, 29)
+  marker.writeBigUInt64BE(1n, 37)
+  const replacement = await rawChannel(dest.address, [marker])
+  const ack = await until(new Promise<Buffer>((r) => replacement.once('data', r)), 5000, 'the acknowledgement')
+  t.is(ack.toString('latin1'), 'MFDRPLOK')
+  await until(firstClosed, 5000, 'the old connection shut down by the destination')
+  await whenTrue(() => dest.stats().recoveries.length > 0, 5000, 'the recovery event')
+  const recoveries = dest.stats().recoveries
+  t.is(recoveries.length, 1)
+  t.like(recoveries[0], { connection: 0, side: 'destination', pagesResent: 1, cause: { code: 'ERR_MULTIFD_CONNECTION_CLOSED' } })
+  t.regex(recoveries[0]!.cause.message, /still looked alive/)
+  // The replacement carries pages and the SYNC the barrier counts.
+  for (const b of [...packet(0n, 8, 1n), ...packet(4096n, 9, 2n), encodePacketHeader({ flags: 1, packetNum: 3n })]) replacement.write(b)
+  t.like(await ctl.next(), { type: 'synced', epoch: 1 })
+  t.is(target.view()[0], 8)
+  t.is(target.view()[4096], 9)
+  const duplicate = await rawChannel(dest.address, [encodeInitPacket({ uuid, channelId: 0 })])
+  t.is(await until(rejectionCode(dest.done), 5000, 'the duplicate refused'), 'ERR_MULTIFD_CHANNEL_DUPLICATE')
+  for (const s of [replacement, duplicate, ctl.socket]) s.destroy()
 })
