@@ -296,3 +296,22 @@ test('a replacement is admitted in place of a connection that still looks alive 
   t.is(await until(rejectionCode(dest.done), 5000, 'the duplicate refused'), 'ERR_MULTIFD_CHANNEL_DUPLICATE')
   for (const s of [replacement, duplicate, ctl.socket]) s.destroy()
 })
+
+test('an idle channel whose connection is closed is noticed and repaired before anything is written on it', async (t) => {
+  t.timeout(30_000)
+  const { src, dst } = blockPair([['pc.ram', 8 * MiB]])
+  const dest = Destination.listen({ address: 'tcp:127.0.0.1:0', blocks: dst })
+  const p = await faultProxy(dest.address)
+  t.teardown(() => p.close())
+  const source = await Source.connect({ address: p.address, blocks: src, channels: 2 })
+  await source.sendAll()
+  await source.sync()
+  // Nothing is queued: only the watcher of the channel sockets can see this close.
+  t.true(p.cut(1, 'close'))
+  await whenTrue(() => source.stats().recoveries.length === 1, 5000, 'the repair of an idle channel')
+  t.is(source.stats().recoveries[0]!.pagesResent, 0, 'everything it sent was acknowledged')
+  const summary = await until(source.complete(), 10_000, 'completion')
+  await dest.done
+  t.is(summary.recoveries.length, 1)
+  t.true(sameBytes(src, dst))
+})
