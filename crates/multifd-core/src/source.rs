@@ -185,7 +185,10 @@ impl Source {
             );
             (failure.events())(Event::ChannelUp { id: id as u8 });
         }
-        if shared.config.channel_retries > 0 {
+        // Not with zero-copy: its completions arrive on the socket's error queue, which poll
+        // reports as POLLERR whatever it is asked; a zero-copy channel notices a broken
+        // connection at its next write instead.
+        if shared.config.channel_retries > 0 && !shared.config.zero_copy {
             let s = shared.clone();
             threads.push(
                 std::thread::Builder::new()
@@ -567,17 +570,23 @@ impl Shared {
         self.config.channel_retries > 0 && is_connection_fault(e) && !self.completing.load(Ordering::Acquire) && !self.failure.is_failed() && !self.stopping()
     }
 
-    /// Writes the channel's jobs until the source stops, journaling each before it goes out.
+    /// Writes the channel's jobs until the source stops, journaling each before it goes out
+    /// (unless nothing is ever sent again: `channel_retries` 0).
     fn pump(&self, w: &mut Writer) -> Result<()> {
         let page = u64::from(self.config.geometry.page_size());
+        let journal = (self.config.channel_retries > 0).then_some(&self.journals[w.id]);
         while let Some(job) = self.next_job(w.id)? {
             let wrote = match job {
                 Job::Pages { block, offsets } => {
-                    self.journals[w.id].lock().unwrap().pages(&block, &offsets, page);
+                    if let Some(j) = journal {
+                        j.lock().unwrap().pages(&block, &offsets, page);
+                    }
                     self.write_pages(w, &block, &offsets)?
                 }
                 Job::Sync { epoch } => {
-                    self.journals[w.id].lock().unwrap().sync(epoch);
+                    if let Some(j) = journal {
+                        j.lock().unwrap().sync(epoch);
+                    }
                     self.write_sync(w, epoch)?
                 }
             };
@@ -860,7 +869,7 @@ impl Shared {
                 while matches!((&*wake).read(&mut drain), Ok(n) if n > 0) {}
             }
             for (f, (i, conn)) in fds[1..].iter().zip(&watched) {
-                if f.revents == 0 {
+                if f.revents & (libc::POLLHUP | libc::POLLRDHUP | libc::POLLERR) == 0 {
                     continue;
                 }
                 let links = self.links.lock().unwrap();
