@@ -199,13 +199,42 @@ test('live migration with a writer running: a channel cut during round 1 is repa
   }
 })
 
-test('a channel the proxy refuses to let back: the source gives up after channelRetries with the cause code, within bounded time, on both sides', async (t) => {
+test('a channel the proxy refuses to let back: given up after channelRetries with a warning, the migration finishes on the other channels byte-identical', async (t) => {
   t.timeout(60_000)
   const { src, dst } = blockPair([['pc.ram', 64 * MiB]])
   const dest = Destination.listen({ address: 'tcp:127.0.0.1:0', blocks: dst, resumeWindowMs: 5000 })
   const p = await faultProxy(dest.address)
   t.teardown(() => p.close())
   const source = await Source.connect({ address: p.address, blocks: src, channels: 4, maxBandwidth: 32 * MiB, channelRetries: 3 })
+  const warnings: string[] = []
+  source.on('warning', (w) => warnings.push(`${w.code}: ${w.message}`))
+  const destWarnings: string[] = []
+  dest.on('warning', (w) => destWarnings.push(w.message))
+  const sending = source.sendAll().then(() => source.complete())
+  await whenTrue(() => p.accepted() === 5 && source.stats().bytes > 2 * MiB, 10_000, 'traffic on every channel')
+  p.refuseWhen((i) => i >= 5)
+  t.true(p.cut(2))
+  const summary = await until(sending, 30_000, 'the migration')
+  const d = await until(dest.done, 10_000, 'the destination')
+  t.is(summary.status, 'completed')
+  t.is(d.status, 'completed')
+  t.true(sameBytes(src, dst), 'whole-block hashes equal')
+  t.is(p.accepted(), 8, 'three redials, all refused')
+  t.is(warnings.length, 1, warnings.join('\n'))
+  t.regex(warnings[0]!, /^ERR_MULTIFD_CONNECTION_CLOSED: .*given up, the migration goes on with 3 of 4 channels.*gave up after 3 redial/)
+  t.is(destWarnings.length, 1)
+  t.is(summary.perChannel.filter((c) => c.state === 'lost').length, 1)
+  t.is(d.perChannel.filter((c) => c.state === 'lost').length, 1)
+  t.deepEqual(summary.recoveries, [], 'nothing was repaired')
+})
+
+test('with minChannels equal to the channel count, a channel that cannot come back fails the migration with the cause code within bounded time, on both sides', async (t) => {
+  t.timeout(60_000)
+  const { src, dst } = blockPair([['pc.ram', 64 * MiB]])
+  const dest = Destination.listen({ address: 'tcp:127.0.0.1:0', blocks: dst, resumeWindowMs: 5000 })
+  const p = await faultProxy(dest.address)
+  t.teardown(() => p.close())
+  const source = await Source.connect({ address: p.address, blocks: src, channels: 4, maxBandwidth: 32 * MiB, channelRetries: 3, minChannels: 4 })
   const sending = rejectionCode(source.sendAll().then(() => source.complete()))
   await whenTrue(() => p.accepted() === 5 && source.stats().bytes > 2 * MiB, 10_000, 'traffic on every channel')
   p.refuseWhen((i) => i >= 5)

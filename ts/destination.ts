@@ -151,6 +151,7 @@ export class Destination extends Session {
       case 'done':
       case 'rejected':
       case 'channelsReady':
+      case 'channelDropped':
         return // source events
     }
   }
@@ -175,6 +176,9 @@ export class Destination extends Session {
         case 'round':
           this.#round = m.round
           return
+        case 'channelDropped':
+          native(() => this.#native.dropChannel(m.channel))
+          return this.warn(new MultifdError('ERR_MULTIFD_CONNECTION_CLOSED', `the source gave channel ${m.channel} up; the migration goes on without it`))
         case 'complete':
           return await this.#onComplete(m.epoch, m.digests)
         case 'cancel':

@@ -39,6 +39,8 @@ export const Bandwidth = intIn(LIMITS.maxBandwidth)
 /** `channelRetries`: redials per connection after a connection fault; 0 fails at the first. */
 export const ChannelRetries = intIn(LIMITS.channelRetries)
 export const DEFAULT_CHANNEL_RETRIES = defaultOf(LIMITS.channelRetries, 'channelRetries')
+/** `minChannels`: channels that must remain when one cannot be redialled (at most `channels`, checked with the source's rules). */
+export const MinChannels = intIn(LIMITS.channels)
 /** `resumeWindowMs`: how long a destination waits for a lost connection's replacement; 0 fails at once. */
 export const ResumeWindowMs = intIn(LIMITS.resumeWindowMs)
 export const DEFAULT_RESUME_WINDOW_MS = defaultOf(LIMITS.resumeWindowMs, 'resumeWindowMs')
@@ -99,6 +101,7 @@ export interface SourceRuleInput {
   peerTimeoutMs?: number | undefined
   maxBandwidth?: number | undefined
   channelRetries: number
+  minChannels: number
 }
 
 /**
@@ -114,6 +117,7 @@ export function checkSourceRules(o: SourceRuleInput, ctx: z.RefinementCtx): void
     tls: o.tls,
     connectTimeoutMs: o.connectTimeoutMs,
     channelRetries: o.channelRetries,
+    minChannels: o.minChannels,
     ...(o.compressionLevel === undefined ? {} : { compressionLevel: o.compressionLevel }),
     ...(o.peerTimeoutMs === undefined ? {} : { peerTimeoutMs: o.peerTimeoutMs }),
     ...(o.maxBandwidth === undefined ? {} : { maxBandwidth: o.maxBandwidth }),

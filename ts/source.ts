@@ -8,7 +8,7 @@ import { z } from 'zod'
 import { binding, type NativeEvent } from './native.js'
 import { MultifdError, asMultifdError, native, nativeError } from './errors.js'
 import { RamBlock, RamBlockSchema, blockDigests } from './block.js'
-import { Address, Bandwidth as BandwidthLimit, ChannelRetries, Channels, CompressionMethod, DEFAULT_CHANNEL_RETRIES, DEFAULT_CHANNELS, DEFAULT_PAGE_SIZE, DEFAULT_PEER_TIMEOUT_MS, DEFAULT_TIMEOUT_MS, Integrity, PageSize, PeerTimeoutMs, TimeoutMs, ZeroPageDetection, checkSourceRules, parseOptions } from './options.js'
+import { Address, Bandwidth as BandwidthLimit, ChannelRetries, Channels, MinChannels, CompressionMethod, DEFAULT_CHANNEL_RETRIES, DEFAULT_CHANNELS, DEFAULT_PAGE_SIZE, DEFAULT_PEER_TIMEOUT_MS, DEFAULT_TIMEOUT_MS, Integrity, PageSize, PeerTimeoutMs, TimeoutMs, ZeroPageDetection, checkSourceRules, parseOptions } from './options.js'
 import { PROTOCOL_VERSION, remoteError, type ControlMessage } from './protocol.js'
 import { Session } from './session.js'
 import { type ChannelStats, type Summary, type TlsSummary } from './types.js'
@@ -72,6 +72,13 @@ const SourceOptions = z.strictObject({
    * event. 0 fails the migration at the first broken connection, as QEMU does.
    */
   channelRetries: ChannelRetries.default(DEFAULT_CHANNEL_RETRIES),
+  /**
+   * Channels that must remain (1..channels). A channel that cannot be redialled within
+   * `channelRetries` is given up while more than this many are left: a `warning`, the
+   * destination is told, the pages it owed go out on the others and the migration finishes
+   * on the rest. With `minChannels` equal to `channels` it fails with the cause's code instead.
+   */
+  minChannels: MinChannels.default(1),
   /**
    * Mutual TLS on the control connection and every channel (see README, "TLS"). Each
    * connection's handshake, certificate checks and the destination's allow-list complete
@@ -182,6 +189,7 @@ export class Source extends Session {
           ...(o.peerTimeoutMs === 0 ? {} : { peerTimeoutMs: o.peerTimeoutMs }),
           ...(o.maxBandwidth === undefined ? {} : { maxBandwidth: o.maxBandwidth }),
           channelRetries: o.channelRetries,
+          minChannels: o.minChannels,
         }),
       )
       // Channels connect all at once (as QEMU's), each within connectTimeoutMs.
@@ -220,6 +228,14 @@ export class Source extends Session {
         return this.warn(nativeError(ev.error))
       case 'recovery':
         return this.recovered(ev)
+      case 'channelDropped':
+        // The warning came first; the destination's barriers stop waiting for the channel.
+        try {
+          this.#send({ type: 'channelDropped', channel: ev.id })
+        } catch (e) {
+          this.fail(e)
+        }
+        return
       case 'control':
         return this.#onControl(ev.message)
       case 'controlRefused':
@@ -251,8 +267,9 @@ export class Source extends Session {
           return this.#hear('welcome')
         case 'synced':
           // Only for a sync this source sent and not acknowledged before (checked natively).
-          native(() => n.synced(m.epoch))
-          this.#acked = m.epoch
+          // Up to what every page queued is delivered: `epoch`, or less while a given-up
+          // channel's pages are still on their way.
+          this.#acked = Math.max(this.#acked, native(() => n.synced(m.epoch)))
           this.publishSync(m.epoch, m.packetNum)
           return this.recheck()
         case 'completed':
@@ -448,7 +465,8 @@ export class Source extends Session {
       // Block digests are native work off the JavaScript thread, overlapping the final sync
       // (this is downtime): the blocks no longer change once `complete` is called.
       const [epoch, digests] = await Promise.all([this.sync(), this.#options.integrity === 'xxh3' ? blockDigests(this.blocks) : undefined])
-      native(() => n.sendComplete(epoch, digests))
+      // After a given-up channel the source synced once more on its own: the last sync is that one.
+      native(() => n.sendComplete(Math.max(epoch, this.#acked), digests))
       await this.#until('completed', 'the destination completion', this.#options.handshakeTimeoutMs)
       this.succeed()
     } catch (e) {

@@ -70,6 +70,9 @@ files, to a destination started with \`multifd recv\`.
                            doubling up to 2 s; the replacement sends again what the channel sent
                            since the last acknowledged sync, ${rangeText(LIMITS.channelRetries)}
                            (default ${DEFAULT_CHANNEL_RETRIES}, 0 fails at the first broken connection)
+  --min-channels N         channels that must remain: one that cannot be redialled is given
+                           up (a warning; its pages go on the others) only above this,
+                           1..channels (default 1)
   --tls-cert FILE          mutual TLS: this side's certificate (PEM); needs --tls-key, --tls-ca
   --tls-key FILE           the certificate's private key (PEM)
   --tls-ca FILE            the CA that signed the destination's certificate (PEM)
@@ -107,6 +110,7 @@ export async function send(argv: string[]): Promise<CommandResult> {
     'connect-timeout-ms': { type: 'string' },
     'peer-timeout-ms': { type: 'string' },
     'channel-retries': { type: 'string' },
+    'min-channels': { type: 'string' },
     ...TLS_FLAGS,
     'tls-name': { type: 'string' },
   })
@@ -124,6 +128,8 @@ export async function send(argv: string[]): Promise<CommandResult> {
       'connect-timeout-ms': IntIn(LIMITS.timeoutMs).default(DEFAULT_TIMEOUT_MS),
       'peer-timeout-ms': PeerTimeoutFlag.optional(),
       'channel-retries': IntIn(LIMITS.channelRetries).default(DEFAULT_CHANNEL_RETRIES),
+      // At most --channels: checked with the source options.
+      'min-channels': IntIn(LIMITS.channels).default(1),
     }),
     values,
   )
@@ -153,6 +159,7 @@ export async function send(argv: string[]): Promise<CommandResult> {
       connectTimeoutMs: o['connect-timeout-ms'],
       ...(o['peer-timeout-ms'] === undefined ? {} : { peerTimeoutMs: o['peer-timeout-ms'] }),
       channelRetries: o['channel-retries'],
+      minChannels: o['min-channels'],
       ...(tls ? { tls: { ...tls, ...(values['tls-name'] === undefined ? {} : { name: values['tls-name'] as string }) } } : {}),
     })
     progress = progressOf(source, json, 'sending', total)

@@ -72,6 +72,8 @@ export declare class NativeDestination {
   configure(options: DestinationOptions): void
   stats(): Array<ChannelCounters>
   fail(codeName: string, message: string): boolean
+  /** The source gave channel `id` up (`channelDropped`): barriers stop waiting for it. */
+  dropChannel(id: number): void
   /**
    * The source said `complete {epoch}`: accepted only when every announced channel was
    * admitted and delivered that epoch's SYNC (otherwise the session fails with
@@ -144,9 +146,11 @@ export declare class NativeSource {
   sendComplete(epoch: number, digests?: Array<NativeBlockDigest> | undefined | null): void
   /**
    * The destination acknowledged sync `epoch`; anything but a sync this source sent (and not
-   * acknowledged before) fails the session with ERR_MULTIFD_OUT_OF_SEQUENCE.
+   * acknowledged before) fails the session with ERR_MULTIFD_OUT_OF_SEQUENCE. Returns the
+   * epoch up to which every page queued is delivered: `epoch`, or an earlier one while the
+   * pages of a given-up channel are still on their way.
    */
-  synced(epoch: number): void
+  synced(epoch: number): number
   /**
    * The destination reported completion; before `complete` was sent this fails the session
    * with ERR_MULTIFD_OUT_OF_SEQUENCE.
@@ -264,6 +268,8 @@ export interface ChannelOptions {
    * core's default.
    */
   channelRetries?: number
+  /** Channels that must remain when one cannot be redialled (1..=channels; default 1). */
+  minChannels?: number
 }
 
 /** Why `address` is not a valid `tcp:HOST:PORT` or `unix:PATH`, or nothing when it is. */
@@ -430,6 +436,7 @@ export type NativeControlMessage =
   | { type: 'cancel' }
   | { type: 'ping' }
   | { type: 'error'; code: string; message: string }
+  | { type: 'channelDropped'; channel: number }
 
 /** A failure as it crosses to JavaScript: the stable `ERR_MULTIFD_*` code and the message. */
 export interface NativeError {
@@ -451,6 +458,7 @@ export type NativeEvent =
   | { kind: 'channelsReady' }
   | { kind: 'warning'; error: NativeError }
   | { kind: 'recovery'; connection?: number; cause: NativeError; pagesResent: number; ms: number }
+  | { kind: 'channelDropped'; id: number }
 
 /** Two choices that do not combine, and why. */
 export interface OptionRule {
@@ -621,6 +629,7 @@ export interface SourceRuleInput {
   peerTimeoutMs?: number
   maxBandwidth?: number
   channelRetries?: number
+  minChannels?: number
 }
 
 /** Mutual TLS credentials, as PEM (the TypeScript layer reads files). */

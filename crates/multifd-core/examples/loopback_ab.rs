@@ -50,7 +50,7 @@ fn main() {
         dest.configure(DestConfig { uuid: [0; 16], channels, geometry: Geometry::x86(), compression: Compression::None, blocks: vec![dst.clone()], channel_timeout: Duration::from_secs(5), peer_timeout: None, integrity: false, resume_window: Duration::ZERO }).unwrap();
         let source = Source::start(
             SourceConfig { address: dest.address().clone(), uuid: [0; 16], channels, geometry: Geometry::x86(), compression: Compression::None, zero_page_detection: zero, zero_copy: std::env::var("ZC").is_ok(), compression_level: None, connect_timeout: Duration::from_secs(5),
-            peer_timeout: None, max_bandwidth: None, integrity: false, tls: client, channel_retries: 0 },
+            peer_timeout: None, max_bandwidth: None, integrity: false, tls: client, channel_retries: 0, min_channels: 1 },
             Failure::new(sink),
         )
         .unwrap();

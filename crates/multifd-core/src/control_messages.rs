@@ -46,6 +46,11 @@ pub enum ControlMessage {
     Ping,
     /// Either way: the sender failed with `code`.
     Error { code: String, message: String },
+
+    // Channel recovery (docs/PROTOCOL.md, "Channel recovery").
+    /// Source → destination: channel `channel` could not be redialled and is given up; the
+    /// barrier stops waiting for it and its pages come again on the other channels.
+    ChannelDropped { channel: u32 },
 }
 
 /// What a source announces in its hello.
@@ -109,6 +114,7 @@ impl ControlMessage {
             ControlMessage::Cancel => "cancel",
             ControlMessage::Ping => "ping",
             ControlMessage::Error { .. } => "error",
+            ControlMessage::ChannelDropped { .. } => "channelDropped",
         }
     }
 
@@ -133,6 +139,12 @@ impl ControlMessage {
                     if !is_hex(&d.xxh3, 16) {
                         fail!(Protocol, "invalid control message: block {:?}'s digest {:?} is not 16 lowercase hex digits", d.name, d.xxh3);
                     }
+                }
+                Ok(())
+            }
+            ControlMessage::ChannelDropped { channel } => {
+                if *channel >= *CHANNELS.end() {
+                    fail!(Protocol, "invalid control message: channelDropped names channel {channel}, ids are 0..{}", CHANNELS.end() - 1);
                 }
                 Ok(())
             }
@@ -239,6 +251,7 @@ mod tests {
             (r#"{"type":"completed"}"#, ControlMessage::Completed),
             (r#"{"type":"cancel"}"#, ControlMessage::Cancel),
             (r#"{"type":"ping"}"#, ControlMessage::Ping),
+            (r#"{"type":"channelDropped","channel":3}"#, ControlMessage::ChannelDropped { channel: 3 }),
             (
                 r#"{"type":"error","code":"ERR_MULTIFD_TIMEOUT","message":"no \"synced\" in 30 s"}"#,
                 ControlMessage::Error { code: "ERR_MULTIFD_TIMEOUT".into(), message: "no \"synced\" in 30 s".into() },

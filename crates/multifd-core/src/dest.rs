@@ -89,24 +89,48 @@ struct BarrierState {
     epoch: u64,
     /// Per channel: the last SYNC epoch it reached (a replacement sends some again).
     passed: Vec<u64>,
+    /// Per channel: given up by the source; barriers no longer wait for it.
+    dropped: Vec<bool>,
     high_water: u64,
     stopping: bool,
 }
 
 impl BarrierState {
     fn new(channels: u32) -> Self {
-        BarrierState { arrived: 0, epoch: 0, passed: vec![0; channels as usize], high_water: 0, stopping: false }
+        BarrierState { arrived: 0, epoch: 0, passed: vec![0; channels as usize], dropped: vec![false; channels as usize], high_water: 0, stopping: false }
     }
 
-    /// Channel `id` reached its SYNC `k` (of `channels` channels): an arrival counts once per
-    /// channel and epoch, however often a replacement sends the SYNC again.
-    fn reach(&mut self, id: usize, k: u64, channels: u32) -> Reach {
+    /// Channels the barrier waits for: all but the dropped ones.
+    fn live(&self) -> u32 {
+        self.dropped.iter().filter(|d| !**d).count() as u32
+    }
+
+    /// Channel `id` reached its SYNC `k`: an arrival counts once per channel and epoch,
+    /// however often a replacement sends the SYNC again.
+    fn reach(&mut self, id: usize, k: u64) -> Reach {
         if k <= self.passed[id] {
             return Reach::Again;
         }
         self.passed[id] = k;
         self.arrived += 1;
-        if self.arrived < channels {
+        self.release_if_all()
+    }
+
+    /// Channel `id` is given up: the barrier waiting now no longer counts it (nor its arrival,
+    /// if it had arrived), which may release it.
+    fn drop_channel(&mut self, id: usize) -> Reach {
+        if self.dropped[id] {
+            return Reach::Again;
+        }
+        self.dropped[id] = true;
+        if self.passed[id] > self.epoch {
+            self.arrived -= 1;
+        }
+        if self.arrived == 0 { Reach::Counted } else { self.release_if_all() }
+    }
+
+    fn release_if_all(&mut self) -> Reach {
+        if self.arrived < self.live() {
             return Reach::Counted;
         }
         self.arrived = 0;
@@ -343,6 +367,40 @@ impl Destination {
             return Err(self.inner.failure.first().unwrap_or(e));
         }
         self.finish()
+    }
+
+    /// The source gave channel `id` up (`channelDropped`): barriers stop waiting for it, its
+    /// connection (if any is left) is shut down and its resume window is off. The pages it
+    /// owed come again on the other channels.
+    pub fn drop_channel(&self, id: u32) -> Result<()> {
+        let Some(s) = self.inner.session.lock().unwrap().clone() else {
+            fail!(OutOfSequence, "channelDropped before the hello was accepted");
+        };
+        if id >= s.channels {
+            fail!(Protocol, "channelDropped names channel {id}, the session has {}", s.channels);
+        }
+        let i = id as usize;
+        s.generations[i].fetch_add(1, Ordering::AcqRel);
+        {
+            let mut links = s.links.lock().unwrap();
+            links[i].lost = None;
+            if let Some(c) = &links[i].conn {
+                c.shutdown();
+            }
+        }
+        s.stats[i].set_state(ChannelState::Lost);
+        let mut b = s.barrier.state.lock().unwrap();
+        let reached = b.drop_channel(i);
+        let hw = b.high_water;
+        drop(b);
+        s.barrier.cv.notify_all();
+        if let Reach::Released(e) = reached
+            && let Err(err) = self.inner.released(&s, e, hw)
+        {
+            self.inner.failure.fail(err.clone());
+            return Err(err);
+        }
+        Ok(())
     }
 
     /// What the channels delivered so far.
@@ -700,6 +758,11 @@ impl Inner {
             }
         };
         let id = init.channel_id;
+        if s.barrier.state.lock().unwrap().dropped[usize::from(id)] {
+            // The source gave this channel up; whatever connects for it now is too late.
+            conn.shutdown();
+            return None;
+        }
         let conn = Arc::new(conn);
         let generation = s.generations[usize::from(id)].fetch_add(1, Ordering::AcqRel) + 1;
         let old = self.take_over(s, id, generation)?;
@@ -953,21 +1016,14 @@ impl Inner {
         let k = *synced;
         let mut b = s.barrier.state.lock().unwrap();
         b.high_water = b.high_water.max(packet_num);
-        let reached = b.reach(usize::from(a.id), k, s.channels);
+        let reached = b.reach(usize::from(a.id), k);
         if reached != Reach::Again {
             ChannelStats::add(&s.stats[usize::from(a.id)].syncs, 1);
         }
         if let Reach::Released(e) = reached {
             let hw = b.high_water;
             drop(b);
-            s.barrier.cv.notify_all();
-            // The orchestrator is told, not asked: the acknowledgement goes to the source from
-            // here, whatever the JavaScript event loop is doing.
-            (self.events)(Event::Synced { epoch: e, packet_num: hw });
-            let control = self.control.lock().unwrap().clone();
-            if let Some(c) = control {
-                c.send(&synced_frame(e, hw)).map_err(|err| err.context(format!("acknowledging sync {e}")))?;
-            }
+            self.released(s, e, hw)?;
             return Ok(true);
         }
         while b.epoch < k {
@@ -980,6 +1036,21 @@ impl Inner {
             b = s.barrier.cv.wait(b).unwrap();
         }
         Ok(true)
+    }
+}
+
+impl Inner {
+    /// Barrier `epoch` is released: wakes the channels parked there and acknowledges it.
+    fn released(&self, s: &Session, epoch: u64, high_water: u64) -> Result<()> {
+        s.barrier.cv.notify_all();
+        // The orchestrator is told, not asked: the acknowledgement goes to the source from here,
+        // whatever the JavaScript event loop is doing.
+        (self.events)(Event::Synced { epoch, packet_num: high_water });
+        let control = self.control.lock().unwrap().clone();
+        if let Some(c) = control {
+            c.send(&synced_frame(epoch, high_water)).map_err(|err| err.context(format!("acknowledging sync {epoch}")))?;
+        }
+        Ok(())
     }
 }
 
@@ -1045,18 +1116,33 @@ mod tests {
     #[test]
     fn the_barrier_counts_each_channel_once_per_epoch() {
         let mut b = BarrierState::new(2);
-        assert_eq!(b.reach(0, 1, 2), Reach::Counted);
+        assert_eq!(b.reach(0, 1), Reach::Counted);
         // Channel 0's replacement sends SYNC 1 again before channel 1 arrived: not a second
         // arrival (which would release the barrier without channel 1).
-        assert_eq!(b.reach(0, 1, 2), Reach::Again);
+        assert_eq!(b.reach(0, 1), Reach::Again);
         assert_eq!(b.epoch, 0);
-        assert_eq!(b.reach(1, 1, 2), Reach::Released(1));
+        assert_eq!(b.reach(1, 1), Reach::Released(1));
         // A replacement numbering from an older acknowledged epoch: everything up to what the
         // channel passed is a repeat.
-        assert_eq!(b.reach(1, 1, 2), Reach::Again);
-        assert_eq!(b.reach(1, 2, 2), Reach::Counted);
-        assert_eq!(b.reach(1, 2, 2), Reach::Again);
-        assert_eq!(b.reach(0, 2, 2), Reach::Released(2));
+        assert_eq!(b.reach(1, 1), Reach::Again);
+        assert_eq!(b.reach(1, 2), Reach::Counted);
+        assert_eq!(b.reach(1, 2), Reach::Again);
+        assert_eq!(b.reach(0, 2), Reach::Released(2));
         assert_eq!((b.epoch, b.arrived), (2, 0));
+    }
+
+    #[test]
+    fn a_dropped_channel_no_longer_holds_the_barrier() {
+        let mut b = BarrierState::new(3);
+        assert_eq!(b.reach(0, 1), Reach::Counted);
+        assert_eq!(b.reach(2, 1), Reach::Counted);
+        // Channel 2 arrived, then is dropped: its arrival no longer counts, nor is it awaited.
+        assert_eq!(b.drop_channel(2), Reach::Counted);
+        assert_eq!(b.reach(1, 1), Reach::Released(1));
+        assert_eq!(b.reach(0, 2), Reach::Counted);
+        // Dropping the last one missing releases the barrier.
+        assert_eq!(b.drop_channel(1), Reach::Released(2));
+        assert_eq!(b.drop_channel(1), Reach::Again);
+        assert_eq!(b.reach(0, 3), Reach::Released(3), "one live channel: each arrival releases");
     }
 }

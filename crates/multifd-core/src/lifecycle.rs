@@ -112,7 +112,12 @@ impl SourceSession {
 
     /// Sends `complete`, which names `epoch`: the last sync sent, acknowledged.
     pub fn send_complete(&self, epoch: u64, frame: &[u8]) -> Result<()> {
-        self.ledger.lock().unwrap().complete_sent(epoch)?;
+        let internal = self.internal_syncs();
+        {
+            let mut ledger = self.ledger.lock().unwrap();
+            ledger.count_internal(internal);
+            ledger.complete_sent(epoch)?;
+        }
         if let Some(s) = self.source.value.lock().unwrap().as_ref() {
             s.completing();
         }
@@ -121,17 +126,30 @@ impl SourceSession {
 
     /// The destination acknowledged sync `epoch`. Anything but a sync this source sent and not
     /// acknowledged before fails the session with `ERR_MULTIFD_OUT_OF_SEQUENCE`.
-    pub fn synced(&self, epoch: u64) -> Result<()> {
-        let checked = self.ledger.lock().unwrap().synced(epoch);
-        if checked.is_ok()
-            && let Some(s) = self.source.value.lock().unwrap().as_ref()
-        {
+    ///
+    /// Returns the epoch up to which every page queued is delivered: `epoch`, or an earlier one
+    /// while the pages of a given-up channel are still on their way (see [`Source::acked`]).
+    pub fn synced(&self, epoch: u64) -> Result<u64> {
+        let internal = self.internal_syncs();
+        let checked = {
+            let mut ledger = self.ledger.lock().unwrap();
+            ledger.count_internal(internal);
+            ledger.synced(epoch)
+        };
+        match checked {
             // Delivered: no channel has to send any of it again.
-            s.acked(epoch);
+            Ok(()) => Ok(self.source.value.lock().unwrap().as_ref().map_or(epoch, |s| s.acked(epoch))),
+            Err(e) => {
+                self.failure.fail(e.clone());
+                Err(e)
+            }
         }
-        checked.inspect_err(|e| {
-            self.failure.fail(e.clone());
-        })
+    }
+
+    /// Syncs the channels queued themselves (never under the ledger's lock: `sync` takes the
+    /// ledger's, then the source's).
+    fn internal_syncs(&self) -> u64 {
+        self.source.value.lock().unwrap().as_ref().map_or(0, Source::internal_syncs)
     }
 
     /// The destination reported completion: accepted only after this source sent `complete`

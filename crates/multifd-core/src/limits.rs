@@ -110,6 +110,8 @@ pub struct SourceChoices<'a> {
     pub peer_timeout_ms: Option<u32>,
     pub max_bandwidth: Option<u64>,
     pub channel_retries: u32,
+    /// `minChannels`: 1..=channels (0 stands for the default, 1).
+    pub min_channels: u32,
 }
 
 /// Every limit and rule `c` breaks, in the order of [`RULES`] after the ranges.
@@ -124,6 +126,9 @@ pub fn source_violations(c: &SourceChoices) -> Vec<Violation> {
         range_check(&mut out, "maxBandwidth", b, &MAX_BANDWIDTH, " bytes per second");
     }
     range_check(&mut out, "channelRetries", c.channel_retries, &CHANNEL_RETRIES, "");
+    if c.min_channels != 0 && c.channels >= 1 {
+        range_check(&mut out, "minChannels", c.min_channels, &(1..=c.channels), " (the channel count)");
+    }
     match compress::by_name(c.compression) {
         Err(e) => out.push(Violation { option: "compression", error: e }),
         Ok(method) => {
@@ -262,6 +267,7 @@ pub fn markdown() -> String {
         ("peerTimeoutMs", format!("0 or {}", r(&d.peer_timeout_ms)), default(&d.peer_timeout_ms), "milliseconds without progress before both sides fail; 0 disables"),
         ("maxBandwidth", r(&d.max_bandwidth), default(&d.max_bandwidth), "bytes per second over all channels; absent for no limit"),
         ("channelRetries", r(&d.channel_retries), default(&d.channel_retries), "redials per connection after a fault (50 ms, doubling, at most 2 s apart); 0 fails at the first"),
+        ("minChannels", "1..channels".into(), "1".into(), "channels that must remain: one that cannot be redialled is given up (the migration goes on) only above this"),
         ("resumeWindowMs", r(&d.resume_window_ms), default(&d.resume_window_ms), "milliseconds a destination waits for a lost connection's replacement; 0 fails at once"),
         ("unix: address path", format!("{} bytes", r(&d.unix_path_bytes)), "-".into(), "the kernel's sun_path"),
     ];
@@ -307,6 +313,9 @@ mod tests {
         }
         for (n, good) in [(0, true), (100, true), (101, false)] {
             assert_eq!(check_source(&SourceChoices { channel_retries: n, ..ok() }).is_ok(), good, "{n}");
+        }
+        for (min, good) in [(1, true), (2, true), (3, false)] {
+            assert_eq!(check_source(&SourceChoices { min_channels: min, ..ok() }).is_ok(), good, "{min}");
         }
         for (ms, good) in [(0, true), (3_600_000, true), (3_600_001, false)] {
             assert_eq!(check_destination_with(None, None, None, Some(Duration::from_millis(ms))).is_ok(), good, "{ms}");

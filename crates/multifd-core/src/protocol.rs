@@ -21,6 +21,8 @@ pub struct SourceLedger {
     acked: u64,
     /// The epoch `complete` named, once sent.
     complete: Option<u64>,
+    /// Syncs the source queued itself (after giving a channel up), counted in `requested`.
+    internal: u64,
 }
 
 impl SourceLedger {
@@ -28,6 +30,14 @@ impl SourceLedger {
     pub fn sync_requested(&mut self) -> u64 {
         self.requested += 1;
         self.requested
+    }
+
+    /// The source has queued `total` syncs of its own so far: they are epochs too.
+    pub fn count_internal(&mut self, total: u64) {
+        if total > self.internal {
+            self.requested += total - self.internal;
+            self.internal = total;
+        }
     }
 
     /// The destination says every channel passed barrier `epoch`: accepted only for an epoch

@@ -34,6 +34,9 @@ pub enum Event {
     Warning(Error),
     /// A broken connection was replaced and carries traffic again.
     Recovered(Recovery),
+    /// Source: channel `id` could not be redialled and is given up; the destination must be
+    /// told (`channelDropped`). What it owed goes out on the other channels.
+    ChannelDropped { id: u8 },
 }
 
 /// One repaired connection.

@@ -57,6 +57,9 @@ pub struct SourceConfig {
     /// Redials of a channel whose connection broke (see `limits::CHANNEL_RETRIES`); 0 fails
     /// the session at the first connection fault.
     pub channel_retries: u32,
+    /// Channels that must stay: a channel that cannot be redialled is given up (the session
+    /// goes on without it) only while more than this many remain; otherwise the session fails.
+    pub min_channels: u8,
 }
 
 /// Which pages of a block to send.
@@ -71,6 +74,8 @@ pub enum Selection {
 
 enum Job {
     Pages { block: Arc<RamBlock>, offsets: Vec<u64> },
+    /// Page runs `(first page, count)` a given-up channel owed, sent as packets.
+    Runs { block: Arc<RamBlock>, runs: Vec<(u64, u64)> },
     Sync { epoch: u64 },
 }
 
@@ -79,6 +84,10 @@ struct Queues {
     synced: Vec<u64>,
     /// Per channel: the watcher saw its connection break while the channel thread did not.
     broken: Vec<bool>,
+    /// Per channel: given up (it could not be redialled); nothing is queued for it any more.
+    dropped: Vec<bool>,
+    /// The last sync epoch queued (the orchestrator's and the internal ones after a drop).
+    dispatched: u64,
     cursor: usize,
     stopping: bool,
 }
@@ -104,6 +113,19 @@ struct Shared {
     /// Everything is delivered and `complete` is on its way: the destination closes the
     /// channels now, which is no fault.
     completing: AtomicBool,
+    /// What the orchestrator may be told was acknowledged (see [`Source::acked`]).
+    acks: Mutex<Acks>,
+    /// Syncs queued by the source itself (one after each dropped channel).
+    internal_syncs: AtomicU64,
+}
+
+/// Acknowledgements that prove delivery. After a channel is given up, the pages it owed go
+/// out on the other channels, possibly after SYNCs already written: acknowledgements up to
+/// `held_until` do not cover them, the one of the SYNC queued after them does.
+#[derive(Default)]
+struct Acks {
+    held_until: u64,
+    effective: u64,
 }
 
 enum Command {
@@ -137,6 +159,7 @@ impl Source {
             peer_timeout_ms: config.peer_timeout.map(millis),
             max_bandwidth: config.max_bandwidth,
             channel_retries: config.channel_retries,
+            min_channels: u32::from(config.min_channels),
         })?;
         let throttle = Throttle::new(config.max_bandwidth)?;
         let n = config.channels as usize;
@@ -149,11 +172,13 @@ impl Source {
             failure.watch(conn.clone());
         }
         let shared = Arc::new(Shared {
-            queues: Mutex::new(Queues { jobs: (0..n).map(|_| VecDeque::new()).collect(), synced: vec![0; n], broken: vec![false; n], cursor: 0, stopping: false }),
+            queues: Mutex::new(Queues { jobs: (0..n).map(|_| VecDeque::new()).collect(), synced: vec![0; n], broken: vec![false; n], dropped: vec![false; n], dispatched: 0, cursor: 0, stopping: false }),
             links: Mutex::new(conns.clone()),
             journals: (0..n).map(|_| Mutex::new(Journal::default())).collect(),
             wake_watcher: Mutex::new(Some(wake_watcher)),
             completing: AtomicBool::new(false),
+            acks: Mutex::new(Acks::default()),
+            internal_syncs: AtomicU64::new(0),
             work: (0..n).map(|_| Condvar::new()).collect(),
             progress: Condvar::new(),
             packet_num: AtomicU64::new(0),
@@ -257,10 +282,24 @@ impl Source {
     }
 
     /// The destination acknowledged sync `epoch`: every channel forgets what it wrote up to it.
-    pub fn acked(&self, epoch: u64) {
+    /// Returns the epoch up to which every page queued is now delivered: `epoch`, or less
+    /// while the pages of a given-up channel are still on their way (the acknowledgement of
+    /// the sync queued after them covers everything before).
+    pub fn acked(&self, epoch: u64) -> u64 {
         for j in &self.shared.journals {
             j.lock().unwrap().acked(epoch);
         }
+        let mut a = self.shared.acks.lock().unwrap();
+        if epoch > a.held_until {
+            a.effective = a.effective.max(epoch);
+        }
+        a.effective
+    }
+
+    /// Syncs the source queued itself so far (one after each given-up channel); the session's
+    /// ledger counts them with the orchestrator's.
+    pub fn internal_syncs(&self) -> u64 {
+        self.shared.internal_syncs.load(Ordering::Acquire)
     }
 
     /// Changes `max_bandwidth` while the session runs (`None` lifts the limit). It applies to
@@ -441,7 +480,7 @@ impl Shared {
                 return Err(self.stopped_error());
             }
             let start = q.cursor;
-            if let Some(c) = (0..n).map(|i| (start + i) % n).find(|&c| q.jobs[c].len() < QUEUE_DEPTH) {
+            if let Some(c) = (0..n).map(|i| (start + i) % n).find(|&c| !q.dropped[c] && q.jobs[c].len() < QUEUE_DEPTH) {
                 q.jobs[c].push_back(job);
                 q.cursor = (c + 1) % n;
                 self.work[c].notify_one();
@@ -498,18 +537,22 @@ impl Shared {
 
     fn dispatch_sync(&self) -> Result<u64> {
         let mut q = self.queues.lock().unwrap();
-        let target = q.synced.iter().copied().max().unwrap_or(0) + 1;
+        q.dispatched += 1;
+        let target = q.dispatched;
         for c in 0..self.work.len() {
-            while q.jobs[c].len() >= QUEUE_DEPTH && !q.stopping {
+            while q.jobs[c].len() >= QUEUE_DEPTH && !q.stopping && !q.dropped[c] {
                 q = self.progress.wait(q).unwrap();
             }
             if q.stopping {
                 return Err(self.stopped_error());
             }
+            if q.dropped[c] {
+                continue;
+            }
             q.jobs[c].push_back(Job::Sync { epoch: target });
             self.work[c].notify_one();
         }
-        while q.synced.iter().any(|&s| s < target) {
+        while q.synced.iter().zip(&q.dropped).any(|(&s, &dropped)| !dropped && s < target) {
             if q.stopping {
                 return Err(self.stopped_error());
             }
@@ -583,6 +626,7 @@ impl Shared {
                     }
                     self.write_pages(w, &block, &offsets)?
                 }
+                Job::Runs { block, runs } => self.write_runs(w, &block, &runs, journal)?,
                 Job::Sync { epoch } => {
                     if let Some(j) = journal {
                         j.lock().unwrap().sync(epoch);
@@ -643,7 +687,54 @@ impl Shared {
             }
         }
         self.stats[id].set_state(ChannelState::Lost);
-        Err(cause.context(format!("gave up after {} redial(s), the last failing with {}", self.config.channel_retries, last)))
+        let gave_up = cause.context(format!("gave up after {} redial(s), the last failing with {}", self.config.channel_retries, last));
+        if self.give_up(id, &gave_up) {
+            return Ok(Wrote::Stopped);
+        }
+        Err(gave_up)
+    }
+
+    /// Goes on without channel `id`, unless that leaves fewer than `min_channels`: nothing is
+    /// queued for it any more, what it owed (its journal and queue) is queued on the others
+    /// ahead of their SYNCs, and one more SYNC after it on every other channel proves it
+    /// delivered (acknowledgements before that one are held back, see [`Source::acked`]).
+    /// The orchestrator hears `ChannelDropped` (it tells the destination) and a warning.
+    fn give_up(&self, id: usize, why: &Error) -> bool {
+        let mut q = self.queues.lock().unwrap();
+        let live: Vec<usize> = (0..self.work.len()).filter(|&c| c != id && !q.dropped[c]).collect();
+        if live.len() < usize::from(self.config.min_channels.max(1)) || q.stopping || self.failure.is_failed() || self.completing.load(Ordering::Acquire) {
+            return false;
+        }
+        q.dropped[id] = true;
+        let journal = std::mem::take(&mut *self.journals[id].lock().unwrap());
+        let mut owed: Vec<Job> = journal
+            .entries()
+            .into_iter()
+            .filter_map(|e| match e {
+                Entry::Pages { block, runs, .. } => Some(Job::Runs { block, runs }),
+                Entry::Sync { .. } => None,
+            })
+            .collect();
+        owed.extend(q.jobs[id].drain(..).filter(|j| !matches!(j, Job::Sync { .. })));
+        for (i, job) in owed.into_iter().enumerate() {
+            let c = live[i % live.len()];
+            let at = q.jobs[c].iter().position(|j| matches!(j, Job::Sync { .. })).unwrap_or(q.jobs[c].len());
+            q.jobs[c].insert(at, job);
+        }
+        q.dispatched += 1;
+        let proof = q.dispatched;
+        self.acks.lock().unwrap().held_until = proof - 1;
+        self.internal_syncs.fetch_add(1, Ordering::AcqRel);
+        for &c in &live {
+            q.jobs[c].push_back(Job::Sync { epoch: proof });
+            self.work[c].notify_one();
+        }
+        drop(q);
+        self.progress.notify_all();
+        let events = self.failure.events();
+        events(Event::Warning(why.clone().context(format!("channel {id} is given up, the migration goes on with {} of {} channels", live.len(), self.work.len()))));
+        events(Event::ChannelDropped { id: id as u8 });
+        true
     }
 
     /// Waits `d` before a redial; false when the source stops meanwhile.
@@ -685,21 +776,10 @@ impl Shared {
     /// Writes a journal again on a replacement connection, in order: pages (their current
     /// contents, treated as any page) in packets, and SYNCs.
     fn resend(&self, w: &mut Writer, entries: &[Entry]) -> Result<Wrote> {
-        let page = u64::from(self.config.geometry.page_size());
-        let per_packet = self.config.geometry.page_count() as usize;
-        let mut batch = Vec::with_capacity(per_packet);
         for e in entries {
             match e {
                 Entry::Pages { block, runs, .. } => {
-                    for &(first, count) in runs {
-                        for p in first..first + count {
-                            batch.push(p * page);
-                            if batch.len() == per_packet && self.write_pages(w, block, &std::mem::take(&mut batch))? == Wrote::Stopped {
-                                return Ok(Wrote::Stopped);
-                            }
-                        }
-                    }
-                    if !batch.is_empty() && self.write_pages(w, block, &std::mem::take(&mut batch))? == Wrote::Stopped {
+                    if self.write_runs(w, block, runs, None)? == Wrote::Stopped {
                         return Ok(Wrote::Stopped);
                     }
                 }
@@ -708,6 +788,26 @@ impl Shared {
                         return Ok(Wrote::Stopped);
                     }
                 }
+            }
+        }
+        Ok(Wrote::Yes)
+    }
+
+    /// Writes page runs of `block` as packets, journaling each packet first when `journal`.
+    fn write_runs(&self, w: &mut Writer, block: &Arc<RamBlock>, runs: &[(u64, u64)], journal: Option<&Mutex<Journal>>) -> Result<Wrote> {
+        let page = u64::from(self.config.geometry.page_size());
+        let per_packet = self.config.geometry.page_count() as usize;
+        let mut batch = Vec::with_capacity(per_packet);
+        let pages = runs.iter().flat_map(|&(first, count)| first..first + count);
+        let mut pages = pages.peekable();
+        while pages.peek().is_some() {
+            batch.clear();
+            batch.extend(pages.by_ref().take(per_packet).map(|p| p * page));
+            if let Some(j) = journal {
+                j.lock().unwrap().pages(block, &batch, page);
+            }
+            if self.write_pages(w, block, &batch)? == Wrote::Stopped {
+                return Ok(Wrote::Stopped);
             }
         }
         Ok(Wrote::Yes)

@@ -45,6 +45,7 @@ fn source_config(address: &Address, uuid: [u8; 16], channels: u8, compression: C
         integrity: false,
         tls: None,
         channel_retries: 0,
+        min_channels: 1,
     }
 }
 

@@ -46,6 +46,7 @@ pub enum NativeControlMessage {
     Cancel,
     Ping,
     Error { code: String, message: String },
+    ChannelDropped { channel: u32 },
 }
 
 impl From<ControlMessage> for NativeControlMessage {
@@ -71,6 +72,7 @@ impl From<ControlMessage> for NativeControlMessage {
             ControlMessage::Cancel => NativeControlMessage::Cancel,
             ControlMessage::Ping => NativeControlMessage::Ping,
             ControlMessage::Error { code, message } => NativeControlMessage::Error { code, message },
+            ControlMessage::ChannelDropped { channel } => NativeControlMessage::ChannelDropped { channel },
         }
     }
 }
@@ -99,6 +101,7 @@ impl NativeControlMessage {
             NativeControlMessage::Cancel => ControlMessage::Cancel,
             NativeControlMessage::Ping => ControlMessage::Ping,
             NativeControlMessage::Error { code, message } => ControlMessage::Error { code, message },
+            NativeControlMessage::ChannelDropped { channel } => ControlMessage::ChannelDropped { channel },
         })
     }
 }

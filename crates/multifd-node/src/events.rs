@@ -55,6 +55,9 @@ pub enum NativeEvent {
     /// connection), `cause` why it broke, `pages_resent` the pages sent (source) or announced
     /// (destination) again, `ms` from the break being noticed to the replacement carrying traffic.
     Recovery { connection: Option<u32>, cause: NativeError, pages_resent: f64, ms: f64 },
+    /// Source: channel `id` could not be redialled and is given up (a `warning` came first);
+    /// the destination must be told with `channelDropped`.
+    ChannelDropped { id: u32 },
 }
 
 impl From<Event> for NativeEvent {
@@ -73,6 +76,7 @@ impl From<Event> for NativeEvent {
             Event::ControlConnected => NativeEvent::ControlConnected,
             Event::ChannelsReady => NativeEvent::ChannelsReady,
             Event::Warning(err) => NativeEvent::Warning { error: err.into() },
+            Event::ChannelDropped { id } => NativeEvent::ChannelDropped { id: id.into() },
             Event::Recovered(r) => NativeEvent::Recovery {
                 connection: r.connection.map(u32::from),
                 cause: r.cause.into(),

@@ -109,6 +109,8 @@ pub struct ChannelOptions {
     /// Redials of a channel whose connection broke; 0 fails at the first fault; absent for the
     /// core's default.
     pub channel_retries: Option<u32>,
+    /// Channels that must remain when one cannot be redialled (1..=channels; default 1).
+    pub min_channels: Option<u32>,
 }
 
 fn bandwidth(v: Option<f64>) -> Result<Option<u64>> {
@@ -219,11 +221,13 @@ impl NativeSource {
     }
 
     /// The destination acknowledged sync `epoch`; anything but a sync this source sent (and not
-    /// acknowledged before) fails the session with ERR_MULTIFD_OUT_OF_SEQUENCE.
+    /// acknowledged before) fails the session with ERR_MULTIFD_OUT_OF_SEQUENCE. Returns the
+    /// epoch up to which every page queued is delivered: `epoch`, or an earlier one while the
+    /// pages of a given-up channel are still on their way.
     #[napi]
-    pub fn synced(&self, epoch: f64) -> Result<()> {
+    pub fn synced(&self, epoch: f64) -> Result<f64> {
         let epoch = to_u64(epoch, "epoch").into_coded()?;
-        self.session.synced(epoch).into_coded()
+        self.session.synced(epoch).map(|e| e as f64).into_coded()
     }
 
     /// The destination reported completion; before `complete` was sent this fails the session
@@ -253,6 +257,7 @@ impl NativeSource {
             integrity: options.integrity,
             tls: self.session.tls().cloned(),
             channel_retries: options.channel_retries.unwrap_or(DEFAULT_CHANNEL_RETRIES),
+            min_channels: u8::try_from(options.min_channels.unwrap_or(1)).unwrap_or(u8::MAX),
         };
         self.session.start_channels(config).into_coded()
     }
@@ -416,6 +421,12 @@ impl NativeDestination {
     #[napi]
     pub fn fail(&self, code_name: String, message: String) -> bool {
         self.dest.failure().fail(Error::new(code(&code_name), message))
+    }
+
+    /// The source gave channel `id` up (`channelDropped`): barriers stop waiting for it.
+    #[napi]
+    pub fn drop_channel(&self, id: u32) -> Result<()> {
+        self.dest.drop_channel(id).into_coded()
     }
 
     /// The source said `complete {epoch}`: accepted only when every announced channel was

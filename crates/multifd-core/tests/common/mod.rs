@@ -79,5 +79,6 @@ pub fn source_config(address: &Address, uuid: [u8; 16], channels: u8) -> SourceC
         integrity: false,
         tls: None,
         channel_retries: 0,
+        min_channels: 1,
     }
 }
