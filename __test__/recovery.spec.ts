@@ -228,6 +228,27 @@ test('a channel the proxy refuses to let back: given up after channelRetries wit
   t.deepEqual(summary.recoveries, [], 'nothing was repaired')
 })
 
+test('a channel given up while the final sync is out: its pages are delivered before the migration completes', async (t) => {
+  t.timeout(60_000)
+  const { src, dst } = blockPair([['pc.ram', 64 * MiB]])
+  const dest = Destination.listen({ address: 'tcp:127.0.0.1:0', blocks: dst })
+  const p = await faultProxy(dest.address)
+  t.teardown(() => p.close())
+  const source = await Source.connect({ address: p.address, blocks: src, channels: 4, maxBandwidth: 32 * MiB, channelRetries: 3, integrity: 'xxh3' })
+  const sending = source.sendAll().then(() => source.complete())
+  // Late: every page is queued and the other channels write the final SYNC while this one is
+  // still being redialled (350 ms of backoff). Its pages then go out after that SYNC.
+  // Every fifth page is zero (fillRandom): 0.8 of the block goes as data; wait for 90% of that.
+  await whenTrue(() => p.accepted() === 5 && source.stats().bytes > 0.9 * 0.8 * 64 * MiB, 10_000, 'most of the block sent')
+  p.refuseWhen((i) => i >= 5)
+  t.true(p.cut(2))
+  const summary = await until(sending, 30_000, 'the migration')
+  await until(dest.done, 10_000, 'the destination')
+  t.is(summary.status, 'completed')
+  t.true(sameBytes(src, dst), 'whole-block hashes equal')
+  t.is(summary.perChannel.filter((c) => c.state === 'lost').length, 1)
+})
+
 test('with minChannels equal to the channel count, a channel that cannot come back fails the migration with the cause code within bounded time, on both sides', async (t) => {
   t.timeout(60_000)
   const { src, dst } = blockPair([['pc.ram', 64 * MiB]])
