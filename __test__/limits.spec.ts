@@ -199,6 +199,15 @@ const walks: Walk[] = [
     },
   },
   {
+    limit: 'minChannels (2 channels)',
+    values: [[0, false], [1, true], [2, true], [3, false], ['twelve', false, 'wrong type']],
+    layers: {
+      'Source options': (v) => source({ channels: 2, minChannels: v }),
+      'multifd send --min-channels': (v) => command(['send', NOWHERE, image, '--channels', '2', '--min-channels', flag(v)]),
+      'NativeSource.startChannels': (v) => nativeSource({ channels: 2, minChannels: v }),
+    },
+  },
+  {
     limit: 'resumeWindowMs',
     values: boundaries(LIMITS.resumeWindowMs),
     layers: {

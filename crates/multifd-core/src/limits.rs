@@ -110,7 +110,7 @@ pub struct SourceChoices<'a> {
     pub peer_timeout_ms: Option<u32>,
     pub max_bandwidth: Option<u64>,
     pub channel_retries: u32,
-    /// `minChannels`: 1..=channels (0 stands for the default, 1).
+    /// `minChannels`: 1..=channels.
     pub min_channels: u32,
 }
 
@@ -126,8 +126,8 @@ pub fn source_violations(c: &SourceChoices) -> Vec<Violation> {
         range_check(&mut out, "maxBandwidth", b, &MAX_BANDWIDTH, " bytes per second");
     }
     range_check(&mut out, "channelRetries", c.channel_retries, &CHANNEL_RETRIES, "");
-    if c.min_channels != 0 && c.channels >= 1 {
-        range_check(&mut out, "minChannels", c.min_channels, &(1..=c.channels), " (the channel count)");
+    if CHANNELS.contains(&c.channels) {
+        range_check(&mut out, "minChannels", c.min_channels, &(1..=c.channels), " (at most the channel count)");
     }
     match compress::by_name(c.compression) {
         Err(e) => out.push(Violation { option: "compression", error: e }),
@@ -297,7 +297,7 @@ mod tests {
     use super::*;
 
     fn ok() -> SourceChoices<'static> {
-        SourceChoices { channels: 2, compression: "none", connect_timeout_ms: 10_000, ..Default::default() }
+        SourceChoices { channels: 2, compression: "none", connect_timeout_ms: 10_000, min_channels: 1, ..Default::default() }
     }
 
     #[test]
@@ -314,7 +314,7 @@ mod tests {
         for (n, good) in [(0, true), (100, true), (101, false)] {
             assert_eq!(check_source(&SourceChoices { channel_retries: n, ..ok() }).is_ok(), good, "{n}");
         }
-        for (min, good) in [(1, true), (2, true), (3, false)] {
+        for (min, good) in [(0, false), (1, true), (2, true), (3, false)] {
             assert_eq!(check_source(&SourceChoices { min_channels: min, ..ok() }).is_ok(), good, "{min}");
         }
         for (ms, good) in [(0, true), (3_600_000, true), (3_600_001, false)] {

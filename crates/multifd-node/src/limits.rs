@@ -121,7 +121,7 @@ pub fn check_source_options(o: SourceRuleInput) -> Vec<LimitViolation> {
         // Not a whole number of bytes, or beyond 2^64: a value no range holds.
         max_bandwidth: o.max_bandwidth.map(|b| if b.fract() == 0.0 && b >= 0.0 { b as u64 } else { 0 }),
         channel_retries: o.channel_retries.unwrap_or(limits::DEFAULT_CHANNEL_RETRIES),
-        min_channels: o.min_channels.unwrap_or(0),
+        min_channels: o.min_channels.unwrap_or(1),
     };
     limits::source_violations(&choices).into_iter().map(|v| LimitViolation { option: v.option.into(), code: v.error.code.as_str().into(), message: v.error.message }).collect()
 }

@@ -257,7 +257,8 @@ impl NativeSource {
             integrity: options.integrity,
             tls: self.session.tls().cloned(),
             channel_retries: options.channel_retries.unwrap_or(DEFAULT_CHANNEL_RETRIES),
-            min_channels: u8::try_from(options.min_channels.unwrap_or(1)).unwrap_or(u8::MAX),
+            // Above 255 no channel count allows it: 0 is refused the same way.
+            min_channels: u8::try_from(options.min_channels.unwrap_or(1)).unwrap_or(0),
         };
         self.session.start_channels(config).into_coded()
     }
