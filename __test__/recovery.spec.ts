@@ -226,6 +226,7 @@ test('a channel the proxy refuses to let back: given up after channelRetries wit
   t.is(summary.perChannel.filter((c) => c.state === 'lost').length, 1)
   t.is(d.perChannel.filter((c) => c.state === 'lost').length, 1)
   t.deepEqual(summary.recoveries, [], 'nothing was repaired')
+  t.is(summary.syncs, 2, 'the final sync and the one after the given-up channel\'s pages, on every remaining channel')
 })
 
 test('a channel given up while the final sync is out: its pages are delivered before the migration completes', async (t) => {

@@ -21,6 +21,8 @@ export function totals(channels: ChannelStats[], startedAt: number | undefined, 
   const sum = (k: Counter): number => channels.reduce((a, c) => a + c[k], 0)
   const seconds = startedAt === undefined ? 0 : (performance.now() - startedAt) / 1000
   const bytes = sum('bytes')
+  // Barriers every channel passed: a channel given up (or awaiting its replacement) is not waited for.
+  const counted = channels.filter((c) => c.state !== 'lost')
   return {
     channels,
     recoveries,
@@ -33,7 +35,7 @@ export function totals(channels: ChannelStats[], startedAt: number | undefined, 
     zeroCopyCopied: sum('zeroCopyCopied'),
     zeroCopyEnobufs: sum('zeroCopyEnobufs'),
     zeroCopyFallbacks: sum('zeroCopyFallbacks'),
-    syncs: channels.length === 0 ? 0 : Math.min(...channels.map((c) => c.syncs)),
+    syncs: counted.length === 0 ? 0 : Math.min(...counted.map((c) => c.syncs)),
     seconds,
     bytesPerSecond: seconds > 0 ? bytes / seconds : 0,
   }
