@@ -14,6 +14,7 @@ import { Destination, RamBlock, Source, encodeInitPacket, encodePacketHeader, mi
 import { MiB, blockPair, fdCount, rawChannel, rawControl, rejectionCode, sameBytes, testPki, threadCount, until, whenTrue } from './helpers.js'
 import { faultProxy } from './fault-proxy.js'
 import { startDirtier } from './dirtier.js'
+import { cli, lastJson, receiver, sha, workdir } from './cli-helpers.js'
 
 const pki = testPki()
 const tlsModes = {
@@ -365,4 +366,25 @@ test('an idle channel whose connection is closed is noticed and repaired before 
   await dest.done
   t.is(summary.recoveries.length, 1)
   t.true(sameBytes(src, dst))
+})
+
+test('multifd send/recv through a cut channel: completes, a line per repair, recoveries in --json', async (t) => {
+  t.timeout(90_000)
+  const d = workdir(t)
+  const image = join(d, 'a.img')
+  writeFileSync(image, randomBytes(16 * MiB))
+  const rx = await receiver(['--out', join(d, 'a.out'), '--json'])
+  const p = await faultProxy(rx.address)
+  t.teardown(() => p.close())
+  const tx = cli(['send', p.address, image, '--channels', '2', '--max-bandwidth', '16M'])
+  await whenTrue(() => p.accepted() === 3, 20_000, 'every channel through the proxy')
+  p.cutAfter(2, MiB)
+  const [sent, received] = [await tx.done, await rx.done]
+  t.is(sent.code, 0, sent.stderr)
+  t.is(received.code, 0, received.stderr)
+  t.regex(sent.stdout, /recovered channel [01] in \d+ ms after ERR_MULTIFD_CONNECTION_CLOSED \(\d+ page\(s\) sent again\)/)
+  const j = lastJson(received.stdout) as { recoveries: Recovery[] }
+  t.is(j.recoveries.length, 1)
+  t.like(j.recoveries[0], { side: 'destination', cause: { code: 'ERR_MULTIFD_CONNECTION_CLOSED' } })
+  t.is(sha(join(d, 'a.out')), sha(image))
 })
