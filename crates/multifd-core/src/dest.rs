@@ -87,6 +87,9 @@ struct Session {
     integrity: bool,
     barrier: Barrier,
     stats: Vec<ChannelStats>,
+    /// Each block's complete pieces ([`crate::resume::complete_pieces`]) as of the last
+    /// barrier, and its epoch: taken while every channel is parked there.
+    complete_pieces: Mutex<Option<(u64, Vec<Vec<u8>>)>>,
 }
 
 struct Inner {
@@ -229,6 +232,7 @@ impl Destination {
             integrity: config.integrity,
             barrier: Barrier { state: Mutex::new(BarrierState { arrived: 0, epoch: 0, high_water: 0, stopping: false }), cv: Condvar::new() },
             stats: (0..n).map(|_| ChannelStats::default()).collect(),
+            complete_pieces: Mutex::new(None),
         });
         *slot = Some(session.clone());
         drop(slot);
@@ -253,6 +257,13 @@ impl Destination {
             Some(s) => s.stats.iter().map(|c| c.snapshot()).collect(),
             None => Vec::new(),
         }
+    }
+
+    /// Each block's complete pieces as of the last sync barrier, with its epoch (None before
+    /// the first): every page of them landed, received in this session or held from an
+    /// earlier one (docs/PROTOCOL.md, "Resume").
+    pub fn complete_pieces(&self) -> Option<(u64, Vec<Vec<u8>>)> {
+        self.inner.session.lock().unwrap().as_ref().and_then(|s| s.complete_pieces.lock().unwrap().clone())
     }
 
     /// The source said `complete {epoch}`: accepted only when every announced channel was
@@ -776,6 +787,10 @@ impl Inner {
         b.arrived += 1;
         let epoch = b.epoch;
         if b.arrived == s.channels {
+            // Every other channel is parked (under this lock): the received pages are exactly
+            // those sent before this SYNC, and they have landed.
+            let pieces = s.table.blocks.iter().map(|block| crate::resume::complete_pieces(block)).collect();
+            *s.complete_pieces.lock().unwrap() = Some((b.epoch + 1, pieces));
             b.arrived = 0;
             b.epoch += 1;
             let (e, hw) = (b.epoch, b.high_water);

@@ -51,6 +51,13 @@ pub const MAX_EARLY_CHANNELS: usize = MAX_CHANNELS as usize;
 pub const INTEGRITY: [&str; 2] = ["none", "xxh3"];
 /// What the source does with zero pages: `multifd` sends them as offsets only, `none` as data.
 pub const ZERO_PAGE_DETECTION: [&str; 2] = ["multifd", "none"];
+/// How long a destination waits for a lost connection's replacement, or (`recv --resume`) for
+/// a restarted source's new session, in ms; 0 fails at once.
+pub const RESUME_WINDOW_MS: RangeInclusive<u32> = 0..=3_600_000;
+pub const DEFAULT_RESUME_WINDOW_MS: u32 = 10_000;
+/// Held ranges one `held` control message carries at most (about 50 bytes each as JSON, so a
+/// frame stays far below the 1 MiB frame limit); more go in several messages.
+pub const HELD_RANGES_PER_FRAME: usize = 4096;
 
 /// A pair of choices that do not combine, and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -197,6 +204,7 @@ pub struct Description {
     pub peer_timeout_ms: Range,
     pub max_bandwidth: Range,
     pub unix_path_bytes: Range,
+    pub resume_window_ms: Range,
     pub compression: Vec<MethodInfo>,
     pub integrity: Vec<&'static str>,
     pub zero_page_detection: Vec<&'static str>,
@@ -214,6 +222,7 @@ pub fn describe() -> Description {
         peer_timeout_ms: range(&PEER_TIMEOUT_MS, Some(DEFAULT_PEER_TIMEOUT_MS)),
         max_bandwidth: Range { min: *MAX_BANDWIDTH.start() as f64, max: *MAX_BANDWIDTH.end() as f64, default: None },
         unix_path_bytes: usize_range(&UNIX_PATH_BYTES),
+        resume_window_ms: range(&RESUME_WINDOW_MS, Some(DEFAULT_RESUME_WINDOW_MS)),
         compression: compress::names()
             .map(|name| {
                 let method = compress::by_name(name).ok().and_then(compress::method);
@@ -240,6 +249,7 @@ pub fn markdown() -> String {
         ("peerTimeoutMs", format!("0 or {}", r(&d.peer_timeout_ms)), default(&d.peer_timeout_ms), "milliseconds without progress before both sides fail; 0 disables"),
         ("maxBandwidth", r(&d.max_bandwidth), default(&d.max_bandwidth), "bytes per second over all channels; absent for no limit"),
         ("unix: address path", format!("{} bytes", r(&d.unix_path_bytes)), "-".into(), "the kernel's sun_path"),
+        ("resumeWindowMs", r(&d.resume_window_ms), default(&d.resume_window_ms), "milliseconds a destination waits for a replacement connection or (recv --resume) a new session; 0 fails at once"),
     ];
     let methods: Vec<String> = d.compression.iter().map(|m| m.name.to_string()).collect();
     rows.push(("compression", methods.join(", "), "none".into(), "only the source compresses"));
@@ -255,6 +265,7 @@ pub fn markdown() -> String {
     out += &format!("| zeroPageDetection | {} | multifd | |\n", d.zero_page_detection.join(", "));
     out += &format!("| connections not yet identified, at a destination | {MAX_UNIDENTIFIED} at once | - | the oldest is closed beyond; silent ones after handshakeTimeoutMs |\n");
     out += &format!("| channels arriving before the hello, at a destination | {MAX_EARLY_CHANNELS} at once | - | the oldest is closed beyond; each after handshakeTimeoutMs |\n");
+    out += &format!("| held ranges per `held` message | {HELD_RANGES_PER_FRAME} | - | 1 MiB ranges a resuming destination offers; more go in several messages |\n");
     out += "\n| option | does not combine with | why |\n|---|---|---|\n";
     for rule in d.rules {
         out += &format!("| {} | {} | {} |\n", rule.option, rule.conflicts_with, rule.reason);

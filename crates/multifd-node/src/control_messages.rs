@@ -2,7 +2,7 @@
 //! mirrors `multifd_core::control_messages::ControlMessage` field for field. The core decodes,
 //! checks and encodes; this module only converts.
 
-use multifd_core::control_messages::{BlockDigest, BlockEntry, ControlMessage, Hello, PROTOCOL_VERSION};
+use multifd_core::control_messages::{BlockDigest, BlockEntry, ControlMessage, HeldRange, Hello, PROTOCOL_VERSION};
 use napi_derive::napi;
 
 use crate::errors::Result;
@@ -26,6 +26,15 @@ pub struct NativeBlockDigest {
     pub xxh3: String,
 }
 
+/// A range a resuming destination holds (`held`): piece `index` (1 MiB) of the hello's block
+/// number `block`, and its xxh3-64.
+#[napi(object)]
+pub struct NativeHeldRange {
+    pub block: u32,
+    pub index: f64,
+    pub xxh3: String,
+}
+
 /// One control message (docs/PROTOCOL.md, "Messages").
 #[napi(discriminant = "type", discriminant_case = "camelCase")]
 pub enum NativeControlMessage {
@@ -46,6 +55,9 @@ pub enum NativeControlMessage {
     Cancel,
     Ping,
     Error { code: String, message: String },
+    Resume,
+    Held { ranges: Vec<NativeHeldRange>, done: bool },
+    Resumed { bytes: f64 },
 }
 
 impl From<ControlMessage> for NativeControlMessage {
@@ -71,6 +83,11 @@ impl From<ControlMessage> for NativeControlMessage {
             ControlMessage::Cancel => NativeControlMessage::Cancel,
             ControlMessage::Ping => NativeControlMessage::Ping,
             ControlMessage::Error { code, message } => NativeControlMessage::Error { code, message },
+            ControlMessage::Resume => NativeControlMessage::Resume,
+            ControlMessage::Held { ranges, done } => {
+                NativeControlMessage::Held { ranges: ranges.into_iter().map(|r| NativeHeldRange { block: r.block, index: r.index as f64, xxh3: r.xxh3 }).collect(), done }
+            }
+            ControlMessage::Resumed { bytes } => NativeControlMessage::Resumed { bytes: bytes as f64 },
         }
     }
 }
@@ -99,6 +116,12 @@ impl NativeControlMessage {
             NativeControlMessage::Cancel => ControlMessage::Cancel,
             NativeControlMessage::Ping => ControlMessage::Ping,
             NativeControlMessage::Error { code, message } => ControlMessage::Error { code, message },
+            NativeControlMessage::Resume => ControlMessage::Resume,
+            NativeControlMessage::Held { ranges, done } => ControlMessage::Held {
+                ranges: ranges.into_iter().map(|r| Ok(HeldRange { block: r.block, index: to_u64(r.index, "a held range's index")?, xxh3: r.xxh3 })).collect::<Result<_>>()?,
+                done,
+            },
+            NativeControlMessage::Resumed { bytes } => ControlMessage::Resumed { bytes: to_u64(bytes, "resumed bytes")? },
         })
     }
 }

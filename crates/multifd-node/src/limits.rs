@@ -50,6 +50,8 @@ pub struct Limits {
     pub max_bandwidth: IntRange,
     /// A `unix:` address's path, in bytes.
     pub unix_path_bytes: IntRange,
+    /// How long a destination waits for a replacement connection or a new session (ms).
+    pub resume_window_ms: IntRange,
     /// `none` first, then the registry's methods.
     pub compression: Vec<CompressionMethodInfo>,
     pub integrity: Vec<String>,
@@ -69,6 +71,7 @@ pub fn limits() -> Limits {
         peer_timeout_ms: d.peer_timeout_ms.into(),
         max_bandwidth: d.max_bandwidth.into(),
         unix_path_bytes: d.unix_path_bytes.into(),
+        resume_window_ms: d.resume_window_ms.into(),
         compression: d.compression.into_iter().map(|m| CompressionMethodInfo { name: m.name.into(), levels: m.levels.map(Into::into) }).collect(),
         integrity: d.integrity.into_iter().map(Into::into).collect(),
         zero_page_detection: d.zero_page_detection.into_iter().map(Into::into).collect(),
