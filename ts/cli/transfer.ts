@@ -1,10 +1,13 @@
 /** `multifd send` and `multifd recv`: image files over the network. */
 import { z } from 'zod'
-import { Destination } from '../destination.js'
+import { statSync } from 'node:fs'
+import { Destination, type DestinationOptions } from '../destination.js'
+import type { DurablePieces } from '../resume.js'
+import { Journal } from './journal.js'
 import { RamBlock } from '../block.js'
 import { Source } from '../source.js'
 import { MultifdError } from '../errors.js'
-import { Bandwidth, CompressionMethod, DEFAULT_CHANNELS, DEFAULT_PEER_TIMEOUT_MS, DEFAULT_TIMEOUT_MS, Integrity, LIMITS, ZeroPageDetection, compressionLevelsText, rangeText } from '../options.js'
+import { Bandwidth, CompressionMethod, DEFAULT_CHANNELS, DEFAULT_PEER_TIMEOUT_MS, DEFAULT_RESUME_WINDOW_MS, DEFAULT_TIMEOUT_MS, Integrity, LIMITS, ZeroPageDetection, compressionLevelsText, rangeText } from '../options.js'
 import type { Session, Summary } from '../session.js'
 import { IntIn, IntString, PeerTimeoutFlag, Rate, UsageError, blockFiles, check, parse } from './args.js'
 import { bytes, rate } from './format.js'
@@ -42,6 +45,15 @@ function settingLines(s: { integrity: string; maxBandwidth: number | null }, thr
   return parts.length > 0 ? [parts.join('; ')] : []
 }
 
+/**
+ * A one-shot send syncs after every this many bytes, so a destination's resume journal
+ * (`recv --resume`) advances as the transfer goes and a kill loses at most about this much.
+ * A sync costs a round trip, overlapped with the next group's pages: at 1 GB/s, 64 MiB is
+ * 64 ms of sending, so even a 10 ms round trip stays hidden, while a 64 GiB block still
+ * needs only 1024 syncs.
+ */
+const SYNC_EVERY_BYTES = 64 * 1024 * 1024
+
 export const SEND_HELP = `multifd send ADDRESS FILE... [--block NAME=FILE]... [options]
 
 Sends image files (mapped, never read into the JavaScript heap) as blocks named after the
@@ -65,7 +77,13 @@ files, to a destination started with \`multifd recv\`.
   --tls-ca FILE            the CA that signed the destination's certificate (PEM)
   --tls-name NAME          the name the destination's certificate must carry
                            (default: the host in ADDRESS)
-  --json                   print one JSON object at the end, nothing else on stdout`
+  --resume                 ask the destination (recv --resume) which 1 MiB pieces it already
+                           holds and send only the rest: a piece is skipped only when its
+                           xxh3 digest there equals this side's, so a changed FILE is still
+                           copied correctly ("resumedBytes" in the summary)
+  --json                   print one JSON object at the end, nothing else on stdout
+
+A send syncs after every 64 MiB, so a destination with --resume loses little to a kill.`
 
 const TLS_FLAGS = {
   'tls-cert': { type: 'string' },
@@ -98,6 +116,7 @@ export async function send(argv: string[]): Promise<CommandResult> {
     'peer-timeout-ms': { type: 'string' },
     ...TLS_FLAGS,
     'tls-name': { type: 'string' },
+    resume: { type: 'boolean' },
   })
   const tls = tlsFiles(values)
   const o = check(
@@ -123,7 +142,8 @@ export async function send(argv: string[]): Promise<CommandResult> {
   const blocks = specs.map((s) => RamBlock.mapFile({ name: s.name, path: s.file }))
   const total = blocks.reduce((a, b) => a + b.size, 0)
   // What the command was asked for, in the summary: scripts read back the settings they used.
-  const settings = { compression: o.compression, integrity: o.integrity, maxBandwidth: o['max-bandwidth'] ?? null, connectTimeoutMs: o['connect-timeout-ms'], zeroCopy: o['zero-copy'] }
+  const resume = values.resume === true
+  const settings = { compression: o.compression, integrity: o.integrity, maxBandwidth: o['max-bandwidth'] ?? null, connectTimeoutMs: o['connect-timeout-ms'], zeroCopy: o['zero-copy'], resume }
   let source: Source | undefined
   onInterrupt(() => source?.cancel())
   let progress: Progress | undefined
@@ -141,13 +161,15 @@ export async function send(argv: string[]): Promise<CommandResult> {
       connectTimeoutMs: o['connect-timeout-ms'],
       ...(o['peer-timeout-ms'] === undefined ? {} : { peerTimeoutMs: o['peer-timeout-ms'] }),
       ...(tls ? { tls: { ...tls, ...(values['tls-name'] === undefined ? {} : { name: values['tls-name'] as string }) } } : {}),
+      resume,
     })
-    progress = progressOf(source, json, 'sending', total)
-    await source.sendAll()
+    progress = progressOf(source, json, 'sending', total - source.resumedBytes)
+    await source.sendAll({ syncEveryBytes: SYNC_EVERY_BYTES })
     const s = await source.complete()
     progress.stop()
-    const r = fromSummary(s, { blocks: specs, ...settings, throttledMs: Math.round(source.throttledMs) })
-    print(r, json, 'send', [...settingLines(settings, source.throttledMs), ...channelLines(s)])
+    const r = fromSummary(s, { blocks: specs, ...settings, throttledMs: Math.round(source.throttledMs), ...(resume ? { resumedBytes: source.resumedBytes } : {}) })
+    const resumed = resume ? [`resumed: ${bytes(source.resumedBytes)} of ${bytes(total)} the destination already held (equal digests) were not sent again`] : []
+    print(r, json, 'send', [...resumed, ...settingLines(settings, source.throttledMs), ...channelLines(s)])
     return r
   } catch (e) {
     progress?.stop()
@@ -176,6 +198,14 @@ the summary unless the migration completed).
   --channels N             expect exactly N channels, ${rangeText(LIMITS.channels)} (default: whatever the
                            source announces)
   --in-place               write the output files where they are, not under a partial name
+  --resume                 keep each output under .FILE.multifd-resume with a journal of its
+                           durable pieces (.FILE.multifd-resume.journal, advanced at every
+                           sync once the file is flushed); a failed or killed run leaves both,
+                           and running the same command again continues them with a sender
+                           started with send --resume. While this command runs, a source that
+                           dies is waited for (--resume-window-ms) and its new session continues
+  --resume-window-ms MS    with --resume: how long to wait for a new session after a source
+                           went away, ${rangeText(LIMITS.resumeWindowMs)} (default ${DEFAULT_RESUME_WINDOW_MS}; 0: exit at once)
   --channel-timeout-ms MS  how long the channels may take to connect, ${rangeText(LIMITS.timeoutMs)}
                            (default ${LIMITS.timeoutMs.default})
   --peer-timeout-ms MS     fail if the source stalls or goes silent this long,
@@ -193,13 +223,23 @@ export async function recv(argv: string[]): Promise<CommandResult> {
     block: { type: 'string', multiple: true },
     channels: { type: 'string' },
     'in-place': { type: 'boolean' },
+    resume: { type: 'boolean' },
+    'resume-window-ms': { type: 'string' },
     'channel-timeout-ms': { type: 'string' },
     'peer-timeout-ms': { type: 'string' },
     ...TLS_FLAGS,
     'tls-allow': { type: 'string', multiple: true },
   })
   const tls = tlsFiles(values)
-  const o = check(z.object({ channels: IntIn(LIMITS.channels).optional(), 'channel-timeout-ms': IntIn(LIMITS.timeoutMs).default(DEFAULT_TIMEOUT_MS), 'peer-timeout-ms': PeerTimeoutFlag.optional() }), values)
+  const o = check(
+    z.object({
+      channels: IntIn(LIMITS.channels).optional(),
+      'channel-timeout-ms': IntIn(LIMITS.timeoutMs).default(DEFAULT_TIMEOUT_MS),
+      'peer-timeout-ms': PeerTimeoutFlag.optional(),
+      'resume-window-ms': IntIn(LIMITS.resumeWindowMs).default(DEFAULT_RESUME_WINDOW_MS),
+    }),
+    values,
+  )
   const [address, ...extra] = positionals
   if (!address) throw new UsageError('recv needs an ADDRESS (tcp:HOST:PORT or unix:PATH)')
   if (extra.length > 0) throw new UsageError(`unexpected argument ${JSON.stringify(extra[0])}; output files go after --out`)
@@ -209,48 +249,155 @@ export async function recv(argv: string[]): Promise<CommandResult> {
   refuseOverlap(tls ? [tls.cert, tls.key, tls.ca] : [], [...named.map((n) => n.file), ...outs])
   const json = values.json === true
   const inPlace = values['in-place'] === true
+  const resume = values.resume === true
+  if (resume && inPlace) throw new UsageError('--resume keeps a partial output beside each FILE; it does not combine with --in-place')
+  const options: ReceiveOptions = {
+    address,
+    named,
+    outs,
+    inPlace,
+    resume,
+    json,
+    destination: {
+      ...(o.channels === undefined ? {} : { channels: o.channels }),
+      channelTimeoutMs: o['channel-timeout-ms'],
+      ...(o['peer-timeout-ms'] === undefined ? {} : { peerTimeoutMs: o['peer-timeout-ms'] }),
+      ...(tls ? { tls: { ...tls, ...(values['tls-allow'] === undefined ? {} : { allow: values['tls-allow'] as string[] }) } } : {}),
+    },
+  }
+  let r = await receiveOnce(options)
+  // With --resume, a session that failed because the source went away leaves the partial
+  // outputs and journals; a source started again within the window continues them.
+  while (resume && r.retry && o['resume-window-ms'] > 0) {
+    const reason = r.result.error ? `${r.result.error.code}: ${r.result.error.message}` : r.result.status
+    process.stderr.write(`session ended (${reason}); partial outputs and journals kept; waiting up to ${o['resume-window-ms']} ms for a new session (Ctrl-C stops)\n`)
+    const next = await receiveOnce({ ...options, address: r.address, windowMs: o['resume-window-ms'] })
+    if (next.expired) break
+    r = next
+  }
+  print(r.result, json, 'recv', r.lines)
+  return r.result
+}
+
+/** What one receiving session needs. */
+interface ReceiveOptions {
+  address: string
+  named: Array<{ name: string; file: string }>
+  outs: string[]
+  inPlace: boolean
+  resume: boolean
+  json: boolean
+  destination: Omit<DestinationOptions, 'address' | 'blocks' | 'resume'>
+  /** Give up (`expired`) unless a source connects within this many ms. */
+  windowMs?: number
+}
+
+/** Failures a source started again cannot mend: the outputs or the configuration are wrong. */
+const FINAL_CODES = new Set(['ERR_MULTIFD_RESUME_MISMATCH', 'ERR_MULTIFD_BLOCK_MISMATCH', 'ERR_MULTIFD_DUPLICATE_BLOCK', 'ERR_MULTIFD_CHANNEL_COUNT_MISMATCH', 'ERR_MULTIFD_NO_SPACE', 'ERR_MULTIFD_IO', 'ERR_MULTIFD_INVALID_ARGUMENT'])
+
+/** One session of `recv`: listens, writes the outputs, commits or keeps them. */
+async function receiveOnce(o: ReceiveOptions): Promise<{ result: CommandResult; lines: string[]; address: string; retry: boolean; expired?: boolean }> {
   const files: Array<{ name: string; file: string }> = []
   const outputs: Output[] = []
+  const journals: Journal[] = []
+  /** Pieces each block's journal lists as durable, offered to a resuming source. */
+  const held = new Map<RamBlock, number[]>()
+  let settled = false
   const dest = Destination.listen({
-    address,
-    ...(o.channels === undefined ? {} : { channels: o.channels }),
-    channelTimeoutMs: o['channel-timeout-ms'],
-    ...(o['peer-timeout-ms'] === undefined ? {} : { peerTimeoutMs: o['peer-timeout-ms'] }),
-    ...(tls ? { tls: { ...tls, ...(values['tls-allow'] === undefined ? {} : { allow: values['tls-allow'] as string[] }) } } : {}),
+    ...o.destination,
+    address: o.address,
     blocks: (table) => {
       // The whole table is matched to files before any file is created.
       let next = 0
       for (const b of table) {
-        const file = named.find((n) => n.name === b.name)?.file ?? outs[next++]
+        const file = o.named.find((n) => n.name === b.name)?.file ?? o.outs[next++]
         if (!file) throw new MultifdError('ERR_MULTIFD_BLOCK_MISMATCH', `no output file for block ${JSON.stringify(b.name)}: give --block ${b.name}=FILE or another --out`)
         if (files.some((f) => f.name === b.name)) throw new MultifdError('ERR_MULTIFD_DUPLICATE_BLOCK', `the source announces block ${JSON.stringify(b.name)} twice`)
         files.push({ name: b.name, file })
       }
-      outputs.push(...files.map((f) => Output.plan(f.file, { inPlace })))
-      return table.map((b, i) => RamBlock.mapFile({ name: b.name, path: outputs[i]!.create().writePath, size: b.length, pageSize: b.pageSize }))
+      outputs.push(...files.map((f) => Output.plan(f.file, { inPlace: o.inPlace, resumable: o.resume })))
+      if (!o.resume) return table.map((b, i) => RamBlock.mapFile({ name: b.name, path: outputs[i]!.create().writePath, size: b.length, pageSize: b.pageSize }))
+      // Every journal is read (a mismatch refused) before any partial output is touched.
+      const plans = table.map((b, i) => {
+        const journal = new Journal(outputs[i]!.writePath)
+        return { b, journal, pieces: journal.read({ name: b.name, length: b.length, pageSize: b.pageSize }) }
+      })
+      return plans.map(({ b, journal, pieces }, i) => {
+        const out = outputs[i]!
+        const size = sizeOf(out.writePath)
+        let keep = Array.isArray(pieces) && size === b.length
+        if (pieces instanceof MultifdError) warnOf(pieces, 'starting that output over')
+        else if (pieces && !keep) warnOf(new MultifdError('ERR_MULTIFD_RESUME_JOURNAL', `${journal.path} has no partial output of ${b.length} bytes beside it`), 'starting that output over')
+        const block = RamBlock.mapFile({ name: b.name, path: out.create(keep).writePath, size: b.length, pageSize: b.pageSize })
+        if (!keep) journal.reset({ name: b.name, length: b.length, pageSize: b.pageSize })
+        journals.push(journal)
+        held.set(block, keep ? (pieces as number[]) : [])
+        return block
+      })
     },
+    ...(o.resume
+      ? {
+          resume: {
+            held: (block: RamBlock) => held.get(block) ?? [],
+            onDurable: (d: DurablePieces) => {
+              if (settled) return
+              d.blocks.forEach(({ block, pieces }, i) => journals[i]?.write({ name: block.name, length: block.size, pageSize: block.pageSize }, d.epoch, pieces))
+            },
+          },
+        }
+      : {}),
   })
   process.stderr.write(`listening on ${dest.address}\n`)
   onInterrupt(() => dest.close())
+  let window: NodeJS.Timeout | undefined
+  let expired = false
+  if (o.windowMs !== undefined) {
+    window = setTimeout(() => {
+      expired = true
+      dest.close()
+    }, o.windowMs)
+    window.unref()
+  }
   let progress: Progress | undefined
-  dest.once('state', () => (progress = progressOf(dest, json, 'receiving')))
+  dest.once('state', () => {
+    clearTimeout(window)
+    progress = progressOf(dest, o.json, 'receiving')
+  })
+  const resumedLine = (s: Summary): string[] => (s.resumedBytes === undefined ? [] : [`resumed: ${bytes(s.resumedBytes)} the destination already held were not sent again`])
   try {
     const s = await dest.done
     progress?.stop()
     const complete = s.status === 'completed'
+    settled = true
     for (const out of outputs) {
       if (complete) out.commit()
       else out.discard()
     }
-    const r = fromSummary(s, { address: dest.address, files, complete })
-    print(r, json, 'recv', [...files.map((f) => `${f.name} -> ${f.file}`), ...channelLines(s)])
-    return r
+    if (complete) journals.forEach((j) => j.remove())
+    const result = fromSummary(s, { address: dest.address, files, complete, ...(s.resumedBytes === undefined ? {} : { resumedBytes: s.resumedBytes }) })
+    return { result, lines: [...files.map((f) => `${f.name} -> ${f.file}`), ...resumedLine(s), ...channelLines(s)], address: dest.address, retry: false }
   } catch {
+    settled = true
+    clearTimeout(window)
     for (const out of outputs) out.discard()
     progress?.stop()
-    const r = fromSummary(dest.summary(), { address: dest.address, complete: false })
-    if (wasInterrupted()) r.status = 'cancelled'
-    print(r, json, 'recv', outputs.some((o) => o.inPlace) ? ['outputs written in place are incomplete'] : [])
-    return r
+    const s = dest.summary()
+    const result = fromSummary(s, { address: dest.address, complete: false, ...(s.resumedBytes === undefined ? {} : { resumedBytes: s.resumedBytes }) })
+    if (wasInterrupted()) result.status = 'cancelled'
+    const kept = o.resume && outputs.length > 0 ? [`partial outputs and journals kept for --resume: ${outputs.map((x) => x.writePath).join(', ')}`] : []
+    const retry = !wasInterrupted() && !expired && !FINAL_CODES.has(s.error?.code ?? '')
+    return { result, lines: [...(outputs.some((x) => x.inPlace) ? ['outputs written in place are incomplete'] : []), ...kept], address: dest.address, retry, expired }
   }
+}
+
+function sizeOf(path: string): number | undefined {
+  try {
+    return statSync(path).size
+  } catch {
+    return undefined
+  }
+}
+
+function warnOf(e: MultifdError, then: string): void {
+  process.stderr.write(`warning: ${e.code}: ${e.message}; ${then}\n`)
 }

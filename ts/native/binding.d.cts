@@ -363,6 +363,9 @@ export interface HeaderContext {
   blocks?: Array<BlockDescriptor>
 }
 
+/** Ranges one `held` message carries at most. */
+export declare const HELD_RANGES_PER_FRAME: number
+
 export interface InitExpectation {
   uuid: Uint8Array
   channels: number
@@ -614,6 +617,9 @@ export interface RebuiltFiles {
   blocks: Array<RebuiltFile>
   channels: Array<CapturedChannel>
 }
+
+/** Bytes of a resume piece (1 MiB): what `held` ranges and their digests cover. */
+export declare const RESUME_PIECE_BYTES: number
 
 export interface SnapshotBlockInfo {
   name: string

@@ -12,6 +12,14 @@ use crate::numbers::to_u64;
 #[napi]
 pub const CONTROL_PROTOCOL_VERSION: u32 = PROTOCOL_VERSION;
 
+/// Bytes of a resume piece (1 MiB): what `held` ranges and their digests cover.
+#[napi]
+pub const RESUME_PIECE_BYTES: u32 = multifd_core::resume::PIECE as u32;
+
+/// Ranges one `held` message carries at most.
+#[napi]
+pub const HELD_RANGES_PER_FRAME: u32 = multifd_core::limits::HELD_RANGES_PER_FRAME as u32;
+
 /// A block of a hello's table.
 #[napi(object)]
 pub struct NativeBlockEntry {
