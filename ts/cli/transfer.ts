@@ -325,7 +325,7 @@ async function receiveOnce(o: ReceiveOptions): Promise<{ result: CommandResult; 
       return plans.map(({ b, journal, pieces }, i) => {
         const out = outputs[i]!
         const size = sizeOf(out.writePath)
-        let keep = Array.isArray(pieces) && size === b.length
+        const keep = Array.isArray(pieces) && size === b.length
         if (pieces instanceof MultifdError) warnOf(pieces, 'starting that output over')
         else if (pieces && !keep) warnOf(new MultifdError('ERR_MULTIFD_RESUME_JOURNAL', `${journal.path} has no partial output of ${b.length} bytes beside it`), 'starting that output over')
         const block = RamBlock.mapFile({ name: b.name, path: out.create(keep).writePath, size: b.length, pageSize: b.pageSize })
