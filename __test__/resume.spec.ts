@@ -14,7 +14,7 @@ import { Destination, RamBlock, Source } from '../ts/index.js'
 import { Journal } from '../ts/cli/journal.js'
 import type { DurablePieces } from '../ts/resume.js'
 import { cli, lastJson, sha, type Run } from './cli-helpers.js'
-import { MiB, fillRandom, sha256, until, whenTrue } from './helpers.js'
+import { MiB, fdCount, fillRandom, sha256, threadCount, until, whenTrue } from './helpers.js'
 
 /** A directory on tmpfs when the machine has one (1 GiB files cost memory, not disk I/O). */
 function shmdir(t: ExecutionContext): string {
@@ -54,9 +54,10 @@ async function journalReaches(out: string, size: number, fraction: number, what:
 }
 
 /** `multifd recv` on a free port, its stderr readable as it comes. */
-async function listening(args: string[]): Promise<{ address: string; done: Promise<Run>; kill: (s: NodeJS.Signals) => void; stderr: () => string }> {
+async function listening(t: ExecutionContext, args: string[]): Promise<{ address: string; done: Promise<Run>; kill: (s: NodeJS.Signals) => void; stderr: () => string }> {
   let err = ''
   const r = cli(['recv', 'tcp:127.0.0.1:0', ...args], { onStderr: (s) => (err = s), timeoutMs: 180_000 })
+  t.teardown(() => r.kill('SIGKILL'))
   await until(Promise.race([whenTrue(() => /listening on \S+/.test(err), 20_000, 'recv listening'), r.done.then((x) => Promise.reject(new Error(`recv exited: ${x.stderr}`)))]), 20_000, 'recv listening')
   return { address: /listening on (\S+)/.exec(err)![1]!, ...r, stderr: () => err }
 }
@@ -71,7 +72,7 @@ test.serial('kill -9 the sender at about 50% of 1 GiB: send --resume completes b
   const input = join(d, 'in.img')
   const out = join(d, 'out.img')
   randomFile(input, GiB)
-  const recv = await listening(['--out', out, '--resume', '--resume-window-ms', '120000', '--json'])
+  const recv = await listening(t, ['--out', out, '--resume', '--resume-window-ms', '120000', '--json'])
   const first = cli(['send', recv.address, input, '--max-bandwidth', '200M', '--json'])
   const at = await journalReaches(out, GiB, 0.5, 'the journal at 50%')
   first.kill('SIGKILL')
@@ -102,7 +103,7 @@ test.serial('kill -9 the receiver at about 50% of 1 GiB: recv --resume again, se
   const input = join(d, 'in.img')
   const out = join(d, 'out.img')
   randomFile(input, GiB)
-  const recv1 = await listening(['--out', out, '--resume', '--json'])
+  const recv1 = await listening(t, ['--out', out, '--resume', '--json'])
   const first = cli(['send', recv1.address, input, '--max-bandwidth', '200M', '--json'])
   await journalReaches(out, GiB, 0.5, 'the journal at 50%')
   recv1.kill('SIGKILL')
@@ -112,7 +113,7 @@ test.serial('kill -9 the receiver at about 50% of 1 GiB: recv --resume again, se
   t.is(summaryOf(lost).status, 'failed')
   t.false(existsSync(out), 'nothing under the final name while incomplete')
   t.is(statSync(partialOf(out)).size, GiB)
-  const recv2 = await listening(['--out', out, '--resume', '--json'])
+  const recv2 = await listening(t, ['--out', out, '--resume', '--json'])
   const second = await until(cli(['send', recv2.address, input, '--resume', '--json'], { timeoutMs: 120_000 }).done, 120_000, 'send --resume')
   t.is(second.code, 0, second.stderr)
   const s = summaryOf(second)
@@ -130,7 +131,7 @@ test.serial('a source file changed between the runs is still copied correctly: t
   const out = join(d, 'out.img')
   const size = 256 * MiB
   randomFile(input, size)
-  const recv = await listening(['--out', out, '--resume', '--resume-window-ms', '60000', '--json'])
+  const recv = await listening(t, ['--out', out, '--resume', '--resume-window-ms', '60000', '--json'])
   const first = cli(['send', recv.address, input, '--max-bandwidth', '64M', '--json'])
   const at = await journalReaches(out, size, 0.5, 'the journal at 50%')
   first.kill('SIGKILL')
@@ -160,7 +161,7 @@ test.serial('a journal of another block is refused (ERR_MULTIFD_RESUME_MISMATCH)
   writeFileSync(partialOf(out), randomFillSync(Buffer.alloc(8 * MiB)))
   new Journal(partialOf(out)).write({ name: 'other.img', length: 8 * MiB, pageSize: 4096 }, 3, new Uint8Array([0xff]))
   const before = [sha(partialOf(out)), sha(journalOf(out))]
-  const recv = await listening(['--out', out, '--resume', '--json'])
+  const recv = await listening(t, ['--out', out, '--resume', '--json'])
   const send = await until(cli(['send', recv.address, input, '--resume', '--json']).done, 60_000, 'send')
   const r = await until(recv.done, 60_000, 'recv')
   t.is(r.code, 1)
@@ -171,7 +172,7 @@ test.serial('a journal of another block is refused (ERR_MULTIFD_RESUME_MISMATCH)
 
   for (const corrupt of ['not json\n', readFileSync(journalOf(out), 'utf8').replace('"epoch":3', '"epoch":4')]) {
     writeFileSync(journalOf(out), corrupt)
-    const again = await listening(['--out', out, '--resume', '--json'])
+    const again = await listening(t, ['--out', out, '--resume', '--json'])
     const ok = await until(cli(['send', again.address, input, '--resume', '--json']).done, 60_000, 'send')
     const r2 = await until(again.done, 60_000, 'recv')
     t.is(r2.code, 0, r2.stderr)
@@ -186,7 +187,33 @@ test.serial('a journal of another block is refused (ERR_MULTIFD_RESUME_MISMATCH)
   }
 })
 
-test('library: resuming into blocks that survived in this process sends only the pieces that differ; onDurable reports every piece complete', async (t) => {
+test.serial('recv --resume waits a bounded window for a new session: it expires (exit 1) or Ctrl-C stops it (exit 130), the partial output and journal kept', async (t) => {
+  t.timeout(120_000)
+  const d = shmdir(t)
+  const input = join(d, 'in.img')
+  const out = join(d, 'out.img')
+  randomFile(input, 16 * MiB)
+  for (const [window, stop] of [['1500', 'expiry'], ['120000', 'SIGINT']] as const) {
+    const recv = await listening(t, ['--out', out, '--resume', '--resume-window-ms', window, '--json'])
+    const sender = cli(['send', recv.address, input, '--max-bandwidth', '1M', '--json'])
+    await whenTrue(() => existsSync(partialOf(out)), 30_000, 'the partial output')
+    sender.kill('SIGKILL')
+    await until(sender.done, 20_000, 'the killed sender')
+    await whenTrue(() => /waiting up to/.test(recv.stderr()), 30_000, 'the receiver to wait')
+    if (stop === 'SIGINT') recv.kill('SIGINT')
+    const r = await until(recv.done, 30_000, `recv to stop on ${stop}`)
+    t.is(r.code, stop === 'SIGINT' ? 130 : 1, r.stderr)
+    t.is(summaryOf(r).status, stop === 'SIGINT' ? 'cancelled' : 'failed')
+    if (stop === 'expiry') t.is(summaryOf(r).error?.code, 'ERR_MULTIFD_CONNECTION_CLOSED', 'the failure that started the wait')
+    t.false(existsSync(out))
+    t.true(existsSync(partialOf(out)) && existsSync(journalOf(out)), 'kept for the next run')
+    // The next round watches for a new partial output.
+    rmSync(partialOf(out))
+    rmSync(journalOf(out))
+  }
+})
+
+test.serial('library: resuming into blocks that survived in this process sends only the pieces that differ; onDurable reports every piece complete', async (t) => {
   t.timeout(60_000)
   const size = 32 * MiB
   const src = RamBlock.allocate({ name: 'mem', size })
@@ -195,6 +222,10 @@ test('library: resuming into blocks that survived in this process sends only the
   dst.view().set(src.view())
   // Three pieces changed on the source since the destination got them.
   for (const p of [0, 7, 31]) src.view(p * MiB + 4096 * 3, 4096).fill(p + 1)
+  // libuv's pool threads start with the first task: start them before counting.
+  await src.digestAsync()
+  const threads = threadCount()
+  const fds = fdCount()
   const durable: DurablePieces[] = []
   const dest = Destination.listen({ address: 'tcp:127.0.0.1:0', blocks: [dst], resume: { held: () => 'all', onDurable: (x) => void durable.push(x) } })
   const source = await Source.connect({ address: dest.address, blocks: [src], resume: true })
@@ -210,6 +241,8 @@ test('library: resuming into blocks that survived in this process sends only the
   const last = durable[durable.length - 1]!
   t.is(last.blocks[0]!.block, dst)
   t.deepEqual([...last.blocks[0]!.pieces], [0xff, 0xff, 0xff, 0xff])
+  t.is(threadCount(), threads, 'every thread joined')
+  t.is(fdCount(), fds, 'every descriptor closed')
 })
 
 test('library: a destination without resume holds nothing, so everything is sent', async (t) => {
