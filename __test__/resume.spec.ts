@@ -10,11 +10,11 @@ import { randomFillSync } from 'node:crypto'
 import { closeSync, existsSync, mkdtempSync, openSync, readFileSync, readdirSync, rmSync, statSync, writeFileSync, writeSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
-import { Destination, RamBlock, Source } from '../ts/index.js'
+import { Destination, MultifdError, RamBlock, Source } from '../ts/index.js'
 import { Journal } from '../ts/cli/journal.js'
 import type { DurablePieces } from '../ts/resume.js'
 import { cli, lastJson, sha, type Run } from './cli-helpers.js'
-import { MiB, fdCount, fillRandom, sha256, threadCount, until, whenTrue } from './helpers.js'
+import { MiB, fdCount, fillRandom, rawDestination, rejectionCode, sha256, threadCount, until, whenTrue } from './helpers.js'
 
 /** A directory on tmpfs when the machine has one (1 GiB files cost memory, not disk I/O). */
 function shmdir(t: ExecutionContext): string {
@@ -257,4 +257,34 @@ test('library: a destination without resume holds nothing, so everything is sent
   await dest.done
   t.is(s.resumedBytes, 0)
   t.is(s.pages.normal + s.pages.zero, 1024)
+})
+
+test('library: a source takes held ranges over several messages, skips only pieces with equal digests, and refuses a piece offered twice or outside its blocks (ERR_MULTIFD_PROTOCOL)', async (t) => {
+  t.timeout(60_000)
+  const src = RamBlock.allocate({ name: 'mem', size: 3 * MiB })
+  fillRandom(src)
+  const [d0, d1] = await src.native.pieceDigests([0, 1])
+  const cases: Array<{ parts: Array<Array<{ block: number; index: number; xxh3: string }>>; code?: 'ERR_MULTIFD_PROTOCOL' }> = [
+    { parts: [[{ block: 0, index: 0, xxh3: d0! }], [{ block: 0, index: 1, xxh3: d0! }], []] },
+    { parts: [[{ block: 0, index: 1, xxh3: d1! }], [{ block: 0, index: 1, xxh3: d1! }]], code: 'ERR_MULTIFD_PROTOCOL' },
+    { parts: [[{ block: 0, index: 3, xxh3: d1! }]], code: 'ERR_MULTIFD_PROTOCOL' },
+    { parts: [[{ block: 1, index: 0, xxh3: d1! }]], code: 'ERR_MULTIFD_PROTOCOL' },
+  ]
+  for (const c of cases) {
+    const dest = await rawDestination()
+    t.teardown(dest.close)
+    const connecting = Source.connect({ address: dest.address, blocks: [src], resume: true })
+    connecting.catch(() => {})
+    const control = await dest.control
+    t.is((await control.next())?.type, 'resume')
+    c.parts.forEach((ranges, i) => control.send({ type: 'held', ranges, done: i === c.parts.length - 1 }))
+    if (c.code) {
+      t.is(await rejectionCode(connecting), c.code)
+      continue
+    }
+    const source = await connecting
+    t.is(source.resumedBytes, MiB, 'piece 0 only: piece 1 was offered with another digest')
+    t.deepEqual(await control.next(), { type: 'resumed', bytes: MiB })
+    await source.abort(new MultifdError('ERR_MULTIFD_CANCELLED', 'done'))
+  }
 })

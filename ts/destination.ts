@@ -247,26 +247,40 @@ export class Destination extends Session {
     this.setState('active')
   }
 
-  /** A source asks what this side holds: the `resume.held` pieces with their digests (none without the option). */
+  /**
+   * A source asks what this side holds: the `resume.held` pieces with their digests (none
+   * without the option), one `held` message per HELD_RANGES_PER_FRAME pieces, each sent as
+   * soon as its digests are ready (so a large block keeps the source's wait moving).
+   */
   async #offerHeld(): Promise<void> {
     if (this.state !== 'active' || this.#askedHeld) throw new MultifdError('ERR_MULTIFD_OUT_OF_SEQUENCE', 'resume arrived twice, or before the handshake')
     this.#askedHeld = true
     const held = this.#options.resume?.held
-    const ranges: Array<{ block: number; index: number; xxh3: string }> = []
-    for (const [i, b] of (held ? this.#blocks : []).entries()) {
+    const offered: Array<{ block: number; index: number }> = []
+    for (const [i, b] of this.#blocks.entries()) {
+      if (!held) break
       const count = pieceCount(b.size)
-      const asked = held!(b)
+      const asked = held(b)
       const pieces = asked === 'all' ? Array.from({ length: count }, (_, p) => p) : [...new Set(asked)].sort((x, y) => x - y)
       const bad = pieces.find((p) => !Number.isInteger(p) || p < 0 || p >= count)
       if (bad !== undefined) throw new MultifdError('ERR_MULTIFD_INVALID_ARGUMENT', `resume.held names piece ${bad} of block ${JSON.stringify(b.name)}, which has ${count}`)
       native(() => b.native.markHeld(pieces))
-      const digests = await b.native.pieceDigests(pieces)
-      pieces.forEach((index, k) => ranges.push({ block: i, index, xxh3: digests[k]! }))
+      offered.push(...pieces.map((index) => ({ block: i, index })))
     }
-    if (this.state !== 'active') return
-    for (let at = 0; at === 0 || at < ranges.length; at += HELD_RANGES_PER_FRAME) {
-      const part = ranges.slice(at, at + HELD_RANGES_PER_FRAME)
-      this.#send({ type: 'held', ranges: part, done: at + HELD_RANGES_PER_FRAME >= ranges.length })
+    for (let at = 0; at === 0 || at < offered.length; at += HELD_RANGES_PER_FRAME) {
+      const part = offered.slice(at, at + HELD_RANGES_PER_FRAME)
+      const ranges: Array<{ block: number; index: number; xxh3: string }> = []
+      // One digest task per run of pieces of one block, off the JavaScript thread.
+      for (let k = 0; k < part.length; ) {
+        let end = k
+        while (end < part.length && part[end]!.block === part[k]!.block) end++
+        const run = part.slice(k, end)
+        const digests = await this.#blocks[part[k]!.block]!.native.pieceDigests(run.map((r) => r.index))
+        run.forEach((r, j) => ranges.push({ ...r, xxh3: digests[j]! }))
+        k = end
+      }
+      if (this.state !== 'active') return
+      this.#send({ type: 'held', ranges, done: at + HELD_RANGES_PER_FRAME >= offered.length })
     }
   }
 

@@ -59,7 +59,7 @@ export function rangesOutside(size: number, skip: ReadonlySet<number>): PieceRan
   return out
 }
 
-/** `ranges` cut into consecutive groups of at most `bytes` bytes each (pieces stay whole). */
+/** `ranges` cut into consecutive groups of at most `bytes` bytes each, in order. */
 export function chunked(ranges: readonly PieceRange[], bytes: number): PieceRange[][] {
   const out: PieceRange[][] = []
   let group: PieceRange[] = []

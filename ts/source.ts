@@ -122,6 +122,8 @@ export class Source extends Session {
   #offered: Map<number, Map<number, string>> | undefined
   /** With `resume`: per block, the pieces its first whole-block send leaves out (consumed by it). */
   #skip = new Map<RamBlock, Set<number>>()
+  /** `held` messages heard so far. */
+  #heldParts = 0
   #resumedBytes = 0
   /** Once `cancel()` or `abort()` begins: the error the session ends with, and how. */
   #ending: { error: MultifdError; final: 'failed' | 'cancelled' } | undefined
@@ -283,10 +285,13 @@ export class Source extends Session {
    * JavaScript thread) and keeps the equal ones out of each block's first whole-block send.
    */
   async #askHeld(): Promise<void> {
-    this.#offered = new Map()
+    const offered = (this.#offered = new Map())
     this.#send({ type: 'resume' })
-    await this.#until('held', 'the pieces the destination holds', this.#options.handshakeTimeoutMs)
-    const offered = this.#offered
+    // Bounded per message, not in all: a destination digesting 64 GiB answers in 16 parts.
+    while (!this.#heard.has('held')) {
+      const parts = this.#heldParts
+      await this.waitFor(() => (this.#heard.has('held') || this.#heldParts !== parts ? true : undefined), 'the pieces the destination holds', this.#options.handshakeTimeoutMs)
+    }
     for (const [index, pieces] of offered) {
       const block = this.blocks[index]!
       const indexes = [...pieces.keys()]
@@ -313,7 +318,9 @@ export class Source extends Session {
       if (pieces.has(r.index)) throw new MultifdError('ERR_MULTIFD_PROTOCOL', `the destination offers piece ${r.index} of block ${JSON.stringify(block.name)} twice`)
       offered.set(r.block, pieces.set(r.index, r.xxh3))
     }
+    this.#heldParts += 1
     if (done) this.#hear('held')
+    else this.recheck()
   }
 
   /** With `resume`: bytes left out because the destination held them (digests equal). */
