@@ -7,7 +7,7 @@
  * piece's digest with its own before it skips it.
  */
 import { createHash } from 'node:crypto'
-import { closeSync, fsyncSync, openSync, readFileSync, renameSync, unlinkSync, writeSync } from 'node:fs'
+import { closeSync, fsyncSync, openSync, readFileSync, renameSync, statSync, unlinkSync, writeSync } from 'node:fs'
 import { dirname } from 'node:path'
 import { z } from 'zod'
 import { MultifdError } from '../errors.js'
@@ -109,6 +109,29 @@ export class Journal {
     } catch {
       // Already gone.
     }
+  }
+}
+
+/**
+ * What a resumable partial output (`partial`) holds for `block`, before anything touches it:
+ * the journal, and the durable pieces to offer when the journal is sound and the partial file
+ * has the block's length (`held`); otherwise the output starts over, with a `warning` when a
+ * journal was there but unusable. Throws ERR_MULTIFD_RESUME_MISMATCH (see `Journal.read`).
+ */
+export function resumePlan(partial: string, block: JournalBlock): { journal: Journal; held?: number[]; warning?: MultifdError } {
+  const journal = new Journal(partial)
+  const pieces = journal.read(block)
+  if (pieces === undefined) return { journal }
+  if (pieces instanceof MultifdError) return { journal, warning: pieces }
+  if (sizeOf(partial) !== block.length) return { journal, warning: new MultifdError('ERR_MULTIFD_RESUME_JOURNAL', `${journal.path} has no partial output of ${block.length} bytes beside it`) }
+  return { journal, held: pieces }
+}
+
+function sizeOf(path: string): number | undefined {
+  try {
+    return statSync(path).size
+  } catch {
+    return undefined
   }
 }
 

@@ -1,9 +1,8 @@
 /** `multifd send` and `multifd recv`: image files over the network. */
 import { z } from 'zod'
-import { statSync } from 'node:fs'
 import { Destination, type DestinationOptions } from '../destination.js'
 import type { DurablePieces } from '../resume.js'
-import { Journal } from './journal.js'
+import { type Journal, resumePlan } from './journal.js'
 import { RamBlock } from '../block.js'
 import { Source } from '../source.js'
 import { MultifdError } from '../errors.js'
@@ -318,20 +317,14 @@ async function receiveOnce(o: ReceiveOptions): Promise<{ result: CommandResult; 
       outputs.push(...files.map((f) => Output.plan(f.file, { inPlace: o.inPlace, resumable: o.resume })))
       if (!o.resume) return table.map((b, i) => RamBlock.mapFile({ name: b.name, path: outputs[i]!.create().writePath, size: b.length, pageSize: b.pageSize }))
       // Every journal is read (a mismatch refused) before any partial output is touched.
-      const plans = table.map((b, i) => {
-        const journal = new Journal(outputs[i]!.writePath)
-        return { b, journal, pieces: journal.read({ name: b.name, length: b.length, pageSize: b.pageSize }) }
-      })
-      return plans.map(({ b, journal, pieces }, i) => {
-        const out = outputs[i]!
-        const size = sizeOf(out.writePath)
-        const keep = Array.isArray(pieces) && size === b.length
-        if (pieces instanceof MultifdError) warnOf(pieces, 'starting that output over')
-        else if (pieces && !keep) warnOf(new MultifdError('ERR_MULTIFD_RESUME_JOURNAL', `${journal.path} has no partial output of ${b.length} bytes beside it`), 'starting that output over')
-        const block = RamBlock.mapFile({ name: b.name, path: out.create(keep).writePath, size: b.length, pageSize: b.pageSize })
-        if (!keep) journal.reset({ name: b.name, length: b.length, pageSize: b.pageSize })
-        journals.push(journal)
-        held.set(block, keep ? (pieces as number[]) : [])
+      const plans = table.map((b, i) => resumePlan(outputs[i]!.writePath, { name: b.name, length: b.length, pageSize: b.pageSize }))
+      return plans.map((plan, i) => {
+        const b = table[i]!
+        if (plan.warning) process.stderr.write(`warning: ${plan.warning.code}: ${plan.warning.message}; starting that output over\n`)
+        const block = RamBlock.mapFile({ name: b.name, path: outputs[i]!.create(plan.held !== undefined).writePath, size: b.length, pageSize: b.pageSize })
+        if (plan.held === undefined) plan.journal.reset({ name: b.name, length: b.length, pageSize: b.pageSize })
+        journals.push(plan.journal)
+        held.set(block, plan.held ?? [])
         return block
       })
     },
@@ -390,14 +383,3 @@ async function receiveOnce(o: ReceiveOptions): Promise<{ result: CommandResult; 
   }
 }
 
-function sizeOf(path: string): number | undefined {
-  try {
-    return statSync(path).size
-  } catch {
-    return undefined
-  }
-}
-
-function warnOf(e: MultifdError, then: string): void {
-  process.stderr.write(`warning: ${e.code}: ${e.message}; ${then}\n`)
-}
