@@ -1,10 +1,11 @@
 /** `multifd send` and `multifd recv`: image files over the network. */
+import { setTimeout as delay } from 'node:timers/promises'
 import { z } from 'zod'
 import { Destination, type DestinationOptions } from '../destination.js'
 import type { DurablePieces } from '../resume.js'
 import { type Journal, resumePlan } from './journal.js'
 import { RamBlock } from '../block.js'
-import { Source } from '../source.js'
+import { Source, type SourceOptions } from '../source.js'
 import { MultifdError } from '../errors.js'
 import { Bandwidth, CompressionMethod, DEFAULT_CHANNELS, DEFAULT_PEER_TIMEOUT_MS, DEFAULT_RESUME_WINDOW_MS, DEFAULT_TIMEOUT_MS, Integrity, LIMITS, ZeroPageDetection, compressionLevelsText, rangeText } from '../options.js'
 import type { Session, Summary } from '../session.js'
@@ -79,7 +80,11 @@ files, to a destination started with \`multifd recv\`.
   --resume                 ask the destination (recv --resume) which 1 MiB pieces it already
                            holds and send only the rest: a piece is skipped only when its
                            xxh3 digest there equals this side's, so a changed FILE is still
-                           copied correctly ("resumedBytes" in the summary)
+                           copied correctly ("resumedBytes" in the summary). When the
+                           destination goes away (its process killed, the connection cut),
+                           new sessions are tried until one completes or the window passes
+  --resume-window-ms MS    with --resume: how long to keep trying new sessions after the
+                           destination went away, ${rangeText(LIMITS.resumeWindowMs)} (default ${DEFAULT_RESUME_WINDOW_MS}; 0: fail at once)
   --json                   print one JSON object at the end, nothing else on stdout
 
 A send syncs after every 64 MiB, so a destination with --resume loses little to a kill.`
@@ -116,6 +121,7 @@ export async function send(argv: string[]): Promise<CommandResult> {
     ...TLS_FLAGS,
     'tls-name': { type: 'string' },
     resume: { type: 'boolean' },
+    'resume-window-ms': { type: 'string' },
   })
   const tls = tlsFiles(values)
   const o = check(
@@ -130,6 +136,7 @@ export async function send(argv: string[]): Promise<CommandResult> {
       'max-bandwidth': Rate.pipe(Bandwidth).optional(),
       'connect-timeout-ms': IntIn(LIMITS.timeoutMs).default(DEFAULT_TIMEOUT_MS),
       'peer-timeout-ms': PeerTimeoutFlag.optional(),
+      'resume-window-ms': IntIn(LIMITS.resumeWindowMs).default(DEFAULT_RESUME_WINDOW_MS),
     }),
     values,
   )
@@ -142,47 +149,93 @@ export async function send(argv: string[]): Promise<CommandResult> {
   const total = blocks.reduce((a, b) => a + b.size, 0)
   // What the command was asked for, in the summary: scripts read back the settings they used.
   const resume = values.resume === true
-  const settings = { compression: o.compression, integrity: o.integrity, maxBandwidth: o['max-bandwidth'] ?? null, connectTimeoutMs: o['connect-timeout-ms'], zeroCopy: o['zero-copy'], resume }
+  const settings: SendSettings = { compression: o.compression, integrity: o.integrity, maxBandwidth: o['max-bandwidth'] ?? null, connectTimeoutMs: o['connect-timeout-ms'], zeroCopy: o['zero-copy'], resume }
+  const options: SourceOptions = {
+    address,
+    blocks,
+    channels: o.channels,
+    compression: o.compression,
+    ...(o.level === undefined ? {} : { compressionLevel: o.level }),
+    zeroCopySend: o['zero-copy'],
+    zeroPageDetection: o['zero-page'],
+    integrity: o.integrity,
+    ...(o['max-bandwidth'] === undefined ? {} : { maxBandwidth: o['max-bandwidth'] }),
+    connectTimeoutMs: o['connect-timeout-ms'],
+    ...(o['peer-timeout-ms'] === undefined ? {} : { peerTimeoutMs: o['peer-timeout-ms'] }),
+    ...(tls ? { tls: { ...tls, ...(values['tls-name'] === undefined ? {} : { name: values['tls-name'] as string }) } } : {}),
+    resume,
+  }
+  // With --resume, a session that fails because the destination went away is followed by new
+  // ones (a receiver restarted with --resume continues its journal), for up to the window.
+  const window = resume ? o['resume-window-ms'] : 0
+  const giveUp = performance.now() + window
+  const stop = new AbortController()
+  let pause = RETRY_FIRST_MS
+  for (;;) {
+    const attempt = await sendOnce(options, specs, json, total, settings, stop)
+    const left = giveUp - performance.now()
+    if (!attempt.retry || wasInterrupted() || left <= 0) {
+      print(attempt.result, json, 'send', attempt.lines)
+      return attempt.result
+    }
+    const e = attempt.result.error
+    process.stderr.write(`session ended (${e ? `${e.code}: ${e.message}` : attempt.result.status}); trying a new session on ${address} for up to ${Math.round(left)} ms more (Ctrl-C stops)\n`)
+    try {
+      await delay(Math.min(pause, left), undefined, { signal: stop.signal })
+    } catch {
+      // Interrupted while waiting: the loop ends with the last session's result.
+    }
+    pause = Math.min(pause * 2, RETRY_MAX_MS)
+  }
+}
+
+/** What a send was asked for, in its summary: scripts read back the settings they used. */
+type SendSettings = {
+  compression: string
+  integrity: string
+  maxBandwidth: number | null
+  connectTimeoutMs: number
+  zeroCopy: boolean
+  resume: boolean
+}
+
+/** The first wait before a new session, doubled after each failed one up to RETRY_MAX_MS. */
+const RETRY_FIRST_MS = 50
+const RETRY_MAX_MS = 2000
+
+/** Failures a new session may mend: the destination (its process or the network) went away. */
+const RETRIED_CODES = new Set(['ERR_MULTIFD_CONNECTION_CLOSED', 'ERR_MULTIFD_TIMEOUT', 'ERR_MULTIFD_IO'])
+
+/** One session of `send`: connects, sends everything (the rest, with resume) and completes. */
+async function sendOnce(options: SourceOptions, specs: Array<{ name: string; file: string }>, json: boolean, total: number, settings: SendSettings, stop: AbortController): Promise<{ result: CommandResult; lines: string[]; retry: boolean }> {
   let source: Source | undefined
-  onInterrupt(() => source?.cancel())
+  onInterrupt(() => {
+    stop.abort()
+    return source?.cancel()
+  })
   let progress: Progress | undefined
   try {
-    source = await Source.connect({
-      address,
-      blocks,
-      channels: o.channels,
-      compression: o.compression,
-      ...(o.level === undefined ? {} : { compressionLevel: o.level }),
-      zeroCopySend: o['zero-copy'],
-      zeroPageDetection: o['zero-page'],
-      integrity: o.integrity,
-      ...(o['max-bandwidth'] === undefined ? {} : { maxBandwidth: o['max-bandwidth'] }),
-      connectTimeoutMs: o['connect-timeout-ms'],
-      ...(o['peer-timeout-ms'] === undefined ? {} : { peerTimeoutMs: o['peer-timeout-ms'] }),
-      ...(tls ? { tls: { ...tls, ...(values['tls-name'] === undefined ? {} : { name: values['tls-name'] as string }) } } : {}),
-      resume,
-    })
+    source = await Source.connect(options)
     progress = progressOf(source, json, 'sending', total - source.resumedBytes)
     await source.sendAll({ syncEveryBytes: SYNC_EVERY_BYTES })
     const s = await source.complete()
     progress.stop()
-    const r = fromSummary(s, { blocks: specs, ...settings, throttledMs: Math.round(source.throttledMs), ...(resume ? { resumedBytes: source.resumedBytes } : {}) })
+    const resume = options.resume === true
+    const result = fromSummary(s, { blocks: specs, ...settings, throttledMs: Math.round(source.throttledMs), ...(resume ? { resumedBytes: source.resumedBytes } : {}) })
     const resumed = resume ? [`resumed: ${bytes(source.resumedBytes)} of ${bytes(total)} the destination already held (equal digests) were not sent again`] : []
-    print(r, json, 'send', [...resumed, ...settingLines(settings, source.throttledMs), ...channelLines(s)])
-    return r
+    return { result, lines: [...resumed, ...settingLines(settings, source.throttledMs), ...channelLines(s)], retry: false }
   } catch (e) {
     progress?.stop()
     // Options the library refuses before anything connects go to main as usage errors (exit 2);
     // a refusal the peer reports is a failed migration (exit 1).
     if (!source && e instanceof MultifdError && e.code === 'ERR_MULTIFD_INVALID_ARGUMENT' && !e.remote) throw e
-    const r = source ? fromSummary(source.summary(), settings) : { ...failure(e, o.channels), ...settings }
-    if (wasInterrupted()) r.status = 'cancelled'
-    if (!r.error && e instanceof MultifdError) r.error = { code: e.code, message: e.message }
-    print(r, json, 'send')
-    return r
+    const result = source ? fromSummary(source.summary(), settings) : { ...failure(e, options.channels ?? DEFAULT_CHANNELS), ...settings }
+    if (wasInterrupted()) result.status = 'cancelled'
+    if (!result.error && e instanceof MultifdError) result.error = { code: e.code, message: e.message }
+    const err = source?.error ?? (e instanceof MultifdError ? e : undefined)
+    return { result, lines: [], retry: err !== undefined && !err.remote && RETRIED_CODES.has(err.code) }
   }
 }
-
 export const RECV_HELP = `multifd recv ADDRESS (--out FILE... | --block NAME=FILE...) [options]
 
 Listens on ADDRESS (tcp:HOST:PORT, port 0 picks one and prints it; or unix:PATH) for one
