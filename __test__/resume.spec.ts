@@ -12,7 +12,7 @@ import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { Destination, MultifdError, RamBlock, Source } from '../ts/index.js'
 import { Journal } from '../ts/cli/journal.js'
-import type { DurablePieces } from '../ts/resume.js'
+import type { DurablePieces } from '../ts/index.js'
 import { cli, lastJson, sha, type Run } from './cli-helpers.js'
 import { MiB, fdCount, fillRandom, rawDestination, rejectionCode, sha256, threadCount, until, whenTrue } from './helpers.js'
 
