@@ -787,8 +787,8 @@ impl Inner {
         b.arrived += 1;
         let epoch = b.epoch;
         if b.arrived == s.channels {
-            // Every other channel is parked (under this lock): the received pages are exactly
-            // those sent before this SYNC, and they have landed.
+            // Every other channel is parked (it needs this lock to leave): each has read every
+            // packet before its SYNC whole, so every page marked received has landed.
             let pieces = s.table.blocks.iter().map(|block| crate::resume::complete_pieces(block)).collect();
             *s.complete_pieces.lock().unwrap() = Some((b.epoch + 1, pieces));
             b.arrived = 0;

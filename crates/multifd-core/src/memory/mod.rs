@@ -175,7 +175,7 @@ impl Mapping {
     }
 
     /// Writes the mapping's changed pages back to the file it maps and waits for the writes
-    /// (`msync(MS_SYNC)`); a no-op for anonymous memory.
+    /// (`msync(MS_SYNC)`); anonymous memory has nothing to write back.
     pub fn sync(&self) -> std::io::Result<()> {
         // SAFETY: msync on exactly this mapping's range, which stays mapped while `self`
         // lives; it reads no byte through Rust and changes no memory.
