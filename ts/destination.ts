@@ -5,13 +5,14 @@
  */
 import { z } from 'zod'
 import { binding, type NativeEvent } from './native.js'
-import { MultifdError, native, nativeError } from './errors.js'
+import { MultifdError, codeOf, native, nativeError } from './errors.js'
 import { RamBlock, RamBlockSchema, blockDigests } from './block.js'
 import { Address, Channels, DEFAULT_PEER_TIMEOUT_MS, DEFAULT_RESUME_WINDOW_MS, DEFAULT_TIMEOUT_MS, PeerTimeoutMs, ResumeWindowMs, TimeoutMs, parseOptions } from './options.js'
 import { PROTOCOL_VERSION, remoteError, type ControlMessage, type Hello } from './protocol.js'
 import { Session } from './session.js'
 import { type ChannelStats, type TlsSummary } from './types.js'
 import { DestinationTlsOptions, tlsCredentials, tlsSummary } from './tls.js'
+import { HELD_RANGES_PER_FRAME, pieceCount, type DurablePieces } from './resume.js'
 
 /** One entry of the block table a source announces. */
 export interface AnnouncedBlock {
@@ -19,6 +20,23 @@ export interface AnnouncedBlock {
   length: number
   pageSize: number
 }
+
+const ResumeOptions = z.strictObject({
+  /**
+   * The 1 MiB pieces of `block` (by index) this destination holds from an earlier session
+   * and may offer a resuming source, or `'all'`. Called when a source asks (after the blocks
+   * are resolved, before any page arrives); the pieces are digested here and the source skips
+   * those it has with equal digests. What a piece holds is never trusted without that check.
+   */
+  held: z.custom<(block: RamBlock) => readonly number[] | 'all'>((v) => typeof v === 'function', { error: 'resume.held must be a function' }),
+  /**
+   * Called after each sync barrier once the blocks were flushed (mapped files: `msync` and
+   * `fdatasync`) with the pieces that are complete as of it: every page received in this
+   * session or held before. A journal written here survives a crash of this process or the
+   * machine. Calls never overlap; epochs that pass meanwhile are folded into the next call.
+   */
+  onDurable: z.custom<(durable: DurablePieces) => void | Promise<void>>((v) => typeof v === 'function', { error: 'resume.onDurable must be a function' }).optional(),
+})
 
 const DestinationOptions = z.strictObject({
   /** `tcp:HOST:PORT` (port 0 picks a free port; see `address` after listen) or `unix:PATH`. */
@@ -59,6 +77,8 @@ const DestinationOptions = z.strictObject({
    * untrusted, expired or unlisted certificate fails the session with its own code.
    */
   tls: DestinationTlsOptions.optional(),
+  /** Resumable transfers (docs/PROTOCOL.md, "Resume"): what this side holds, and a hook at each durable epoch. */
+  resume: ResumeOptions.optional(),
 })
 export type DestinationOptions = z.input<typeof DestinationOptions>
 
@@ -72,6 +92,12 @@ export class Destination extends Session {
   #round = 0
   #closed = false
   #helloTimer: NodeJS.Timeout | undefined
+  /** A source asked what this side holds (once per session). */
+  #askedHeld = false
+  #resumedBytes: number | undefined
+  /** The latest complete pieces not yet made durable, and whether a flush is under way. */
+  #undurable: { epoch: number; blocks: Buffer[] } | undefined
+  #flushing = false
 
   get session(): string {
     return this.#session
@@ -141,7 +167,8 @@ export class Destination extends Session {
         return
       case 'synced':
         // Told, not asked: the channel threads already acknowledged it to the source.
-        return this.publishSync(ev.epoch, ev.packetNum)
+        this.publishSync(ev.epoch, ev.packetNum)
+        return this.#durableAt()
       case 'failed':
         return this.fail(nativeError(ev.error))
       case 'warning':
@@ -179,6 +206,11 @@ export class Destination extends Session {
         case 'channelDropped':
           native(() => this.#native.dropChannel(m.channel))
           return this.warn(new MultifdError('ERR_MULTIFD_CONNECTION_CLOSED', `the source gave channel ${m.channel} up; the migration goes on without it`))
+        case 'resume':
+          return await this.#offerHeld()
+        case 'resumed':
+          this.#resumedBytes = m.bytes
+          return
         case 'complete':
           return await this.#onComplete(m.epoch, m.digests)
         case 'cancel':
@@ -226,6 +258,75 @@ export class Destination extends Session {
     this.#send({ type: 'welcome', protocol: PROTOCOL_VERSION })
     if (this.#options.peerTimeoutMs > 0) this.startLiveness(this.#options.peerTimeoutMs, () => this.#send({ type: 'ping' }))
     this.setState('active')
+  }
+
+  /**
+   * A source asks what this side holds: the `resume.held` pieces with their digests (none
+   * without the option), one `held` message per HELD_RANGES_PER_FRAME pieces, each sent as
+   * soon as its digests are ready (so a large block keeps the source's wait moving).
+   */
+  async #offerHeld(): Promise<void> {
+    if (this.state !== 'active' || this.#askedHeld) throw new MultifdError('ERR_MULTIFD_OUT_OF_SEQUENCE', 'resume arrived twice, or before the handshake')
+    this.#askedHeld = true
+    const held = this.#options.resume?.held
+    const offered: Array<{ block: number; index: number }> = []
+    for (const [i, b] of this.#blocks.entries()) {
+      if (!held) break
+      const count = pieceCount(b.size)
+      const asked = held(b)
+      const pieces = asked === 'all' ? Array.from({ length: count }, (_, p) => p) : [...new Set(asked)].sort((x, y) => x - y)
+      const bad = pieces.find((p) => !Number.isInteger(p) || p < 0 || p >= count)
+      if (bad !== undefined) throw new MultifdError('ERR_MULTIFD_INVALID_ARGUMENT', `resume.held names piece ${bad} of block ${JSON.stringify(b.name)}, which has ${count}`)
+      native(() => b.native.markHeld(pieces))
+      offered.push(...pieces.map((index) => ({ block: i, index })))
+    }
+    for (let at = 0; at === 0 || at < offered.length; at += HELD_RANGES_PER_FRAME) {
+      const part = offered.slice(at, at + HELD_RANGES_PER_FRAME)
+      const ranges: Array<{ block: number; index: number; xxh3: string }> = []
+      // One digest task per run of pieces of one block, off the JavaScript thread.
+      for (let k = 0; k < part.length; ) {
+        let end = k
+        while (end < part.length && part[end]!.block === part[k]!.block) end++
+        const run = part.slice(k, end)
+        const digests = await this.#blocks[part[k]!.block]!.native.pieceDigests(run.map((r) => r.index))
+        run.forEach((r, j) => ranges.push({ ...r, xxh3: digests[j]! }))
+        k = end
+      }
+      if (this.state !== 'active') return
+      this.#send({ type: 'held', ranges, done: at + HELD_RANGES_PER_FRAME >= offered.length })
+    }
+  }
+
+  /** A sync barrier passed: with `resume.onDurable`, flush the blocks and report the pieces complete as of it. */
+  #durableAt(): void {
+    const hook = this.#options.resume?.onDurable
+    if (!hook) return
+    // Taken now, at the barrier the event reports (or a later one): only pages that landed.
+    this.#undurable = native(() => this.#native.completePieces()) ?? undefined
+    if (this.#flushing) return
+    this.#flushing = true
+    void (async () => {
+      try {
+        for (let next = this.#undurable; next; next = this.#undurable) {
+          this.#undurable = undefined
+          for (const b of this.#blocks) {
+            const failure = await b.native.flush()
+            if (failure) throw new MultifdError(codeOf(failure.code), failure.message)
+          }
+          if (this.state === 'completed') return
+          const blocks = next.blocks
+          await hook({ epoch: next.epoch, blocks: this.#blocks.map((block, i) => ({ block, pieces: new Uint8Array(blocks[i]!) })) })
+        }
+      } catch (e) {
+        this.fail(e)
+      } finally {
+        this.#flushing = false
+      }
+    })()
+  }
+
+  protected override resumed(): number | undefined {
+    return this.#options.resume ? (this.#resumedBytes ?? 0) : undefined
   }
 
   async #resolveBlocks(h: Hello): Promise<RamBlock[]> {

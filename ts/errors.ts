@@ -52,6 +52,8 @@ export const ERROR_CODES = [
   'ERR_MULTIFD_SOURCE_TRUNCATED',
   'ERR_MULTIFD_QEMU_STREAM',
   'ERR_MULTIFD_OUT_OF_SEQUENCE',
+  'ERR_MULTIFD_RESUME_MISMATCH',
+  'ERR_MULTIFD_RESUME_JOURNAL',
 ] as const
 
 export type MultifdErrorCode = (typeof ERROR_CODES)[number]

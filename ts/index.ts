@@ -12,6 +12,7 @@ export { type ChannelState, type ChannelStats, type Recovery, type Stats, type S
 export { DEFAULT_PEER_TIMEOUT_MS, LIMITS } from './options.js'
 export { type MigrationState, type Role, stateChannel, syncChannel, errorChannel, warningChannel, roundChannel, tlsChannel } from './state.js'
 export { PROTOCOL_VERSION } from './protocol.js'
+export { RESUME_PIECE_BYTES, type DurablePieces } from './resume.js'
 export {
   FLAG_SYNC,
   FLAG_ZLIB,

@@ -41,7 +41,7 @@ export const ChannelRetries = intIn(LIMITS.channelRetries)
 export const DEFAULT_CHANNEL_RETRIES = defaultOf(LIMITS.channelRetries, 'channelRetries')
 /** `minChannels`: channels that must remain when one cannot be redialled (at most `channels`, checked with the source's rules). */
 export const MinChannels = intIn(LIMITS.channels)
-/** `resumeWindowMs`: how long a destination waits for a lost connection's replacement; 0 fails at once. */
+/** `resumeWindowMs`: how long a destination waits for a lost connection's replacement (and `recv --resume` for a restarted source's new session); 0 fails at once. */
 export const ResumeWindowMs = intIn(LIMITS.resumeWindowMs)
 export const DEFAULT_RESUME_WINDOW_MS = defaultOf(LIMITS.resumeWindowMs, 'resumeWindowMs')
 

@@ -93,6 +93,11 @@ export abstract class Session extends EventEmitter<SessionEvents> {
   /** Tells the peer why this side failed (best effort). */
   protected abstract tellPeer(e: MultifdError): void
 
+  /** With resume on: bytes the source left out because the destination held them. */
+  protected resumed(): number | undefined {
+    return undefined
+  }
+
   stats(): Stats {
     const s = totals(this.#finalStats ?? this.nativeStats(), this.#startedAt, [...this.#recoveries])
     if (this.#endedAt !== undefined && this.#startedAt !== undefined) {
@@ -296,6 +301,7 @@ export abstract class Session extends EventEmitter<SessionEvents> {
   summary(): Summary {
     const s = this.stats()
     const status = this.#state === 'completed' ? 'completed' : this.#state === 'cancelled' ? 'cancelled' : 'failed'
+    const resumedBytes = this.resumed()
     return {
       role: this.role,
       status,
@@ -309,6 +315,7 @@ export abstract class Session extends EventEmitter<SessionEvents> {
       recoveries: s.recoveries,
       ...(this.#error ? { error: { code: this.#error.code, message: this.#error.message } } : {}),
       ...(this.tls ? { tls: this.tls } : {}),
+      ...(resumedBytes === undefined ? {} : { resumedBytes }),
     }
   }
 }

@@ -13,6 +13,7 @@ import { PROTOCOL_VERSION, remoteError, type ControlMessage } from './protocol.j
 import { Session } from './session.js'
 import { type ChannelStats, type Summary, type TlsSummary } from './types.js'
 import { SourceTlsOptions, tlsCredentials, tlsSummary } from './tls.js'
+import { chunked, pieceBytes, pieceCount, rangesOutside, type PieceRange } from './resume.js'
 
 const Bandwidth = BandwidthLimit.optional()
 /** Beyond the native connect timeout, before a wait for a connection gives up on its own. */
@@ -85,6 +86,14 @@ const SourceOptions = z.strictObject({
    * within `connectTimeoutMs`, before any page moves. Not with `zeroCopySend`.
    */
   tls: SourceTlsOptions.optional(),
+  /**
+   * Resume an interrupted transfer (docs/PROTOCOL.md, "Resume"): after the handshake, ask the
+   * destination which 1 MiB pieces it already holds, with their xxh3-64 digests, and leave
+   * out of the first whole-block send (`sendBlock(block)` without ranges, `sendAll`) every
+   * piece whose digest equals this side's. A piece that changed since is sent; so is
+   * everything when the destination holds nothing. `resumedBytes` reports what was skipped.
+   */
+  resume: z.boolean().default(false),
 })
   .superRefine((o, ctx) => {
     const names = new Set<string>()
@@ -105,7 +114,7 @@ export interface ByteRange {
 }
 
 /** What the source waits to hear, from its native side or the destination; each is heard once. */
-type Signal = 'controlConnected' | 'welcome' | 'channelsReady' | 'completed' | 'controlClosed'
+type Signal = 'controlConnected' | 'welcome' | 'held' | 'channelsReady' | 'completed' | 'controlClosed'
 
 type NativeSource = InstanceType<typeof binding.NativeSource>
 
@@ -124,6 +133,13 @@ export class Source extends Session {
   #completedAt: number | undefined
   #maxBandwidth: number | undefined
   #throttledMs = 0
+  /** With `resume`: the pieces the destination offered, by block index, until `held` is done. */
+  #offered: Map<number, Map<number, string>> | undefined
+  /** With `resume`: per block, the pieces its first whole-block send leaves out (consumed by it). */
+  #skip = new Map<RamBlock, Set<number>>()
+  /** `held` messages heard so far. */
+  #heldParts = 0
+  #resumedBytes = 0
   /** Once `cancel()` or `abort()` begins: the error the session ends with, and how. */
   #ending: { error: MultifdError; final: 'failed' | 'cancelled' } | undefined
 
@@ -175,6 +191,7 @@ export class Source extends Session {
         ...(o.integrity === 'none' ? {} : { integrity: o.integrity }),
       })
       await this.#until('welcome', 'the destination welcome', o.handshakeTimeoutMs)
+      if (o.resume) await this.#askHeld()
       native(() =>
         n.startChannels({
           uuid: Buffer.from(this.session, 'hex'),
@@ -277,6 +294,8 @@ export class Source extends Session {
           native(() => n.completed())
           this.#completedAt ??= performance.now()
           return this.#hear('completed')
+        case 'held':
+          return this.#onHeld(m.ranges, m.done)
         case 'ping':
           return
         case 'error':
@@ -287,6 +306,58 @@ export class Source extends Session {
     } catch (e) {
       this.fail(e)
     }
+  }
+
+  /**
+   * Resume: asks what the destination holds, digests the same pieces here (off the
+   * JavaScript thread) and keeps the equal ones out of each block's first whole-block send.
+   */
+  async #askHeld(): Promise<void> {
+    const offered = (this.#offered = new Map())
+    this.#send({ type: 'resume' })
+    // Bounded per message, not in all: a destination digesting 64 GiB answers in 16 parts.
+    while (!this.#heard.has('held')) {
+      const parts = this.#heldParts
+      await this.waitFor(() => (this.#heard.has('held') || this.#heldParts !== parts ? true : undefined), 'the pieces the destination holds', this.#options.handshakeTimeoutMs)
+    }
+    for (const [index, pieces] of offered) {
+      const block = this.blocks[index]!
+      const indexes = [...pieces.keys()]
+      const here = await block.native.pieceDigests(indexes)
+      const skip = new Set<number>()
+      indexes.forEach((p, i) => {
+        if (here[i] !== pieces.get(p)) return
+        skip.add(p)
+        this.#resumedBytes += pieceBytes(block.size, p)
+      })
+      this.#skip.set(block, skip)
+    }
+    this.#send({ type: 'resumed', bytes: this.#resumedBytes })
+  }
+
+  /** A `held` message: ranges of blocks this source announced, each offered once, before `done`. */
+  #onHeld(ranges: Array<{ block: number; index: number; xxh3: string }>, done: boolean): void {
+    const offered = this.#offered
+    if (!offered || this.#heard.has('held')) throw new MultifdError('ERR_MULTIFD_OUT_OF_SEQUENCE', 'the destination sent held ranges this source did not ask for')
+    for (const r of ranges) {
+      const block = this.blocks[r.block]
+      if (!block || r.index >= pieceCount(block.size)) throw new MultifdError('ERR_MULTIFD_PROTOCOL', `the destination offers piece ${r.index} of block number ${r.block}, which this source does not have`)
+      const pieces = offered.get(r.block) ?? new Map<number, string>()
+      if (pieces.has(r.index)) throw new MultifdError('ERR_MULTIFD_PROTOCOL', `the destination offers piece ${r.index} of block ${JSON.stringify(block.name)} twice`)
+      offered.set(r.block, pieces.set(r.index, r.xxh3))
+    }
+    this.#heldParts += 1
+    if (done) this.#hear('held')
+    else this.recheck()
+  }
+
+  /** With `resume`: bytes left out because the destination held them (digests equal). */
+  get resumedBytes(): number {
+    return this.#resumedBytes
+  }
+
+  protected override resumed(): number | undefined {
+    return this.#options.resume ? this.#resumedBytes : undefined
   }
 
   #requireActive(what: string): NativeSource {
@@ -302,11 +373,26 @@ export class Source extends Session {
     return block
   }
 
-  /** Sends every page of `block` (or of the given byte ranges). Resolves with pages queued. */
+  /**
+   * Sends every page of `block` (or of the given byte ranges). Resolves with pages queued.
+   * With `resume`, the first send of a whole block leaves out the pieces the destination holds.
+   */
   async sendBlock(block: RamBlock, ranges?: ByteRange[]): Promise<number> {
+    return this.#sendRanges(this.#blockOf(block), ranges ?? this.#wholeBlock(block))
+  }
+
+  /** The ranges a whole-block send covers: all of it, or (once, with `resume`) what the destination lacks. */
+  #wholeBlock(block: RamBlock): PieceRange[] | undefined {
+    const skip = this.#skip.get(block)
+    if (!skip) return undefined
+    this.#skip.delete(block)
+    return rangesOutside(block.size, skip)
+  }
+
+  #sendRanges(block: RamBlock, ranges: ByteRange[] | undefined): Promise<number> {
     const n = this.#requireActive('send')
-    const b = this.#blockOf(block)
-    return this.request((id) => n.send(id, b.native, ranges, false))
+    if (ranges?.length === 0) return Promise.resolve(0)
+    return this.request((id) => n.send(id, block.native, ranges, false))
   }
 
   /** Sends the pages of every block marked dirty since the last call, clearing their bits. */
@@ -316,10 +402,32 @@ export class Source extends Session {
     return counts.reduce((a, c) => a + c, 0)
   }
 
-  /** Sends every page of every block. */
-  async sendAll(): Promise<number> {
-    const counts = await Promise.all(this.blocks.map((b) => this.sendBlock(b)))
-    return counts.reduce((a, c) => a + c, 0)
+  /**
+   * Sends every page of every block (with `resume`, what the destination lacks). With
+   * `syncEveryBytes`, the blocks go one after the other in groups of that many bytes, each
+   * followed by a sync, so a destination that keeps a resume journal advances it as the
+   * transfer goes (a kill loses at most about one group).
+   */
+  async sendAll(options: { syncEveryBytes?: number } = {}): Promise<number> {
+    const every = parseOptions(z.int().positive().optional(), options.syncEveryBytes, 'syncEveryBytes')
+    if (every === undefined) {
+      const counts = await Promise.all(this.blocks.map((b) => this.sendBlock(b)))
+      return counts.reduce((a, c) => a + c, 0)
+    }
+    let pages = 0
+    // The acknowledgement of one group's sync is awaited while the next group goes out.
+    let acked: Promise<number> | undefined
+    for (const b of this.blocks) {
+      for (const group of chunked(this.#wholeBlock(b) ?? [{ offset: 0, length: b.size }], every)) {
+        pages += await this.#sendRanges(b, group)
+        const next = this.sync()
+        next.catch(() => {}) // awaited below; a failure rejects every pending request anyway
+        await acked
+        acked = next
+      }
+    }
+    await acked
+    return pages
   }
 
   /**

@@ -56,6 +56,11 @@ export interface Summary {
   error?: { code: string; message: string }
   /** With TLS: what the control connection negotiated and who the peer is. */
   tls?: TlsSummary
+  /**
+   * With resume on (`resume` on the source, the destination's `resume` option): bytes the
+   * source did not send because the destination already held them (equal piece digests).
+   */
+  resumedBytes?: number
 }
 
 /** A session's TLS, as negotiated on its control connection (the channels use the same credentials). */

@@ -48,6 +48,15 @@ export function partialName(path: string): string {
   return join(dirname(path), `.${basename(path)}.multifd-partial-${process.pid}`)
 }
 
+/**
+ * The name a resumable output (`recv --resume`) is written under until it is complete: the
+ * same for every run, so a later run finds it, and like every partial name hidden and never
+ * the output's own.
+ */
+export function resumableName(path: string): string {
+  return join(dirname(path), `.${basename(path)}.multifd-resume`)
+}
+
 function statOf(path: string, follow = true): Stats | undefined {
   try {
     return follow ? statSync(path) : lstatSync(path)
@@ -95,6 +104,11 @@ export interface OutputOptions {
    * symbolic link, and the final rename does not replace anything (ERR_MULTIFD_OUTPUT_EXISTS).
    */
   exclusive?: boolean
+  /**
+   * Written under the stable `resumableName` and kept there on failure, cancel or signal, for
+   * a later run to continue (`recv --resume`); not with `inPlace` or `exclusive`.
+   */
+  resumable?: boolean
 }
 
 /** One output file: written at `writePath`, found at `path` only once committed. */
@@ -106,14 +120,16 @@ export class Output {
    */
   writePath: string
   readonly inPlace: boolean
+  readonly resumable: boolean
   readonly #exclusive: boolean
   #settled = false
 
-  private constructor(path: string, writePath: string, inPlace: boolean, exclusive: boolean) {
+  private constructor(path: string, writePath: string, inPlace: boolean, exclusive: boolean, resumable: boolean) {
     this.path = path
     this.writePath = writePath
     this.inPlace = inPlace
     this.#exclusive = exclusive
+    this.resumable = resumable
   }
 
   /** Checks the path; nothing is created (see `create`). */
@@ -126,21 +142,27 @@ export class Output {
     const inPlace = options.inPlace === true || (s !== undefined && !s.isFile() && !s.isDirectory())
     // A link the user named is followed: the result replaces its target, not the link.
     const target = l?.isSymbolicLink() && s !== undefined ? realpathSync(path) : path
-    return new Output(target, inPlace ? target : partialName(target), inPlace, options.exclusive === true)
+    const resumable = options.resumable === true && !inPlace
+    return new Output(target, inPlace ? target : resumable ? resumableName(target) : partialName(target), inPlace, options.exclusive === true, resumable)
   }
 
-  /** Creates the partial file (new, never through a link); in place, nothing. */
-  create(): this {
-    if (this.inPlace) return this
+  /**
+   * Creates the partial file (new, never through a link); in place, nothing. A resumable
+   * output's partial file is kept as it is with `keep` (a later run continuing it), and is
+   * never removed by this process.
+   */
+  create(keep = false): this {
+    if (this.inPlace || (this.resumable && keep)) return this
     if (this.#exclusive) this.writePath = join(privateDir(dirname(this.path)), basename(this.path))
-    partials.add(this.writePath)
+    if (!this.resumable) partials.add(this.writePath)
     const flags = constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL | constants.O_NOFOLLOW
     let fd: number
     try {
       fd = openSync(this.writePath, flags, 0o644)
     } catch (e) {
       if ((e as NodeJS.ErrnoException).code !== 'EEXIST') throw e
-      // Left by a process that had this pid: ours to replace (unlink removes a link, never its target).
+      // Left by a process that had this pid, or a resumable partial not continued: ours to
+      // replace (unlink removes a link, never its target).
       unlinkSync(this.writePath)
       fd = openSync(this.writePath, flags, 0o644)
     }
@@ -182,10 +204,13 @@ export class Output {
     }
   }
 
-  /** Removes the partial file (in place, nothing: the target was written as far as it got). */
+  /**
+   * Removes the partial file (in place, nothing: the target was written as far as it got; a
+   * resumable partial is kept for the next run).
+   */
   discard(): void {
     this.#settled = true
-    if (this.inPlace || !partials.delete(this.writePath)) return
+    if (this.inPlace || this.resumable || !partials.delete(this.writePath)) return
     try {
       unlinkSync(this.writePath)
     } catch {

@@ -50,6 +50,23 @@ export declare class Block {
   digest(): string
   /** `digest()` computed off the JavaScript thread (the event loop keeps running). */
   digestAsync(): Promise<string>
+  /**
+   * The xxh3-64 of each 1 MiB piece `indexes[i]` (the last piece of the block shorter), as
+   * 16 hex digits, computed off the JavaScript thread: what resuming peers compare
+   * (docs/PROTOCOL.md, "Resume").
+   */
+  pieceDigests(indexes: Array<number>): Promise<string[]>
+  /**
+   * Makes what was written to a file-backed block durable (`msync`, then `fdatasync`), off
+   * the JavaScript thread; nothing to do for anonymous memory. Resolves with null, or with
+   * the failure's code and message.
+   */
+  flush(): Promise<CodedFailure | null>
+  /**
+   * Marks the 1 MiB pieces `indexes` as held from an earlier session (a destination that
+   * resumes): they count as complete until a page of them is received again.
+   */
+  markHeld(indexes: Array<number>): void
   /** Number of dirty pages. */
   dirtyPages(): number
   clearDirty(): void
@@ -81,6 +98,12 @@ export declare class NativeDestination {
    * are joined.
    */
   complete(epoch: number): void
+  /**
+   * Each block's complete pieces as of the last sync barrier (docs/PROTOCOL.md, "Resume"):
+   * one bitmap per block (bit `i` of byte `i / 8` for 1 MiB piece `i`), or null before the
+   * first barrier.
+   */
+  completePieces(): CompletePieces | null
   /** Joins every thread and closes every connection and the listener. */
   close(): void
 }
@@ -278,6 +301,20 @@ export declare function checkAddress(address: string): string | null
 /** Every limit and rule these choices break, as `Source` start applies them. */
 export declare function checkSourceOptions(o: SourceRuleInput): Array<LimitViolation>
 
+/** A core error as a value (a task on libuv's thread pool cannot reject with a coded error). */
+export interface CodedFailure {
+  code: string
+  message: string
+}
+
+/** What [`NativeDestination::complete_pieces`] returns. */
+export interface CompletePieces {
+  /** The sync barrier they were taken at. */
+  epoch: number
+  /** One bitmap per block, in the hello's order. */
+  blocks: Array<Buffer>
+}
+
 /** A compression method and its levels (absent for `none`). */
 export interface CompressionMethodInfo {
   name: string
@@ -347,6 +384,9 @@ export interface HeaderContext {
   blocks?: Array<BlockDescriptor>
 }
 
+/** Ranges one `held` message carries at most. */
+export declare const HELD_RANGES_PER_FRAME: number
+
 export interface InitExpectation {
   uuid: Uint8Array
   channels: number
@@ -390,7 +430,7 @@ export interface Limits {
   unixPathBytes: IntRange
   /** Redials per connection after a fault. */
   channelRetries: IntRange
-  /** How long a destination waits for a lost connection's replacement (ms). */
+  /** How long a destination waits for a replacement connection or a new session (ms). */
   resumeWindowMs: IntRange
   /** `none` first, then the registry's methods. */
   compression: Array<CompressionMethodInfo>
@@ -437,6 +477,9 @@ export type NativeControlMessage =
   | { type: 'ping' }
   | { type: 'error'; code: string; message: string }
   | { type: 'channelDropped'; channel: number }
+  | { type: 'resume' }
+  | { type: 'held'; ranges: Array<NativeHeldRange>; done: boolean }
+  | { type: 'resumed'; bytes: number }
 
 /** A failure as it crosses to JavaScript: the stable `ERR_MULTIFD_*` code and the message. */
 export interface NativeError {
@@ -459,6 +502,16 @@ export type NativeEvent =
   | { kind: 'warning'; error: NativeError }
   | { kind: 'recovery'; connection?: number; cause: NativeError; pagesResent: number; ms: number }
   | { kind: 'channelDropped'; id: number }
+
+/**
+ * A range a resuming destination holds (`held`): piece `index` (1 MiB) of the hello's block
+ * number `block`, and its xxh3-64.
+ */
+export interface NativeHeldRange {
+  block: number
+  index: number
+  xxh3: string
+}
 
 /** Two choices that do not combine, and why. */
 export interface OptionRule {
@@ -597,6 +650,9 @@ export interface RebuiltFiles {
   blocks: Array<RebuiltFile>
   channels: Array<CapturedChannel>
 }
+
+/** Bytes of a resume piece (1 MiB): what `held` ranges and their digests cover. */
+export declare const RESUME_PIECE_BYTES: number
 
 export interface SnapshotBlockInfo {
   name: string

@@ -384,6 +384,16 @@ impl RamBlock {
         self.fill(offset, len, 0)
     }
 
+    /// Makes what was written to a file-backed block durable: its changed pages are written
+    /// back (`msync`) and the file's data synced (`fdatasync`, which also covers pages written
+    /// through the descriptor). Nothing to do for anonymous memory.
+    pub fn flush(&self) -> Result<()> {
+        let Some(f) = &self.file else { return Ok(()) };
+        let what = |step: &str| format!("{step} block {:?} to {}", self.name, f.path.display());
+        self.memory.sync().map_err(|e| os_error(what("write back"), e))?;
+        f.file.sync_data().map_err(|e| os_error(what("sync"), e))
+    }
+
     /// Records that the application (or a restore) may have written the block, so zero pages
     /// must be written explicitly from now on.
     pub fn mark_written(&self) {

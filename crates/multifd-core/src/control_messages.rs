@@ -12,7 +12,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::compress;
 use crate::error::{Error, ErrorCode, Result, fail};
-use crate::limits::{BLOCK_NAME_BYTES, CHANNELS, INTEGRITY, MAX_BLOCKS, PAGE_SIZE};
+use crate::integrity::PIECE;
+use crate::limits::{BLOCK_NAME_BYTES, CHANNELS, HELD_RANGES_PER_FRAME, INTEGRITY, MAX_BLOCKS, PAGE_SIZE};
 
 /// The control protocol version this build speaks (`protocol` in hello and welcome).
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -51,6 +52,25 @@ pub enum ControlMessage {
     /// Source → destination: channel `channel` could not be redialled and is given up; the
     /// barrier stops waiting for it and its pages come again on the other channels.
     ChannelDropped { channel: u32 },
+    // Resumable transfers (docs/PROTOCOL.md, "Resume").
+    /// Source → destination, after `welcome` and before any page: which ranges do you hold?
+    Resume,
+    /// Destination → source: ranges it holds, each with its digest, in one or more messages;
+    /// the last says `done` (a destination holding nothing sends one empty `done` message).
+    Held { ranges: Vec<HeldRange>, done: bool },
+    /// Source → destination: bytes it skips because the destination's digests matched.
+    Resumed { bytes: u64 },
+}
+
+/// A range a resuming destination holds: piece `index` (the [`PIECE`]-byte range at
+/// `index * PIECE`, the last one of a block shorter) of the hello's block number `block`, and
+/// its xxh3-64 as 16 lowercase hex digits.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeldRange {
+    pub block: u32,
+    pub index: u64,
+    pub xxh3: String,
 }
 
 /// What a source announces in its hello.
@@ -115,6 +135,9 @@ impl ControlMessage {
             ControlMessage::Ping => "ping",
             ControlMessage::Error { .. } => "error",
             ControlMessage::ChannelDropped { .. } => "channelDropped",
+            ControlMessage::Resume => "resume",
+            ControlMessage::Held { .. } => "held",
+            ControlMessage::Resumed { .. } => "resumed",
         }
     }
 
@@ -148,7 +171,19 @@ impl ControlMessage {
                 }
                 Ok(())
             }
-            ControlMessage::Welcome { .. } | ControlMessage::Completed | ControlMessage::Cancel | ControlMessage::Ping | ControlMessage::Error { .. } => Ok(()),
+            ControlMessage::Held { ranges, .. } => {
+                if ranges.len() > HELD_RANGES_PER_FRAME {
+                    fail!(Protocol, "invalid control message: held carries {} ranges, at most {HELD_RANGES_PER_FRAME}", ranges.len());
+                }
+                for r in ranges {
+                    if r.block as usize >= MAX_BLOCKS || r.index > MAX_SAFE_INTEGER / PIECE || !is_hex(&r.xxh3, 16) {
+                        fail!(Protocol, "invalid control message: held range {r:?} (block below {MAX_BLOCKS}, a safe piece index, 16 lowercase hex digits)");
+                    }
+                }
+                Ok(())
+            }
+            ControlMessage::Resumed { bytes } => safe("resumed bytes", *bytes),
+            ControlMessage::Welcome { .. } | ControlMessage::Completed | ControlMessage::Cancel | ControlMessage::Ping | ControlMessage::Error { .. } | ControlMessage::Resume => Ok(()),
         }
     }
 }
@@ -252,6 +287,13 @@ mod tests {
             (r#"{"type":"cancel"}"#, ControlMessage::Cancel),
             (r#"{"type":"ping"}"#, ControlMessage::Ping),
             (r#"{"type":"channelDropped","channel":3}"#, ControlMessage::ChannelDropped { channel: 3 }),
+            (r#"{"type":"resume"}"#, ControlMessage::Resume),
+            (
+                r#"{"type":"held","ranges":[{"block":0,"index":7,"xxh3":"00ff00ff00ff00ff"}],"done":false}"#,
+                ControlMessage::Held { ranges: vec![HeldRange { block: 0, index: 7, xxh3: "00ff00ff00ff00ff".into() }], done: false },
+            ),
+            (r#"{"type":"held","ranges":[],"done":true}"#, ControlMessage::Held { ranges: vec![], done: true }),
+            (r#"{"type":"resumed","bytes":1048576}"#, ControlMessage::Resumed { bytes: 1 << 20 }),
             (
                 r#"{"type":"error","code":"ERR_MULTIFD_TIMEOUT","message":"no \"synced\" in 30 s"}"#,
                 ControlMessage::Error { code: "ERR_MULTIFD_TIMEOUT".into(), message: "no \"synced\" in 30 s".into() },
@@ -294,6 +336,13 @@ mod tests {
             r#"{"type":"complete","epoch":1,"digests":[{"name":"pc.ram","xxh3":"00FF00FF00FF00FF"}]}"#.into(),
             r#"{"type":"complete","epoch":1,"digests":[{"name":"pc.ram","xxh3":"00ff"}]}"#.into(),
             r#"{"type":"complete","epoch":1,"digests":[{"name":"pc.ram","xxh3":"00ff00ff00ff00ff","extra":1}]}"#.into(),
+            r#"{"type":"held","ranges":[]}"#.into(),
+            r#"{"type":"held","ranges":[{"block":0,"index":1,"xxh3":"00FF00FF00FF00FF"}],"done":true}"#.into(),
+            r#"{"type":"held","ranges":[{"block":4096,"index":1,"xxh3":"00ff00ff00ff00ff"}],"done":true}"#.into(),
+            r#"{"type":"held","ranges":[{"block":0,"index":8589934592,"xxh3":"00ff00ff00ff00ff"}],"done":true}"#.into(),
+            r#"{"type":"held","ranges":[{"block":0,"index":1,"xxh3":"00ff00ff00ff00ff","size":1}],"done":true}"#.into(),
+            format!(r#"{{"type":"held","ranges":[{}],"done":true}}"#, vec![r#"{"block":0,"index":1,"xxh3":"00ff00ff00ff00ff"}"#; HELD_RANGES_PER_FRAME + 1].join(",")),
+            r#"{"type":"resumed","bytes":-1}"#.into(),
             hello.replace(SESSION, "0123"),
             hello.replace(SESSION, &SESSION.to_uppercase()),
             hello.replace(r#""channels":4"#, r#""channels":0"#),

@@ -178,9 +178,21 @@ struct Session {
     link_ended: Condvar,
     /// Per channel: bumped by each replacement, so the loop it replaced leaves.
     generations: Vec<AtomicU64>,
+    /// Each block's complete pieces ([`crate::resume::complete_pieces`]) as of the last
+    /// barrier, and its epoch: taken while every channel is parked there.
+    complete_pieces: Mutex<Option<(u64, Vec<Vec<u8>>)>>,
 }
 
 impl Session {
+    /// Barrier `epoch` is being released, under the barrier's lock: every live channel is
+    /// parked there and has read every packet before its SYNC whole, so every page marked
+    /// received has landed (a lost channel's torn packet may be marked too: resume offers
+    /// pieces with their digests, so such a piece is only sent again).
+    fn take_complete_pieces(&self, epoch: u64) {
+        let pieces = self.table.blocks.iter().map(|block| crate::resume::complete_pieces(block)).collect();
+        *self.complete_pieces.lock().unwrap() = Some((epoch, pieces));
+    }
+
     fn is_current(&self, id: u8, generation: u64) -> bool {
         self.generations[usize::from(id)].load(Ordering::Acquire) == generation
     }
@@ -330,6 +342,7 @@ impl Destination {
             links: Mutex::new((0..n).map(|_| Link::default()).collect()),
             link_ended: Condvar::new(),
             generations: (0..n).map(|_| AtomicU64::new(0)).collect(),
+            complete_pieces: Mutex::new(None),
         });
         *slot = Some(session.clone());
         drop(slot);
@@ -354,6 +367,13 @@ impl Destination {
             Some(s) => s.stats.iter().map(|c| c.snapshot()).collect(),
             None => Vec::new(),
         }
+    }
+
+    /// Each block's complete pieces as of the last sync barrier, with its epoch (None before
+    /// the first): every page of them landed, received in this session or held from an
+    /// earlier one (docs/PROTOCOL.md, "Resume").
+    pub fn complete_pieces(&self) -> Option<(u64, Vec<Vec<u8>>)> {
+        self.inner.session.lock().unwrap().as_ref().and_then(|s| s.complete_pieces.lock().unwrap().clone())
     }
 
     /// The source said `complete {epoch}`: accepted only when every announced channel was
@@ -391,6 +411,9 @@ impl Destination {
         s.stats[i].set_state(ChannelState::Lost);
         let mut b = s.barrier.state.lock().unwrap();
         let reached = b.drop_channel(i);
+        if let Reach::Released(e) = reached {
+            s.take_complete_pieces(e);
+        }
         let hw = b.high_water;
         drop(b);
         s.barrier.cv.notify_all();
@@ -1021,6 +1044,7 @@ impl Inner {
             ChannelStats::add(&s.stats[usize::from(a.id)].syncs, 1);
         }
         if let Reach::Released(e) = reached {
+            s.take_complete_pieces(e);
             let hw = b.high_water;
             drop(b);
             self.released(s, e, hw)?;

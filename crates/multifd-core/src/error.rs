@@ -141,6 +141,14 @@ error_codes! {
     /// announced channel was admitted and delivered that epoch's SYNC, `synced` for an epoch the
     /// source never sent, `completed` before the source sent `complete`.
     OutOfSequence => "ERR_MULTIFD_OUT_OF_SEQUENCE",
+    /// A resume journal that belongs to another transfer: its block name, length or page size
+    /// differs from what the source announces (`recv --resume` refuses it rather than
+    /// discarding the partial output it describes).
+    ResumeMismatch => "ERR_MULTIFD_RESUME_MISMATCH",
+    /// A resume journal that cannot be read as one (corrupt, truncated, foreign, or its
+    /// partial output is missing or has the wrong size): ignored with a warning, the output
+    /// starts over.
+    ResumeJournal => "ERR_MULTIFD_RESUME_JOURNAL",
 }
 
 impl fmt::Display for ErrorCode {

@@ -42,12 +42,23 @@ pub fn block_pages_digest(block: &RamBlock, offsets: &[u64]) -> u64 {
 /// digests of the block's consecutive [`PIECE`]-byte pieces (the last one may be shorter).
 /// The pieces are hashed in parallel, on up to one thread per core.
 pub fn block_digest(block: &RamBlock) -> u64 {
+    let all: Vec<u64> = (0..block.len().div_ceil(PIECE)).collect();
+    let bytes: Vec<u8> = piece_digests(block, &all).iter().flat_map(|d| d.to_le_bytes()).collect();
+    xxh3_64(&bytes)
+}
+
+/// The xxh3-64 of each piece `indexes[i]` of `block` (the [`PIECE`] bytes at `index * PIECE`,
+/// the last piece shorter), in the order given: the leaves of [`block_digest`], and what a
+/// resuming destination and source compare (docs/PROTOCOL.md, "Resume"). Hashed in parallel,
+/// on up to one thread per core. Panics on an index past the block's end.
+pub fn piece_digests(block: &RamBlock, indexes: &[u64]) -> Vec<u64> {
     let len = block.len();
-    let pieces = len.div_ceil(PIECE) as usize;
     let piece = |i: usize| {
-        let at = i as u64 * PIECE;
+        let at = indexes[i] * PIECE;
+        assert!(at < len, "piece {} is past the end of block {:?} ({len} bytes)", indexes[i], block.name());
         block.memory().xxh3_runs(&[(at, PIECE.min(len - at) as usize)])
     };
+    let pieces = indexes.len();
     let threads = std::thread::available_parallelism().map_or(1, usize::from).min(MAX_THREADS).min(pieces.div_ceil(8)).max(1);
     let mut leaves = vec![0u64; pieces];
     if threads == 1 {
@@ -71,8 +82,7 @@ pub fn block_digest(block: &RamBlock) -> u64 {
             all.into_iter().for_each(|(i, d)| leaves[i] = d);
         });
     }
-    let bytes: Vec<u8> = leaves.iter().flat_map(|d| d.to_le_bytes()).collect();
-    xxh3_64(&bytes)
+    leaves
 }
 
 #[cfg(test)]
@@ -111,5 +121,14 @@ mod tests {
             let leaves: Vec<u8> = bytes.chunks(PIECE as usize).flat_map(|c| xxh3_64(c).to_le_bytes()).collect();
             assert_eq!(block_digest(&b), xxh3_64(&leaves), "len {len}");
         }
+    }
+
+    #[test]
+    fn piece_digests_are_the_pieces_asked_for_in_order() {
+        let b = filled(3 * PIECE + 8192);
+        let bytes = private(&b);
+        let want = |i: usize| xxh3_64(&bytes[i * PIECE as usize..((i + 1) * PIECE as usize).min(bytes.len())]);
+        assert_eq!(piece_digests(&b, &[3, 0, 2]), vec![want(3), want(0), want(2)]);
+        assert_eq!(piece_digests(&b, &[]), Vec::<u64>::new());
     }
 }

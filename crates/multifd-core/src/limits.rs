@@ -41,10 +41,6 @@ pub const MAX_BANDWIDTH: RangeInclusive<u64> = 1..=(1 << 53) - 1;
 /// the first and doubling up to 2 s between the next; 0 fails the session at the first fault.
 pub const CHANNEL_RETRIES: RangeInclusive<u32> = 0..=100;
 pub const DEFAULT_CHANNEL_RETRIES: u32 = 5;
-/// `resumeWindowMs`: how long a destination waits for a lost connection's replacement before
-/// it fails with the cause; 0 fails at once.
-pub const RESUME_WINDOW_MS: RangeInclusive<u32> = 0..=3_600_000;
-pub const DEFAULT_RESUME_WINDOW_MS: u32 = 10_000;
 /// A `unix:` address's path, in bytes (the kernel's `sun_path` holds 108 with the NUL).
 pub const UNIX_PATH_BYTES: RangeInclusive<usize> = 1..=107;
 /// Connections a destination holds that have not identified themselves yet (no first bytes
@@ -59,6 +55,14 @@ pub const MAX_EARLY_CHANNELS: usize = MAX_CHANNELS as usize;
 pub const INTEGRITY: [&str; 2] = ["none", "xxh3"];
 /// What the source does with zero pages: `multifd` sends them as offsets only, `none` as data.
 pub const ZERO_PAGE_DETECTION: [&str; 2] = ["multifd", "none"];
+/// `resumeWindowMs`: how long a destination waits for a lost connection's replacement before
+/// it fails with the cause, or (`recv --resume`) for a restarted source's new session, in ms;
+/// 0 fails at once.
+pub const RESUME_WINDOW_MS: RangeInclusive<u32> = 0..=3_600_000;
+pub const DEFAULT_RESUME_WINDOW_MS: u32 = 10_000;
+/// Held ranges one `held` control message carries at most (about 50 bytes each as JSON, so a
+/// frame stays far below the 1 MiB frame limit); more go in several messages.
+pub const HELD_RANGES_PER_FRAME: usize = 4096;
 
 /// A pair of choices that do not combine, and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -268,8 +272,8 @@ pub fn markdown() -> String {
         ("maxBandwidth", r(&d.max_bandwidth), default(&d.max_bandwidth), "bytes per second over all channels; absent for no limit"),
         ("channelRetries", r(&d.channel_retries), default(&d.channel_retries), "redials per connection after a fault (50 ms, doubling, at most 2 s apart); 0 fails at the first"),
         ("minChannels", "1..channels".into(), "1".into(), "channels that must remain: one that cannot be redialled is given up (the migration goes on) only above this"),
-        ("resumeWindowMs", r(&d.resume_window_ms), default(&d.resume_window_ms), "milliseconds a destination waits for a lost connection's replacement; 0 fails at once"),
         ("unix: address path", format!("{} bytes", r(&d.unix_path_bytes)), "-".into(), "the kernel's sun_path"),
+        ("resumeWindowMs", r(&d.resume_window_ms), default(&d.resume_window_ms), "milliseconds a destination waits for a replacement connection or (recv --resume) a new session; 0 fails at once"),
     ];
     let methods: Vec<String> = d.compression.iter().map(|m| m.name.to_string()).collect();
     rows.push(("compression", methods.join(", "), "none".into(), "only the source compresses"));
@@ -285,6 +289,7 @@ pub fn markdown() -> String {
     out += &format!("| zeroPageDetection | {} | multifd | |\n", d.zero_page_detection.join(", "));
     out += &format!("| connections not yet identified, at a destination | {MAX_UNIDENTIFIED} at once | - | the oldest is closed beyond; silent ones after handshakeTimeoutMs |\n");
     out += &format!("| channels arriving before the hello, at a destination | {MAX_EARLY_CHANNELS} at once | - | the oldest is closed beyond; each after handshakeTimeoutMs |\n");
+    out += &format!("| held ranges per `held` message | {HELD_RANGES_PER_FRAME} | - | 1 MiB ranges a resuming destination offers; more go in several messages |\n");
     out += "\n| option | does not combine with | why |\n|---|---|---|\n";
     for rule in d.rules {
         out += &format!("| {} | {} | {} |\n", rule.option, rule.conflicts_with, rule.reason);

@@ -47,6 +47,51 @@ impl Task for DigestTask {
     }
 }
 
+/// Piece digests on libuv's thread pool (which fans them out to more threads).
+pub struct PieceDigestTask {
+    block: Arc<RamBlock>,
+    indexes: Vec<u64>,
+}
+
+impl Task for PieceDigestTask {
+    type Output = Vec<u64>;
+    type JsValue = Vec<String>;
+
+    fn compute(&mut self) -> napi::Result<Vec<u64>> {
+        Ok(multifd_core::integrity::piece_digests(&self.block, &self.indexes))
+    }
+
+    fn resolve(&mut self, _env: Env, digests: Vec<u64>) -> napi::Result<Vec<String>> {
+        Ok(digests.into_iter().map(hex_digest).collect())
+    }
+}
+
+/// A core error as a value (a task on libuv's thread pool cannot reject with a coded error).
+#[napi(object)]
+pub struct CodedFailure {
+    pub code: String,
+    pub message: String,
+}
+
+/// `msync` + `fdatasync` of a file-backed block on libuv's thread pool: resolves with null, or
+/// with the failure.
+pub struct FlushTask {
+    block: Arc<RamBlock>,
+}
+
+impl Task for FlushTask {
+    type Output = Option<CodedFailure>;
+    type JsValue = Option<CodedFailure>;
+
+    fn compute(&mut self) -> napi::Result<Option<CodedFailure>> {
+        Ok(self.block.flush().err().map(|e| CodedFailure { code: e.code.as_str().into(), message: e.message }))
+    }
+
+    fn resolve(&mut self, _env: Env, failure: Option<CodedFailure>) -> napi::Result<Option<CodedFailure>> {
+        Ok(failure)
+    }
+}
+
 #[napi]
 pub struct Block {
     pub(crate) inner: Arc<RamBlock>,
@@ -192,6 +237,35 @@ impl Block {
     #[napi(ts_return_type = "Promise<string>")]
     pub fn digest_async(&self) -> AsyncTask<DigestTask> {
         AsyncTask::new(DigestTask { block: self.inner.clone() })
+    }
+
+    /// The xxh3-64 of each 1 MiB piece `indexes[i]` (the last piece of the block shorter), as
+    /// 16 hex digits, computed off the JavaScript thread: what resuming peers compare
+    /// (docs/PROTOCOL.md, "Resume").
+    #[napi(ts_return_type = "Promise<string[]>")]
+    pub fn piece_digests(&self, indexes: Vec<f64>) -> Result<AsyncTask<PieceDigestTask>> {
+        let pieces = multifd_core::resume::piece_count(&self.inner);
+        let indexes = indexes.into_iter().map(|i| to_u64(i, "a piece index")).collect::<Result<Vec<u64>>>()?;
+        if let Some(bad) = indexes.iter().find(|&&i| i >= pieces) {
+            return Err(Error::new(ErrorCode::InvalidArgument, format!("piece {bad} is past the end of block {:?} ({pieces} pieces)", self.inner.name()))).into_coded();
+        }
+        Ok(AsyncTask::new(PieceDigestTask { block: self.inner.clone(), indexes }))
+    }
+
+    /// Makes what was written to a file-backed block durable (`msync`, then `fdatasync`), off
+    /// the JavaScript thread; nothing to do for anonymous memory. Resolves with null, or with
+    /// the failure's code and message.
+    #[napi(ts_return_type = "Promise<CodedFailure | null>")]
+    pub fn flush(&self) -> AsyncTask<FlushTask> {
+        AsyncTask::new(FlushTask { block: self.inner.clone() })
+    }
+
+    /// Marks the 1 MiB pieces `indexes` as held from an earlier session (a destination that
+    /// resumes): they count as complete until a page of them is received again.
+    #[napi]
+    pub fn mark_held(&self, indexes: Vec<f64>) -> Result<()> {
+        let indexes = indexes.into_iter().map(|i| to_u64(i, "a piece index")).collect::<Result<Vec<u64>>>()?;
+        multifd_core::resume::mark_held(&self.inner, &indexes).into_coded()
     }
 
     /// Number of dirty pages.

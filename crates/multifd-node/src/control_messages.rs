@@ -2,7 +2,7 @@
 //! mirrors `multifd_core::control_messages::ControlMessage` field for field. The core decodes,
 //! checks and encodes; this module only converts.
 
-use multifd_core::control_messages::{BlockDigest, BlockEntry, ControlMessage, Hello, PROTOCOL_VERSION};
+use multifd_core::control_messages::{BlockDigest, BlockEntry, ControlMessage, HeldRange, Hello, PROTOCOL_VERSION};
 use napi_derive::napi;
 
 use crate::errors::Result;
@@ -11,6 +11,14 @@ use crate::numbers::to_u64;
 /// The control protocol version this build speaks.
 #[napi]
 pub const CONTROL_PROTOCOL_VERSION: u32 = PROTOCOL_VERSION;
+
+/// Bytes of a resume piece (1 MiB): what `held` ranges and their digests cover.
+#[napi]
+pub const RESUME_PIECE_BYTES: u32 = multifd_core::resume::PIECE as u32;
+
+/// Ranges one `held` message carries at most.
+#[napi]
+pub const HELD_RANGES_PER_FRAME: u32 = multifd_core::limits::HELD_RANGES_PER_FRAME as u32;
 
 /// A block of a hello's table.
 #[napi(object)]
@@ -23,6 +31,15 @@ pub struct NativeBlockEntry {
 #[napi(object)]
 pub struct NativeBlockDigest {
     pub name: String,
+    pub xxh3: String,
+}
+
+/// A range a resuming destination holds (`held`): piece `index` (1 MiB) of the hello's block
+/// number `block`, and its xxh3-64.
+#[napi(object)]
+pub struct NativeHeldRange {
+    pub block: u32,
+    pub index: f64,
     pub xxh3: String,
 }
 
@@ -47,6 +64,9 @@ pub enum NativeControlMessage {
     Ping,
     Error { code: String, message: String },
     ChannelDropped { channel: u32 },
+    Resume,
+    Held { ranges: Vec<NativeHeldRange>, done: bool },
+    Resumed { bytes: f64 },
 }
 
 impl From<ControlMessage> for NativeControlMessage {
@@ -73,6 +93,11 @@ impl From<ControlMessage> for NativeControlMessage {
             ControlMessage::Ping => NativeControlMessage::Ping,
             ControlMessage::Error { code, message } => NativeControlMessage::Error { code, message },
             ControlMessage::ChannelDropped { channel } => NativeControlMessage::ChannelDropped { channel },
+            ControlMessage::Resume => NativeControlMessage::Resume,
+            ControlMessage::Held { ranges, done } => {
+                NativeControlMessage::Held { ranges: ranges.into_iter().map(|r| NativeHeldRange { block: r.block, index: r.index as f64, xxh3: r.xxh3 }).collect(), done }
+            }
+            ControlMessage::Resumed { bytes } => NativeControlMessage::Resumed { bytes: bytes as f64 },
         }
     }
 }
@@ -102,6 +127,12 @@ impl NativeControlMessage {
             NativeControlMessage::Ping => ControlMessage::Ping,
             NativeControlMessage::Error { code, message } => ControlMessage::Error { code, message },
             NativeControlMessage::ChannelDropped { channel } => ControlMessage::ChannelDropped { channel },
+            NativeControlMessage::Resume => ControlMessage::Resume,
+            NativeControlMessage::Held { ranges, done } => ControlMessage::Held {
+                ranges: ranges.into_iter().map(|r| Ok(HeldRange { block: r.block, index: to_u64(r.index, "a held range's index")?, xxh3: r.xxh3 })).collect::<Result<_>>()?,
+                done,
+            },
+            NativeControlMessage::Resumed { bytes } => ControlMessage::Resumed { bytes: to_u64(bytes, "resumed bytes")? },
         })
     }
 }

@@ -52,7 +52,7 @@ pub struct Limits {
     pub unix_path_bytes: IntRange,
     /// Redials per connection after a fault.
     pub channel_retries: IntRange,
-    /// How long a destination waits for a lost connection's replacement (ms).
+    /// How long a destination waits for a replacement connection or a new session (ms).
     pub resume_window_ms: IntRange,
     /// `none` first, then the registry's methods.
     pub compression: Vec<CompressionMethodInfo>,

@@ -347,6 +347,15 @@ pub struct DestinationOptions {
     pub resume_window_ms: Option<u32>,
 }
 
+/// What [`NativeDestination::complete_pieces`] returns.
+#[napi(object)]
+pub struct CompletePieces {
+    /// The sync barrier they were taken at.
+    pub epoch: f64,
+    /// One bitmap per block, in the hello's order.
+    pub blocks: Vec<Buffer>,
+}
+
 #[napi]
 pub struct NativeDestination {
     dest: Destination,
@@ -438,6 +447,14 @@ impl NativeDestination {
     pub fn complete(&self, epoch: f64) -> Result<()> {
         let epoch = to_u64(epoch, "epoch").into_coded()?;
         self.dest.complete(epoch).into_coded()
+    }
+
+    /// Each block's complete pieces as of the last sync barrier (docs/PROTOCOL.md, "Resume"):
+    /// one bitmap per block (bit `i` of byte `i / 8` for 1 MiB piece `i`), or null before the
+    /// first barrier.
+    #[napi]
+    pub fn complete_pieces(&self) -> Option<CompletePieces> {
+        self.dest.complete_pieces().map(|(epoch, blocks)| CompletePieces { epoch: epoch as f64, blocks: blocks.into_iter().map(Buffer::from).collect() })
     }
 
     /// Joins every thread and closes every connection and the listener.

@@ -174,6 +174,17 @@ impl Mapping {
         push_merged(iov, from, self.at(offset, len), len);
     }
 
+    /// Writes the mapping's changed pages back to the file it maps and waits for the writes
+    /// (`msync(MS_SYNC)`); anonymous memory has nothing to write back.
+    pub fn sync(&self) -> std::io::Result<()> {
+        // SAFETY: msync on exactly this mapping's range, which stays mapped while `self`
+        // lives; it reads no byte through Rust and changes no memory.
+        if unsafe { libc::msync(self.base.as_ptr().cast(), self.len, libc::MS_SYNC) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
     /// Copies `out.len()` bytes at `offset` out of the mapping.
     pub fn copy_to(&self, offset: u64, out: &mut [u8]) {
         let src = self.at(offset, out.len());
