@@ -3,18 +3,19 @@
 //! reads pages straight into block memory. SYNC packets meet at a barrier.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::block::RamBlock;
-use crate::control::{CONTROL_MAGIC, Control};
+use crate::control::{CONTROL_MAGIC, Control, read_frame};
 use crate::error::{Error, ErrorCode, Result, fail};
 use crate::io::Boundary;
 use crate::limits::{MAX_EARLY_CHANNELS, MAX_UNIDENTIFIED};
 use crate::memory::WriteTarget;
 use crate::protocol::{Delivered, synced_frame};
+use crate::rejections::Rejections;
 use crate::session::{ChannelStats, Counters, Event, EventSink, Failure};
 use crate::tls::{TlsServer, looks_like_tls, refuse_plaintext_peer, refuse_tls_peer};
 use crate::transport::{Accepted, Address, Conn, Listener};
@@ -28,13 +29,41 @@ const NO_DESCRIPTOR_WAIT: Duration = Duration::from_millis(100);
 /// and the acceptor can close the oldest), and their threads.
 #[derive(Default)]
 struct Classifiers {
-    fds: BTreeMap<u64, std::os::fd::RawFd>,
+    fds: BTreeMap<u64, Unidentified>,
     threads: Vec<JoinHandle<()>>,
     next: u64,
 }
 
-/// A multifd channel that arrived before `configure`, with its init packet and arrival time.
-type Early = (Conn, [u8; INIT_PACKET_LEN], Instant);
+/// A connection being classified: its socket, its peer (for the warning if it is rejected) and
+/// when it arrived.
+struct Unidentified {
+    fd: std::os::fd::RawFd,
+    peer: String,
+    since: Instant,
+}
+
+/// A multifd channel that arrived before `configure`.
+struct Early {
+    conn: Conn,
+    init: [u8; INIT_PACKET_LEN],
+    peer: String,
+    since: Instant,
+}
+
+/// What a connection said first: enough to tell whether it belongs to this destination.
+enum First {
+    /// The control magic, then the first frame.
+    Control(Vec<u8>),
+    /// A multifd channel's init packet.
+    Channel([u8; INIT_PACKET_LEN]),
+}
+
+/// The `type` of a control frame, read without judging the rest (the orchestrator does).
+#[derive(serde::Deserialize)]
+struct FrameKind {
+    #[serde(rename = "type")]
+    kind: String,
+}
 
 /// What the destination expects, known once the control handshake has been accepted.
 pub struct DestConfig {
@@ -106,9 +135,9 @@ struct Inner {
     classifying: Mutex<Classifiers>,
     /// Signalled (with `classifying`) when a classifier has let go of its connection.
     released: Condvar,
-    /// Connections closed without identifying themselves: silent, crowded out, or early
-    /// channels that expired or named another session.
-    strangers: AtomicU64,
+    /// Connections closed without identifying themselves as this session's control connection
+    /// or one of its channels (never fatal), with their rate-limited warnings.
+    rejections: Rejections,
     /// The listening socket while the acceptor owns it, so `close` can wake a waiting accept at
     /// once instead of after the next poll interval. Cleared (under the lock) before the
     /// acceptor closes it, so `close` never touches a descriptor that was reused.
@@ -136,6 +165,7 @@ impl Destination {
         let bound = listener.local_address()?;
         let inner = Arc::new(Inner {
             failure: Failure::new(events.clone()),
+            rejections: Rejections::new(events.clone()),
             events,
             closing: AtomicBool::new(false),
             finishing: AtomicBool::new(false),
@@ -145,7 +175,6 @@ impl Destination {
             channel_conns: Mutex::new(Vec::new()),
             classifying: Mutex::new(Classifiers::default()),
             released: Condvar::new(),
-            strangers: AtomicU64::new(0),
             listener_fd: Mutex::new(None),
             receivers: Mutex::new(Vec::new()),
             classify_timeout,
@@ -174,11 +203,16 @@ impl Destination {
         &self.inner.failure
     }
 
-    /// Connections closed so far without identifying themselves (never fatal): silent past the
-    /// classify timeout, crowded out beyond `MAX_UNIDENTIFIED` / `MAX_EARLY_CHANNELS`, or
-    /// channels that arrived before the session and expired or named another session.
-    pub fn strangers(&self) -> u64 {
-        self.inner.strangers.load(Ordering::Relaxed)
+    /// Connections rejected so far: closed, never fatal, each reported in a (rate-limited)
+    /// `Event::Warning` naming the peer and the reason. A connection is rejected unless it
+    /// identifies itself as this destination's session: a control connection whose first frame
+    /// is the first hello, or a multifd channel whose init packet names the session's UUID.
+    /// So are: silence past the classify timeout, a failed TLS handshake, plaintext to a TLS
+    /// destination or TLS to a plaintext one, unknown first bytes, a second control connection,
+    /// connections crowded out beyond `MAX_UNIDENTIFIED` / `MAX_EARLY_CHANNELS`, and channels
+    /// that arrived before the session and expired or named another session.
+    pub fn rejected_connections(&self) -> u64 {
+        self.inner.rejections.count()
     }
 
     /// Multifd channels waiting for the session to be configured.
@@ -234,11 +268,11 @@ impl Destination {
         drop(slot);
         let early = std::mem::take(&mut *pending);
         drop(pending);
-        for (conn, init, _) in early {
+        for Early { conn, init, peer, .. } in early {
             // A channel that arrived before the session and names another one was no channel
-            // of this session: a stranger, closed, never fatal.
-            if InitPacket::decode(&init).is_ok_and(|i| i.uuid != session.uuid) {
-                self.inner.strangers.fetch_add(1, Ordering::Relaxed);
+            // of this session: rejected, never fatal.
+            if let Err(e) = InitPacket::names_session(&init, &session.uuid) {
+                self.inner.rejections.reject(&peer, e);
                 continue;
             }
             if let Some((id, conn)) = self.inner.admit(&session, conn, init) {
@@ -330,6 +364,7 @@ impl Destination {
         self.inner.channel_conns.lock().unwrap().clear();
         self.inner.failure.release_connections();
         self.inner.pending.lock().unwrap().clear();
+        self.inner.rejections.flush_now();
         if let Some(c) = self.inner.control.lock().unwrap().take() {
             c.close();
         }
@@ -362,6 +397,8 @@ impl Inner {
         while !self.closing.load(Ordering::Acquire) {
             self.check_deadline();
             self.expire_early();
+            self.expire_classifying();
+            self.rejections.flush();
             match listener.accept_for(Duration::from_millis(50)) {
                 Ok(Accepted::Conn(conn)) => self.start_classifying(conn),
                 Ok(Accepted::Idle) => {}
@@ -400,7 +437,7 @@ impl Inner {
 
     /// Shuts down every connection being classified, waking its thread.
     fn cut_classifying(&self) {
-        for &fd in self.classifying.lock().unwrap().fds.values() {
+        for &Unidentified { fd, .. } in self.classifying.lock().unwrap().fds.values() {
             // SAFETY: a classifier owns this open socket and removes it from the map (under this
             // lock) before it lets go of it; shutting it down only wakes its blocked read.
             unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
@@ -408,15 +445,21 @@ impl Inner {
         self.released.notify_all();
     }
 
-    /// Cuts the oldest connection being classified, if any, and counts it as a stranger: its
+    /// Cuts the oldest connection being classified, if any, and rejects it for `why`: its
     /// classifier finds its entry gone and closes it quietly. Returns whether there was one.
-    fn cut_oldest_unidentified(&self, c: &mut Classifiers) -> bool {
-        let Some((_, fd)) = c.fds.pop_first() else { return false };
-        // SAFETY: as in `cut_classifying`: the classifier still owns the open socket (it looks
-        // for its entry under this lock before letting go); after this, nobody here uses `fd`.
-        unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
-        self.strangers.fetch_add(1, Ordering::Relaxed);
+    fn cut_oldest_unidentified(&self, c: &mut Classifiers, why: &str) -> bool {
+        let Some((_, u)) = c.fds.pop_first() else { return false };
+        self.cut(u, Error::new(ErrorCode::Timeout, why));
         true
+    }
+
+    /// Shuts down a connection whose entry was just taken out of `classifying`, and rejects it.
+    fn cut(&self, u: Unidentified, why: Error) {
+        // SAFETY: as in `cut_classifying`: the classifier still owns the open socket (it looks
+        // for its entry under the classifiers' lock, which the caller held when it took the
+        // entry out, before letting go); after this, nobody here uses `fd`.
+        unsafe { libc::shutdown(u.fd, libc::SHUT_RDWR) };
+        self.rejections.reject(&u.peer, why);
     }
 
     /// Closes the oldest early channel, or else cuts the oldest connection being classified,
@@ -426,19 +469,40 @@ impl Inner {
             let mut p = self.pending.lock().unwrap();
             (!p.is_empty()).then(|| p.remove(0))
         };
-        if early.is_some() {
-            self.strangers.fetch_add(1, Ordering::Relaxed);
+        let why = "closed to free a descriptor: the process has none left";
+        if let Some(e) = early {
+            self.rejections.reject(&e.peer, Error::new(ErrorCode::Io, format!("a multifd channel waiting for its session {why}")));
             return;
         }
-        self.cut_oldest_unidentified(&mut self.classifying.lock().unwrap());
+        self.cut_oldest_unidentified(&mut self.classifying.lock().unwrap(), &format!("not identified yet and {why}"));
     }
 
     /// Closes early channels that have waited longer than the classify timeout for a session.
     fn expire_early(&self) {
-        let mut p = self.pending.lock().unwrap();
-        let before = p.len();
-        p.retain(|(_, _, since)| since.elapsed() < self.classify_timeout);
-        self.strangers.fetch_add((before - p.len()) as u64, Ordering::Relaxed);
+        let expired: Vec<Early> = {
+            let mut p = self.pending.lock().unwrap();
+            let (old, young) = std::mem::take(&mut *p).into_iter().partition(|e| e.since.elapsed() >= self.classify_timeout);
+            *p = young;
+            old
+        };
+        for e in expired {
+            let ms = self.classify_timeout.as_millis();
+            self.rejections.reject(&e.peer, Error::new(ErrorCode::Timeout, format!("a multifd channel waited {ms} ms for a session that did not start")));
+        }
+    }
+
+    /// Cuts connections still unidentified after twice the classify timeout: a backstop for
+    /// peers that drip their first bytes, each read within the timeout (the classifier's own
+    /// timeouts end the others first).
+    fn expire_classifying(&self) {
+        let limit = 2 * self.classify_timeout;
+        let mut c = self.classifying.lock().unwrap();
+        let old: Vec<u64> = c.fds.iter().filter(|(_, u)| u.since.elapsed() >= limit).map(|(&id, _)| id).collect();
+        for id in old {
+            if let Some(u) = c.fds.remove(&id) {
+                self.cut(u, Error::new(ErrorCode::Timeout, format!("did not identify itself within {} ms", limit.as_millis())));
+            }
+        }
     }
 
     /// Closing, or finished: no new connection matters any more.
@@ -457,15 +521,14 @@ impl Inner {
             return;
         }
         c.threads.retain(|t| !t.is_finished());
-        while c.fds.len() >= MAX_UNIDENTIFIED && self.cut_oldest_unidentified(&mut c) {}
+        while c.fds.len() >= MAX_UNIDENTIFIED && self.cut_oldest_unidentified(&mut c, &format!("crowded out: {MAX_UNIDENTIFIED} newer connections were not identified yet")) {}
         let id = c.next;
         c.next += 1;
-        c.fds.insert(id, conn.fd());
+        let peer = conn.peer();
+        c.fds.insert(id, Unidentified { fd: conn.fd(), peer: peer.clone(), since: Instant::now() });
         let me = self.clone();
         let spawned = std::thread::Builder::new().name("multifd/classify".into()).spawn(move || {
-            if let Err(e) = me.classify(conn, id) {
-                me.failure.fail(e);
-            }
+            me.classify(conn, id, &peer);
             // Its connection is closed or handed on: the acceptor may be waiting for a descriptor.
             me.released.notify_all();
         });
@@ -479,74 +542,34 @@ impl Inner {
         }
     }
 
-    /// Reads a new connection's first bytes to tell a control connection from a channel.
-    /// `id` is its entry in `classifying`, removed before the connection moves on.
-    /// A connection that sends nothing within the classify timeout, or that the acceptor cut
-    /// to make room, is a stranger: closed and counted, never fatal.
-    fn classify(self: &Arc<Self>, mut conn: Conn, id: u64) -> Result<()> {
-        let spoke = conn.wait_readable(self.classify_timeout);
-        let silent = matches!(spoke, Ok(false));
-        let first = match spoke {
-            Ok(false) => Ok(None),
-            Ok(true) => conn.set_read_timeout(Some(self.classify_timeout)).and_then(|()| self.read_first_bytes(&mut conn)),
+    /// Reads a new connection's first bytes to tell a control connection from a channel, and
+    /// admits it, or rejects it (closed, counted, reported; never fatal) unless it identifies
+    /// itself as this destination's session. `id` is its entry in `classifying`, removed before
+    /// the connection moves on; an entry already gone was cut (and rejected) by the acceptor.
+    fn classify(self: &Arc<Self>, mut conn: Conn, id: u64, peer: &str) {
+        let first = match conn.wait_readable(self.classify_timeout) {
+            Ok(false) => Err(Error::new(ErrorCode::Timeout, format!("sent nothing within {} ms", self.classify_timeout.as_millis()))),
+            Ok(true) => conn.set_read_timeout(Some(self.classify_timeout)).and_then(|()| self.read_first(&mut conn)),
             Err(e) => Err(e),
         };
         let cut = self.classifying.lock().unwrap().fds.remove(&id).is_none();
-        if cut {
-            return Ok(()); // counted when it was cut
+        if cut || self.ending() {
+            return;
         }
-        if silent && !self.ending() {
-            self.strangers.fetch_add(1, Ordering::Relaxed);
-            return Ok(());
+        match first.and_then(|f| conn.set_read_timeout(None).map(|()| f)) {
+            Ok(First::Control(frame)) => self.control_arrived(conn, frame, peer),
+            Ok(First::Channel(init)) => self.channel_arrived(conn, init, peer),
+            Err(e) => self.rejections.reject(peer, e),
         }
-        let Some((magic, init)) = first? else {
-            return Ok(()); // connected and left without a byte, or we are closing
-        };
-        conn.set_read_timeout(None)?;
-        match magic {
-            CONTROL_MAGIC => {
-                let mut slot = self.control.lock().unwrap();
-                if slot.is_some() {
-                    fail!(Protocol, "a second control connection arrived; one session per destination");
-                }
-                // Announced before the reader thread starts: its first frame (the hello) must
-                // not reach the orchestrator ahead of the connection it came on.
-                (self.events)(Event::ControlConnected);
-                *slot = Some(Control::accepted(conn, crate::session::control_events(self.events.clone())));
-                drop(slot);
-            }
-            _ => {
-                let mut pending = self.pending.lock().unwrap();
-                let session = self.session.lock().unwrap().clone();
-                match session {
-                    Some(s) => {
-                        drop(pending);
-                        if let Some((id, conn)) = self.admit(&s, conn, init) {
-                            self.receive_from_classifier(&s, id, conn);
-                        }
-                    }
-                    None => {
-                        if pending.len() >= MAX_EARLY_CHANNELS {
-                            pending.remove(0);
-                            self.strangers.fetch_add(1, Ordering::Relaxed);
-                        }
-                        pending.push((conn, init, Instant::now()));
-                    }
-                }
-            }
-        }
-        Ok(())
     }
 
-    /// Reads the magic, and for a multifd channel the rest of its init packet; with TLS, after
-    /// the handshake. `None` when the peer left without a byte or the destination is closing.
-    fn read_first_bytes(&self, conn: &mut Conn) -> Result<Option<(u32, [u8; INIT_PACKET_LEN])>> {
+    /// Reads the magic, then a control connection's first frame or a multifd channel's init
+    /// packet; with TLS, after the handshake. Any error is the reason to reject the connection.
+    fn read_first(&self, conn: &mut Conn) -> Result<First> {
         let deadline = Instant::now() + self.classify_timeout;
-        let closing = || self.ending();
         let mut magic = [0u8; 4];
-        let got = conn.read_exact(&mut magic);
-        if closing() || !got? {
-            return Ok(None);
+        if !conn.read_exact(&mut magic)? {
+            fail!(ConnectionClosed, "closed without sending a byte");
         }
         match (&self.tls, u32::from_be_bytes(magic)) {
             (Some(_), m @ (CONTROL_MAGIC | MAGIC)) => {
@@ -555,14 +578,9 @@ impl Inner {
                 fail!(TlsRequired, "a {kind} connection arrived in plaintext; this destination requires TLS");
             }
             (Some(server), _) => {
-                let handshake = conn.accept_tls(server, &magic, deadline);
-                if closing() {
-                    return Ok(None);
-                }
-                handshake?;
-                let got = conn.read_exact(&mut magic);
-                if closing() || !got? {
-                    return Ok(None);
+                conn.accept_tls(server, &magic, deadline)?;
+                if !conn.read_exact(&mut magic)? {
+                    fail!(ConnectionClosed, "closed after its TLS handshake without sending a byte");
                 }
             }
             (None, _) if looks_like_tls(&magic) => {
@@ -572,16 +590,62 @@ impl Inner {
             (None, _) => {}
         }
         match u32::from_be_bytes(magic) {
-            CONTROL_MAGIC => Ok(Some((CONTROL_MAGIC, [0; INIT_PACKET_LEN]))),
+            CONTROL_MAGIC => match read_frame(conn)? {
+                Some(frame) => Ok(First::Control(frame)),
+                None => fail!(ConnectionClosed, "a control connection closed before its first message"),
+            },
             MAGIC => {
                 let mut init = [0u8; INIT_PACKET_LEN];
                 init[..4].copy_from_slice(&magic);
                 if !conn.read_exact(&mut init[4..])? {
                     fail!(ConnectionClosed, "a multifd channel closed inside its init packet");
                 }
-                Ok(Some((MAGIC, init)))
+                Ok(First::Channel(init))
             }
             other => fail!(UnknownChannel, "a connection started with 0x{other:08x}, neither the control magic 0x{CONTROL_MAGIC:08x} nor the multifd magic 0x{MAGIC:08x}"),
+        }
+    }
+
+    /// A control connection is admitted only as the first hello: the session this destination
+    /// will run. Anything else (another message first, a second hello) is rejected.
+    fn control_arrived(&self, conn: Conn, frame: Vec<u8>, peer: &str) {
+        let mut slot = self.control.lock().unwrap();
+        let refused = match serde_json::from_slice::<FrameKind>(&frame) {
+            Ok(k) if k.kind == "hello" && slot.is_none() => None,
+            Ok(k) if k.kind == "hello" => Some(Error::new(ErrorCode::Protocol, "a second control connection with a hello: this destination runs one session")),
+            Ok(k) => Some(Error::new(ErrorCode::Protocol, format!("a control connection whose first message is {:?}, not a hello", k.kind))),
+            Err(_) => Some(Error::new(ErrorCode::Protocol, format!("a control connection whose first frame ({} bytes) is not a control message", frame.len()))),
+        };
+        if let Some(e) = refused {
+            drop(slot);
+            return self.rejections.reject(peer, e);
+        }
+        // Announced before the reader thread starts: its first frame (the hello) must not
+        // reach the orchestrator ahead of the connection it came on.
+        (self.events)(Event::ControlConnected);
+        *slot = Some(Control::accepted(conn, frame, crate::session::control_events(self.events.clone())));
+    }
+
+    /// A multifd channel: admitted when its init packet names the session's UUID (one that
+    /// then breaks the protocol fails the session), rejected when it names another; queued
+    /// when the session is not configured yet.
+    fn channel_arrived(self: &Arc<Self>, conn: Conn, init: [u8; INIT_PACKET_LEN], peer: &str) {
+        let mut pending = self.pending.lock().unwrap();
+        let session = self.session.lock().unwrap().clone();
+        let Some(s) = session else {
+            if pending.len() >= MAX_EARLY_CHANNELS {
+                let oldest = pending.remove(0);
+                self.rejections.reject(&oldest.peer, Error::new(ErrorCode::Timeout, format!("crowded out: {MAX_EARLY_CHANNELS} newer multifd channels arrived before any session")));
+            }
+            pending.push(Early { conn, init, peer: peer.to_owned(), since: Instant::now() });
+            return;
+        };
+        drop(pending);
+        if let Err(e) = InitPacket::names_session(&init, &s.uuid) {
+            return self.rejections.reject(peer, e);
+        }
+        if let Some((id, conn)) = self.admit(&s, conn, init) {
+            self.receive_from_classifier(&s, id, conn);
         }
     }
 

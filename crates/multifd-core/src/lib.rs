@@ -23,6 +23,7 @@ pub mod qemu_file;
 pub mod qemu_file_writer;
 pub mod qemu_peer;
 pub mod qemu_stream;
+pub mod rejections;
 pub mod session;
 pub mod snapshot;
 pub mod source;
