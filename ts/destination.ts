@@ -10,7 +10,7 @@ import { RamBlock, RamBlockSchema, blockDigests } from './block.js'
 import { Address, Channels, DEFAULT_PEER_TIMEOUT_MS, DEFAULT_TIMEOUT_MS, PeerTimeoutMs, TimeoutMs, parseOptions } from './options.js'
 import { PROTOCOL_VERSION, remoteError, type ControlMessage, type Hello } from './protocol.js'
 import { Session } from './session.js'
-import { type ChannelStats, type TlsSummary } from './types.js'
+import { type ChannelStats, type DestinationStats, type TlsSummary } from './types.js'
 import { DestinationTlsOptions, tlsCredentials, tlsSummary } from './tls.js'
 
 /** One entry of the block table a source announces. */
@@ -43,14 +43,17 @@ const DestinationOptions = z.strictObject({
    */
   peerTimeoutMs: PeerTimeoutMs.default(DEFAULT_PEER_TIMEOUT_MS),
   /**
-   * How long a connection may take to send its first bytes (with TLS: to complete its
-   * handshake and pass the allow-list too), and the source its hello.
+   * How long a connection may take to identify itself: to send its first bytes (with TLS: to
+   * complete its handshake and pass the allow-list too), and, for the control connection, its
+   * hello. A connection that does not is closed and counted in `rejectedConnections`.
    */
   handshakeTimeoutMs: TimeoutMs.default(DEFAULT_TIMEOUT_MS),
   /**
    * Require mutual TLS on every connection (see README, "TLS"). A connection is read only
    * after its handshake, certificate checks and the `allow` list pass; a plaintext peer, an
-   * untrusted, expired or unlisted certificate fails the session with its own code.
+   * untrusted, expired or unlisted certificate is rejected: closed, counted in
+   * `rejectedConnections` and reported as a `warning` with its own code (the source fails with
+   * that code), while this destination keeps waiting for its source.
    */
   tls: DestinationTlsOptions.optional(),
 })
@@ -279,6 +282,11 @@ export class Destination extends Session {
 
   protected override nativeStats(): ChannelStats[] {
     return this.#native.stats()
+  }
+
+  /** The session's stats, and the connections rejected so far (see `DestinationStats`). */
+  override stats(): DestinationStats {
+    return { ...super.stats(), rejectedConnections: this.#native.rejectedConnections() }
   }
 
   protected override channelCount(): number {

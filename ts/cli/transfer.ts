@@ -231,6 +231,8 @@ export async function recv(argv: string[]): Promise<CommandResult> {
     },
   })
   process.stderr.write(`listening on ${dest.address}\n`)
+  // Connections turned away (never fatal) and anything else that degraded, as they happen.
+  dest.on('warning', (w) => process.stderr.write(`warning: ${w.code}: ${w.message}\n`))
   onInterrupt(() => dest.close())
   let progress: Progress | undefined
   dest.once('state', () => (progress = progressOf(dest, json, 'receiving')))
@@ -242,13 +244,14 @@ export async function recv(argv: string[]): Promise<CommandResult> {
       if (complete) out.commit()
       else out.discard()
     }
-    const r = fromSummary(s, { address: dest.address, files, complete })
-    print(r, json, 'recv', [...files.map((f) => `${f.name} -> ${f.file}`), ...channelLines(s)])
+    const rejected = dest.stats().rejectedConnections
+    const r = fromSummary(s, { address: dest.address, files, complete, rejectedConnections: rejected })
+    print(r, json, 'recv', [...files.map((f) => `${f.name} -> ${f.file}`), ...channelLines(s), ...(rejected > 0 ? [`rejected ${rejected} connection(s) that did not identify themselves as this session's`] : [])])
     return r
   } catch {
     for (const out of outputs) out.discard()
     progress?.stop()
-    const r = fromSummary(dest.summary(), { address: dest.address, complete: false })
+    const r = fromSummary(dest.summary(), { address: dest.address, complete: false, rejectedConnections: dest.stats().rejectedConnections })
     if (wasInterrupted()) r.status = 'cancelled'
     print(r, json, 'recv', outputs.some((o) => o.inPlace) ? ['outputs written in place are incomplete'] : [])
     return r

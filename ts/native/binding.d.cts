@@ -73,6 +73,11 @@ export declare class NativeDestination {
   stats(): Array<ChannelCounters>
   fail(codeName: string, message: string): boolean
   /**
+   * Connections rejected so far because they never identified themselves as this session's
+   * (each reported in a rate-limited `warning` event naming the peer and the reason).
+   */
+  rejectedConnections(): number
+  /**
    * The source said `complete {epoch}`: accepted only when every announced channel was
    * admitted and delivered that epoch's SYNC (otherwise the session fails with
    * ERR_MULTIFD_OUT_OF_SEQUENCE); then channel readers stop at the next packet boundary and

@@ -388,6 +388,13 @@ impl NativeDestination {
         self.dest.failure().fail(Error::new(code(&code_name), message))
     }
 
+    /// Connections rejected so far because they never identified themselves as this session's
+    /// (each reported in a rate-limited `warning` event naming the peer and the reason).
+    #[napi]
+    pub fn rejected_connections(&self) -> f64 {
+        self.dest.rejected_connections() as f64
+    }
+
     /// The source said `complete {epoch}`: accepted only when every announced channel was
     /// admitted and delivered that epoch's SYNC (otherwise the session fails with
     /// ERR_MULTIFD_OUT_OF_SEQUENCE); then channel readers stop at the next packet boundary and
