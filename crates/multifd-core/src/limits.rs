@@ -45,7 +45,7 @@ pub const UNIX_PATH_BYTES: RangeInclusive<usize> = 1..=107;
 pub const MAX_UNIDENTIFIED: usize = MAX_CHANNELS as usize + 1;
 /// Multifd channels a destination holds that arrived before its session was configured (before
 /// the hello): a new one beyond this closes the oldest. Our sources connect channels only after
-/// the handshake, so these are strangers; each is also closed after the handshake timeout.
+/// the handshake, so these are rejected; each is also closed after the handshake timeout.
 pub const MAX_EARLY_CHANNELS: usize = MAX_CHANNELS as usize;
 /// End-to-end integrity methods (`none`, or an xxh3-64 digest per packet and per block).
 pub const INTEGRITY: [&str; 2] = ["none", "xxh3"];
