@@ -24,6 +24,8 @@ export interface FaultProxy {
   cut: (n: number, how?: 'reset' | 'close') => boolean
   /** Cuts connection `n` with a RST once it has forwarded `bytes` source-to-destination bytes (at once if it already has). */
   cutAfter: (n: number, bytes: number) => void
+  /** The same for destination-to-source bytes: what the destination sends past `bytes` is never delivered. */
+  cutAfterDown: (n: number, bytes: number) => void
   /** From now on, connections for which `refuse(index)` is true are reset as soon as they arrive. */
   refuseWhen: (refuse: ((index: number) => boolean) | undefined) => void
   /** Stops forwarding in both directions, as a hung peer whose sockets stay open. */
@@ -38,6 +40,7 @@ interface Pair extends ProxiedConnection {
   up_: number
   down_: number
   cutAt?: number | undefined
+  cutDownAt?: number | undefined
 }
 
 function reset(s: net.Socket): void {
@@ -95,6 +98,13 @@ export async function faultProxy(target: string): Promise<FaultProxy> {
     up.on('drain', () => stalled || down.resume())
     up.on('data', (chunk: Buffer) => {
       pair.down_ += chunk.length
+      if (pair.cutDownAt !== undefined && pair.down_ >= pair.cutDownAt) {
+        const keep = chunk.length - (pair.down_ - pair.cutDownAt)
+        if (keep > 0) down.write(chunk.subarray(0, keep), () => cutPair(pair, 'reset'))
+        else cutPair(pair, 'reset')
+        pair.cutDownAt = undefined
+        return
+      }
       if (!down.write(chunk)) up.pause()
     })
     down.on('drain', () => stalled || up.resume())
@@ -120,6 +130,12 @@ export async function faultProxy(target: string): Promise<FaultProxy> {
       if (!p) throw new Error(`no connection ${n} yet`)
       if (p.up_ >= bytes) cutPair(p, 'reset')
       else p.cutAt = bytes
+    },
+    cutAfterDown: (n, bytes) => {
+      const p = pairs.find((q) => q.index === n)
+      if (!p) throw new Error(`no connection ${n} yet`)
+      if (p.down_ >= bytes) cutPair(p, 'reset')
+      else p.cutDownAt = bytes
     },
     refuseWhen: (r) => {
       refuse = r

@@ -7,9 +7,9 @@ import { z } from 'zod'
 import { binding, type NativeEvent } from './native.js'
 import { MultifdError, native, nativeError } from './errors.js'
 import { RamBlock, RamBlockSchema, blockDigests } from './block.js'
-import { Address, Channels, DEFAULT_PEER_TIMEOUT_MS, DEFAULT_TIMEOUT_MS, PeerTimeoutMs, TimeoutMs, parseOptions } from './options.js'
+import { Address, Channels, DEFAULT_PEER_TIMEOUT_MS, DEFAULT_RESUME_WINDOW_MS, DEFAULT_TIMEOUT_MS, PeerTimeoutMs, ResumeWindowMs, TimeoutMs, parseOptions } from './options.js'
 import { PROTOCOL_VERSION, remoteError, type ControlMessage, type Hello } from './protocol.js'
-import { Session } from './session.js'
+import { Session, recoveryOf } from './session.js'
 import { type ChannelStats, type DestinationStats, type TlsSummary } from './types.js'
 import { DestinationTlsOptions, tlsCredentials, tlsSummary } from './tls.js'
 
@@ -56,6 +56,13 @@ const DestinationOptions = z.strictObject({
    * that code), while this destination keeps waiting for its source.
    */
   tls: DestinationTlsOptions.optional(),
+  /**
+   * How long a broken connection's replacement is waited for once the session is configured:
+   * a control connection that breaks (a reset, an end before completion) may come back within
+   * this, identified by the session's UUID, and the migration carries on; after it the session
+   * fails with the cause of the break. 0 fails at once.
+   */
+  resumeWindowMs: ResumeWindowMs.default(DEFAULT_RESUME_WINDOW_MS),
 })
 export type DestinationOptions = z.input<typeof DestinationOptions>
 
@@ -69,6 +76,11 @@ export class Destination extends Session {
   #round = 0
   #closed = false
   #helloTimer: NodeJS.Timeout | undefined
+  /** A `complete` is being handled (one sent again after a control reconnect is a repeat). */
+  #completing = false
+  /** `completed` went out: the control connection's end is now the expected one. */
+  #completedSent = false
+  #controlEnded: (() => void) | undefined
 
   get session(): string {
     return this.#session
@@ -128,6 +140,9 @@ export class Destination extends Session {
         return this.fail(nativeError(ev.error))
       case 'controlClosed':
         if (this.state === 'completed') return
+        // The source heard `completed` and closed, or never came back for it: either way
+        // every page is here.
+        if (this.#completedSent) return this.#controlEnded?.()
         return this.fail(
           ev.error
             ? new MultifdError(nativeError(ev.error).code, `control connection: ${ev.error.message}`)
@@ -143,6 +158,8 @@ export class Destination extends Session {
         return this.fail(nativeError(ev.error))
       case 'warning':
         return this.warn(nativeError(ev.error))
+      case 'recovered':
+        return this.recovered(recoveryOf('destination', ev))
       case 'done':
       case 'rejected':
       case 'channelsReady':
@@ -210,6 +227,7 @@ export class Destination extends Session {
         compression: h.compression,
         channelTimeoutMs: this.#options.channelTimeoutMs,
         integrity: this.#integrity,
+        resumeWindowMs: this.#options.resumeWindowMs,
         ...(this.#options.peerTimeoutMs === 0 ? {} : { peerTimeoutMs: this.#options.peerTimeoutMs }),
       }),
     )
@@ -237,6 +255,9 @@ export class Destination extends Session {
   }
 
   async #onComplete(epoch: number, digests?: Array<{ name: string; xxh3: string }>): Promise<void> {
+    // A source whose control connection broke sends `complete` again if it may have been lost.
+    if (this.#completing) return
+    this.#completing = true
     if (this.state !== 'active') throw new MultifdError('ERR_MULTIFD_PROTOCOL', `complete arrived in state ${this.state}`)
     // Accepted natively only when every announced channel was admitted and delivered this
     // epoch's SYNC (ERR_MULTIFD_OUT_OF_SEQUENCE otherwise); the channel readers are joined.
@@ -257,7 +278,23 @@ export class Destination extends Session {
     }
     this.setState('device')
     this.#send({ type: 'completed' })
-    this.succeed()
+    this.#completedSent = true
+    // Until the source closes the control connection it may still have to reconnect to hear
+    // `completed` (a break just after it went out), so the listener stays up until then:
+    // at most resumeWindowMs after a break, or handshakeTimeoutMs for a source that lingers.
+    if (this.#options.resumeWindowMs > 0) await this.#controlEnd()
+    if (!this.error) this.succeed()
+  }
+
+  #controlEnd(): Promise<void> {
+    return new Promise<void>((resolve) => {
+      const timer = setTimeout(() => this.#controlEnded?.(), this.#options.handshakeTimeoutMs + this.#options.resumeWindowMs)
+      this.#controlEnded = () => {
+        clearTimeout(timer)
+        this.#controlEnded = undefined
+        resolve()
+      }
+    })
   }
 
   protected override tellPeer(e: MultifdError): void {

@@ -34,6 +34,12 @@ export const DEFAULT_PAGE_SIZE = defaultOf(LIMITS.pageSize, 'the page size')
 /** `peerTimeoutMs`: 0 disables the no-progress bound, otherwise within the core's range. */
 export const PeerTimeoutMs = z.union([z.literal(0), intIn(LIMITS.peerTimeoutMs)])
 export const DEFAULT_PEER_TIMEOUT_MS = defaultOf(LIMITS.peerTimeoutMs, 'peerTimeoutMs')
+/** `channelRetries`: redials of a broken connection (control included); 0 fails at once. */
+export const ChannelRetries = intIn(LIMITS.channelRetries)
+export const DEFAULT_CHANNEL_RETRIES = defaultOf(LIMITS.channelRetries, 'channelRetries')
+/** `resumeWindowMs`: how long a destination waits for a broken connection's replacement. */
+export const ResumeWindowMs = intIn(LIMITS.resumeWindowMs)
+export const DEFAULT_RESUME_WINDOW_MS = defaultOf(LIMITS.resumeWindowMs, 'resumeWindowMs')
 /** Bytes per second over all channels of a session. */
 export const Bandwidth = intIn(LIMITS.maxBandwidth)
 

@@ -3,18 +3,18 @@
  * failure, request promises keyed by id, and stats.
  */
 import { EventEmitter } from 'node:events'
-import { MultifdError, asMultifdError } from './errors.js'
-import { type MigrationState, type Role, canMove, errorChannel, isFinal, stateChannel, syncChannel, tlsChannel, warningChannel } from './state.js'
-import type { ChannelStats, SessionEvents, Stats, Summary, TlsSummary } from './types.js'
+import { MultifdError, asMultifdError, codeOf } from './errors.js'
+import { type MigrationState, type Role, canMove, errorChannel, isFinal, recoveryChannel, stateChannel, syncChannel, tlsChannel, warningChannel } from './state.js'
+import type { ChannelStats, Recovery, SessionEvents, Stats, Summary, TlsSummary } from './types.js'
 
-export type { ChannelStats, SessionEvents, Stats, Summary, TlsSummary } from './types.js'
+export type { ChannelStats, Recovery, SessionEvents, Stats, Summary, TlsSummary } from './types.js'
 
 interface Pending {
   resolve: (v: number) => void
   reject: (e: MultifdError) => void
 }
 
-export function totals(channels: ChannelStats[], startedAt: number | undefined): Stats {
+export function totals(channels: ChannelStats[], startedAt: number | undefined, recoveries: Recovery[] = []): Stats {
   const sum = (k: keyof ChannelStats): number => channels.reduce((a, c) => a + c[k], 0)
   const seconds = startedAt === undefined ? 0 : (performance.now() - startedAt) / 1000
   const bytes = sum('bytes')
@@ -32,7 +32,13 @@ export function totals(channels: ChannelStats[], startedAt: number | undefined):
     syncs: channels.length === 0 ? 0 : Math.min(...channels.map((c) => c.syncs)),
     seconds,
     bytesPerSecond: seconds > 0 ? bytes / seconds : 0,
+    recoveries,
   }
+}
+
+/** A native `recovered` event as a `Recovery` of `side`. */
+export function recoveryOf(side: Role, ev: { connection?: number | null; cause: { code: string; message: string }; pagesResent: number; ms: number }): Recovery {
+  return { connection: ev.connection ?? 'control', side, cause: { code: codeOf(ev.cause.code), message: ev.cause.message }, pagesResent: ev.pagesResent, ms: ev.ms }
 }
 
 export abstract class Session extends EventEmitter<SessionEvents> {
@@ -87,7 +93,7 @@ export abstract class Session extends EventEmitter<SessionEvents> {
   protected abstract tellPeer(e: MultifdError): void
 
   stats(): Stats {
-    const s = totals(this.#finalStats ?? this.nativeStats(), this.#startedAt)
+    const s = totals(this.#finalStats ?? this.nativeStats(), this.#startedAt, [...this.#recoveries])
     if (this.#endedAt !== undefined && this.#startedAt !== undefined) {
       s.seconds = (this.#endedAt - this.#startedAt) / 1000
       s.bytesPerSecond = s.seconds > 0 ? s.bytes / s.seconds : 0
@@ -154,6 +160,15 @@ export abstract class Session extends EventEmitter<SessionEvents> {
   protected stopLiveness(): void {
     clearInterval(this.#liveness)
     this.#liveness = undefined
+  }
+
+  #recoveries: Recovery[] = []
+
+  /** A broken connection was replaced: kept for `stats()` and the summary, and announced. */
+  protected recovered(r: Recovery): void {
+    this.#recoveries.push(r)
+    if (recoveryChannel.hasSubscribers) recoveryChannel.publish({ role: this.role, session: this.session, address: this.address, ...r })
+    this.emit('recovery', r)
   }
 
   protected warn(w: MultifdError): void {
@@ -285,6 +300,7 @@ export abstract class Session extends EventEmitter<SessionEvents> {
       pages: { normal: s.normalPages, zero: s.zeroPages },
       syncs: s.syncs,
       perChannel: s.channels,
+      recoveries: s.recoveries,
       ...(this.#error ? { error: { code: this.#error.code, message: this.#error.message } } : {}),
       ...(this.tls ? { tls: this.tls } : {}),
     }

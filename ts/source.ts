@@ -8,9 +8,9 @@ import { z } from 'zod'
 import { binding, type NativeEvent } from './native.js'
 import { MultifdError, asMultifdError, native, nativeError } from './errors.js'
 import { RamBlock, RamBlockSchema, blockDigests } from './block.js'
-import { Address, Bandwidth as BandwidthLimit, Channels, CompressionMethod, DEFAULT_CHANNELS, DEFAULT_PAGE_SIZE, DEFAULT_PEER_TIMEOUT_MS, DEFAULT_TIMEOUT_MS, Integrity, PageSize, PeerTimeoutMs, TimeoutMs, ZeroPageDetection, checkSourceRules, parseOptions } from './options.js'
+import { Address, Bandwidth as BandwidthLimit, ChannelRetries, Channels, CompressionMethod, DEFAULT_CHANNEL_RETRIES, DEFAULT_CHANNELS, DEFAULT_PAGE_SIZE, DEFAULT_PEER_TIMEOUT_MS, DEFAULT_TIMEOUT_MS, Integrity, PageSize, PeerTimeoutMs, TimeoutMs, ZeroPageDetection, checkSourceRules, parseOptions } from './options.js'
 import { PROTOCOL_VERSION, remoteError, type ControlMessage } from './protocol.js'
-import { Session } from './session.js'
+import { Session, recoveryOf } from './session.js'
 import { type ChannelStats, type Summary, type TlsSummary } from './types.js'
 import { SourceTlsOptions, tlsCredentials, tlsSummary } from './tls.js'
 
@@ -64,6 +64,14 @@ const SourceOptions = z.strictObject({
   maxBandwidth: Bandwidth,
   /** Bound on each control-channel reply (welcome, completed). */
   handshakeTimeoutMs: TimeoutMs.default(DEFAULT_TIMEOUT_MS),
+  /**
+   * Redials of a connection that breaks once the channels are up (a reset, an end before
+   * completion), each after a wait of 50 ms doubling up to 2 s, with a fresh TLS handshake;
+   * 0 fails at once. A control connection that comes back identifies itself with the session's
+   * UUID; an acknowledgement lost with the old one is delivered once, a `complete` the
+   * destination may have missed is sent again. Each repair is a `recovery` event.
+   */
+  channelRetries: ChannelRetries.default(DEFAULT_CHANNEL_RETRIES),
   /**
    * Mutual TLS on the control connection and every channel (see README, "TLS"). Each
    * connection's handshake, certificate checks and the destination's allow-list complete
@@ -173,6 +181,7 @@ export class Source extends Session {
           connectTimeoutMs: o.connectTimeoutMs,
           ...(o.peerTimeoutMs === 0 ? {} : { peerTimeoutMs: o.peerTimeoutMs }),
           ...(o.maxBandwidth === undefined ? {} : { maxBandwidth: o.maxBandwidth }),
+          channelRetries: o.channelRetries,
         }),
       )
       // Channels connect all at once (as QEMU's), each within connectTimeoutMs.
@@ -225,6 +234,8 @@ export class Source extends Session {
         )
       case 'synced':
         return // the destination's event; a source hears `synced` on the control connection
+      case 'recovered':
+        return this.recovered(recoveryOf('source', ev))
     }
   }
 

@@ -21,6 +21,9 @@ export const errorChannel = diagnostics.channel('multifd:error')
  */
 export const tlsChannel = diagnostics.channel('multifd:tls')
 
+/** `multifd:recovery` — `{ role, session, address, ...Recovery }` when a broken connection was replaced. */
+export const recoveryChannel = diagnostics.channel('multifd:recovery')
+
 /** `multifd:warning` — `{ role, session, address, warning }` when something degrades. */
 export const warningChannel = diagnostics.channel('multifd:warning')
 

@@ -3,14 +3,29 @@
  * no facade file needs another's implementation for a type.
  */
 import type { ChannelCounters } from './native/binding.cjs'
-import type { MultifdError } from './errors.js'
+import type { MultifdError, MultifdErrorCode } from './errors.js'
 import type { MigrationState, Role } from './state.js'
 
 /** One channel's counters, read from Rust atomics (fields documented in `ChannelCounters`). */
 export type ChannelStats = ChannelCounters
 
+/** One repaired connection: the `recovery` event, `multifd:recovery` on diagnostics_channel, `stats().recoveries`, the summary. */
+export interface Recovery {
+  /** A channel id, or 'control'. */
+  connection: number | 'control'
+  side: 'source' | 'destination'
+  /** Why it broke. */
+  cause: { code: MultifdErrorCode; message: string }
+  /** Pages sent again (source) or expected again (destination) because of it. */
+  pagesResent: number
+  /** From the break being noticed to the replacement carrying traffic, in ms. */
+  ms: number
+}
+
 export interface Stats extends ChannelStats {
   channels: ChannelStats[]
+  /** Every connection repaired so far. */
+  recoveries: Recovery[]
   /** Seconds since the session became active. */
   seconds: number
   /** Bytes per second over `seconds`. */
@@ -40,6 +55,8 @@ export interface Summary {
   pages: { normal: number; zero: number }
   syncs: number
   perChannel: ChannelStats[]
+  /** Every connection repaired during the session. */
+  recoveries: Recovery[]
   error?: { code: string; message: string }
   /** With TLS: what the control connection negotiated and who the peer is. */
   tls?: TlsSummary
@@ -106,5 +123,7 @@ export interface SessionEvents {
   round: [stats: RoundStats]
   /** With TLS: the control connection is authenticated both ways (also on `multifd:tls`). */
   tls: [tls: TlsSummary]
+  /** A broken connection was replaced (also on `multifd:recovery`). */
+  recovery: [recovery: Recovery]
 }
 

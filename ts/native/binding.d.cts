@@ -259,6 +259,8 @@ export interface ChannelOptions {
   integrity: boolean
   /** Bytes per second over all channels; absent for no limit. */
   maxBandwidth?: number
+  /** Redials of a connection that breaks mid-session (this branch: the control connection). */
+  channelRetries: number
 }
 
 /** Why `address` is not a valid `tcp:HOST:PORT` or `unix:PATH`, or nothing when it is. */
@@ -292,6 +294,8 @@ export interface DestinationOptions {
   peerTimeoutMs?: number
   /** Check each packet's data pages against the digest in its header. */
   integrity: boolean
+  /** How long a lost control connection may take to be replaced (0: fail at once). */
+  resumeWindowMs: number
 }
 
 export declare function encodeInitPacket(uuid: Uint8Array, channelId: number): Buffer
@@ -368,6 +372,10 @@ export interface Limits {
   /** Connect, handshake and channel-arrival timeouts (ms). */
   timeoutMs: IntRange
   peerTimeoutMs: IntRange
+  /** Redials of a broken connection (`channelRetries`). */
+  channelRetries: IntRange
+  /** How long a destination waits for a replacement (ms, `resumeWindowMs`). */
+  resumeWindowMs: IntRange
   /** Bytes per second. */
   maxBandwidth: IntRange
   /** A `unix:` address's path, in bytes. */
@@ -409,6 +417,8 @@ export type NativeControlMessage =
   | { type: 'cancel' }
   | { type: 'ping' }
   | { type: 'error'; code: string; message: string }
+  | { type: 'reconnect'; session: string; acked: number }
+  | { type: 'reconnected'; epoch: number; completed: boolean }
 
 /** A failure as it crosses to JavaScript: the stable `ERR_MULTIFD_*` code and the message. */
 export interface NativeError {
@@ -429,6 +439,7 @@ export type NativeEvent =
   | { kind: 'controlConnected' }
   | { kind: 'channelsReady' }
   | { kind: 'warning'; error: NativeError }
+  | { kind: 'recovered'; connection?: number; cause: NativeError; pagesResent: number; ms: number }
 
 /** Two choices that do not combine, and why. */
 export interface OptionRule {

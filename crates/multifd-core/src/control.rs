@@ -42,10 +42,27 @@ impl Control {
         Ok(Self::start(conn, None, events))
     }
 
+    /// Source side, replacing a broken control connection: connects (with `tls`, a fresh
+    /// handshake with the same checks), announces itself with the magic and `first` (the
+    /// `reconnect` frame), and waits up to `timeout` for the destination's answer, which is
+    /// returned rather than delivered; the reader then delivers what follows.
+    pub fn reconnect(addr: &Address, timeout: Duration, tls: Option<&TlsClient>, first: &[u8], events: InboundSink) -> Result<(Arc<Control>, Vec<u8>)> {
+        let conn = Conn::connect_secure(addr, timeout, tls)?;
+        conn.set_write_timeout(Some(timeout))?;
+        conn.write_all(&[&CONTROL_MAGIC.to_be_bytes(), &(first.len() as u32).to_be_bytes(), first])?;
+        conn.set_read_timeout(Some(timeout))?;
+        let Some(answer) = read_frame(&conn)? else {
+            fail!(ConnectionClosed, "the destination closed the new control connection without answering its reconnect");
+        };
+        conn.set_read_timeout(None)?;
+        Ok((Self::start(conn, None, events), answer))
+    }
+
     /// Destination side: the acceptor already consumed the magic and the first frame (by which
     /// the connection identified itself), which the reader delivers before any other.
-    pub fn accepted(conn: Conn, first: Vec<u8>, events: InboundSink) -> Arc<Control> {
-        Self::start(conn, Some(first), events)
+    /// `None` for a replacement, whose first frame (`reconnect`) the destination answered itself.
+    pub fn accepted(conn: Conn, first: Option<Vec<u8>>, events: InboundSink) -> Arc<Control> {
+        Self::start(conn, first, events)
     }
 
     fn start(conn: Conn, first: Option<Vec<u8>>, events: InboundSink) -> Arc<Control> {

@@ -3,20 +3,22 @@
 //! reads pages straight into block memory. SYNC packets meet at a barrier.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::block::RamBlock;
-use crate::control::{CONTROL_MAGIC, Control, read_frame};
+use crate::control::{CONTROL_MAGIC, Control, Inbound, InboundSink, read_frame};
+use crate::control_messages::ControlMessage;
+use crate::hex::Hex;
 use crate::error::{Error, ErrorCode, Result, fail};
 use crate::io::Boundary;
 use crate::limits::{MAX_EARLY_CHANNELS, MAX_UNIDENTIFIED};
 use crate::memory::WriteTarget;
 use crate::protocol::{Delivered, synced_frame};
 use crate::rejections::Rejections;
-use crate::session::{ChannelStats, Counters, Event, EventSink, Failure};
+use crate::session::{ChannelStats, Counters, Event, EventSink, Failure, Recovery};
 use crate::tls::{TlsServer, looks_like_tls, refuse_plaintext_peer, refuse_tls_peer};
 use crate::transport::{Accepted, Address, Conn, Listener};
 use crate::wire::{BlockLookup, COMMON_HEADER_LEN, ChannelClaims, CommonHeader, Compression, Geometry, INIT_PACKET_LEN, InitPacket, MAGIC, PacketHeader, PacketValidator};
@@ -78,6 +80,15 @@ pub struct DestConfig {
     pub peer_timeout: Option<Duration>,
     /// Check each packet's data pages against the digest in its header (negotiated).
     pub integrity: bool,
+    /// How long a lost control connection may take to be replaced (`resumeWindowMs`) before
+    /// the session fails with the cause of the loss; zero fails at once.
+    pub resume_window: Duration,
+}
+
+/// When the control connection was lost, and why (`None`: the source closed it).
+struct Lost {
+    since: Instant,
+    cause: Option<Error>,
 }
 
 /// The blocks by name, for the validator.
@@ -114,6 +125,7 @@ struct Session {
     deadline: Instant,
     peer_timeout: Option<Duration>,
     integrity: bool,
+    resume_window: Duration,
     barrier: Barrier,
     stats: Vec<ChannelStats>,
 }
@@ -128,6 +140,12 @@ struct Inner {
     /// most `classify_timeout`), oldest first.
     pending: Mutex<Vec<Early>>,
     control: Mutex<Option<Arc<Control>>>,
+    /// Which accepted control connection is current: an older one's end is not news.
+    control_generation: AtomicU64,
+    /// Set while the control connection is lost and its replacement awaited.
+    control_lost: Mutex<Option<Lost>>,
+    /// `completed` went out (it may have been lost with a broken control connection).
+    completed_sent: AtomicBool,
     /// Admitted channels. Admission happens under this lock and is refused once `closing`,
     /// so `close` (which shuts these down under the same lock) cannot miss one.
     channel_conns: Mutex<Vec<Arc<Conn>>>,
@@ -172,6 +190,9 @@ impl Destination {
             session: Mutex::new(None),
             pending: Mutex::new(Vec::new()),
             control: Mutex::new(None),
+            control_generation: AtomicU64::new(0),
+            control_lost: Mutex::new(None),
+            completed_sent: AtomicBool::new(false),
             channel_conns: Mutex::new(Vec::new()),
             classifying: Mutex::new(Classifiers::default()),
             released: Condvar::new(),
@@ -225,10 +246,16 @@ impl Destination {
         self.inner.control.lock().unwrap().as_ref().and_then(|c| c.conn().tls().map(|t| t.info()))
     }
 
-    /// Sends a frame on the accepted control connection.
+    /// Sends a frame on the accepted control connection. While it is lost and may still be
+    /// replaced, a frame that cannot be written is not an error: the replacement's answer says
+    /// whether `completed` went out, and other frames (pings) are not needed again.
     pub fn send_control(&self, frame: &[u8]) -> Result<()> {
-        match self.inner.control.lock().unwrap().as_ref() {
-            Some(c) => c.send(frame),
+        if matches!(ControlMessage::decode(frame), Ok(ControlMessage::Completed)) {
+            self.inner.completed_sent.store(true, Ordering::Release);
+        }
+        let control = self.inner.control.lock().unwrap().clone();
+        match control {
+            Some(c) => c.send(frame).or_else(|e| if self.inner.control_resumable() { Ok(()) } else { Err(e) }),
             None => fail!(State, "no control connection yet"),
         }
     }
@@ -261,6 +288,7 @@ impl Destination {
             deadline: Instant::now() + config.channel_timeout,
             peer_timeout: config.peer_timeout,
             integrity: config.integrity,
+            resume_window: config.resume_window,
             barrier: Barrier { state: Mutex::new(BarrierState { arrived: 0, epoch: 0, high_water: 0, stopping: false }), cv: Condvar::new() },
             stats: (0..n).map(|_| ChannelStats::default()).collect(),
         });
@@ -398,6 +426,7 @@ impl Inner {
             self.check_deadline();
             self.expire_early();
             self.expire_classifying();
+            self.expire_control_window();
             self.rejections.flush();
             match listener.accept_for(Duration::from_millis(50)) {
                 Ok(Accepted::Conn(conn)) => self.start_classifying(conn),
@@ -606,14 +635,25 @@ impl Inner {
         }
     }
 
-    /// A control connection is admitted only as the first hello: the session this destination
-    /// will run. Anything else (another message first, a second hello) is rejected.
-    fn control_arrived(&self, conn: Conn, frame: Vec<u8>, peer: &str) {
+    /// A control connection is admitted only as the first hello (the session this destination
+    /// will run) or as the replacement of this session's (`reconnect`). Anything else (another
+    /// message first, a second hello, a reconnect for another session) is rejected.
+    fn control_arrived(self: &Arc<Self>, conn: Conn, frame: Vec<u8>, peer: &str) {
         let mut slot = self.control.lock().unwrap();
-        let refused = match serde_json::from_slice::<FrameKind>(&frame) {
-            Ok(k) if k.kind == "hello" && slot.is_none() => None,
-            Ok(k) if k.kind == "hello" => Some(Error::new(ErrorCode::Protocol, "a second control connection with a hello: this destination runs one session")),
-            Ok(k) => Some(Error::new(ErrorCode::Protocol, format!("a control connection whose first message is {:?}, not a hello", k.kind))),
+        let kind = serde_json::from_slice::<FrameKind>(&frame).map(|k| k.kind);
+        if kind.as_deref().is_ok_and(|k| k == "reconnect") {
+            let replaced = self.control_replaced(&mut slot, conn, &frame);
+            drop(slot);
+            // The replaced connection is closed outside the lock: its reader's end is stale news.
+            if let Err(e) = replaced {
+                self.rejections.reject(peer, e);
+            }
+            return;
+        }
+        let refused = match kind {
+            Ok(k) if k == "hello" && slot.is_none() => None,
+            Ok(k) if k == "hello" => Some(Error::new(ErrorCode::Protocol, "a second control connection with a hello: this destination runs one session")),
+            Ok(k) => Some(Error::new(ErrorCode::Protocol, format!("a control connection whose first message is {k:?}, neither a hello nor a reconnect"))),
             Err(_) => Some(Error::new(ErrorCode::Protocol, format!("a control connection whose first frame ({} bytes) is not a control message", frame.len()))),
         };
         if let Some(e) = refused {
@@ -623,7 +663,93 @@ impl Inner {
         // Announced before the reader thread starts: its first frame (the hello) must not
         // reach the orchestrator ahead of the connection it came on.
         (self.events)(Event::ControlConnected);
-        *slot = Some(Control::accepted(conn, frame, crate::session::control_events(self.events.clone())));
+        let generation = self.control_generation.fetch_add(1, Ordering::AcqRel) + 1;
+        *slot = Some(Control::accepted(conn, Some(frame), self.control_sink(generation)));
+    }
+
+    /// Admits a control connection that replaces this session's, answering its `reconnect`
+    /// with the last barrier every channel passed and whether `completed` went out. Returns the
+    /// connection it replaces (lost, or still open if this side has not noticed yet).
+    fn control_replaced(self: &Arc<Self>, slot: &mut Option<Arc<Control>>, conn: Conn, frame: &[u8]) -> Result<Option<Arc<Control>>> {
+        let ControlMessage::Reconnect { session, .. } = ControlMessage::decode(frame)? else {
+            fail!(Protocol, "a control frame of type reconnect that is not a valid reconnect");
+        };
+        let Some(s) = self.session.lock().unwrap().clone().filter(|s| Hex(&s.uuid).to_string() == session) else {
+            fail!(UuidMismatch, "a control reconnect for session {session}, which this destination does not run");
+        };
+        if slot.is_none() || s.resume_window.is_zero() || self.failure.is_failed() {
+            fail!(State, "a control reconnect for session {session}, which cannot take one (no control connection yet, resumeWindowMs 0, or failed)");
+        }
+        if self.control_lost.lock().unwrap().as_ref().is_some_and(|l| l.since.elapsed() >= s.resume_window) {
+            fail!(Timeout, "a control reconnect for session {session} after resumeWindowMs ({} ms)", s.resume_window.as_millis());
+        }
+        // Under the control lock: a sync acknowledged from now on goes out on the replacement,
+        // after this answer (the source drops one the answer already covered).
+        let epoch = s.barrier.state.lock().unwrap().epoch;
+        let answer = ControlMessage::Reconnected { epoch, completed: self.completed_sent.load(Ordering::Acquire) }.encode();
+        conn.set_write_timeout(Some(self.classify_timeout))?;
+        conn.write_all(&[&(answer.len() as u32).to_be_bytes(), &answer])?;
+        let lost = self.control_lost.lock().unwrap().take();
+        let generation = self.control_generation.fetch_add(1, Ordering::AcqRel) + 1;
+        let old = slot.replace(Control::accepted(conn, None, self.control_sink(generation)));
+        let (cause, took) = match lost {
+            Some(Lost { since, cause }) => (cause.unwrap_or_else(|| Error::new(ErrorCode::ConnectionClosed, "the source closed the control connection")), since.elapsed()),
+            None => (Error::new(ErrorCode::ConnectionClosed, "the source replaced a control connection this side still had open"), Duration::ZERO),
+        };
+        (self.events)(Event::Recovered(Recovery { connection: None, cause, pages_resent: 0, took }));
+        Ok(old)
+    }
+
+    /// The sink of accepted control connection `generation`: its frames go to the
+    /// orchestrator; its end matters only while it is the current one.
+    fn control_sink(self: &Arc<Self>, generation: u64) -> InboundSink {
+        let (me, events) = (Arc::downgrade(self), self.events.clone());
+        Arc::new(move |i| match i {
+            Inbound::Frame(f) => events(Event::Control(f)),
+            Inbound::Closed(end) => {
+                if let Some(me) = me.upgrade() {
+                    me.control_ended(generation, end);
+                }
+            }
+        })
+    }
+
+    /// Control connection `generation` ended. Mid-session, with a resume window, its
+    /// replacement is awaited (the channels carry on); otherwise the orchestrator is told.
+    fn control_ended(&self, generation: u64, end: Option<Error>) {
+        if generation != self.control_generation.load(Ordering::Acquire) {
+            return;
+        }
+        let clean_after_completion = end.is_none() && self.completed_sent.load(Ordering::Acquire);
+        if clean_after_completion || !self.control_resumable() {
+            return (self.events)(Event::ControlClosed(end));
+        }
+        *self.control_lost.lock().unwrap() = Some(Lost { since: Instant::now(), cause: end });
+    }
+
+    /// Whether a lost control connection would be waited for: a session with a resume window
+    /// that has not failed and is not closing.
+    fn control_resumable(&self) -> bool {
+        let window = self.session.lock().unwrap().as_ref().map_or(Duration::ZERO, |s| s.resume_window);
+        !window.is_zero() && !self.closing.load(Ordering::Acquire) && !self.failure.is_failed()
+    }
+
+    /// Ends the wait for a lost control connection's replacement once the resume window has
+    /// passed: the orchestrator is told, with the cause of the loss.
+    fn expire_control_window(&self) {
+        let window = self.session.lock().unwrap().as_ref().map_or(Duration::ZERO, |s| s.resume_window);
+        let mut lost = self.control_lost.lock().unwrap();
+        if !lost.as_ref().is_some_and(|l| l.since.elapsed() >= window) {
+            return;
+        }
+        let Lost { cause, .. } = lost.take().expect("checked above");
+        drop(lost);
+        let ms = window.as_millis();
+        let cause = match cause {
+            Some(e) => Error::new(e.code, format!("{}; no reconnect within resumeWindowMs ({ms} ms)", e.message)),
+            None => Error::new(ErrorCode::ConnectionClosed, format!("the source closed the control connection before completing and did not reconnect within resumeWindowMs ({ms} ms)")),
+        };
+        (self.events)(Event::ControlClosed(Some(cause)));
     }
 
     /// A multifd channel: admitted when its init packet names the session's UUID (one that
@@ -849,8 +975,13 @@ impl Inner {
             // here, whatever the JavaScript event loop is doing.
             (self.events)(Event::Synced { epoch: e, packet_num: hw });
             let control = self.control.lock().unwrap().clone();
-            if let Some(c) = control {
-                c.send(&synced_frame(e, hw)).map_err(|err| err.context(format!("acknowledging sync {e}")))?;
+            // A control connection lost meanwhile is no reason to fail: its replacement's
+            // answer acknowledges this sync.
+            if let Some(c) = control
+                && let Err(err) = c.send(&synced_frame(e, hw))
+                && !self.control_resumable()
+            {
+                return Err(err.context(format!("acknowledging sync {e}")));
             }
             return Ok(());
         }

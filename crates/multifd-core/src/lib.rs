@@ -7,6 +7,7 @@ pub mod bitmap;
 pub mod compress;
 pub mod block;
 pub mod control;
+pub mod control_link;
 pub mod control_messages;
 pub mod dest;
 pub mod error;

@@ -34,6 +34,14 @@ pub const DEFAULT_TIMEOUT_MS: u32 = 10_000;
 pub const PEER_TIMEOUT_MS: RangeInclusive<u32> = 100..=3_600_000;
 /// No side waits on its peer forever by default.
 pub const DEFAULT_PEER_TIMEOUT_MS: u32 = 30_000;
+/// Redials per connection (`channelRetries`, control connection included) after it breaks
+/// mid-session, waiting 50 ms before the first and doubling up to 2 s; 0 fails at once.
+pub const CHANNEL_RETRIES: RangeInclusive<u32> = 0..=100;
+pub const DEFAULT_CHANNEL_RETRIES: u32 = 5;
+/// How long a destination waits for a lost channel's or control connection's replacement
+/// (`resumeWindowMs`), in milliseconds; 0 fails at once.
+pub const RESUME_WINDOW_MS: RangeInclusive<u32> = 0..=3_600_000;
+pub const DEFAULT_RESUME_WINDOW_MS: u32 = 10_000;
 /// `maxBandwidth` in bytes per second (up to JavaScript's largest safe integer); absent for
 /// no limit.
 pub const MAX_BANDWIDTH: RangeInclusive<u64> = 1..=(1 << 53) - 1;
@@ -195,6 +203,8 @@ pub struct Description {
     pub max_blocks: f64,
     pub timeout_ms: Range,
     pub peer_timeout_ms: Range,
+    pub channel_retries: Range,
+    pub resume_window_ms: Range,
     pub max_bandwidth: Range,
     pub unix_path_bytes: Range,
     pub compression: Vec<MethodInfo>,
@@ -212,6 +222,8 @@ pub fn describe() -> Description {
         max_blocks: MAX_BLOCKS as f64,
         timeout_ms: range(&TIMEOUT_MS, Some(DEFAULT_TIMEOUT_MS)),
         peer_timeout_ms: range(&PEER_TIMEOUT_MS, Some(DEFAULT_PEER_TIMEOUT_MS)),
+        channel_retries: range(&CHANNEL_RETRIES, Some(DEFAULT_CHANNEL_RETRIES)),
+        resume_window_ms: range(&RESUME_WINDOW_MS, Some(DEFAULT_RESUME_WINDOW_MS)),
         max_bandwidth: Range { min: *MAX_BANDWIDTH.start() as f64, max: *MAX_BANDWIDTH.end() as f64, default: None },
         unix_path_bytes: usize_range(&UNIX_PATH_BYTES),
         compression: compress::names()
@@ -238,6 +250,8 @@ pub fn markdown() -> String {
         ("blocks", format!("1..{}", d.max_blocks), "-".into(), "blocks one session announces"),
         ("connectTimeoutMs, handshakeTimeoutMs, channelTimeoutMs", r(&d.timeout_ms), default(&d.timeout_ms), "milliseconds"),
         ("peerTimeoutMs", format!("0 or {}", r(&d.peer_timeout_ms)), default(&d.peer_timeout_ms), "milliseconds without progress before both sides fail; 0 disables"),
+        ("channelRetries", r(&d.channel_retries), default(&d.channel_retries), "redials of a broken connection (control included), 50 ms doubling to 2 s between; 0 fails at once"),
+        ("resumeWindowMs", r(&d.resume_window_ms), default(&d.resume_window_ms), "milliseconds a destination waits for a broken connection's replacement; 0 fails at once"),
         ("maxBandwidth", r(&d.max_bandwidth), default(&d.max_bandwidth), "bytes per second over all channels; absent for no limit"),
         ("unix: address path", format!("{} bytes", r(&d.unix_path_bytes)), "-".into(), "the kernel's sun_path"),
     ];

@@ -3,6 +3,7 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use crate::error::Error;
 use crate::transport::Conn;
@@ -30,6 +31,21 @@ pub enum Event {
     ChannelsReady,
     /// Something degraded without failing the session (e.g. zero-copy fell back to copying).
     Warning(Error),
+    /// A broken connection was replaced and carries traffic again.
+    Recovered(Recovery),
+}
+
+/// One repaired connection.
+#[derive(Debug, Clone)]
+pub struct Recovery {
+    /// The channel id, or `None` for the control connection.
+    pub connection: Option<u8>,
+    /// Why it broke.
+    pub cause: Error,
+    /// Pages sent again (source) or expected again (destination) because of it.
+    pub pages_resent: u64,
+    /// From the break being noticed to the replacement carrying traffic.
+    pub took: Duration,
 }
 
 /// Where events go. The binding forwards them to JavaScript; tests collect them.

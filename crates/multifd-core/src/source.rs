@@ -45,6 +45,9 @@ pub struct SourceConfig {
     pub integrity: bool,
     /// Mutual TLS on every channel: each handshake completes before the init packet.
     pub tls: Option<TlsClient>,
+    /// Redials of a connection that breaks mid-session (`limits::CHANNEL_RETRIES`); 0 fails at
+    /// once. This branch applies it to the control connection (`control_link`).
+    pub channel_retries: u32,
 }
 
 /// Which pages of a block to send.

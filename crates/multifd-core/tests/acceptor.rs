@@ -47,7 +47,7 @@ fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
 }
 
 fn dest_config(channels: u8, block: &Arc<RamBlock>) -> DestConfig {
-    DestConfig { uuid: UUID, channels, geometry: Geometry::x86(), compression: Compression::None, blocks: vec![block.clone()], channel_timeout: Duration::from_secs(30), peer_timeout: None, integrity: false }
+    DestConfig { uuid: UUID, channels, geometry: Geometry::x86(), compression: Compression::None, blocks: vec![block.clone()], channel_timeout: Duration::from_secs(30), peer_timeout: None, integrity: false, resume_window: Duration::ZERO }
 }
 
 /// Sends `block` to `address` over `channels` channels and waits until the final SYNC has been

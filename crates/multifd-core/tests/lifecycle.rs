@@ -39,6 +39,7 @@ fn dest_config(channels: u8, blocks: Vec<Arc<RamBlock>>) -> DestConfig {
         channel_timeout: Duration::from_secs(10),
         peer_timeout: None,
         integrity: false,
+        resume_window: Duration::ZERO,
     }
 }
 

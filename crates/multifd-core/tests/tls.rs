@@ -50,6 +50,7 @@ fn destination(tls: Option<TlsServer>, channels: u8) -> (Destination, Arc<RamBlo
         channel_timeout: Duration::from_secs(10),
         peer_timeout: None,
         integrity: false,
+        resume_window: Duration::ZERO,
     })
     .unwrap();
     (dest, block, drx)

@@ -44,6 +44,7 @@ fn source_config(address: &Address, uuid: [u8; 16], channels: u8, compression: C
         peer_timeout: None,
         integrity: false,
         tls: None,
+        channel_retries: 0,
     }
 }
 
@@ -68,6 +69,7 @@ fn run(address: &str, channels: u8, compression: Compression) {
         channel_timeout: Duration::from_secs(5),
         peer_timeout: None,
         integrity: false,
+        resume_window: Duration::ZERO,
     })
     .unwrap();
     let (ssink, srx) = sink();
@@ -147,6 +149,7 @@ fn uuid_mismatch_fails_the_destination() {
         channel_timeout: Duration::from_secs(5),
         peer_timeout: None,
         integrity: false,
+        resume_window: Duration::ZERO,
     })
     .unwrap();
     let (ssink, _srx) = sink();
@@ -174,6 +177,7 @@ fn missing_channels_time_out() {
         channel_timeout: Duration::from_millis(300),
         peer_timeout: None,
         integrity: false,
+        resume_window: Duration::ZERO,
     })
     .unwrap();
     let Event::Failed(e) = wait_for(&drx, |e| matches!(e, Event::Failed(_))) else { unreachable!() };
@@ -198,6 +202,7 @@ fn close_right_after_channels_connect_never_hangs() {
             channel_timeout: Duration::from_secs(5),
         peer_timeout: None,
         integrity: false,
+            resume_window: Duration::ZERO,
         })
         .unwrap();
         let (ssink, _srx) = sink();

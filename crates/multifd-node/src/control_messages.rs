@@ -46,6 +46,8 @@ pub enum NativeControlMessage {
     Cancel,
     Ping,
     Error { code: String, message: String },
+    Reconnect { session: String, acked: f64 },
+    Reconnected { epoch: f64, completed: bool },
 }
 
 impl From<ControlMessage> for NativeControlMessage {
@@ -71,6 +73,8 @@ impl From<ControlMessage> for NativeControlMessage {
             ControlMessage::Cancel => NativeControlMessage::Cancel,
             ControlMessage::Ping => NativeControlMessage::Ping,
             ControlMessage::Error { code, message } => NativeControlMessage::Error { code, message },
+            ControlMessage::Reconnect { session, acked } => NativeControlMessage::Reconnect { session, acked: acked as f64 },
+            ControlMessage::Reconnected { epoch, completed } => NativeControlMessage::Reconnected { epoch: epoch as f64, completed },
         }
     }
 }
@@ -99,6 +103,8 @@ impl NativeControlMessage {
             NativeControlMessage::Cancel => ControlMessage::Cancel,
             NativeControlMessage::Ping => ControlMessage::Ping,
             NativeControlMessage::Error { code, message } => ControlMessage::Error { code, message },
+            NativeControlMessage::Reconnect { session, acked } => ControlMessage::Reconnect { session, acked: to_u64(acked, "acked")? },
+            NativeControlMessage::Reconnected { epoch, completed } => ControlMessage::Reconnected { epoch: to_u64(epoch, "epoch")?, completed },
         })
     }
 }

@@ -51,6 +51,9 @@ pub enum NativeEvent {
     ChannelsReady,
     /// Something degraded without failing the session.
     Warning { error: NativeError },
+    /// A broken connection was replaced: channel `connection`, or the control connection
+    /// (absent); `ms` from the break being noticed to the replacement carrying traffic.
+    Recovered { connection: Option<u32>, cause: NativeError, pages_resent: f64, ms: f64 },
 }
 
 impl From<Event> for NativeEvent {
@@ -69,6 +72,12 @@ impl From<Event> for NativeEvent {
             Event::ControlConnected => NativeEvent::ControlConnected,
             Event::ChannelsReady => NativeEvent::ChannelsReady,
             Event::Warning(err) => NativeEvent::Warning { error: err.into() },
+            Event::Recovered(r) => NativeEvent::Recovered {
+                connection: r.connection.map(u32::from),
+                cause: r.cause.into(),
+                pages_resent: r.pages_resent as f64,
+                ms: r.took.as_secs_f64() * 1000.0,
+            },
         }
     }
 }

@@ -46,6 +46,10 @@ pub struct Limits {
     /// Connect, handshake and channel-arrival timeouts (ms).
     pub timeout_ms: IntRange,
     pub peer_timeout_ms: IntRange,
+    /// Redials of a broken connection (`channelRetries`).
+    pub channel_retries: IntRange,
+    /// How long a destination waits for a replacement (ms, `resumeWindowMs`).
+    pub resume_window_ms: IntRange,
     /// Bytes per second.
     pub max_bandwidth: IntRange,
     /// A `unix:` address's path, in bytes.
@@ -67,6 +71,8 @@ pub fn limits() -> Limits {
         max_blocks: d.max_blocks,
         timeout_ms: d.timeout_ms.into(),
         peer_timeout_ms: d.peer_timeout_ms.into(),
+        channel_retries: d.channel_retries.into(),
+        resume_window_ms: d.resume_window_ms.into(),
         max_bandwidth: d.max_bandwidth.into(),
         unix_path_bytes: d.unix_path_bytes.into(),
         compression: d.compression.into_iter().map(|m| CompressionMethodInfo { name: m.name.into(), levels: m.levels.map(Into::into) }).collect(),

@@ -78,5 +78,6 @@ pub fn source_config(address: &Address, uuid: [u8; 16], channels: u8) -> SourceC
         peer_timeout: None,
         integrity: false,
         tls: None,
+        channel_retries: 0,
     }
 }
