@@ -51,6 +51,12 @@ async function cutRun(t: ExecutionContext, r: Run, seed: number): Promise<void> 
   const dest = Destination.listen({ address: 'tcp:127.0.0.1:0', blocks: dst, ...(r.tls ? { tls: pki.dest() } : {}) })
   const proxy = await faultProxy(dest.address)
   const source = await Source.connect({ address: proxy.address, blocks: src, channels: 4, compression: r.compression, integrity: 'xxh3', ...(r.tls ? { tls: { ...pki.source(), name: 'localhost' } } : {}) })
+  // On a failure, nothing may keep the test process alive.
+  t.teardown(async () => {
+    await source.cancel()
+    dest.close()
+    await proxy.close()
+  })
   const recoveries: Recovery[] = []
   source.on('recovery', (x) => recoveries.push(x))
   dest.on('recovery', (x) => recoveries.push(x))

@@ -258,10 +258,10 @@ impl SourceControl {
             }
         }
         let terminal = self.terminal.lock().unwrap().clone();
-        if let Some((kind, frame)) = terminal.filter(|(k, _)| !(completed && k == "complete")) {
-            if let Err(e) = control.send(&frame) {
-                self.failure.fail(e.context(format!("sending {kind} again after a control reconnect")));
-            }
+        if let Some((kind, frame)) = terminal.filter(|(k, _)| !(completed && k == "complete"))
+            && let Err(e) = control.send(&frame)
+        {
+            self.failure.fail(e.context(format!("sending {kind} again after a control reconnect")));
         }
         self.reconnecting.store(false, Ordering::Release);
         events(Event::Recovered(Recovery { connection: None, cause, pages_resent: 0, took: started.elapsed() }));

@@ -739,7 +739,7 @@ impl Inner {
     fn expire_control_window(&self) {
         let window = self.session.lock().unwrap().as_ref().map_or(Duration::ZERO, |s| s.resume_window);
         let mut lost = self.control_lost.lock().unwrap();
-        if !lost.as_ref().is_some_and(|l| l.since.elapsed() >= window) {
+        if lost.as_ref().is_none_or(|l| l.since.elapsed() < window) {
             return;
         }
         let Lost { cause, .. } = lost.take().expect("checked above");
