@@ -259,8 +259,11 @@ export interface ChannelOptions {
   integrity: boolean
   /** Bytes per second over all channels; absent for no limit. */
   maxBandwidth?: number
-  /** Redials of a connection that breaks mid-session (this branch: the control connection). */
-  channelRetries: number
+  /**
+   * Redials of a connection that breaks mid-session (this branch: the control connection);
+   * absent: none, it fails at once.
+   */
+  channelRetries?: number
 }
 
 /** Why `address` is not a valid `tcp:HOST:PORT` or `unix:PATH`, or nothing when it is. */
@@ -294,8 +297,8 @@ export interface DestinationOptions {
   peerTimeoutMs?: number
   /** Check each packet's data pages against the digest in its header. */
   integrity: boolean
-  /** How long a lost control connection may take to be replaced (0: fail at once). */
-  resumeWindowMs: number
+  /** How long a lost control connection may take to be replaced; absent or 0: fail at once. */
+  resumeWindowMs?: number
 }
 
 export declare function encodeInitPacket(uuid: Uint8Array, channelId: number): Buffer

@@ -84,8 +84,9 @@ pub struct ChannelOptions {
     pub integrity: bool,
     /// Bytes per second over all channels; absent for no limit.
     pub max_bandwidth: Option<f64>,
-    /// Redials of a connection that breaks mid-session (this branch: the control connection).
-    pub channel_retries: u32,
+    /// Redials of a connection that breaks mid-session (this branch: the control connection);
+    /// absent: none, it fails at once.
+    pub channel_retries: Option<u32>,
 }
 
 fn bandwidth(v: Option<f64>) -> Result<Option<u64>> {
@@ -229,7 +230,7 @@ impl NativeSource {
             max_bandwidth: bandwidth(options.max_bandwidth)?,
             integrity: options.integrity,
             tls: self.session.tls().cloned(),
-            channel_retries: options.channel_retries,
+            channel_retries: options.channel_retries.unwrap_or(0),
         };
         self.session.start_channels(config).into_coded()
     }
@@ -313,8 +314,8 @@ pub struct DestinationOptions {
     pub peer_timeout_ms: Option<u32>,
     /// Check each packet's data pages against the digest in its header.
     pub integrity: bool,
-    /// How long a lost control connection may take to be replaced (0: fail at once).
-    pub resume_window_ms: u32,
+    /// How long a lost control connection may take to be replaced; absent or 0: fail at once.
+    pub resume_window_ms: Option<u32>,
 }
 
 #[napi]
@@ -379,7 +380,7 @@ impl NativeDestination {
                 channel_timeout: ms(options.channel_timeout_ms),
                 peer_timeout: options.peer_timeout_ms.map(ms),
                 integrity: options.integrity,
-                resume_window: ms(options.resume_window_ms),
+                resume_window: ms(options.resume_window_ms.unwrap_or(0)),
             })
             .into_coded()
     }
