@@ -354,3 +354,85 @@ fn a_channel_of_this_session_that_breaks_the_protocol_still_fails_it() {
     assert_eq!(dest.rejected_connections(), 0);
     dest.close();
 }
+
+/// Reads one control frame from a raw control connection.
+fn read_frame(s: &mut TcpStream) -> Vec<u8> {
+    use std::io::Read;
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut len = [0u8; 4];
+    s.read_exact(&mut len).unwrap();
+    let mut frame = vec![0u8; u32::from_be_bytes(len) as usize];
+    s.read_exact(&mut frame).unwrap();
+    frame
+}
+
+#[test]
+fn a_control_reconnect_is_admitted_only_for_this_session_and_answered_with_what_the_destination_knows() {
+    let _serial = one_at_a_time();
+    let (dsink, drx) = sink();
+    let dest = Destination::listen(&Address::parse("tcp:127.0.0.1:0").unwrap(), Duration::from_secs(2), None, dsink).unwrap();
+    let Address::Tcp { port, .. } = dest.address().clone() else { unreachable!() };
+    let (control, _) = junk(port, &control_bytes(br#"{"type":"hello"}"#));
+    loop {
+        if let Event::Control(_) = drx.recv_timeout(Duration::from_secs(10)).expect("the hello") {
+            break;
+        }
+    }
+    let dst = Arc::new(RamBlock::allocate("pc.ram", SIZE, 4096, false).unwrap());
+    dest.configure(DestConfig { resume_window: Duration::from_secs(5), ..dest_config(2, &dst) }).unwrap();
+    let session = UUID.iter().map(|b| format!("{b:02x}")).collect::<String>();
+    let next = || loop {
+        match drx.recv_timeout(Duration::from_secs(10)).expect("an event within 10 s") {
+            Event::Failed(e) => panic!("the destination failed: {e}"),
+            Event::ControlClosed(end) => panic!("the control connection's end reached the orchestrator: {end:?}"),
+            e @ (Event::Warning(_) | Event::Recovered(_)) => break e,
+            _ => {}
+        }
+    };
+    // Another session's reconnect is a stranger.
+    let (_other, _) = junk(port, &control_bytes(br#"{"type":"reconnect","session":"ffffffffffffffffffffffffffffffff","acked":0}"#));
+    let Event::Warning(w) = next() else { panic!("not rejected") };
+    assert_eq!(w.code, ErrorCode::UuidMismatch, "{w}");
+    // The session's control connection breaks; the window holds the session.
+    drop(control);
+    // Its replacement is admitted and answered before anything else.
+    let (mut again, _) = junk(port, &control_bytes(format!(r#"{{"type":"reconnect","session":"{session}","acked":0}}"#).as_bytes()));
+    assert_eq!(read_frame(&mut again), br#"{"type":"reconnected","epoch":0,"completed":false}"#);
+    let Event::Recovered(r) = next() else { panic!("no recovery") };
+    assert_eq!((r.connection, r.cause.code, r.pages_resent), (None, ErrorCode::ConnectionClosed, 0));
+    // A later `completed` goes out on the replacement.
+    dest.send_control(br#"{"type":"completed"}"#).unwrap();
+    assert_eq!(read_frame(&mut again), br#"{"type":"completed"}"#);
+    assert_eq!(dest.rejected_connections(), 1);
+    assert!(dest.failure().first().is_none());
+    dest.close();
+}
+
+#[test]
+fn a_lost_control_connection_fails_the_destination_only_after_the_resume_window() {
+    let _serial = one_at_a_time();
+    let (dsink, drx) = sink();
+    let dest = Destination::listen(&Address::parse("tcp:127.0.0.1:0").unwrap(), Duration::from_secs(2), None, dsink).unwrap();
+    let Address::Tcp { port, .. } = dest.address().clone() else { unreachable!() };
+    let (control, _) = junk(port, &control_bytes(br#"{"type":"hello"}"#));
+    loop {
+        if let Event::Control(_) = drx.recv_timeout(Duration::from_secs(10)).expect("the hello") {
+            break;
+        }
+    }
+    let dst = Arc::new(RamBlock::allocate("pc.ram", SIZE, 4096, false).unwrap());
+    dest.configure(DestConfig { resume_window: Duration::from_millis(500), ..dest_config(2, &dst) }).unwrap();
+    let lost = Instant::now();
+    drop(control);
+    let end = loop {
+        if let Event::ControlClosed(end) = drx.recv_timeout(Duration::from_secs(10)).expect("the window ends within 10 s") {
+            break end;
+        }
+    };
+    let waited = lost.elapsed();
+    let e = end.expect("an error, not a clean end");
+    assert_eq!(e.code, ErrorCode::ConnectionClosed, "{e}");
+    assert!(e.message.contains("resumeWindowMs (500 ms)"), "{e}");
+    assert!(waited >= Duration::from_millis(450) && waited < Duration::from_secs(5), "told after {waited:?}");
+    dest.close();
+}
