@@ -120,9 +120,9 @@ test('a destination whose control connection never comes back fails after resume
   const dest = Destination.listen({ address: 'tcp:127.0.0.1:0', blocks: dst, resumeWindowMs: 1000 })
   const proxy = await faultProxy(dest.address)
   t.teardown(() => proxy.close())
-  // The source keeps redialling (refused) far longer than the destination waits; its
-  // peerTimeoutMs bounds that (nothing heard from the destination meanwhile).
-  const source = await Source.connect({ address: proxy.address, blocks: src, channels: 2, channelRetries: 100, peerTimeoutMs: 3000 })
+  // The source keeps redialling (refused) longer than the destination waits: six redials,
+  // 50 ms doubling, are 3.15 s of backoff.
+  const source = await Source.connect({ address: proxy.address, blocks: src, channels: 2, channelRetries: 6 })
   const sourceCode = rejectionCode(source.done)
   await source.sendAll()
   await source.sync()
@@ -134,7 +134,7 @@ test('a destination whose control connection never comes back fails after resume
   t.is(code, 'ERR_MULTIFD_CONNECTION_CLOSED')
   t.regex(dest.error?.message ?? '', /resumeWindowMs \(1000 ms\)/)
   t.true(took >= 900 && took < 4000, `failed ${took.toFixed(0)} ms after the cut`)
-  t.is(await until(sourceCode, 10_000, 'the source failing too'), 'ERR_MULTIFD_TIMEOUT')
+  t.is(await until(sourceCode, 10_000, 'the source failing too, out of retries'), 'ERR_MULTIFD_CONNECTION_CLOSED')
 })
 
 test('a source whose control reconnects are refused fails after its retries with the cause\'s code', async (t) => {
@@ -157,4 +157,38 @@ test('a source whose control reconnects are refused fails after its retries with
   // 50 + 100 + 200 ms of backoff and three refused connects.
   t.true(took >= 300 && took < 3000, `failed ${took.toFixed(0)} ms after the cut`)
   await until(destCode, 15_000, 'the destination failing too')
+})
+
+test('a control connection that hangs (nothing passes, no reset) is replaced after peerTimeoutMs on both sides, and the migration completes', async (t) => {
+  t.timeout(60_000)
+  const { src, dst } = blockPair([['pc.ram', 4 * MiB]])
+  fillRandom(src[0]!)
+  const dest = Destination.listen({ address: 'tcp:127.0.0.1:0', blocks: dst, peerTimeoutMs: 1000 })
+  const proxy = await faultProxy(dest.address)
+  const source = await Source.connect({ address: proxy.address, blocks: src, channels: 2, peerTimeoutMs: 1000 })
+  t.teardown(async () => {
+    await source.cancel()
+    dest.close()
+    await proxy.close()
+  })
+  const recoveries: Recovery[] = []
+  source.on('recovery', (x) => recoveries.push(x))
+  dest.on('recovery', (x) => recoveries.push(x))
+  await source.sendAll()
+  await source.sync()
+  // From here the control connection passes nothing either way: the next sync's
+  // acknowledgement is held with it, and no ping gets through.
+  proxy.hold(0)
+  await source.sendAll()
+  await until(source.sync(), 20_000, 'the sync across the hung control connection')
+  const summary = await until(source.complete(), 20_000, 'the source completing')
+  await until(dest.done, 20_000, 'the destination completing')
+  t.is(summary.status, 'completed')
+  t.true(sameBytes(src, dst))
+  const mine = recoveries.filter((x) => x.side === 'source')
+  t.true(mine.length >= 1 && mine[0]!.connection === 'control', 'a control recovery on the source')
+  t.true(recoveries.some((x) => x.side === 'destination' && x.connection === 'control'), 'a control recovery on the destination')
+  // The side whose peerTimeoutMs ran out first dropped it; the other saw it close.
+  t.true(recoveries.some((x) => x.cause.code === 'ERR_MULTIFD_TIMEOUT'), 'a side noticed the silence')
+  t.log(recoveries.map((x) => `${x.side}: ${x.cause.code} ${x.ms.toFixed(0)} ms`).join(', '))
 })

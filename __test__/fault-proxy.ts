@@ -30,6 +30,8 @@ export interface FaultProxy {
   refuseWhen: (refuse: ((index: number) => boolean) | undefined) => void
   /** Stops forwarding in both directions, as a hung peer whose sockets stay open. */
   stall: () => void
+  /** The same for connection `n` only: a hung path for one connection. */
+  hold: (n: number) => void
   /** Resolves once every proxied socket and the listener have released their descriptors. */
   close: () => Promise<void>
 }
@@ -41,6 +43,7 @@ interface Pair extends ProxiedConnection {
   down_: number
   cutAt?: number | undefined
   cutDownAt?: number | undefined
+  held?: boolean
 }
 
 function reset(s: net.Socket): void {
@@ -84,6 +87,7 @@ export async function faultProxy(target: string): Promise<FaultProxy> {
       open: () => !down.destroyed && !up.destroyed,
     }
     down.on('data', (chunk: Buffer) => {
+      if (pair.held) return
       pair.up_ += chunk.length
       if (pair.cutAt !== undefined && pair.up_ >= pair.cutAt) {
         // Forward only what fits under the threshold, then cut: the cut lands mid-stream.
@@ -97,6 +101,7 @@ export async function faultProxy(target: string): Promise<FaultProxy> {
     })
     up.on('drain', () => stalled || down.resume())
     up.on('data', (chunk: Buffer) => {
+      if (pair.held) return
       pair.down_ += chunk.length
       if (pair.cutDownAt !== undefined && pair.down_ >= pair.cutDownAt) {
         const keep = chunk.length - (pair.down_ - pair.cutDownAt)
@@ -139,6 +144,11 @@ export async function faultProxy(target: string): Promise<FaultProxy> {
     },
     refuseWhen: (r) => {
       refuse = r
+    },
+    hold: (n) => {
+      const p = pairs.find((q) => q.index === n)
+      if (!p) throw new Error(`no connection ${n} yet`)
+      p.held = true
     },
     stall: () => {
       stalled = true

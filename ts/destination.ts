@@ -159,6 +159,8 @@ export class Destination extends Session {
       case 'warning':
         return this.warn(nativeError(ev.error))
       case 'recovered':
+        // The replacement speaks for the source: the liveness wait starts over.
+        this.heard()
         return this.recovered(recoveryOf('destination', ev))
       case 'done':
       case 'rejected':
@@ -232,7 +234,7 @@ export class Destination extends Session {
       }),
     )
     this.#send({ type: 'welcome', protocol: PROTOCOL_VERSION })
-    if (this.#options.peerTimeoutMs > 0) this.startLiveness(this.#options.peerTimeoutMs, () => this.#send({ type: 'ping' }))
+    if (this.#options.peerTimeoutMs > 0) this.startLiveness(this.#options.peerTimeoutMs, () => this.#send({ type: 'ping' }), (e) => this.#native.dropControl(e.code, e.message))
     this.setState('active')
   }
 

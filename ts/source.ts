@@ -66,7 +66,8 @@ const SourceOptions = z.strictObject({
   handshakeTimeoutMs: TimeoutMs.default(DEFAULT_TIMEOUT_MS),
   /**
    * Redials of a connection that breaks once the channels are up (a reset, an end before
-   * completion), each after a wait of 50 ms doubling up to 2 s, with a fresh TLS handshake;
+   * completion, nothing heard on it for `peerTimeoutMs`), each after a wait of 50 ms doubling
+   * up to 2 s, with a fresh TLS handshake;
    * 0 fails at once. A control connection that comes back identifies itself with the session's
    * UUID; an acknowledgement lost with the old one is delivered once, a `complete` the
    * destination may have missed is sent again. Each repair is a `recovery` event.
@@ -186,12 +187,22 @@ export class Source extends Session {
       )
       // Channels connect all at once (as QEMU's), each within connectTimeoutMs.
       await this.#until('channelsReady', 'the multifd channels', o.connectTimeoutMs + CONNECT_SLACK_MS)
-      if (o.peerTimeoutMs > 0) this.startLiveness(o.peerTimeoutMs, () => this.#send({ type: 'ping' }))
+      if (o.peerTimeoutMs > 0) this.startLiveness(o.peerTimeoutMs, () => this.#send({ type: 'ping' }), (e) => this.#repairControl(n, e))
       this.setState('active')
     } catch (e) {
       this.fail(e)
       throw this.error ?? asMultifdError(e)
     }
+  }
+
+  /** True while the control connection is being replaced after a silence (see `startLiveness`). */
+  #repairing = false
+
+  /** Nothing heard for peerTimeoutMs: the control connection is dropped and redialled, if it may be. */
+  #repairControl(n: NativeSource, e: MultifdError): boolean {
+    if (this.state !== 'active' && this.state !== 'device') return false
+    this.#repairing = n.dropControl(e.code, e.message)
+    return this.#repairing
   }
 
   #send(m: ControlMessage): void {
@@ -235,6 +246,9 @@ export class Source extends Session {
       case 'synced':
         return // the destination's event; a source hears `synced` on the control connection
       case 'recovered':
+        // The replacement speaks for the destination: the liveness wait starts over.
+        this.heard()
+        if (ev.connection == null) this.#repairing = false
         return this.recovered(recoveryOf('source', ev))
     }
   }
@@ -333,10 +347,16 @@ export class Source extends Session {
     let moved = performance.now()
     const watchdog = setInterval(() => {
       const now = n.unsentBytes()
-      if (now < queued) moved = performance.now()
+      // Bytes drained, or the control connection being replaced (the acknowledgement follows).
+      if (now < queued || this.#repairing) moved = performance.now()
       queued = now
       const idle = performance.now() - moved
-      if (idle > bound) this.fail(new MultifdError('ERR_MULTIFD_TIMEOUT', `source: the destination neither took the channels' bytes nor acknowledged sync ${epoch} for ${Math.round(idle)} ms (peerTimeoutMs ${bound})`))
+      if (idle <= bound) return
+      const e = new MultifdError('ERR_MULTIFD_TIMEOUT', `source: the destination neither took the channels' bytes nor acknowledged sync ${epoch} for ${Math.round(idle)} ms (peerTimeoutMs ${bound})`)
+      // A control connection that is itself quiet may be hung, with the acknowledgement on it:
+      // the liveness check replaces it (or fails the session) within peerTimeoutMs.
+      if (this.silentMs() > bound / 2) return
+      this.fail(e)
     }, Math.max(10, Math.floor(bound / 10)))
     watchdog.unref()
     return acked.finally(() => clearInterval(watchdog))

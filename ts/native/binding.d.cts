@@ -73,6 +73,11 @@ export declare class NativeDestination {
   stats(): Array<ChannelCounters>
   fail(codeName: string, message: string): boolean
   /**
+   * Drops the control connection and waits for its replacement (nothing heard on it for
+   * `peerTimeoutMs`); false when no replacement would be waited for.
+   */
+  dropControl(codeName: string, message: string): boolean
+  /**
    * Connections rejected so far because they never identified themselves as this session's
    * (each reported in a rate-limited `warning` event naming the peer and the reason).
    */
@@ -152,6 +157,11 @@ export declare class NativeSource {
    * acknowledged before) fails the session with ERR_MULTIFD_OUT_OF_SEQUENCE.
    */
   synced(epoch: number): void
+  /**
+   * Drops the control connection to redial it (nothing heard on it for `peerTimeoutMs`);
+   * false when it will not be redialled.
+   */
+  dropControl(codeName: string, message: string): boolean
   /**
    * The destination reported completion; before `complete` was sent this fails the session
    * with ERR_MULTIFD_OUT_OF_SEQUENCE.

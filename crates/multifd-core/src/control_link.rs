@@ -54,6 +54,8 @@ pub struct SourceControl {
     /// The last `complete`, `cancel` or `error` this side sent, to send again after a reconnect.
     terminal: Mutex<Option<(String, Vec<u8>)>>,
     reconnecting: AtomicBool,
+    /// Why the current connection is being dropped on purpose (see [`SourceControl::drop_current`]).
+    dropped: Mutex<Option<Error>>,
     closed: Mutex<bool>,
     woken: Condvar,
     worker: Mutex<Option<JoinHandle<()>>>,
@@ -72,6 +74,7 @@ impl SourceControl {
             heard: Mutex::new(Heard::default()),
             terminal: Mutex::new(None),
             reconnecting: AtomicBool::new(false),
+            dropped: Mutex::new(None),
             closed: Mutex::new(false),
             woken: Condvar::new(),
             worker: Mutex::new(None),
@@ -128,6 +131,23 @@ impl SourceControl {
         }
     }
 
+    /// Drops the current connection because of `cause` (the orchestrator heard nothing on it for
+    /// `peerTimeoutMs`: a hung path), so that it is redialled like a broken one. False when no
+    /// redial may follow (before the channels start, with no retries, once failed or closed);
+    /// true at once when a redial is already under way.
+    pub fn drop_current(&self, cause: Error) -> bool {
+        if self.retries() == 0 {
+            return false;
+        }
+        if self.reconnecting.load(Ordering::Acquire) {
+            return true;
+        }
+        let Some(current) = self.current.lock().unwrap().clone() else { return false };
+        *self.dropped.lock().unwrap() = Some(cause);
+        current.conn().shutdown();
+        true
+    }
+
     /// Redials allowed now: 0 before the channels start, once failed or closed.
     fn retries(&self) -> u32 {
         if self.failure.is_failed() || *self.closed.lock().unwrap() {
@@ -168,6 +188,7 @@ impl SourceControl {
         if generation != self.generation.load(Ordering::Acquire) || self.reconnecting.load(Ordering::Acquire) {
             return; // a replaced connection, or one a reconnect in progress gave up on
         }
+        let end = self.dropped.lock().unwrap().take().or(end);
         // A clean end after the destination finished, or after this side cancelled or failed
         // (the destination closes on those), is the expected end.
         let expected = self.heard.lock().unwrap().ended || (end.is_none() && self.terminal.lock().unwrap().as_ref().is_some_and(|(k, _)| k != "complete"));

@@ -146,6 +146,8 @@ struct Inner {
     control_lost: Mutex<Option<Lost>>,
     /// `completed` went out (it may have been lost with a broken control connection).
     completed_sent: AtomicBool,
+    /// Why the current control connection is being dropped on purpose (see `drop_control`).
+    control_dropped: Mutex<Option<Error>>,
     /// Admitted channels. Admission happens under this lock and is refused once `closing`,
     /// so `close` (which shuts these down under the same lock) cannot miss one.
     channel_conns: Mutex<Vec<Arc<Conn>>>,
@@ -193,6 +195,7 @@ impl Destination {
             control_generation: AtomicU64::new(0),
             control_lost: Mutex::new(None),
             completed_sent: AtomicBool::new(false),
+            control_dropped: Mutex::new(None),
             channel_conns: Mutex::new(Vec::new()),
             classifying: Mutex::new(Classifiers::default()),
             released: Condvar::new(),
@@ -258,6 +261,19 @@ impl Destination {
             Some(c) => c.send(frame).or_else(|e| if self.inner.control_resumable() { Ok(()) } else { Err(e) }),
             None => fail!(State, "no control connection yet"),
         }
+    }
+
+    /// Drops the control connection because of `cause` (nothing heard on it for
+    /// `peerTimeoutMs`: a hung path) and waits for its replacement like a broken one's. False
+    /// when no replacement would be waited for (the caller fails instead).
+    pub fn drop_control(&self, cause: Error) -> bool {
+        if !self.inner.control_resumable() {
+            return false;
+        }
+        let Some(c) = self.inner.control.lock().unwrap().clone() else { return false };
+        *self.inner.control_dropped.lock().unwrap() = Some(cause);
+        c.conn().shutdown();
+        true
     }
 
     /// Starts admitting multifd channels for this session (and those that already arrived).
@@ -720,6 +736,7 @@ impl Inner {
         if generation != self.control_generation.load(Ordering::Acquire) {
             return;
         }
+        let end = self.control_dropped.lock().unwrap().take().or(end);
         let clean_after_completion = end.is_none() && self.completed_sent.load(Ordering::Acquire);
         if clean_after_completion || !self.control_resumable() {
             return (self.events)(Event::ControlClosed(end));

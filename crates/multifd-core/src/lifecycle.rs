@@ -118,6 +118,12 @@ impl SourceSession {
         self.control.send(frame)
     }
 
+    /// Drops the control connection to redial it, because of `cause` (nothing heard on it for
+    /// `peerTimeoutMs`). False when it will not be redialled (the caller fails instead).
+    pub fn drop_control(&self, cause: Error) -> bool {
+        self.control.drop_current(cause)
+    }
+
     /// Sends `complete`, which names `epoch`: the last sync sent, acknowledged.
     pub fn send_complete(&self, epoch: u64, frame: &[u8]) -> Result<()> {
         self.ledger.lock().unwrap().complete_sent(epoch)?;

@@ -204,6 +204,13 @@ impl NativeSource {
         self.session.synced(epoch).into_coded()
     }
 
+    /// Drops the control connection to redial it (nothing heard on it for `peerTimeoutMs`);
+    /// false when it will not be redialled.
+    #[napi]
+    pub fn drop_control(&self, code_name: String, message: String) -> bool {
+        self.session.drop_control(Error::new(code(&code_name), message))
+    }
+
     /// The destination reported completion; before `complete` was sent this fails the session
     /// with ERR_MULTIFD_OUT_OF_SEQUENCE.
     #[napi]
@@ -393,6 +400,13 @@ impl NativeDestination {
     #[napi]
     pub fn fail(&self, code_name: String, message: String) -> bool {
         self.dest.failure().fail(Error::new(code(&code_name), message))
+    }
+
+    /// Drops the control connection and waits for its replacement (nothing heard on it for
+    /// `peerTimeoutMs`); false when no replacement would be waited for.
+    #[napi]
+    pub fn drop_control(&self, code_name: String, message: String) -> bool {
+        self.dest.drop_control(Error::new(code(&code_name), message))
     }
 
     /// Connections rejected so far because they never identified themselves as this session's
