@@ -24,10 +24,14 @@ export interface FaultProxy {
   cut: (n: number, how?: 'reset' | 'close') => boolean
   /** Cuts connection `n` with a RST once it has forwarded `bytes` source-to-destination bytes (at once if it already has). */
   cutAfter: (n: number, bytes: number) => void
+  /** The same for destination-to-source bytes: what the destination sends past `bytes` is never delivered. */
+  cutAfterDown: (n: number, bytes: number) => void
   /** From now on, connections for which `refuse(index)` is true are reset as soon as they arrive. */
   refuseWhen: (refuse: ((index: number) => boolean) | undefined) => void
   /** Stops forwarding in both directions, as a hung peer whose sockets stay open. */
   stall: () => void
+  /** The same for connection `n` only: a hung path for one connection. */
+  hold: (n: number) => void
   /** Resolves once every proxied socket and the listener have released their descriptors. */
   close: () => Promise<void>
 }
@@ -38,6 +42,8 @@ interface Pair extends ProxiedConnection {
   up_: number
   down_: number
   cutAt?: number | undefined
+  cutDownAt?: number | undefined
+  held?: boolean
 }
 
 function reset(s: net.Socket): void {
@@ -81,6 +87,7 @@ export async function faultProxy(target: string): Promise<FaultProxy> {
       open: () => !down.destroyed && !up.destroyed,
     }
     down.on('data', (chunk: Buffer) => {
+      if (pair.held) return
       pair.up_ += chunk.length
       if (pair.cutAt !== undefined && pair.up_ >= pair.cutAt) {
         // Forward only what fits under the threshold, then cut: the cut lands mid-stream.
@@ -94,7 +101,15 @@ export async function faultProxy(target: string): Promise<FaultProxy> {
     })
     up.on('drain', () => stalled || down.resume())
     up.on('data', (chunk: Buffer) => {
+      if (pair.held) return
       pair.down_ += chunk.length
+      if (pair.cutDownAt !== undefined && pair.down_ >= pair.cutDownAt) {
+        const keep = chunk.length - (pair.down_ - pair.cutDownAt)
+        if (keep > 0) down.write(chunk.subarray(0, keep), () => cutPair(pair, 'reset'))
+        else cutPair(pair, 'reset')
+        pair.cutDownAt = undefined
+        return
+      }
       if (!down.write(chunk)) up.pause()
     })
     down.on('drain', () => stalled || up.resume())
@@ -121,8 +136,19 @@ export async function faultProxy(target: string): Promise<FaultProxy> {
       if (p.up_ >= bytes) cutPair(p, 'reset')
       else p.cutAt = bytes
     },
+    cutAfterDown: (n, bytes) => {
+      const p = pairs.find((q) => q.index === n)
+      if (!p) throw new Error(`no connection ${n} yet`)
+      if (p.down_ >= bytes) cutPair(p, 'reset')
+      else p.cutDownAt = bytes
+    },
     refuseWhen: (r) => {
       refuse = r
+    },
+    hold: (n) => {
+      const p = pairs.find((q) => q.index === n)
+      if (!p) throw new Error(`no connection ${n} yet`)
+      p.held = true
     },
     stall: () => {
       stalled = true

@@ -1,13 +1,16 @@
 /**
- * Hostile input: crafted bytes sent to a real destination, one bad field at a time. Each case
- * must end failed with its code within a bounded time, leave every block's memory unchanged
- * outside the pages the hostile packets legitimately address, leak no thread or descriptor,
- * and leave the process able to complete a normal migration.
+ * Hostile input: crafted bytes sent to a real destination, one bad field at a time. A channel
+ * of the session (its init packet names the session's UUID) that breaks the protocol must end
+ * the session failed with its code within a bounded time; a connection that never identifies
+ * itself as the session's (unknown first bytes, another session's UUID) is rejected with its
+ * code instead and the session carries on. Either way every block's memory stays unchanged
+ * outside the pages the hostile packets legitimately address, no thread or descriptor leaks,
+ * and the process can still complete a normal migration.
  */
 import test from 'ava'
 import { createHash, randomBytes } from 'node:crypto'
 import { constants, deflateSync } from 'node:zlib'
-import { Destination, RamBlock, encodeInitPacket, encodePacketHeader, migrate, type MultifdErrorCode, type PacketFields } from '../ts/index.js'
+import { Destination, MultifdError, RamBlock, encodeInitPacket, encodePacketHeader, migrate, type MultifdErrorCode, type PacketFields } from '../ts/index.js'
 import { MiB, blockPair, fdCount, rawChannel, rawControl, rejectionCode, sameBytes, testPki, threadCount, until, type RawTls } from './helpers.js'
 
 const BLOCK = 'pc.ram'
@@ -39,9 +42,7 @@ const page = (fill: number): Buffer => Buffer.alloc(4096, fill)
 const zlibPayload = (data: Buffer): Buffer => deflateSync(data, { level: 1, finishFlush: constants.Z_SYNC_FLUSH })
 
 const cases: Case[] = [
-  { name: 'connection magic', code: 'ERR_MULTIFD_UNKNOWN_CHANNEL', channelBytes: () => [[Buffer.from('GET / HTTP/1.1\r\n\r\n')]] },
   { name: 'init version', code: 'ERR_MULTIFD_BAD_VERSION', channelBytes: (u) => [[patch(init(u), 4, 2)]] },
-  { name: 'init session UUID', code: 'ERR_MULTIFD_UUID_MISMATCH', channelBytes: () => [[init(randomBytes(16))]] },
   { name: 'channel id equal to the count', code: 'ERR_MULTIFD_CHANNEL_ID_RANGE', channelBytes: (u) => [[init(u, 1)]] },
   { name: 'channel id above the count', code: 'ERR_MULTIFD_CHANNEL_ID_RANGE', channelBytes: (u) => [[init(u, 200)]] },
   { name: 'duplicate channel id', code: 'ERR_MULTIFD_CHANNEL_DUPLICATE', channels: 2, channelBytes: (u) => [[init(u, 0)], [init(u, 0)]] },
@@ -80,6 +81,13 @@ const cases: Case[] = [
   { name: 'SYNC on one channel, then EOF', code: 'ERR_MULTIFD_CONNECTION_CLOSED', channels: 2, close: true, channelBytes: (u) => [[init(u, 0), encodePacketHeader({ flags: 1, packetNum: 1n })], [init(u, 1)]] },
 ]
 
+/** Connections that never identify themselves as the session's: rejected, never fatal. */
+const strangers: Case[] = [
+  { name: 'connection magic', code: 'ERR_MULTIFD_UNKNOWN_CHANNEL', channelBytes: () => [[Buffer.from('GET / HTTP/1.1\r\n\r\n')]] },
+  { name: 'init session UUID', code: 'ERR_MULTIFD_UUID_MISMATCH', channelBytes: () => [[init(randomBytes(16))]] },
+  { name: 'init session UUID and a bad version', code: 'ERR_MULTIFD_UUID_MISMATCH', channelBytes: () => [[patch(init(randomBytes(16)), 4, 2)]] },
+]
+
 /** sha256 of every page of `b` except those at `skip` byte offsets. */
 function hashExcept(b: RamBlock, skip: number[] = []): string {
   const h = createHash('sha256')
@@ -100,7 +108,10 @@ const modes = [
   { name: ' over TLS', secure: clientTls },
 ]
 
-async function attack(c: Case, secure?: RawTls): Promise<{ code: MultifdErrorCode; ms: number; untouched: boolean }> {
+/** How an attack ended: the session's failure, or the connection's rejection (a warning). */
+type Outcome = { code: MultifdErrorCode; ms: number; untouched: boolean; failed: boolean; warning?: string; rejected: number }
+
+async function attack(c: Case, secure?: RawTls): Promise<Outcome> {
   const target = RamBlock.allocate({ name: BLOCK, size: SIZE })
   const other = RamBlock.allocate({ name: 'other', size: 64 * 1024 })
   target.view().fill(0x5a)
@@ -119,11 +130,15 @@ async function attack(c: Case, secure?: RawTls): Promise<{ code: MultifdErrorCod
   const sockets = []
   for (const bytes of c.channelBytes(uuid)) sockets.push(await rawChannel(dest.address, bytes, secure))
   if (c.close) for (const s of sockets) s.end()
-  const code = await until(rejectionCode(dest.done), 5000, `${c.name}: destination failure`)
+  const warned = new Promise<MultifdError>((resolve) => dest.once('warning', resolve))
+  const ended = await until(Promise.race([rejectionCode(dest.done).then((code) => ({ code, failed: true })), warned.then((w) => ({ code: w.code, failed: false, warning: w.message }))]), 5000, `${c.name}: destination failure or rejection`)
   const ms = performance.now() - started
+  const rejected = dest.stats().rejectedConnections
+  const failed = ended.failed || dest.error !== undefined
   for (const s of sockets) s.destroy()
   ctl.socket.destroy()
-  return { code, ms, untouched: hashExcept(target, c.touches) === before[0] && hashExcept(other) === before[1] }
+  dest.close()
+  return { ...ended, failed, ms, rejected, untouched: hashExcept(target, c.touches) === before[0] && hashExcept(other) === before[1] }
 }
 
 for (const mode of modes) for (const c of cases) {
@@ -131,8 +146,22 @@ for (const mode of modes) for (const c of cases) {
     t.timeout(20_000)
     const r = await attack(c, mode.secure)
     t.is(r.code, c.code)
+    t.true(r.failed, 'the session failed')
     t.true(r.ms < 5000, `failed after ${r.ms} ms`)
     t.true(r.untouched, 'no byte changed outside the pages the packets legitimately address')
+  })
+}
+
+for (const mode of modes) for (const c of strangers) {
+  test(`stranger${mode.name} ${c.name}: rejected with ${c.code}, the session unharmed, memory untouched`, async (t) => {
+    t.timeout(20_000)
+    const r = await attack(c, mode.secure)
+    t.is(r.code, c.code)
+    t.false(r.failed, 'the session carries on')
+    t.is(r.rejected, 1)
+    t.regex(r.warning ?? '', /^rejected a connection from 127\.0\.0\.1:\d+: /)
+    t.true(r.ms < 5000, `rejected after ${r.ms} ms`)
+    t.true(r.untouched, 'no byte changed')
   })
 }
 
@@ -142,7 +171,7 @@ test.serial('after every hostile case: no thread or descriptor leaked, and a nor
   await attack(cases[0]!) // warm up lazily created threads and descriptors
   const threads = threadCount()
   const fds = fdCount()
-  for (const mode of modes) for (const c of cases) await attack(c, mode.secure)
+  for (const mode of modes) for (const c of [...cases, ...strangers]) await attack(c, mode.secure)
   t.is(threadCount(), threads)
   t.is(fdCount(), fds)
   const { src, dst } = blockPair([[BLOCK, SIZE], ['other', 64 * 1024]])

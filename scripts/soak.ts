@@ -82,6 +82,11 @@ async function one(i: number): Promise<Outcome> {
     () => undefined,
     (e: unknown) => e,
   )
+  // An intruder is rejected (a warning), never the destination's failure.
+  const rejection = new Promise<MultifdError | undefined>((resolve) => {
+    dest.once('warning', resolve)
+    setTimeout(resolve, 5000, undefined).unref()
+  })
   let source: Source | undefined
   try {
     source = await Source.connect({ address: dest.address, blocks: src, ...options })
@@ -99,11 +104,15 @@ async function one(i: number): Promise<Outcome> {
     return { fault, tls, status: 'completed', ok: fault === 'none' && same, detail: same ? '' : 'destination differs' }
   } catch (e) {
     const err = e instanceof MultifdError ? e : undefined
+    if (fault === 'intruder') {
+      const w = await rejection
+      const unharmed = w?.code === 'ERR_MULTIFD_TLS_NOT_ALLOWED' && dest.error === undefined && dest.stats().rejectedConnections === 1
+      return { fault, tls, status: 'failed', ok: err?.code === 'ERR_MULTIFD_TLS_NOT_ALLOWED' && unharmed, detail: `${err?.code}: ${err?.message}; destination: ${w ? `${w.code}: ${w.message}` : 'no rejection'}` }
+    }
     const destErr = await destDone
     const reported = !!err?.code && (destErr === undefined || destErr instanceof MultifdError)
     const status = source?.state === 'cancelled' ? 'cancelled' : 'failed'
-    const expected = fault !== 'intruder' || (err?.code === 'ERR_MULTIFD_TLS_NOT_ALLOWED' && destErr instanceof MultifdError && destErr.code === 'ERR_MULTIFD_TLS_NOT_ALLOWED')
-    return { fault, tls, status, ok: fault !== 'none' && reported && expected, detail: err ? `${err.code}: ${err.message}` : String(e) }
+    return { fault, tls, status, ok: fault !== 'none' && reported, detail: err ? `${err.code}: ${err.message}` : String(e) }
   } finally {
     dest.close()
   }

@@ -10,7 +10,7 @@ import { RamBlock, RamBlockSchema, blockDigests } from './block.js'
 import { Address, Channels, DEFAULT_PEER_TIMEOUT_MS, DEFAULT_RESUME_WINDOW_MS, DEFAULT_TIMEOUT_MS, PeerTimeoutMs, ResumeWindowMs, TimeoutMs, parseOptions } from './options.js'
 import { PROTOCOL_VERSION, remoteError, type ControlMessage, type Hello } from './protocol.js'
 import { Session } from './session.js'
-import { type ChannelStats, type TlsSummary } from './types.js'
+import { type ChannelStats, type DestinationStats, type TlsSummary } from './types.js'
 import { DestinationTlsOptions, tlsCredentials, tlsSummary } from './tls.js'
 import { HELD_RANGES_PER_FRAME, pieceCount, type DurablePieces } from './resume.js'
 
@@ -61,8 +61,9 @@ const DestinationOptions = z.strictObject({
    */
   peerTimeoutMs: PeerTimeoutMs.default(DEFAULT_PEER_TIMEOUT_MS),
   /**
-   * How long a connection may take to send its first bytes (with TLS: to complete its
-   * handshake and pass the allow-list too), and the source its hello.
+   * How long a connection may take to identify itself: to send its first bytes (with TLS: to
+   * complete its handshake and pass the allow-list too), and, for the control connection, its
+   * hello. A connection that does not is closed and counted in `rejectedConnections`.
    */
   handshakeTimeoutMs: TimeoutMs.default(DEFAULT_TIMEOUT_MS),
   /**
@@ -74,7 +75,9 @@ const DestinationOptions = z.strictObject({
   /**
    * Require mutual TLS on every connection (see README, "TLS"). A connection is read only
    * after its handshake, certificate checks and the `allow` list pass; a plaintext peer, an
-   * untrusted, expired or unlisted certificate fails the session with its own code.
+   * untrusted, expired or unlisted certificate is rejected: closed, counted in
+   * `rejectedConnections` and reported as a `warning` with its own code (the source fails with
+   * that code), while this destination keeps waiting for its source.
    */
   tls: DestinationTlsOptions.optional(),
   /** Resumable transfers (docs/PROTOCOL.md, "Resume"): what this side holds, and a hook at each durable epoch. */
@@ -98,6 +101,11 @@ export class Destination extends Session {
   /** The latest complete pieces not yet made durable, and whether a flush is under way. */
   #undurable: { epoch: number; blocks: Buffer[] } | undefined
   #flushing = false
+  /** A `complete` is being handled (one sent again after a control reconnect is a repeat). */
+  #completing = false
+  /** `completed` went out: the control connection's end is now the expected one. */
+  #completedSent = false
+  #controlEnded: (() => void) | undefined
 
   get session(): string {
     return this.#session
@@ -157,6 +165,9 @@ export class Destination extends Session {
         return this.fail(nativeError(ev.error))
       case 'controlClosed':
         if (this.state === 'completed') return
+        // The source heard `completed` and closed, or never came back for it: either way
+        // every page is here.
+        if (this.#completedSent) return this.#controlEnded?.()
         return this.fail(
           ev.error
             ? new MultifdError(nativeError(ev.error).code, `control connection: ${ev.error.message}`)
@@ -174,6 +185,8 @@ export class Destination extends Session {
       case 'warning':
         return this.warn(nativeError(ev.error))
       case 'recovery':
+        // The replacement speaks for the source: the liveness wait starts over.
+        this.heard()
         return this.recovered(ev)
       case 'done':
       case 'rejected':
@@ -256,7 +269,7 @@ export class Destination extends Session {
       }),
     )
     this.#send({ type: 'welcome', protocol: PROTOCOL_VERSION })
-    if (this.#options.peerTimeoutMs > 0) this.startLiveness(this.#options.peerTimeoutMs, () => this.#send({ type: 'ping' }))
+    if (this.#options.peerTimeoutMs > 0) this.startLiveness(this.#options.peerTimeoutMs, () => this.#send({ type: 'ping' }), (e) => this.#native.dropControl(e.code, e.message))
     this.setState('active')
   }
 
@@ -348,6 +361,9 @@ export class Destination extends Session {
   }
 
   async #onComplete(epoch: number, digests?: Array<{ name: string; xxh3: string }>): Promise<void> {
+    // A source whose control connection broke sends `complete` again if it may have been lost.
+    if (this.#completing) return
+    this.#completing = true
     if (this.state !== 'active') throw new MultifdError('ERR_MULTIFD_PROTOCOL', `complete arrived in state ${this.state}`)
     // Accepted natively only when every announced channel was admitted and delivered this
     // epoch's SYNC (ERR_MULTIFD_OUT_OF_SEQUENCE otherwise); the channel readers are joined.
@@ -368,7 +384,23 @@ export class Destination extends Session {
     }
     this.setState('device')
     this.#send({ type: 'completed' })
-    this.succeed()
+    this.#completedSent = true
+    // Until the source closes the control connection it may still have to reconnect to hear
+    // `completed` (a break just after it went out), so the listener stays up until then:
+    // at most resumeWindowMs after a break, or handshakeTimeoutMs for a source that lingers.
+    if (this.#options.resumeWindowMs > 0) await this.#controlEnd()
+    if (!this.error) this.succeed()
+  }
+
+  #controlEnd(): Promise<void> {
+    return new Promise<void>((resolve) => {
+      const timer = setTimeout(() => this.#controlEnded?.(), this.#options.handshakeTimeoutMs + this.#options.resumeWindowMs)
+      this.#controlEnded = () => {
+        clearTimeout(timer)
+        this.#controlEnded = undefined
+        resolve()
+      }
+    })
   }
 
   protected override tellPeer(e: MultifdError): void {
@@ -393,6 +425,11 @@ export class Destination extends Session {
 
   protected override nativeStats(): ChannelStats[] {
     return this.#native.stats()
+  }
+
+  /** The session's stats, and the connections rejected so far (see `DestinationStats`). */
+  override stats(): DestinationStats {
+    return { ...super.stats(), rejectedConnections: this.#native.rejectedConnections() }
   }
 
   protected override channelCount(): number {

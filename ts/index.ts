@@ -8,7 +8,7 @@ export { runLiveMigration, type LiveMigrateOptions, type LiveOptions, type LiveS
 export { extractQemuBlock, inspectQemuFile, type QemuBlockInfo, type QemuFileInfo } from './qemu.js'
 export { QemuReceiver, QemuSender, type QemuReceiveOptions, type QemuSendOptions, type QemuRecvSummary, type QemuSendSummary, type QemuPeerBlock, type QemuPeerChannel, type QemuPeerProgress } from './qemu-peer.js'
 export { inspectSnapshot, restore, snapshot, type FileProgress, type FileSummary, type RestoreOptions, type SnapshotBlockInfo, type SnapshotInfo, type SnapshotOptions } from './snapshot.js'
-export { type ChannelState, type ChannelStats, type Recovery, type Stats, type Summary, type SessionEvents, type TlsSummary } from './types.js'
+export { type ChannelState, type ChannelStats, type DestinationStats, type Recovery, type Stats, type Summary, type SessionEvents, type TlsSummary } from './types.js'
 export { DEFAULT_PEER_TIMEOUT_MS, LIMITS } from './options.js'
 export { type MigrationState, type Role, stateChannel, syncChannel, errorChannel, warningChannel, roundChannel, tlsChannel } from './state.js'
 export { PROTOCOL_VERSION } from './protocol.js'

@@ -36,7 +36,7 @@ export const PeerTimeoutMs = z.union([z.literal(0), intIn(LIMITS.peerTimeoutMs)]
 export const DEFAULT_PEER_TIMEOUT_MS = defaultOf(LIMITS.peerTimeoutMs, 'peerTimeoutMs')
 /** Bytes per second over all channels of a session. */
 export const Bandwidth = intIn(LIMITS.maxBandwidth)
-/** `channelRetries`: redials per connection after a connection fault; 0 fails at the first. */
+/** `channelRetries`: redials of a broken connection (a channel or the control connection); 0 fails at the first fault. */
 export const ChannelRetries = intIn(LIMITS.channelRetries)
 export const DEFAULT_CHANNEL_RETRIES = defaultOf(LIMITS.channelRetries, 'channelRetries')
 /** `minChannels`: channels that must remain when one cannot be redialled (at most `channels`, checked with the source's rules). */

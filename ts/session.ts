@@ -3,7 +3,7 @@
  * failure, request promises keyed by id, and stats.
  */
 import { EventEmitter } from 'node:events'
-import { MultifdError, asMultifdError, nativeError } from './errors.js'
+import { MultifdError, asMultifdError, codeOf, nativeError } from './errors.js'
 import { type MigrationState, type Role, canMove, errorChannel, isFinal, recoveryChannel, stateChannel, syncChannel, tlsChannel, warningChannel } from './state.js'
 import type { ChannelStats, Recovery, SessionEvents, Stats, Summary, TlsSummary } from './types.js'
 import type { NativeEvent } from './native.js'
@@ -138,15 +138,21 @@ export abstract class Session extends EventEmitter<SessionEvents> {
   /**
    * Peer liveness over the control connection: sends `ping` every third of `timeoutMs` and
    * fails with ERR_MULTIFD_TIMEOUT when nothing has been heard from the peer for `timeoutMs`
-   * (an idle but healthy peer keeps pinging; a stalled or hung one does not).
+   * (an idle but healthy peer keeps pinging; a stalled or hung one does not), unless
+   * `repair(error)` drops the control connection to have it replaced (then the wait restarts).
    */
-  protected startLiveness(timeoutMs: number, ping: () => void): void {
+  protected startLiveness(timeoutMs: number, ping: () => void, repair: (e: MultifdError) => boolean = () => false): void {
     this.#lastHeard = performance.now()
     this.#liveness = setInterval(() => {
       if (isFinal(this.#state)) return this.stopLiveness()
       if (performance.now() - this.#lastHeard > timeoutMs) {
+        const silent = new MultifdError('ERR_MULTIFD_TIMEOUT', `${this.role}: nothing heard from the peer for ${timeoutMs} ms (peerTimeoutMs)`)
+        if (repair(silent)) {
+          this.heard()
+          return
+        }
         this.stopLiveness()
-        this.fail(new MultifdError('ERR_MULTIFD_TIMEOUT', `${this.role}: nothing heard from the peer for ${timeoutMs} ms (peerTimeoutMs)`))
+        this.fail(silent)
         return
       }
       try {
@@ -156,6 +162,11 @@ export abstract class Session extends EventEmitter<SessionEvents> {
       }
     }, Math.max(10, Math.floor(timeoutMs / 3)))
     this.#liveness.unref()
+  }
+
+  /** Milliseconds since the peer last spoke on the control connection. */
+  protected silentMs(): number {
+    return performance.now() - this.#lastHeard
   }
 
   /** Records that the peer spoke (any control message). */

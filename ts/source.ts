@@ -66,11 +66,14 @@ const SourceOptions = z.strictObject({
   /** Bound on each control-channel reply (welcome, completed). */
   handshakeTimeoutMs: TimeoutMs.default(DEFAULT_TIMEOUT_MS),
   /**
-   * Redials of a channel whose connection breaks (reset, closed, `peerTimeoutMs`), 50 ms
-   * apart and doubling up to 2 s: the replacement (a fresh TLS handshake with the same checks)
-   * takes the old one's place at the destination and sends again every page the channel sent
-   * since the last acknowledged sync, with its current contents. Each repair is a `recovery`
-   * event. 0 fails the migration at the first broken connection, as QEMU does.
+   * Redials of a connection that breaks (reset, closed, nothing heard for `peerTimeoutMs`),
+   * 50 ms apart and doubling up to 2 s, each with a fresh TLS handshake and the same checks.
+   * A channel's replacement takes the old one's place at the destination and sends again every
+   * page the channel sent since the last acknowledged sync, with its current contents. A
+   * control connection's identifies itself with the session's UUID; an acknowledgement lost
+   * with the old one is delivered once, a `complete` the destination may have missed is sent
+   * again. Each repair is a `recovery` event. 0 fails the migration at the first broken
+   * connection, as QEMU does.
    */
   channelRetries: ChannelRetries.default(DEFAULT_CHANNEL_RETRIES),
   /**
@@ -211,12 +214,22 @@ export class Source extends Session {
       )
       // Channels connect all at once (as QEMU's), each within connectTimeoutMs.
       await this.#until('channelsReady', 'the multifd channels', o.connectTimeoutMs + CONNECT_SLACK_MS)
-      if (o.peerTimeoutMs > 0) this.startLiveness(o.peerTimeoutMs, () => this.#send({ type: 'ping' }))
+      if (o.peerTimeoutMs > 0) this.startLiveness(o.peerTimeoutMs, () => this.#send({ type: 'ping' }), (e) => this.#repairControl(n, e))
       this.setState('active')
     } catch (e) {
       this.fail(e)
       throw this.error ?? asMultifdError(e)
     }
+  }
+
+  /** True while the control connection is being replaced after a silence (see `startLiveness`). */
+  #repairing = false
+
+  /** Nothing heard for peerTimeoutMs: the control connection is dropped and redialled, if it may be. */
+  #repairControl(n: NativeSource, e: MultifdError): boolean {
+    if (this.state !== 'active' && this.state !== 'device') return false
+    this.#repairing = n.dropControl(e.code, e.message)
+    return this.#repairing
   }
 
   #send(m: ControlMessage): void {
@@ -244,6 +257,9 @@ export class Source extends Session {
       case 'warning':
         return this.warn(nativeError(ev.error))
       case 'recovery':
+        // The replacement speaks for the destination: the liveness wait starts over.
+        this.heard()
+        if (ev.connection == null) this.#repairing = false
         return this.recovered(ev)
       case 'channelDropped':
         // The warning came first; the destination's barriers stop waiting for the channel.
@@ -458,10 +474,16 @@ export class Source extends Session {
     let moved = performance.now()
     const watchdog = setInterval(() => {
       const now = n.unsentBytes()
-      if (now < queued) moved = performance.now()
+      // Bytes drained, or the control connection being replaced (the acknowledgement follows).
+      if (now < queued || this.#repairing) moved = performance.now()
       queued = now
       const idle = performance.now() - moved
-      if (idle > bound) this.fail(new MultifdError('ERR_MULTIFD_TIMEOUT', `source: the destination neither took the channels' bytes nor acknowledged sync ${epoch} for ${Math.round(idle)} ms (peerTimeoutMs ${bound})`))
+      if (idle <= bound) return
+      const e = new MultifdError('ERR_MULTIFD_TIMEOUT', `source: the destination neither took the channels' bytes nor acknowledged sync ${epoch} for ${Math.round(idle)} ms (peerTimeoutMs ${bound})`)
+      // A control connection that is itself quiet may be hung, with the acknowledgement on it:
+      // the liveness check replaces it (or fails the session) within peerTimeoutMs.
+      if (this.silentMs() > bound / 2) return
+      this.fail(e)
     }, Math.max(10, Math.floor(bound / 10)))
     watchdog.unref()
     return acked.finally(() => clearInterval(watchdog))

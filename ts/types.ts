@@ -39,6 +39,17 @@ export interface Stats extends Omit<ChannelStats, 'state'> {
   bytesPerSecond: number
 }
 
+/** A destination's stats: its session's, and the connections it turned away. */
+export interface DestinationStats extends Stats {
+  /**
+   * Connections closed because they never identified themselves as this session's control
+   * connection or one of its channels (a port scanner, a health check, a foreign certificate,
+   * another session's channel): never fatal, each reported as a `warning` naming the peer and
+   * the reason (at most 10 a second, then one summary a second).
+   */
+  rejectedConnections: number
+}
+
 /** The outcome of a session, as the CLI prints it. */
 export interface Summary {
   role: Role

@@ -417,6 +417,8 @@ async function receiveOnce(o: ReceiveOptions): Promise<{ result: CommandResult; 
       : {}),
   })
   process.stderr.write(`listening on ${dest.address}\n`)
+  // Connections turned away (never fatal) and anything else that degraded, as they happen.
+  dest.on('warning', (w) => process.stderr.write(`warning: ${w.code}: ${w.message}\n`))
   onInterrupt(() => dest.close())
   let window: NodeJS.Timeout | undefined
   let expired = false
@@ -443,15 +445,17 @@ async function receiveOnce(o: ReceiveOptions): Promise<{ result: CommandResult; 
       else out.discard()
     }
     if (complete) journals.forEach((j) => j.remove())
-    const result = fromSummary(s, { address: dest.address, files, complete, ...(s.resumedBytes === undefined ? {} : { resumedBytes: s.resumedBytes }) })
-    return { result, lines: [...files.map((f) => `${f.name} -> ${f.file}`), ...resumedLine(s), ...channelLines(s)], address: dest.address, retry: false }
+    const rejected = dest.stats().rejectedConnections
+    const result = fromSummary(s, { address: dest.address, files, complete, rejectedConnections: rejected, ...(s.resumedBytes === undefined ? {} : { resumedBytes: s.resumedBytes }) })
+    const rejectedLine = rejected > 0 ? [`rejected ${rejected} connection(s) that did not identify themselves as this session's`] : []
+    return { result, lines: [...files.map((f) => `${f.name} -> ${f.file}`), ...resumedLine(s), ...channelLines(s), ...rejectedLine], address: dest.address, retry: false }
   } catch {
     settled = true
     clearTimeout(window)
     for (const out of outputs) out.discard()
     progress?.stop()
     const s = dest.summary()
-    const result = fromSummary(s, { address: dest.address, complete: false, ...(s.resumedBytes === undefined ? {} : { resumedBytes: s.resumedBytes }) })
+    const result = fromSummary(s, { address: dest.address, complete: false, rejectedConnections: dest.stats().rejectedConnections, ...(s.resumedBytes === undefined ? {} : { resumedBytes: s.resumedBytes }) })
     if (wasInterrupted()) result.status = 'cancelled'
     const kept = o.resume && outputs.length > 0 ? [`partial outputs and journals kept for --resume: ${outputs.map((x) => x.writePath).join(', ')}`] : []
     const retry = !wasInterrupted() && !expired && !FINAL_CODES.has(s.error?.code ?? '')

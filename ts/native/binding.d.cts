@@ -92,6 +92,16 @@ export declare class NativeDestination {
   /** The source gave channel `id` up (`channelDropped`): barriers stop waiting for it. */
   dropChannel(id: number): void
   /**
+   * Drops the control connection and waits for its replacement (nothing heard on it for
+   * `peerTimeoutMs`); false when no replacement would be waited for.
+   */
+  dropControl(codeName: string, message: string): boolean
+  /**
+   * Connections rejected so far because they never identified themselves as this session's
+   * (each reported in a rate-limited `warning` event naming the peer and the reason).
+   */
+  rejectedConnections(): number
+  /**
    * The source said `complete {epoch}`: accepted only when every announced channel was
    * admitted and delivered that epoch's SYNC (otherwise the session fails with
    * ERR_MULTIFD_OUT_OF_SEQUENCE); then channel readers stop at the next packet boundary and
@@ -174,6 +184,11 @@ export declare class NativeSource {
    * pages of a given-up channel are still on their way.
    */
   synced(epoch: number): number
+  /**
+   * Drops the control connection to redial it (nothing heard on it for `peerTimeoutMs`);
+   * false when it will not be redialled.
+   */
+  dropControl(codeName: string, message: string): boolean
   /**
    * The destination reported completion; before `complete` was sent this fails the session
    * with ERR_MULTIFD_OUT_OF_SEQUENCE.
@@ -287,7 +302,7 @@ export interface ChannelOptions {
   /** Bytes per second over all channels; absent for no limit. */
   maxBandwidth?: number
   /**
-   * Redials of a channel whose connection broke; 0 fails at the first fault; absent for the
+   * Redials of a connection (a channel or the control connection) that broke; 0 fails at the first fault; absent for the
    * core's default.
    */
   channelRetries?: number
@@ -341,7 +356,7 @@ export interface DestinationOptions {
   /** Check each packet's data pages against the digest in its header. */
   integrity: boolean
   /**
-   * How long a broken channel's replacement may take; 0 fails at once; absent for the core's
+   * How long a broken channel's or control connection's replacement may take; 0 fails at once; absent for the core's
    * default.
    */
   resumeWindowMs?: number
@@ -424,14 +439,14 @@ export interface Limits {
   /** Connect, handshake and channel-arrival timeouts (ms). */
   timeoutMs: IntRange
   peerTimeoutMs: IntRange
+  /** Redials of a broken connection (`channelRetries`). */
+  channelRetries: IntRange
+  /** How long a destination waits for a replacement connection or (`recv --resume`) a new session (ms, `resumeWindowMs`). */
+  resumeWindowMs: IntRange
   /** Bytes per second. */
   maxBandwidth: IntRange
   /** A `unix:` address's path, in bytes. */
   unixPathBytes: IntRange
-  /** Redials per connection after a fault. */
-  channelRetries: IntRange
-  /** How long a destination waits for a replacement connection or a new session (ms). */
-  resumeWindowMs: IntRange
   /** `none` first, then the registry's methods. */
   compression: Array<CompressionMethodInfo>
   integrity: Array<string>
@@ -480,6 +495,8 @@ export type NativeControlMessage =
   | { type: 'resume' }
   | { type: 'held'; ranges: Array<NativeHeldRange>; done: boolean }
   | { type: 'resumed'; bytes: number }
+  | { type: 'reconnect'; session: string; acked: number }
+  | { type: 'reconnected'; epoch: number; completed: boolean }
 
 /** A failure as it crosses to JavaScript: the stable `ERR_MULTIFD_*` code and the message. */
 export interface NativeError {

@@ -39,21 +39,42 @@ impl Control {
     pub fn connect(addr: &Address, timeout: Duration, tls: Option<&TlsClient>, events: InboundSink) -> Result<Arc<Control>> {
         let conn = Conn::connect_secure(addr, timeout, tls)?;
         conn.write_all(&[&CONTROL_MAGIC.to_be_bytes()])?;
-        Ok(Self::start(conn, events))
+        Ok(Self::start(conn, None, events))
     }
 
-    /// Destination side: the acceptor already consumed the magic.
-    pub fn accepted(conn: Conn, events: InboundSink) -> Arc<Control> {
-        Self::start(conn, events)
+    /// Source side, replacing a broken control connection: connects (with `tls`, a fresh
+    /// handshake with the same checks), announces itself with the magic and `first` (the
+    /// `reconnect` frame), and waits up to `timeout` for the destination's answer, which is
+    /// returned rather than delivered; the reader then delivers what follows.
+    pub fn reconnect(addr: &Address, timeout: Duration, tls: Option<&TlsClient>, first: &[u8], events: InboundSink) -> Result<(Arc<Control>, Vec<u8>)> {
+        let conn = Conn::connect_secure(addr, timeout, tls)?;
+        conn.set_write_timeout(Some(timeout))?;
+        conn.write_all(&[&CONTROL_MAGIC.to_be_bytes(), &(first.len() as u32).to_be_bytes(), first])?;
+        conn.set_read_timeout(Some(timeout))?;
+        let Some(answer) = read_frame(&conn)? else {
+            fail!(ConnectionClosed, "the destination closed the new control connection without answering its reconnect");
+        };
+        conn.set_read_timeout(None)?;
+        Ok((Self::start(conn, None, events), answer))
     }
 
-    fn start(conn: Conn, events: InboundSink) -> Arc<Control> {
+    /// Destination side: the acceptor already consumed the magic and the first frame (by which
+    /// the connection identified itself), which the reader delivers before any other.
+    /// `None` for a replacement, whose first frame (`reconnect`) the destination answered itself.
+    pub fn accepted(conn: Conn, first: Option<Vec<u8>>, events: InboundSink) -> Arc<Control> {
+        Self::start(conn, first, events)
+    }
+
+    fn start(conn: Conn, first: Option<Vec<u8>>, events: InboundSink) -> Arc<Control> {
         let _ = conn.set_write_timeout(Some(WRITE_TIMEOUT));
         let conn = Arc::new(conn);
         let reader_conn = conn.clone();
         let reader = std::thread::Builder::new()
             .name("multifd/control".into())
             .spawn(move || {
+                if let Some(frame) = first {
+                    events(Inbound::Frame(frame));
+                }
                 let end = loop {
                     match read_frame(&reader_conn) {
                         Ok(Some(frame)) => events(Inbound::Frame(frame)),
@@ -94,7 +115,8 @@ impl Drop for Control {
     }
 }
 
-fn read_frame(conn: &Conn) -> Result<Option<Vec<u8>>> {
+/// Reads one frame; `None` when the peer closed before its first byte.
+pub(crate) fn read_frame(conn: &Conn) -> Result<Option<Vec<u8>>> {
     let mut len = [0u8; 4];
     if !conn.read_exact(&mut len)? {
         return Ok(None);

@@ -60,6 +60,14 @@ pub enum ControlMessage {
     Held { ranges: Vec<HeldRange>, done: bool },
     /// Source → destination: bytes it skips because the destination's digests matched.
     Resumed { bytes: u64 },
+    // Control reconnect (docs/PROTOCOL.md, "Control reconnect"): handled by the core on both
+    // sides, never handed to the orchestrator.
+    /// Source → destination, the first frame of a control connection that replaces a broken
+    /// one: the session it belongs to and the last sync epoch the source heard acknowledged.
+    Reconnect { session: String, acked: u64 },
+    /// Destination → source, the answer: the last barrier every channel passed, and whether
+    /// `completed` was already sent (it may have been lost with the old connection).
+    Reconnected { epoch: u64, completed: bool },
 }
 
 /// A range a resuming destination holds: piece `index` (the [`PIECE`]-byte range at
@@ -138,6 +146,8 @@ impl ControlMessage {
             ControlMessage::Resume => "resume",
             ControlMessage::Held { .. } => "held",
             ControlMessage::Resumed { .. } => "resumed",
+            ControlMessage::Reconnect { .. } => "reconnect",
+            ControlMessage::Reconnected { .. } => "reconnected",
         }
     }
 
@@ -183,6 +193,13 @@ impl ControlMessage {
                 Ok(())
             }
             ControlMessage::Resumed { bytes } => safe("resumed bytes", *bytes),
+            ControlMessage::Reconnect { session, acked } => {
+                if !is_hex(session, 32) {
+                    fail!(Protocol, "invalid control message: reconnect's session {session:?} is not 32 lowercase hex digits");
+                }
+                safe("reconnect acked", *acked)
+            }
+            ControlMessage::Reconnected { epoch, .. } => safe("reconnected epoch", *epoch),
             ControlMessage::Welcome { .. } | ControlMessage::Completed | ControlMessage::Cancel | ControlMessage::Ping | ControlMessage::Error { .. } | ControlMessage::Resume => Ok(()),
         }
     }
@@ -294,6 +311,8 @@ mod tests {
             ),
             (r#"{"type":"held","ranges":[],"done":true}"#, ControlMessage::Held { ranges: vec![], done: true }),
             (r#"{"type":"resumed","bytes":1048576}"#, ControlMessage::Resumed { bytes: 1 << 20 }),
+            (r#"{"type":"reconnect","session":"0123456789abcdef0123456789abcdef","acked":2}"#, ControlMessage::Reconnect { session: SESSION.into(), acked: 2 }),
+            (r#"{"type":"reconnected","epoch":3,"completed":false}"#, ControlMessage::Reconnected { epoch: 3, completed: false }),
             (
                 r#"{"type":"error","code":"ERR_MULTIFD_TIMEOUT","message":"no \"synced\" in 30 s"}"#,
                 ControlMessage::Error { code: "ERR_MULTIFD_TIMEOUT".into(), message: "no \"synced\" in 30 s".into() },
@@ -332,6 +351,9 @@ mod tests {
             r#"{"type":"synced","epoch":0,"packetNum":1}"#.into(),
             r#"{"type":"synced","epoch":1}"#.into(),
             r#"{"type":"welcome"}"#.into(),
+            r#"{"type":"reconnect","session":"0123","acked":0}"#.into(),
+            r#"{"type":"reconnect","session":"0123456789abcdef0123456789abcdef"}"#.into(),
+            r#"{"type":"reconnected","epoch":9007199254740992,"completed":false}"#.into(),
             r#"{"type":"error","code":"ERR_MULTIFD_IO"}"#.into(),
             r#"{"type":"complete","epoch":1,"digests":[{"name":"pc.ram","xxh3":"00FF00FF00FF00FF"}]}"#.into(),
             r#"{"type":"complete","epoch":1,"digests":[{"name":"pc.ram","xxh3":"00ff"}]}"#.into(),

@@ -9,12 +9,15 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::block::RamBlock;
-use crate::control::{CONTROL_MAGIC, Control};
+use crate::control::{CONTROL_MAGIC, Control, Inbound, InboundSink, read_frame};
+use crate::control_messages::ControlMessage;
+use crate::hex::Hex;
 use crate::error::{Error, ErrorCode, Result, fail};
 use crate::io::Boundary;
 use crate::limits::{MAX_EARLY_CHANNELS, MAX_UNIDENTIFIED};
 use crate::memory::WriteTarget;
 use crate::protocol::{Delivered, synced_frame};
+use crate::rejections::Rejections;
 use crate::session::{ChannelState, ChannelStats, Counters, Event, EventSink, Failure, Recovery};
 use crate::tls::{TlsServer, looks_like_tls, refuse_plaintext_peer, refuse_tls_peer};
 use crate::transport::{Accepted, Address, Conn, Listener};
@@ -28,13 +31,41 @@ const NO_DESCRIPTOR_WAIT: Duration = Duration::from_millis(100);
 /// and the acceptor can close the oldest), and their threads.
 #[derive(Default)]
 struct Classifiers {
-    fds: BTreeMap<u64, std::os::fd::RawFd>,
+    fds: BTreeMap<u64, Unidentified>,
     threads: Vec<JoinHandle<()>>,
     next: u64,
 }
 
-/// A multifd channel that arrived before `configure`, with its init packet and arrival time.
-type Early = (Conn, [u8; INIT_PACKET_LEN], Instant);
+/// A connection being classified: its socket, its peer (for the warning if it is rejected) and
+/// when it arrived.
+struct Unidentified {
+    fd: std::os::fd::RawFd,
+    peer: String,
+    since: Instant,
+}
+
+/// A multifd channel that arrived before `configure`.
+struct Early {
+    conn: Conn,
+    init: [u8; INIT_PACKET_LEN],
+    peer: String,
+    since: Instant,
+}
+
+/// What a connection said first: enough to tell whether it belongs to this destination.
+enum First {
+    /// The control magic, then the first frame.
+    Control(Vec<u8>),
+    /// A multifd channel's init packet.
+    Channel([u8; INIT_PACKET_LEN]),
+}
+
+/// The `type` of a control frame, read without judging the rest (the orchestrator does).
+#[derive(serde::Deserialize)]
+struct FrameKind {
+    #[serde(rename = "type")]
+    kind: String,
+}
 
 /// What the destination expects, known once the control handshake has been accepted.
 pub struct DestConfig {
@@ -49,9 +80,15 @@ pub struct DestConfig {
     pub peer_timeout: Option<Duration>,
     /// Check each packet's data pages against the digest in its header (negotiated).
     pub integrity: bool,
-    /// How long a channel whose connection broke may take to be replaced before the session
-    /// fails with the cause; zero fails at once.
+    /// How long a channel or the control connection whose connection broke may take to be
+    /// replaced (`resumeWindowMs`) before the session fails with the cause; zero fails at once.
     pub resume_window: Duration,
+}
+
+/// When the control connection was lost, and why (`None`: the source closed it).
+struct Lost {
+    since: Instant,
+    cause: Option<Error>,
 }
 
 /// The blocks by name, for the validator.
@@ -208,6 +245,14 @@ struct Inner {
     /// most `classify_timeout`), oldest first.
     pending: Mutex<Vec<Early>>,
     control: Mutex<Option<Arc<Control>>>,
+    /// Which accepted control connection is current: an older one's end is not news.
+    control_generation: AtomicU64,
+    /// Set while the control connection is lost and its replacement awaited.
+    control_lost: Mutex<Option<Lost>>,
+    /// `completed` went out (it may have been lost with a broken control connection).
+    completed_sent: AtomicBool,
+    /// Why the current control connection is being dropped on purpose (see `drop_control`).
+    control_dropped: Mutex<Option<Error>>,
     /// Admitted channels. Admission happens under this lock and is refused once `closing`,
     /// so `close` (which shuts these down under the same lock) cannot miss one.
     channel_conns: Mutex<Vec<Arc<Conn>>>,
@@ -215,9 +260,9 @@ struct Inner {
     classifying: Mutex<Classifiers>,
     /// Signalled (with `classifying`) when a classifier has let go of its connection.
     released: Condvar,
-    /// Connections closed without identifying themselves: silent, crowded out, or early
-    /// channels that expired or named another session.
-    strangers: AtomicU64,
+    /// Connections closed without identifying themselves as this session's control connection
+    /// or one of its channels (never fatal), with their rate-limited warnings.
+    rejections: Rejections,
     /// The listening socket while the acceptor owns it, so `close` can wake a waiting accept at
     /// once instead of after the next poll interval. Cleared (under the lock) before the
     /// acceptor closes it, so `close` never touches a descriptor that was reused.
@@ -245,16 +290,20 @@ impl Destination {
         let bound = listener.local_address()?;
         let inner = Arc::new(Inner {
             failure: Failure::new(events.clone()),
+            rejections: Rejections::new(events.clone()),
             events,
             closing: AtomicBool::new(false),
             finishing: AtomicBool::new(false),
             session: Mutex::new(None),
             pending: Mutex::new(Vec::new()),
             control: Mutex::new(None),
+            control_generation: AtomicU64::new(0),
+            control_lost: Mutex::new(None),
+            completed_sent: AtomicBool::new(false),
+            control_dropped: Mutex::new(None),
             channel_conns: Mutex::new(Vec::new()),
             classifying: Mutex::new(Classifiers::default()),
             released: Condvar::new(),
-            strangers: AtomicU64::new(0),
             listener_fd: Mutex::new(None),
             receivers: Mutex::new(Vec::new()),
             classify_timeout,
@@ -283,11 +332,16 @@ impl Destination {
         &self.inner.failure
     }
 
-    /// Connections closed so far without identifying themselves (never fatal): silent past the
-    /// classify timeout, crowded out beyond `MAX_UNIDENTIFIED` / `MAX_EARLY_CHANNELS`, or
-    /// channels that arrived before the session and expired or named another session.
-    pub fn strangers(&self) -> u64 {
-        self.inner.strangers.load(Ordering::Relaxed)
+    /// Connections rejected so far: closed, never fatal, each reported in a (rate-limited)
+    /// `Event::Warning` naming the peer and the reason. A connection is rejected unless it
+    /// identifies itself as this destination's session: a control connection whose first frame
+    /// is the first hello, or a multifd channel whose init packet names the session's UUID.
+    /// So are: silence past the classify timeout, a failed TLS handshake, plaintext to a TLS
+    /// destination or TLS to a plaintext one, unknown first bytes, a second control connection,
+    /// connections crowded out beyond `MAX_UNIDENTIFIED` / `MAX_EARLY_CHANNELS`, and channels
+    /// that arrived before the session and expired or named another session.
+    pub fn rejected_connections(&self) -> u64 {
+        self.inner.rejections.count()
     }
 
     /// Multifd channels waiting for the session to be configured.
@@ -300,12 +354,31 @@ impl Destination {
         self.inner.control.lock().unwrap().as_ref().and_then(|c| c.conn().tls().map(|t| t.info()))
     }
 
-    /// Sends a frame on the accepted control connection.
+    /// Sends a frame on the accepted control connection. While it is lost and may still be
+    /// replaced, a frame that cannot be written is not an error: the replacement's answer says
+    /// whether `completed` went out, and other frames (pings) are not needed again.
     pub fn send_control(&self, frame: &[u8]) -> Result<()> {
-        match self.inner.control.lock().unwrap().as_ref() {
-            Some(c) => c.send(frame),
+        if matches!(ControlMessage::decode(frame), Ok(ControlMessage::Completed)) {
+            self.inner.completed_sent.store(true, Ordering::Release);
+        }
+        let control = self.inner.control.lock().unwrap().clone();
+        match control {
+            Some(c) => c.send(frame).or_else(|e| if self.inner.control_resumable() { Ok(()) } else { Err(e) }),
             None => fail!(State, "no control connection yet"),
         }
+    }
+
+    /// Drops the control connection because of `cause` (nothing heard on it for
+    /// `peerTimeoutMs`: a hung path) and waits for its replacement like a broken one's. False
+    /// when no replacement would be waited for (the caller fails instead).
+    pub fn drop_control(&self, cause: Error) -> bool {
+        if !self.inner.control_resumable() {
+            return false;
+        }
+        let Some(c) = self.inner.control.lock().unwrap().clone() else { return false };
+        *self.inner.control_dropped.lock().unwrap() = Some(cause);
+        c.conn().shutdown();
+        true
     }
 
     /// Starts admitting multifd channels for this session (and those that already arrived).
@@ -348,11 +421,11 @@ impl Destination {
         drop(slot);
         let early = std::mem::take(&mut *pending);
         drop(pending);
-        for (conn, init, _) in early {
+        for Early { conn, init, peer, .. } in early {
             // A channel that arrived before the session and names another one was no channel
-            // of this session: a stranger, closed, never fatal.
-            if InitPacket::decode(&init).is_ok_and(|i| i.uuid != session.uuid) {
-                self.inner.strangers.fetch_add(1, Ordering::Relaxed);
+            // of this session: rejected, never fatal.
+            if let Err(e) = InitPacket::names_session(&init, &session.uuid) {
+                self.inner.rejections.reject(&peer, e);
                 continue;
             }
             if let Some(a) = self.inner.admit(&session, conn, init) {
@@ -491,6 +564,7 @@ impl Destination {
         }
         self.inner.failure.release_connections();
         self.inner.pending.lock().unwrap().clear();
+        self.inner.rejections.flush_now();
         if let Some(c) = self.inner.control.lock().unwrap().take() {
             c.close();
         }
@@ -523,6 +597,9 @@ impl Inner {
         while !self.closing.load(Ordering::Acquire) {
             self.check_deadline();
             self.expire_early();
+            self.expire_classifying();
+            self.expire_control_window();
+            self.rejections.flush();
             match listener.accept_for(Duration::from_millis(50)) {
                 Ok(Accepted::Conn(conn)) => self.start_classifying(conn),
                 Ok(Accepted::Idle) => {}
@@ -567,7 +644,7 @@ impl Inner {
 
     /// Shuts down every connection being classified, waking its thread.
     fn cut_classifying(&self) {
-        for &fd in self.classifying.lock().unwrap().fds.values() {
+        for &Unidentified { fd, .. } in self.classifying.lock().unwrap().fds.values() {
             // SAFETY: a classifier owns this open socket and removes it from the map (under this
             // lock) before it lets go of it; shutting it down only wakes its blocked read.
             unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
@@ -575,15 +652,21 @@ impl Inner {
         self.released.notify_all();
     }
 
-    /// Cuts the oldest connection being classified, if any, and counts it as a stranger: its
+    /// Cuts the oldest connection being classified, if any, and rejects it for `why`: its
     /// classifier finds its entry gone and closes it quietly. Returns whether there was one.
-    fn cut_oldest_unidentified(&self, c: &mut Classifiers) -> bool {
-        let Some((_, fd)) = c.fds.pop_first() else { return false };
-        // SAFETY: as in `cut_classifying`: the classifier still owns the open socket (it looks
-        // for its entry under this lock before letting go); after this, nobody here uses `fd`.
-        unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
-        self.strangers.fetch_add(1, Ordering::Relaxed);
+    fn cut_oldest_unidentified(&self, c: &mut Classifiers, why: &str) -> bool {
+        let Some((_, u)) = c.fds.pop_first() else { return false };
+        self.cut(u, Error::new(ErrorCode::Timeout, why));
         true
+    }
+
+    /// Shuts down a connection whose entry was just taken out of `classifying`, and rejects it.
+    fn cut(&self, u: Unidentified, why: Error) {
+        // SAFETY: as in `cut_classifying`: the classifier still owns the open socket (it looks
+        // for its entry under the classifiers' lock, which the caller held when it took the
+        // entry out, before letting go); after this, nobody here uses `fd`.
+        unsafe { libc::shutdown(u.fd, libc::SHUT_RDWR) };
+        self.rejections.reject(&u.peer, why);
     }
 
     /// Closes the oldest early channel, or else cuts the oldest connection being classified,
@@ -593,19 +676,40 @@ impl Inner {
             let mut p = self.pending.lock().unwrap();
             (!p.is_empty()).then(|| p.remove(0))
         };
-        if early.is_some() {
-            self.strangers.fetch_add(1, Ordering::Relaxed);
+        let why = "closed to free a descriptor: the process has none left";
+        if let Some(e) = early {
+            self.rejections.reject(&e.peer, Error::new(ErrorCode::Io, format!("a multifd channel waiting for its session {why}")));
             return;
         }
-        self.cut_oldest_unidentified(&mut self.classifying.lock().unwrap());
+        self.cut_oldest_unidentified(&mut self.classifying.lock().unwrap(), &format!("not identified yet and {why}"));
     }
 
     /// Closes early channels that have waited longer than the classify timeout for a session.
     fn expire_early(&self) {
-        let mut p = self.pending.lock().unwrap();
-        let before = p.len();
-        p.retain(|(_, _, since)| since.elapsed() < self.classify_timeout);
-        self.strangers.fetch_add((before - p.len()) as u64, Ordering::Relaxed);
+        let expired: Vec<Early> = {
+            let mut p = self.pending.lock().unwrap();
+            let (old, young) = std::mem::take(&mut *p).into_iter().partition(|e| e.since.elapsed() >= self.classify_timeout);
+            *p = young;
+            old
+        };
+        for e in expired {
+            let ms = self.classify_timeout.as_millis();
+            self.rejections.reject(&e.peer, Error::new(ErrorCode::Timeout, format!("a multifd channel waited {ms} ms for a session that did not start")));
+        }
+    }
+
+    /// Cuts connections still unidentified after twice the classify timeout: a backstop for
+    /// peers that drip their first bytes, each read within the timeout (the classifier's own
+    /// timeouts end the others first).
+    fn expire_classifying(&self) {
+        let limit = 2 * self.classify_timeout;
+        let mut c = self.classifying.lock().unwrap();
+        let old: Vec<u64> = c.fds.iter().filter(|(_, u)| u.since.elapsed() >= limit).map(|(&id, _)| id).collect();
+        for id in old {
+            if let Some(u) = c.fds.remove(&id) {
+                self.cut(u, Error::new(ErrorCode::Timeout, format!("did not identify itself within {} ms", limit.as_millis())));
+            }
+        }
     }
 
     /// Closing, or finished: no new connection matters any more.
@@ -624,15 +728,14 @@ impl Inner {
             return;
         }
         c.threads.retain(|t| !t.is_finished());
-        while c.fds.len() >= MAX_UNIDENTIFIED && self.cut_oldest_unidentified(&mut c) {}
+        while c.fds.len() >= MAX_UNIDENTIFIED && self.cut_oldest_unidentified(&mut c, &format!("crowded out: {MAX_UNIDENTIFIED} newer connections were not identified yet")) {}
         let id = c.next;
         c.next += 1;
-        c.fds.insert(id, conn.fd());
+        let peer = conn.peer();
+        c.fds.insert(id, Unidentified { fd: conn.fd(), peer: peer.clone(), since: Instant::now() });
         let me = self.clone();
         let spawned = std::thread::Builder::new().name("multifd/classify".into()).spawn(move || {
-            if let Err(e) = me.classify(conn, id) {
-                me.failure.fail(e);
-            }
+            me.classify(conn, id, &peer);
             // Its connection is closed or handed on: the acceptor may be waiting for a descriptor.
             me.released.notify_all();
         });
@@ -646,74 +749,34 @@ impl Inner {
         }
     }
 
-    /// Reads a new connection's first bytes to tell a control connection from a channel.
-    /// `id` is its entry in `classifying`, removed before the connection moves on.
-    /// A connection that sends nothing within the classify timeout, or that the acceptor cut
-    /// to make room, is a stranger: closed and counted, never fatal.
-    fn classify(self: &Arc<Self>, mut conn: Conn, id: u64) -> Result<()> {
-        let spoke = conn.wait_readable(self.classify_timeout);
-        let silent = matches!(spoke, Ok(false));
-        let first = match spoke {
-            Ok(false) => Ok(None),
-            Ok(true) => conn.set_read_timeout(Some(self.classify_timeout)).and_then(|()| self.read_first_bytes(&mut conn)),
+    /// Reads a new connection's first bytes to tell a control connection from a channel, and
+    /// admits it, or rejects it (closed, counted, reported; never fatal) unless it identifies
+    /// itself as this destination's session. `id` is its entry in `classifying`, removed before
+    /// the connection moves on; an entry already gone was cut (and rejected) by the acceptor.
+    fn classify(self: &Arc<Self>, mut conn: Conn, id: u64, peer: &str) {
+        let first = match conn.wait_readable(self.classify_timeout) {
+            Ok(false) => Err(Error::new(ErrorCode::Timeout, format!("sent nothing within {} ms", self.classify_timeout.as_millis()))),
+            Ok(true) => conn.set_read_timeout(Some(self.classify_timeout)).and_then(|()| self.read_first(&mut conn)),
             Err(e) => Err(e),
         };
         let cut = self.classifying.lock().unwrap().fds.remove(&id).is_none();
-        if cut {
-            return Ok(()); // counted when it was cut
+        if cut || self.ending() {
+            return;
         }
-        if silent && !self.ending() {
-            self.strangers.fetch_add(1, Ordering::Relaxed);
-            return Ok(());
+        match first.and_then(|f| conn.set_read_timeout(None).map(|()| f)) {
+            Ok(First::Control(frame)) => self.control_arrived(conn, frame, peer),
+            Ok(First::Channel(init)) => self.channel_arrived(conn, init, peer),
+            Err(e) => self.rejections.reject(peer, e),
         }
-        let Some((magic, init)) = first? else {
-            return Ok(()); // connected and left without a byte, or we are closing
-        };
-        conn.set_read_timeout(None)?;
-        match magic {
-            CONTROL_MAGIC => {
-                let mut slot = self.control.lock().unwrap();
-                if slot.is_some() {
-                    fail!(Protocol, "a second control connection arrived; one session per destination");
-                }
-                // Announced before the reader thread starts: its first frame (the hello) must
-                // not reach the orchestrator ahead of the connection it came on.
-                (self.events)(Event::ControlConnected);
-                *slot = Some(Control::accepted(conn, crate::session::control_events(self.events.clone())));
-                drop(slot);
-            }
-            _ => {
-                let mut pending = self.pending.lock().unwrap();
-                let session = self.session.lock().unwrap().clone();
-                match session {
-                    Some(s) => {
-                        drop(pending);
-                        if let Some(a) = self.admit(&s, conn, init) {
-                            self.receive_from_classifier(&s, a);
-                        }
-                    }
-                    None => {
-                        if pending.len() >= MAX_EARLY_CHANNELS {
-                            pending.remove(0);
-                            self.strangers.fetch_add(1, Ordering::Relaxed);
-                        }
-                        pending.push((conn, init, Instant::now()));
-                    }
-                }
-            }
-        }
-        Ok(())
     }
 
-    /// Reads the magic, and for a multifd channel the rest of its init packet; with TLS, after
-    /// the handshake. `None` when the peer left without a byte or the destination is closing.
-    fn read_first_bytes(&self, conn: &mut Conn) -> Result<Option<(u32, [u8; INIT_PACKET_LEN])>> {
+    /// Reads the magic, then a control connection's first frame or a multifd channel's init
+    /// packet; with TLS, after the handshake. Any error is the reason to reject the connection.
+    fn read_first(&self, conn: &mut Conn) -> Result<First> {
         let deadline = Instant::now() + self.classify_timeout;
-        let closing = || self.ending();
         let mut magic = [0u8; 4];
-        let got = conn.read_exact(&mut magic);
-        if closing() || !got? {
-            return Ok(None);
+        if !conn.read_exact(&mut magic)? {
+            fail!(ConnectionClosed, "closed without sending a byte");
         }
         match (&self.tls, u32::from_be_bytes(magic)) {
             (Some(_), m @ (CONTROL_MAGIC | MAGIC)) => {
@@ -722,14 +785,9 @@ impl Inner {
                 fail!(TlsRequired, "a {kind} connection arrived in plaintext; this destination requires TLS");
             }
             (Some(server), _) => {
-                let handshake = conn.accept_tls(server, &magic, deadline);
-                if closing() {
-                    return Ok(None);
-                }
-                handshake?;
-                let got = conn.read_exact(&mut magic);
-                if closing() || !got? {
-                    return Ok(None);
+                conn.accept_tls(server, &magic, deadline)?;
+                if !conn.read_exact(&mut magic)? {
+                    fail!(ConnectionClosed, "closed after its TLS handshake without sending a byte");
                 }
             }
             (None, _) if looks_like_tls(&magic) => {
@@ -739,16 +797,160 @@ impl Inner {
             (None, _) => {}
         }
         match u32::from_be_bytes(magic) {
-            CONTROL_MAGIC => Ok(Some((CONTROL_MAGIC, [0; INIT_PACKET_LEN]))),
+            CONTROL_MAGIC => match read_frame(conn)? {
+                Some(frame) => Ok(First::Control(frame)),
+                None => fail!(ConnectionClosed, "a control connection closed before its first message"),
+            },
             MAGIC => {
                 let mut init = [0u8; INIT_PACKET_LEN];
                 init[..4].copy_from_slice(&magic);
                 if !conn.read_exact(&mut init[4..])? {
                     fail!(ConnectionClosed, "a multifd channel closed inside its init packet");
                 }
-                Ok(Some((MAGIC, init)))
+                Ok(First::Channel(init))
             }
             other => fail!(UnknownChannel, "a connection started with 0x{other:08x}, neither the control magic 0x{CONTROL_MAGIC:08x} nor the multifd magic 0x{MAGIC:08x}"),
+        }
+    }
+
+    /// A control connection is admitted only as the first hello (the session this destination
+    /// will run) or as the replacement of this session's (`reconnect`). Anything else (another
+    /// message first, a second hello, a reconnect for another session) is rejected.
+    fn control_arrived(self: &Arc<Self>, conn: Conn, frame: Vec<u8>, peer: &str) {
+        let mut slot = self.control.lock().unwrap();
+        let kind = serde_json::from_slice::<FrameKind>(&frame).map(|k| k.kind);
+        if kind.as_deref().is_ok_and(|k| k == "reconnect") {
+            let replaced = self.control_replaced(&mut slot, conn, &frame);
+            drop(slot);
+            // The replaced connection is closed outside the lock: its reader's end is stale news.
+            if let Err(e) = replaced {
+                self.rejections.reject(peer, e);
+            }
+            return;
+        }
+        let refused = match kind {
+            Ok(k) if k == "hello" && slot.is_none() => None,
+            Ok(k) if k == "hello" => Some(Error::new(ErrorCode::Protocol, "a second control connection with a hello: this destination runs one session")),
+            Ok(k) => Some(Error::new(ErrorCode::Protocol, format!("a control connection whose first message is {k:?}, neither a hello nor a reconnect"))),
+            Err(_) => Some(Error::new(ErrorCode::Protocol, format!("a control connection whose first frame ({} bytes) is not a control message", frame.len()))),
+        };
+        if let Some(e) = refused {
+            drop(slot);
+            return self.rejections.reject(peer, e);
+        }
+        // Announced before the reader thread starts: its first frame (the hello) must not
+        // reach the orchestrator ahead of the connection it came on.
+        (self.events)(Event::ControlConnected);
+        let generation = self.control_generation.fetch_add(1, Ordering::AcqRel) + 1;
+        *slot = Some(Control::accepted(conn, Some(frame), self.control_sink(generation)));
+    }
+
+    /// Admits a control connection that replaces this session's, answering its `reconnect`
+    /// with the last barrier every channel passed and whether `completed` went out. Returns the
+    /// connection it replaces (lost, or still open if this side has not noticed yet).
+    fn control_replaced(self: &Arc<Self>, slot: &mut Option<Arc<Control>>, conn: Conn, frame: &[u8]) -> Result<Option<Arc<Control>>> {
+        let ControlMessage::Reconnect { session, .. } = ControlMessage::decode(frame)? else {
+            fail!(Protocol, "a control frame of type reconnect that is not a valid reconnect");
+        };
+        let Some(s) = self.session.lock().unwrap().clone().filter(|s| Hex(&s.uuid).to_string() == session) else {
+            fail!(UuidMismatch, "a control reconnect for session {session}, which this destination does not run");
+        };
+        if slot.is_none() || s.resume_window.is_zero() || self.failure.is_failed() {
+            fail!(State, "a control reconnect for session {session}, which cannot take one (no control connection yet, resumeWindowMs 0, or failed)");
+        }
+        if self.control_lost.lock().unwrap().as_ref().is_some_and(|l| l.since.elapsed() >= s.resume_window) {
+            fail!(Timeout, "a control reconnect for session {session} after resumeWindowMs ({} ms)", s.resume_window.as_millis());
+        }
+        // Under the control lock: a sync acknowledged from now on goes out on the replacement,
+        // after this answer (the source drops one the answer already covered).
+        let epoch = s.barrier.state.lock().unwrap().epoch;
+        let answer = ControlMessage::Reconnected { epoch, completed: self.completed_sent.load(Ordering::Acquire) }.encode();
+        conn.set_write_timeout(Some(self.classify_timeout))?;
+        conn.write_all(&[&(answer.len() as u32).to_be_bytes(), &answer])?;
+        let lost = self.control_lost.lock().unwrap().take();
+        let generation = self.control_generation.fetch_add(1, Ordering::AcqRel) + 1;
+        let old = slot.replace(Control::accepted(conn, None, self.control_sink(generation)));
+        let (cause, took) = match lost {
+            Some(Lost { since, cause }) => (cause.unwrap_or_else(|| Error::new(ErrorCode::ConnectionClosed, "the source closed the control connection")), since.elapsed()),
+            None => (Error::new(ErrorCode::ConnectionClosed, "the source replaced a control connection this side still had open"), Duration::ZERO),
+        };
+        (self.events)(Event::Recovered(Recovery { connection: None, cause, pages_resent: 0, took }));
+        Ok(old)
+    }
+
+    /// The sink of accepted control connection `generation`: its frames go to the
+    /// orchestrator; its end matters only while it is the current one.
+    fn control_sink(self: &Arc<Self>, generation: u64) -> InboundSink {
+        let (me, events) = (Arc::downgrade(self), self.events.clone());
+        Arc::new(move |i| match i {
+            Inbound::Frame(f) => events(Event::Control(f)),
+            Inbound::Closed(end) => {
+                if let Some(me) = me.upgrade() {
+                    me.control_ended(generation, end);
+                }
+            }
+        })
+    }
+
+    /// Control connection `generation` ended. Mid-session, with a resume window, its
+    /// replacement is awaited (the channels carry on); otherwise the orchestrator is told.
+    fn control_ended(&self, generation: u64, end: Option<Error>) {
+        if generation != self.control_generation.load(Ordering::Acquire) {
+            return;
+        }
+        let end = self.control_dropped.lock().unwrap().take().or(end);
+        let clean_after_completion = end.is_none() && self.completed_sent.load(Ordering::Acquire);
+        if clean_after_completion || !self.control_resumable() {
+            return (self.events)(Event::ControlClosed(end));
+        }
+        *self.control_lost.lock().unwrap() = Some(Lost { since: Instant::now(), cause: end });
+    }
+
+    /// Whether a lost control connection would be waited for: a session with a resume window
+    /// that has not failed and is not closing.
+    fn control_resumable(&self) -> bool {
+        let window = self.session.lock().unwrap().as_ref().map_or(Duration::ZERO, |s| s.resume_window);
+        !window.is_zero() && !self.closing.load(Ordering::Acquire) && !self.failure.is_failed()
+    }
+
+    /// Ends the wait for a lost control connection's replacement once the resume window has
+    /// passed: the orchestrator is told, with the cause of the loss.
+    fn expire_control_window(&self) {
+        let window = self.session.lock().unwrap().as_ref().map_or(Duration::ZERO, |s| s.resume_window);
+        let mut lost = self.control_lost.lock().unwrap();
+        if lost.as_ref().is_none_or(|l| l.since.elapsed() < window) {
+            return;
+        }
+        let Lost { cause, .. } = lost.take().expect("checked above");
+        drop(lost);
+        let ms = window.as_millis();
+        let cause = match cause {
+            Some(e) => Error::new(e.code, format!("{}; no reconnect within resumeWindowMs ({ms} ms)", e.message)),
+            None => Error::new(ErrorCode::ConnectionClosed, format!("the source closed the control connection before completing and did not reconnect within resumeWindowMs ({ms} ms)")),
+        };
+        (self.events)(Event::ControlClosed(Some(cause)));
+    }
+
+    /// A multifd channel: admitted when its init packet names the session's UUID (one that
+    /// then breaks the protocol fails the session), rejected when it names another; queued
+    /// when the session is not configured yet.
+    fn channel_arrived(self: &Arc<Self>, conn: Conn, init: [u8; INIT_PACKET_LEN], peer: &str) {
+        let mut pending = self.pending.lock().unwrap();
+        let session = self.session.lock().unwrap().clone();
+        let Some(s) = session else {
+            if pending.len() >= MAX_EARLY_CHANNELS {
+                let oldest = pending.remove(0);
+                self.rejections.reject(&oldest.peer, Error::new(ErrorCode::Timeout, format!("crowded out: {MAX_EARLY_CHANNELS} newer multifd channels arrived before any session")));
+            }
+            pending.push(Early { conn, init, peer: peer.to_owned(), since: Instant::now() });
+            return;
+        };
+        drop(pending);
+        if let Err(e) = InitPacket::names_session(&init, &s.uuid) {
+            return self.rejections.reject(peer, e);
+        }
+        if let Some(a) = self.admit(&s, conn, init) {
+            self.receive_from_classifier(&s, a);
         }
     }
 
@@ -1071,8 +1273,13 @@ impl Inner {
         // whatever the JavaScript event loop is doing.
         (self.events)(Event::Synced { epoch, packet_num: high_water });
         let control = self.control.lock().unwrap().clone();
-        if let Some(c) = control {
-            c.send(&synced_frame(epoch, high_water)).map_err(|err| err.context(format!("acknowledging sync {epoch}")))?;
+        // A control connection lost meanwhile is no reason to fail: its replacement's answer
+        // acknowledges this sync.
+        if let Some(c) = control
+            && let Err(err) = c.send(&synced_frame(epoch, high_water))
+            && !self.control_resumable()
+        {
+            return Err(err.context(format!("acknowledging sync {epoch}")));
         }
         Ok(())
     }

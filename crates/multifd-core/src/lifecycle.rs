@@ -14,10 +14,10 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crate::block::RamBlock;
-use crate::control::Control;
+use crate::control_link::SourceControl;
 use crate::error::{Error, ErrorCode, Result, fail};
 use crate::protocol::SourceLedger;
-use crate::session::{Counters, Event, EventSink, Failure, control_events};
+use crate::session::{Counters, Event, EventSink, Failure};
 use crate::source::{Selection, Source, SourceConfig};
 use crate::tls::{TlsClient, TlsInfo};
 use crate::transport::Address;
@@ -33,7 +33,8 @@ pub struct SourceSession {
     tls: Option<TlsClient>,
     failure: Arc<Failure>,
     closed: Arc<AtomicBool>,
-    control: Arc<Slot<Arc<Control>>>,
+    /// The control connection, repaired when it breaks once the channels are up.
+    control: Arc<SourceControl>,
     source: Arc<Slot<Source>>,
     ledger: Mutex<SourceLedger>,
     /// Connect threads (control, then channels); joined by `close` once finished, never waited for.
@@ -44,18 +45,28 @@ impl SourceSession {
     /// Starts opening the control connection (with `tls`, after a mutual TLS handshake, which
     /// the channels repeat): `Event::ControlConnected` follows, or `Event::Failed`.
     pub fn connect(address: Address, connect_timeout: Duration, tls: Option<TlsClient>, events: EventSink) -> Result<SourceSession> {
+        let failure = Failure::new(events);
         let session = SourceSession {
+            control: SourceControl::new(address.clone(), connect_timeout, tls.clone(), failure.clone()),
             address,
             tls,
-            failure: Failure::new(events),
+            failure,
             closed: Arc::new(AtomicBool::new(false)),
-            control: Arc::new(Slot { value: Mutex::new(None) }),
             source: Arc::new(Slot { value: Mutex::new(None) }),
             ledger: Mutex::new(SourceLedger::default()),
             connecting: Mutex::new(Vec::new()),
         };
-        let (addr, client, sink) = (session.address.clone(), session.tls.clone(), control_events(session.failure.events().clone()));
-        let worker = session.in_background(&session.control, Event::ControlConnected, move || Control::connect(&addr, connect_timeout, client.as_ref(), sink))?;
+        let (control, failure) = (session.control.clone(), session.failure.clone());
+        let worker = std::thread::Builder::new()
+            .name("multifd/connect".into())
+            .spawn(move || match control.connect() {
+                Ok(true) => (failure.events())(Event::ControlConnected),
+                Ok(false) => {} // closed meanwhile
+                Err(e) => {
+                    failure.fail(e);
+                }
+            })
+            .map_err(|e| Error::new(ErrorCode::Io, format!("spawn a connect thread: {e}")))?;
         session.connecting.lock().unwrap().push(worker);
         Ok(session)
     }
@@ -99,15 +110,18 @@ impl SourceSession {
 
     /// The control connection's TLS session, once connected with TLS.
     pub fn tls_info(&self) -> Option<TlsInfo> {
-        self.control.value.lock().unwrap().as_ref().and_then(|c| c.conn().tls().map(|t| t.info()))
+        self.control.tls_info()
     }
 
     /// Sends a control frame the orchestrator encoded (hello, round, cancel, error, ping).
     pub fn send_control(&self, frame: &[u8]) -> Result<()> {
-        match self.control.value.lock().unwrap().as_ref() {
-            Some(c) => c.send(frame),
-            None => fail!(State, "the control connection is closed"),
-        }
+        self.control.send(frame)
+    }
+
+    /// Drops the control connection to redial it, because of `cause` (nothing heard on it for
+    /// `peerTimeoutMs`). False when it will not be redialled (the caller fails instead).
+    pub fn drop_control(&self, cause: Error) -> bool {
+        self.control.drop_current(cause)
     }
 
     /// Sends `complete`, which names `epoch`: the last sync sent, acknowledged.
@@ -170,6 +184,8 @@ impl SourceSession {
         if connecting.len() > 1 || self.source.value.lock().unwrap().is_some() {
             fail!(State, "channels are already started");
         }
+        // From here on a broken control connection is redialled rather than fatal.
+        self.control.resumable(config.uuid, config.channel_retries);
         let failure = self.failure.clone();
         connecting.push(self.in_background(&self.source, Event::ChannelsReady, move || Source::start(config, failure))?);
         Ok(())
@@ -237,13 +253,10 @@ impl SourceSession {
             self.closed.store(true, Ordering::Release);
             slot.take()
         };
-        let control = self.control.value.lock().unwrap().take();
         if let Some(s) = source {
             s.close(abort);
         }
-        if let Some(c) = control {
-            c.close();
-        }
+        self.control.close();
         let mut connecting = self.connecting.lock().unwrap();
         for w in std::mem::take(&mut *connecting) {
             if w.is_finished() {

@@ -34,13 +34,18 @@ pub const DEFAULT_TIMEOUT_MS: u32 = 10_000;
 pub const PEER_TIMEOUT_MS: RangeInclusive<u32> = 100..=3_600_000;
 /// No side waits on its peer forever by default.
 pub const DEFAULT_PEER_TIMEOUT_MS: u32 = 30_000;
+/// Redials per connection (`channelRetries`, control connection included) after it breaks
+/// mid-session, waiting 50 ms before the first and doubling up to 2 s; 0 fails at once.
+pub const CHANNEL_RETRIES: RangeInclusive<u32> = 0..=100;
+pub const DEFAULT_CHANNEL_RETRIES: u32 = 5;
+/// How long a destination waits for a lost channel's or control connection's replacement
+/// (`resumeWindowMs`), or (`recv --resume`) for a restarted source's new session, in
+/// milliseconds; 0 fails at once.
+pub const RESUME_WINDOW_MS: RangeInclusive<u32> = 0..=3_600_000;
+pub const DEFAULT_RESUME_WINDOW_MS: u32 = 10_000;
 /// `maxBandwidth` in bytes per second (up to JavaScript's largest safe integer); absent for
 /// no limit.
 pub const MAX_BANDWIDTH: RangeInclusive<u64> = 1..=(1 << 53) - 1;
-/// `channelRetries`: redials per connection after a connection fault, waiting 50 ms before
-/// the first and doubling up to 2 s between the next; 0 fails the session at the first fault.
-pub const CHANNEL_RETRIES: RangeInclusive<u32> = 0..=100;
-pub const DEFAULT_CHANNEL_RETRIES: u32 = 5;
 /// A `unix:` address's path, in bytes (the kernel's `sun_path` holds 108 with the NUL).
 pub const UNIX_PATH_BYTES: RangeInclusive<usize> = 1..=107;
 /// Connections a destination holds that have not identified themselves yet (no first bytes
@@ -49,17 +54,12 @@ pub const UNIX_PATH_BYTES: RangeInclusive<usize> = 1..=107;
 pub const MAX_UNIDENTIFIED: usize = MAX_CHANNELS as usize + 1;
 /// Multifd channels a destination holds that arrived before its session was configured (before
 /// the hello): a new one beyond this closes the oldest. Our sources connect channels only after
-/// the handshake, so these are strangers; each is also closed after the handshake timeout.
+/// the handshake, so these are rejected; each is also closed after the handshake timeout.
 pub const MAX_EARLY_CHANNELS: usize = MAX_CHANNELS as usize;
 /// End-to-end integrity methods (`none`, or an xxh3-64 digest per packet and per block).
 pub const INTEGRITY: [&str; 2] = ["none", "xxh3"];
 /// What the source does with zero pages: `multifd` sends them as offsets only, `none` as data.
 pub const ZERO_PAGE_DETECTION: [&str; 2] = ["multifd", "none"];
-/// `resumeWindowMs`: how long a destination waits for a lost connection's replacement before
-/// it fails with the cause, or (`recv --resume`) for a restarted source's new session, in ms;
-/// 0 fails at once.
-pub const RESUME_WINDOW_MS: RangeInclusive<u32> = 0..=3_600_000;
-pub const DEFAULT_RESUME_WINDOW_MS: u32 = 10_000;
 /// Held ranges one `held` control message carries at most (about 50 bytes each as JSON, so a
 /// frame stays far below the 1 MiB frame limit); more go in several messages.
 pub const HELD_RANGES_PER_FRAME: usize = 4096;
@@ -222,10 +222,10 @@ pub struct Description {
     pub max_blocks: f64,
     pub timeout_ms: Range,
     pub peer_timeout_ms: Range,
-    pub max_bandwidth: Range,
-    pub unix_path_bytes: Range,
     pub channel_retries: Range,
     pub resume_window_ms: Range,
+    pub max_bandwidth: Range,
+    pub unix_path_bytes: Range,
     pub compression: Vec<MethodInfo>,
     pub integrity: Vec<&'static str>,
     pub zero_page_detection: Vec<&'static str>,
@@ -241,10 +241,10 @@ pub fn describe() -> Description {
         max_blocks: MAX_BLOCKS as f64,
         timeout_ms: range(&TIMEOUT_MS, Some(DEFAULT_TIMEOUT_MS)),
         peer_timeout_ms: range(&PEER_TIMEOUT_MS, Some(DEFAULT_PEER_TIMEOUT_MS)),
-        max_bandwidth: Range { min: *MAX_BANDWIDTH.start() as f64, max: *MAX_BANDWIDTH.end() as f64, default: None },
-        unix_path_bytes: usize_range(&UNIX_PATH_BYTES),
         channel_retries: range(&CHANNEL_RETRIES, Some(DEFAULT_CHANNEL_RETRIES)),
         resume_window_ms: range(&RESUME_WINDOW_MS, Some(DEFAULT_RESUME_WINDOW_MS)),
+        max_bandwidth: Range { min: *MAX_BANDWIDTH.start() as f64, max: *MAX_BANDWIDTH.end() as f64, default: None },
+        unix_path_bytes: usize_range(&UNIX_PATH_BYTES),
         compression: compress::names()
             .map(|name| {
                 let method = compress::by_name(name).ok().and_then(compress::method);
@@ -269,11 +269,11 @@ pub fn markdown() -> String {
         ("blocks", format!("1..{}", d.max_blocks), "-".into(), "blocks one session announces"),
         ("connectTimeoutMs, handshakeTimeoutMs, channelTimeoutMs", r(&d.timeout_ms), default(&d.timeout_ms), "milliseconds"),
         ("peerTimeoutMs", format!("0 or {}", r(&d.peer_timeout_ms)), default(&d.peer_timeout_ms), "milliseconds without progress before both sides fail; 0 disables"),
+        ("channelRetries", r(&d.channel_retries), default(&d.channel_retries), "redials of a broken connection (control included), 50 ms doubling to 2 s between; 0 fails at once"),
+        ("resumeWindowMs", r(&d.resume_window_ms), default(&d.resume_window_ms), "milliseconds a destination waits for a broken connection's replacement or (recv --resume) a new session; 0 fails at once"),
         ("maxBandwidth", r(&d.max_bandwidth), default(&d.max_bandwidth), "bytes per second over all channels; absent for no limit"),
-        ("channelRetries", r(&d.channel_retries), default(&d.channel_retries), "redials per connection after a fault (50 ms, doubling, at most 2 s apart); 0 fails at the first"),
         ("minChannels", "1..channels".into(), "1".into(), "channels that must remain: one that cannot be redialled is given up (the migration goes on) only above this"),
         ("unix: address path", format!("{} bytes", r(&d.unix_path_bytes)), "-".into(), "the kernel's sun_path"),
-        ("resumeWindowMs", r(&d.resume_window_ms), default(&d.resume_window_ms), "milliseconds a destination waits for a replacement connection or (recv --resume) a new session; 0 fails at once"),
     ];
     let methods: Vec<String> = d.compression.iter().map(|m| m.name.to_string()).collect();
     rows.push(("compression", methods.join(", "), "none".into(), "only the source compresses"));

@@ -200,6 +200,15 @@ impl Conn {
         };
     }
 
+    /// Who is at the other end, for messages: `HOST:PORT` over TCP, `a local peer` on a Unix
+    /// socket (whose peers have no address), `an unknown peer` when the socket cannot say.
+    pub fn peer(&self) -> String {
+        match &self.socket {
+            Socket::Tcp(s) => s.peer_addr().map_or_else(|_| "an unknown peer".into(), |a| a.to_string()),
+            Socket::Unix(_) => "a local peer".into(),
+        }
+    }
+
     /// Waits until the peer has sent something (or closed); false when `timeout` passed first.
     pub fn wait_readable(&self, timeout: Duration) -> Result<bool> {
         crate::io::wait_readable(self.fd(), Some(timeout))

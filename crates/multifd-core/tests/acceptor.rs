@@ -16,6 +16,7 @@ use multifd_core::session::{Event, Failure};
 use multifd_core::source::{Selection, Source, SourceConfig};
 use multifd_core::transport::Address;
 use multifd_core::wire::{Compression, Geometry, InitPacket};
+use multifd_core::ErrorCode;
 
 mod common;
 use common::{fill, sink};
@@ -93,7 +94,7 @@ fn a_real_source_gets_in_past_silent_connections_and_early_strangers() {
     eventually("the early channels being held", || dest.early_channels() == MAX_EARLY_CHANNELS);
     // ... then more silent connections than are kept while unidentified, all held open.
     let silent: Vec<TcpStream> = (0..MAX_UNIDENTIFIED + extra).map(|_| TcpStream::connect(("127.0.0.1", port)).unwrap()).collect();
-    eventually("the silent flood being accepted", || dest.strangers() as usize >= 2 * extra);
+    eventually("the silent flood being accepted", || dest.rejected_connections() as usize >= 2 * extra);
 
     let src = source_block();
     let dst = Arc::new(RamBlock::allocate("pc.ram", SIZE, 4096, false).unwrap());
@@ -105,7 +106,7 @@ fn a_real_source_gets_in_past_silent_connections_and_early_strangers() {
     assert_eq!(block_digest(&dst), block_digest(&src), "destination equals source");
     // Every early channel was closed (crowded out, or naming another session at configure),
     // and at least the silent ones beyond the cap.
-    assert!(dest.strangers() as usize >= MAX_EARLY_CHANNELS + 2 * extra, "{} strangers", dest.strangers());
+    assert!(dest.rejected_connections() as usize >= MAX_EARLY_CHANNELS + 2 * extra, "{} rejected", dest.rejected_connections());
     drop((early, silent));
     dest.close();
     assert_eq!(open_fds(), baseline, "descriptors back to where they were");
@@ -144,7 +145,7 @@ fn early_channels_expire_after_the_classify_timeout() {
     s.write_all(&InitPacket { uuid: [1; 16], channel_id: 0 }.encode()).unwrap();
     eventually("the early channel being held", || dest.early_channels() == 1);
     eventually("the early channel expiring", || dest.early_channels() == 0);
-    assert_eq!(dest.strangers(), 1);
+    assert_eq!(dest.rejected_connections(), 1);
     // The destination closed it: the peer sees the end of the stream.
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     assert_eq!(std::io::Read::read(&mut s, &mut [0; 1]).unwrap(), 0);
@@ -246,8 +247,192 @@ fn destination_child() {
     println!("digest {:016x}", block_digest(&dst));
     let mut line = String::new();
     std::io::stdin().read_line(&mut line).unwrap();
-    let strangers = dest.strangers();
+    let strangers = dest.rejected_connections();
     dest.close();
     drop(dest);
     println!("fds {} {baseline} {strangers}", open_fds());
+}
+
+/// Opens a connection to `port` that sends `bytes` and stays open; returns it with the address
+/// the destination sees it from.
+fn junk(port: u16, bytes: &[u8]) -> (TcpStream, String) {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.write_all(bytes).unwrap();
+    let peer = s.local_addr().unwrap().to_string();
+    (s, peer)
+}
+
+/// A control connection's first bytes: the magic, then one frame.
+fn control_bytes(frame: &[u8]) -> Vec<u8> {
+    let mut b = multifd_core::control::CONTROL_MAGIC.to_be_bytes().to_vec();
+    b.extend_from_slice(&(frame.len() as u32).to_be_bytes());
+    b.extend_from_slice(frame);
+    b
+}
+
+#[test]
+fn every_kind_of_stranger_is_rejected_with_its_reason_and_the_session_carries_on() {
+    let _serial = one_at_a_time();
+    let (dsink, drx) = sink();
+    let dest = Destination::listen(&Address::parse("tcp:127.0.0.1:0").unwrap(), Duration::from_secs(2), None, dsink).unwrap();
+    let Address::Tcp { port, .. } = dest.address().clone() else { unreachable!() };
+    let next = |what: &str| loop {
+        match drx.recv_timeout(Duration::from_secs(10)).unwrap_or_else(|_| panic!("{what} within 10 s")) {
+            Event::Failed(e) => panic!("{what}: the destination failed: {e}"),
+            Event::Warning(w) => break Some(w),
+            Event::Control(frame) => {
+                assert_eq!(frame, br#"{"type":"hello"}"#, "{what}");
+                break None;
+            }
+            _ => {}
+        }
+    };
+    // The session's own control connection: its first frame is the hello.
+    let (_control, _) = junk(port, &control_bytes(br#"{"type":"hello"}"#));
+    assert!(next("the hello").is_none(), "the hello was admitted");
+    let dst = Arc::new(RamBlock::allocate("pc.ram", SIZE, 4096, false).unwrap());
+    dest.configure(dest_config(2, &dst)).unwrap();
+
+    let mut other_uuid = InitPacket { uuid: [9; 16], channel_id: 0 }.encode().to_vec();
+    other_uuid.truncate(64);
+    let kinds: Vec<(&str, Vec<u8>, ErrorCode)> = vec![
+        ("an HTTP request", b"GET / HTTP/1.1\r\n\r\n".to_vec(), ErrorCode::UnknownChannel),
+        ("a TLS ClientHello at a plaintext destination", vec![0x16, 0x03, 0x01, 0x00, 0x05, 1, 0, 0, 1, 0], ErrorCode::TlsUnavailable),
+        ("a channel of another session", other_uuid, ErrorCode::UuidMismatch),
+        ("the control magic, then garbage", control_bytes(b"\x00\x01garbage"), ErrorCode::Protocol),
+        ("the control magic, then an oversized frame", [multifd_core::control::CONTROL_MAGIC.to_be_bytes(), [0xff; 4]].concat(), ErrorCode::Protocol),
+        ("a control connection that starts with a ping", control_bytes(br#"{"type":"ping"}"#), ErrorCode::Protocol),
+        ("a second hello", control_bytes(br#"{"type":"hello"}"#), ErrorCode::Protocol),
+        ("a connection that closes at once", Vec::new(), ErrorCode::ConnectionClosed),
+    ];
+    let mut held = Vec::new();
+    for (what, bytes, code) in &kinds {
+        let (s, peer) = junk(port, bytes);
+        if bytes.is_empty() {
+            s.shutdown(std::net::Shutdown::Both).unwrap();
+        }
+        let w = next(what).unwrap_or_else(|| panic!("{what} was admitted as a control connection"));
+        assert_eq!(w.code, *code, "{what}: {w}");
+        assert!(w.message.starts_with(&format!("rejected a connection from {peer}: ")), "{what}: {w}");
+        held.push(s);
+    }
+    // A silent one is rejected after the classify timeout.
+    let (silent, peer) = junk(port, &[]);
+    let w = next("the silent connection").unwrap();
+    assert_eq!((w.code, w.message.starts_with(&format!("rejected a connection from {peer}: sent nothing within 2000 ms"))), (ErrorCode::Timeout, true), "{w}");
+    assert_eq!(dest.rejected_connections(), kinds.len() as u64 + 1);
+
+    // The session is unharmed: a real source completes it.
+    let src = source_block();
+    let source = send(dest.address(), 2, &src);
+    while !matches!(drx.recv_timeout(Duration::from_secs(20)).expect("the destination syncs"), Event::Synced { epoch: 1, .. }) {}
+    dest.finish().expect("no stranger failed the session");
+    source.close(false);
+    assert_eq!(block_digest(&dst), block_digest(&src), "destination equals source");
+    drop((held, silent));
+    dest.close();
+}
+
+#[test]
+fn a_channel_of_this_session_that_breaks_the_protocol_still_fails_it() {
+    let _serial = one_at_a_time();
+    let (dsink, drx) = sink();
+    let dest = Destination::listen(&Address::parse("tcp:127.0.0.1:0").unwrap(), Duration::from_secs(2), None, dsink).unwrap();
+    let Address::Tcp { port, .. } = dest.address().clone() else { unreachable!() };
+    let dst = Arc::new(RamBlock::allocate("pc.ram", SIZE, 4096, false).unwrap());
+    dest.configure(dest_config(2, &dst)).unwrap();
+    // The right session, a channel id out of range.
+    let (_s, _) = junk(port, &InitPacket { uuid: UUID, channel_id: 2 }.encode());
+    let e = loop {
+        match drx.recv_timeout(Duration::from_secs(10)).expect("the session fails within 10 s") {
+            Event::Failed(e) => break e,
+            Event::Warning(w) => panic!("rejected instead of failing the session: {w}"),
+            _ => {}
+        }
+    };
+    assert_eq!(e.code, ErrorCode::ChannelIdRange, "{e}");
+    assert_eq!(dest.rejected_connections(), 0);
+    dest.close();
+}
+
+/// Reads one control frame from a raw control connection.
+fn read_frame(s: &mut TcpStream) -> Vec<u8> {
+    use std::io::Read;
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut len = [0u8; 4];
+    s.read_exact(&mut len).unwrap();
+    let mut frame = vec![0u8; u32::from_be_bytes(len) as usize];
+    s.read_exact(&mut frame).unwrap();
+    frame
+}
+
+#[test]
+fn a_control_reconnect_is_admitted_only_for_this_session_and_answered_with_what_the_destination_knows() {
+    let _serial = one_at_a_time();
+    let (dsink, drx) = sink();
+    let dest = Destination::listen(&Address::parse("tcp:127.0.0.1:0").unwrap(), Duration::from_secs(2), None, dsink).unwrap();
+    let Address::Tcp { port, .. } = dest.address().clone() else { unreachable!() };
+    let (control, _) = junk(port, &control_bytes(br#"{"type":"hello"}"#));
+    loop {
+        if let Event::Control(_) = drx.recv_timeout(Duration::from_secs(10)).expect("the hello") {
+            break;
+        }
+    }
+    let dst = Arc::new(RamBlock::allocate("pc.ram", SIZE, 4096, false).unwrap());
+    dest.configure(DestConfig { resume_window: Duration::from_secs(5), ..dest_config(2, &dst) }).unwrap();
+    let session = UUID.iter().map(|b| format!("{b:02x}")).collect::<String>();
+    let next = || loop {
+        match drx.recv_timeout(Duration::from_secs(10)).expect("an event within 10 s") {
+            Event::Failed(e) => panic!("the destination failed: {e}"),
+            Event::ControlClosed(end) => panic!("the control connection's end reached the orchestrator: {end:?}"),
+            e @ (Event::Warning(_) | Event::Recovered(_)) => break e,
+            _ => {}
+        }
+    };
+    // Another session's reconnect is a stranger.
+    let (_other, _) = junk(port, &control_bytes(br#"{"type":"reconnect","session":"ffffffffffffffffffffffffffffffff","acked":0}"#));
+    let Event::Warning(w) = next() else { panic!("not rejected") };
+    assert_eq!(w.code, ErrorCode::UuidMismatch, "{w}");
+    // The session's control connection breaks; the window holds the session.
+    drop(control);
+    // Its replacement is admitted and answered before anything else.
+    let (mut again, _) = junk(port, &control_bytes(format!(r#"{{"type":"reconnect","session":"{session}","acked":0}}"#).as_bytes()));
+    assert_eq!(read_frame(&mut again), br#"{"type":"reconnected","epoch":0,"completed":false}"#);
+    let Event::Recovered(r) = next() else { panic!("no recovery") };
+    assert_eq!((r.connection, r.cause.code, r.pages_resent), (None, ErrorCode::ConnectionClosed, 0));
+    // A later `completed` goes out on the replacement.
+    dest.send_control(br#"{"type":"completed"}"#).unwrap();
+    assert_eq!(read_frame(&mut again), br#"{"type":"completed"}"#);
+    assert_eq!(dest.rejected_connections(), 1);
+    assert!(dest.failure().first().is_none());
+    dest.close();
+}
+
+#[test]
+fn a_lost_control_connection_fails_the_destination_only_after_the_resume_window() {
+    let _serial = one_at_a_time();
+    let (dsink, drx) = sink();
+    let dest = Destination::listen(&Address::parse("tcp:127.0.0.1:0").unwrap(), Duration::from_secs(2), None, dsink).unwrap();
+    let Address::Tcp { port, .. } = dest.address().clone() else { unreachable!() };
+    let (control, _) = junk(port, &control_bytes(br#"{"type":"hello"}"#));
+    loop {
+        if let Event::Control(_) = drx.recv_timeout(Duration::from_secs(10)).expect("the hello") {
+            break;
+        }
+    }
+    let dst = Arc::new(RamBlock::allocate("pc.ram", SIZE, 4096, false).unwrap());
+    dest.configure(DestConfig { resume_window: Duration::from_millis(500), ..dest_config(2, &dst) }).unwrap();
+    let lost = Instant::now();
+    drop(control);
+    let end = loop {
+        if let Event::ControlClosed(end) = drx.recv_timeout(Duration::from_secs(10)).expect("the window ends within 10 s") {
+            break end;
+        }
+    };
+    let waited = lost.elapsed();
+    let e = end.expect("an error, not a clean end");
+    assert_eq!(e.code, ErrorCode::ConnectionClosed, "{e}");
+    assert!(e.message.contains("resumeWindowMs (500 ms)"), "{e}");
+    assert!(waited >= Duration::from_millis(450) && waited < Duration::from_secs(5), "told after {waited:?}");
+    dest.close();
 }

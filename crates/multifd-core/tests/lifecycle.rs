@@ -39,7 +39,7 @@ fn dest_config(channels: u8, blocks: Vec<Arc<RamBlock>>) -> DestConfig {
         channel_timeout: Duration::from_secs(10),
         peer_timeout: None,
         integrity: false,
-        resume_window: std::time::Duration::ZERO,
+        resume_window: Duration::ZERO,
     }
 }
 
@@ -60,9 +60,11 @@ fn a_whole_session_with_the_destination_acknowledging_syncs_itself() {
     let (ssink, srx) = sink();
     let session = SourceSession::connect(dest.address().clone(), Duration::from_secs(5), None, ssink).unwrap();
     wait_for(&srx, |e| matches!(e, Event::ControlConnected).then_some(()));
+    // A control connection is admitted by its first frame, a hello. The hello/welcome exchange
+    // is the orchestrator's; here the destination is configured directly, as its orchestrator
+    // would after a hello.
+    session.send_control(br#"{"type":"hello"}"#).unwrap();
     wait_for(&drx, |e| matches!(e, Event::ControlConnected).then_some(()));
-    // The hello/welcome exchange is the orchestrator's; here the destination is configured
-    // directly, as its orchestrator would after a hello.
     dest.configure(dest_config(3, vec![dst.clone()])).unwrap();
     session.start_channels(source_config(&session, 3)).unwrap();
     wait_for(&srx, |e| matches!(e, Event::ChannelsReady).then_some(()));

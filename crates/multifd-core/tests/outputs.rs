@@ -140,7 +140,7 @@ fn transfer_with(src: &Arc<RamBlock>, dst: &Arc<RamBlock>, compression: Compress
         channel_timeout: Duration::from_secs(10),
         peer_timeout: Some(Duration::from_secs(20)),
         integrity: false,
-        resume_window: std::time::Duration::ZERO,
+        resume_window: Duration::ZERO,
     })
     .unwrap();
     let (ssink, srx) = sink();

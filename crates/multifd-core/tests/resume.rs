@@ -46,6 +46,7 @@ fn complete_pieces_are_taken_at_each_barrier_and_count_held_pieces() {
         channel_timeout: Duration::from_secs(5),
         peer_timeout: None,
         integrity: false,
+        resume_window: Duration::ZERO,
     })
     .unwrap();
     assert_eq!(dest.complete_pieces(), None, "nothing before the first barrier");

@@ -50,7 +50,7 @@ fn destination(tls: Option<TlsServer>, channels: u8) -> (Destination, Arc<RamBlo
         channel_timeout: Duration::from_secs(10),
         peer_timeout: None,
         integrity: false,
-        resume_window: std::time::Duration::ZERO,
+        resume_window: Duration::ZERO,
     })
     .unwrap();
     (dest, block, drx)
@@ -68,6 +68,24 @@ fn next_failure(rx: &mpsc::Receiver<Event>, within: Duration) -> Option<Error> {
     }
 }
 
+/// The destination's next rejection (a warning); `None` when the session fails first or
+/// nothing is rejected within `within`.
+fn next_rejection(rx: &mpsc::Receiver<Event>, within: Duration) -> Option<Error> {
+    let deadline = Instant::now() + within;
+    loop {
+        match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(Event::Warning(e)) => return Some(e),
+            Ok(Event::Failed(e)) => panic!("a refused peer failed the destination: {e}"),
+            Ok(_) => {}
+            Err(_) => return None,
+        }
+    }
+}
+
+/// A first control frame the destination admits (it looks only at the type; the orchestrator
+/// judges the rest).
+const HELLO: &[u8] = br#"{"type":"hello"}"#;
+
 fn no_channel_admitted(rx: &mpsc::Receiver<Event>) -> bool {
     rx.try_iter().all(|e| !matches!(e, Event::ChannelUp { .. }))
 }
@@ -84,11 +102,11 @@ fn mutual_tls_moves_every_page_and_hides_them_on_the_wire() {
     // Control: handshake, then frames both ways.
     let (csink, crx) = sink();
     let control = Control::connect(&proxy, Duration::from_secs(5), Some(&client("source", "ca.pem", Some("localhost"), &proxy)), control_events(csink)).unwrap();
-    control.send(b"hello").unwrap();
+    control.send(HELLO).unwrap();
     loop {
         match drx.recv_timeout(Duration::from_secs(5)).expect("hello arrives") {
             Event::Control(f) => {
-                assert_eq!(f, b"hello");
+                assert_eq!(f, HELLO);
                 break;
             }
             Event::Failed(e) => panic!("{e}"),
@@ -168,8 +186,9 @@ fn recording_proxy(to: &Address) -> (Address, Arc<Mutex<Vec<u8>>>) {
 }
 
 /// One refusal: the control connection and, on a fresh destination, the data channels
-/// connecting directly (as an attacker skipping control would). Each side must fail with its
-/// code within a few seconds, and the destination's block must stay untouched.
+/// connecting directly (as an attacker skipping control would). The source must fail with its
+/// code within a few seconds; the destination rejects the connections (a warning with its
+/// code, counted) and carries on unharmed, its block untouched.
 fn refused(server_tls: Option<TlsServer>, client_tls: impl Fn(&Address) -> Option<TlsClient>, source_code: ErrorCode, dest_code: ErrorCode) {
     // Control connection.
     let (dest, block, drx) = destination(server_tls.clone(), 1);
@@ -178,17 +197,20 @@ fn refused(server_tls: Option<TlsServer>, client_tls: impl Fn(&Address) -> Optio
     let source_err = match Control::connect(dest.address(), Duration::from_secs(3), client_tls(dest.address()).as_ref(), control_events(csink)) {
         Err(e) => e,
         Ok(control) => {
-            let _ = control.send(b"hello");
+            let _ = control.send(HELLO);
             let e = next_failure(&crx, Duration::from_secs(5)).expect("the source's control connection fails");
             control.close();
             e
         }
     };
     assert_eq!(source_err.code, source_code, "source (control): {source_err}");
-    let dest_err = next_failure(&drx, Duration::from_secs(5)).expect("the destination fails");
+    let dest_err = next_rejection(&drx, Duration::from_secs(5)).expect("the destination rejects the connection");
     assert_eq!(dest_err.code, dest_code, "destination (control): {dest_err}");
+    assert!(dest_err.message.starts_with("rejected a connection from 127.0.0.1:"), "{dest_err}");
     assert!(started.elapsed() < Duration::from_secs(6));
     assert!(no_channel_admitted(&drx));
+    assert!(dest.failure().first().is_none(), "the destination is unharmed");
+    assert_eq!(dest.rejected_connections(), 1);
     dest.close();
     assert!(is_zero(&block));
 
@@ -211,7 +233,7 @@ fn refused(server_tls: Option<TlsServer>, client_tls: impl Fn(&Address) -> Optio
             e
         }
     };
-    let dest_err = next_failure(&drx, Duration::from_secs(5)).expect("the destination fails");
+    let dest_err = next_rejection(&drx, Duration::from_secs(5)).expect("the destination rejects the channels");
     assert_eq!(dest_err.code, dest_code, "destination (channels): {dest_err}");
     // A plaintext source does not learn of the refusal on a channel (it never reads there);
     // it sees its channel closed. Every TLS source gets the precise code.
@@ -221,6 +243,7 @@ fn refused(server_tls: Option<TlsServer>, client_tls: impl Fn(&Address) -> Optio
         assert!(matches!(source_err.code, ErrorCode::ConnectionClosed | ErrorCode::TlsRequired), "source (channels): {source_err}");
     }
     assert!(no_channel_admitted(&drx));
+    assert!(dest.failure().first().is_none(), "the destination is unharmed");
     dest.close();
     assert!(is_zero(&block), "a refused peer wrote pages");
 }
@@ -265,7 +288,7 @@ fn allow_list_accepts_an_alternative_name() {
     let (dest, _block, drx) = destination(Some(server(&["source.test"])), 1);
     let (csink, _crx) = sink();
     let control = Control::connect(dest.address(), Duration::from_secs(3), Some(&client("source", "ca.pem", Some("127.0.0.1"), dest.address())), control_events(csink)).unwrap();
-    control.send(b"x").unwrap();
+    control.send(HELLO).unwrap();
     loop {
         match drx.recv_timeout(Duration::from_secs(5)).expect("frame") {
             Event::Control(_) => break,
@@ -285,10 +308,11 @@ fn a_client_that_stalls_mid_handshake_is_cut_off() {
     // The first bytes of a ClientHello record, then nothing.
     s.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01]).unwrap();
     let started = Instant::now();
-    let e = next_failure(&drx, Duration::from_secs(6)).expect("the destination gives up");
+    let e = next_rejection(&drx, Duration::from_secs(6)).expect("the destination gives up on it");
     assert_eq!(e.code, ErrorCode::Timeout, "{e}");
     assert!(e.message.contains("TLS handshake"), "{e}");
     assert!(started.elapsed() < Duration::from_secs(4), "took {:?} with a 2 s classify timeout", started.elapsed());
+    assert!(dest.failure().first().is_none(), "the destination is unharmed");
     dest.close();
     assert!(is_zero(&block));
 }

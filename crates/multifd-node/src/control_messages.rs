@@ -67,6 +67,8 @@ pub enum NativeControlMessage {
     Resume,
     Held { ranges: Vec<NativeHeldRange>, done: bool },
     Resumed { bytes: f64 },
+    Reconnect { session: String, acked: f64 },
+    Reconnected { epoch: f64, completed: bool },
 }
 
 impl From<ControlMessage> for NativeControlMessage {
@@ -98,6 +100,8 @@ impl From<ControlMessage> for NativeControlMessage {
                 NativeControlMessage::Held { ranges: ranges.into_iter().map(|r| NativeHeldRange { block: r.block, index: r.index as f64, xxh3: r.xxh3 }).collect(), done }
             }
             ControlMessage::Resumed { bytes } => NativeControlMessage::Resumed { bytes: bytes as f64 },
+            ControlMessage::Reconnect { session, acked } => NativeControlMessage::Reconnect { session, acked: acked as f64 },
+            ControlMessage::Reconnected { epoch, completed } => NativeControlMessage::Reconnected { epoch: epoch as f64, completed },
         }
     }
 }
@@ -133,6 +137,8 @@ impl NativeControlMessage {
                 done,
             },
             NativeControlMessage::Resumed { bytes } => ControlMessage::Resumed { bytes: to_u64(bytes, "resumed bytes")? },
+            NativeControlMessage::Reconnect { session, acked } => ControlMessage::Reconnect { session, acked: to_u64(acked, "acked")? },
+            NativeControlMessage::Reconnected { epoch, completed } => ControlMessage::Reconnected { epoch: to_u64(epoch, "epoch")?, completed },
         })
     }
 }

@@ -46,14 +46,14 @@ pub struct Limits {
     /// Connect, handshake and channel-arrival timeouts (ms).
     pub timeout_ms: IntRange,
     pub peer_timeout_ms: IntRange,
+    /// Redials of a broken connection (`channelRetries`).
+    pub channel_retries: IntRange,
+    /// How long a destination waits for a replacement connection or (`recv --resume`) a new session (ms, `resumeWindowMs`).
+    pub resume_window_ms: IntRange,
     /// Bytes per second.
     pub max_bandwidth: IntRange,
     /// A `unix:` address's path, in bytes.
     pub unix_path_bytes: IntRange,
-    /// Redials per connection after a fault.
-    pub channel_retries: IntRange,
-    /// How long a destination waits for a replacement connection or a new session (ms).
-    pub resume_window_ms: IntRange,
     /// `none` first, then the registry's methods.
     pub compression: Vec<CompressionMethodInfo>,
     pub integrity: Vec<String>,
@@ -71,10 +71,10 @@ pub fn limits() -> Limits {
         max_blocks: d.max_blocks,
         timeout_ms: d.timeout_ms.into(),
         peer_timeout_ms: d.peer_timeout_ms.into(),
-        max_bandwidth: d.max_bandwidth.into(),
-        unix_path_bytes: d.unix_path_bytes.into(),
         channel_retries: d.channel_retries.into(),
         resume_window_ms: d.resume_window_ms.into(),
+        max_bandwidth: d.max_bandwidth.into(),
+        unix_path_bytes: d.unix_path_bytes.into(),
         compression: d.compression.into_iter().map(|m| CompressionMethodInfo { name: m.name.into(), levels: m.levels.map(Into::into) }).collect(),
         integrity: d.integrity.into_iter().map(Into::into).collect(),
         zero_page_detection: d.zero_page_detection.into_iter().map(Into::into).collect(),

@@ -106,7 +106,7 @@ pub struct ChannelOptions {
     pub integrity: bool,
     /// Bytes per second over all channels; absent for no limit.
     pub max_bandwidth: Option<f64>,
-    /// Redials of a channel whose connection broke; 0 fails at the first fault; absent for the
+    /// Redials of a connection (a channel or the control connection) that broke; 0 fails at the first fault; absent for the
     /// core's default.
     pub channel_retries: Option<u32>,
     /// Channels that must remain when one cannot be redialled (1..=channels; default 1).
@@ -230,6 +230,13 @@ impl NativeSource {
         self.session.synced(epoch).map(|e| e as f64).into_coded()
     }
 
+    /// Drops the control connection to redial it (nothing heard on it for `peerTimeoutMs`);
+    /// false when it will not be redialled.
+    #[napi]
+    pub fn drop_control(&self, code_name: String, message: String) -> bool {
+        self.session.drop_control(Error::new(code(&code_name), message))
+    }
+
     /// The destination reported completion; before `complete` was sent this fails the session
     /// with ERR_MULTIFD_OUT_OF_SEQUENCE.
     #[napi]
@@ -342,7 +349,7 @@ pub struct DestinationOptions {
     pub peer_timeout_ms: Option<u32>,
     /// Check each packet's data pages against the digest in its header.
     pub integrity: bool,
-    /// How long a broken channel's replacement may take; 0 fails at once; absent for the core's
+    /// How long a broken channel's or control connection's replacement may take; 0 fails at once; absent for the core's
     /// default.
     pub resume_window_ms: Option<u32>,
 }
@@ -437,6 +444,20 @@ impl NativeDestination {
     #[napi]
     pub fn drop_channel(&self, id: u32) -> Result<()> {
         self.dest.drop_channel(id).into_coded()
+    }
+
+    /// Drops the control connection and waits for its replacement (nothing heard on it for
+    /// `peerTimeoutMs`); false when no replacement would be waited for.
+    #[napi]
+    pub fn drop_control(&self, code_name: String, message: String) -> bool {
+        self.dest.drop_control(Error::new(code(&code_name), message))
+    }
+
+    /// Connections rejected so far because they never identified themselves as this session's
+    /// (each reported in a rate-limited `warning` event naming the peer and the reason).
+    #[napi]
+    pub fn rejected_connections(&self) -> f64 {
+        self.dest.rejected_connections() as f64
     }
 
     /// The source said `complete {epoch}`: accepted only when every announced channel was

@@ -61,6 +61,16 @@ impl InitPacket {
         Ok(())
     }
 
+    /// Whether an init packet names session `uuid`, whatever else it says: only then is it one
+    /// of that session's channels (the rest of the packet is judged by [`InitPacket::admit`]).
+    pub fn names_session(buf: &[u8; INIT_PACKET_LEN], uuid: &[u8; 16]) -> Result<()> {
+        let named = &buf[8..24];
+        if named != uuid {
+            fail!(UuidMismatch, "a multifd channel names session {}, not this destination's {}", Hex(named), Hex(uuid));
+        }
+        Ok(())
+    }
+
     /// Decode, check, and claim the id in `claims`: the whole destination-side admission.
     pub fn admit(buf: &[u8], session_uuid: &[u8; 16], claims: &mut ChannelClaims) -> Result<Self> {
         let init = Self::decode(buf)?;
