@@ -830,6 +830,12 @@ impl Inner {
         }
         let refused = match kind {
             Ok(k) if k == "hello" && slot.is_none() => None,
+            // A source started again while this session waits for its lost one: the wait ends
+            // now (the orchestrator is told, with the loss's cause), and the new source, whose
+            // connection this destination cannot take, connects again to what follows.
+            Ok(k) if k == "hello" && self.supersede_lost_control() => {
+                Some(Error::new(ErrorCode::ConnectionClosed, "a new session's hello while the running session waited for its lost source: that session ends; connect again"))
+            }
             Ok(k) if k == "hello" => Some(Error::new(ErrorCode::Protocol, "a second control connection with a hello: this destination runs one session")),
             Ok(k) => Some(Error::new(ErrorCode::Protocol, format!("a control connection whose first message is {k:?}, neither a hello nor a reconnect"))),
             Err(_) => Some(Error::new(ErrorCode::Protocol, format!("a control connection whose first frame ({} bytes) is not a control message", frame.len()))),
@@ -929,6 +935,21 @@ impl Inner {
             None => Error::new(ErrorCode::ConnectionClosed, format!("the source closed the control connection before completing and did not reconnect within resumeWindowMs ({ms} ms)")),
         };
         (self.events)(Event::ControlClosed(Some(cause)));
+    }
+
+    /// A new session's hello arrived while this one waits for its lost control connection: the
+    /// source that was lost is not coming back, so the wait ends at once with the loss's cause.
+    /// False when the control connection is not lost.
+    fn supersede_lost_control(&self) -> bool {
+        let Some(Lost { cause, .. }) = self.control_lost.lock().unwrap().take() else {
+            return false;
+        };
+        let cause = match cause {
+            Some(e) => Error::new(e.code, format!("{}; a new session arrived instead of a reconnect", e.message)),
+            None => Error::new(ErrorCode::ConnectionClosed, "the source closed the control connection before completing; a new session arrived instead of a reconnect"),
+        };
+        (self.events)(Event::ControlClosed(Some(cause)));
+        true
     }
 
     /// A multifd channel: admitted when its init packet names the session's UUID (one that
