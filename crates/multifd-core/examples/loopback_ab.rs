@@ -1,7 +1,8 @@
 //! In-process source -> destination transfer for A/B experiments on the data plane.
 //! `cargo run --release --example loopback_ab -- CHANNELS SIZE_MIB REPS` (ZERO=0 disables
 //! zero-page detection; TLS=DIR uses mutual TLS with the certificates scripts/test-certs.sh
-//! made in DIR).
+//! made in DIR; RETRIES=N sets channel_retries, whose journal and idle-socket watcher run
+//! only when it is above 0).
 
 use std::sync::{Arc, mpsc, Mutex};
 use std::time::{Duration, Instant};
@@ -18,6 +19,7 @@ fn main() {
     let args: Vec<u64> = std::env::args().skip(1).map(|a| a.parse().unwrap()).collect();
     let (channels, mib, reps) = (args[0] as u8, args[1], args.get(2).copied().unwrap_or(3));
     let zero = std::env::var("ZERO").map(|v| v != "0").unwrap_or(true);
+    let retries: u32 = std::env::var("RETRIES").map(|v| v.parse().unwrap()).unwrap_or(0);
     let size = mib << 20;
     let src = Arc::new(match std::env::var("SRC_FILE") {
         Ok(path) => RamBlock::map_file("b", std::path::Path::new(&path), 4096, Some(size), true).unwrap(),
@@ -47,10 +49,10 @@ fn main() {
         let sink: multifd_core::session::EventSink = Arc::new(move |e| drop(tx.lock().unwrap().send(e)));
         let dest = Destination::listen(&Address::parse("tcp:127.0.0.1:0").unwrap(), Duration::from_secs(5), tls.as_ref().map(|t| t.0.clone()), sink.clone()).unwrap();
         let client = tls.as_ref().map(|t| TlsClient::new(&t.1, dest.address()).unwrap());
-        dest.configure(DestConfig { uuid: [0; 16], channels, geometry: Geometry::x86(), compression: Compression::None, blocks: vec![dst.clone()], channel_timeout: Duration::from_secs(5), peer_timeout: None, integrity: false, resume_window: Duration::ZERO }).unwrap();
+        dest.configure(DestConfig { uuid: [0; 16], channels, geometry: Geometry::x86(), compression: Compression::None, blocks: vec![dst.clone()], channel_timeout: Duration::from_secs(5), peer_timeout: None, integrity: false, resume_window: if retries > 0 { Duration::from_secs(10) } else { Duration::ZERO } }).unwrap();
         let source = Source::start(
             SourceConfig { address: dest.address().clone(), uuid: [0; 16], channels, geometry: Geometry::x86(), compression: Compression::None, zero_page_detection: zero, zero_copy: std::env::var("ZC").is_ok(), compression_level: None, connect_timeout: Duration::from_secs(5),
-            peer_timeout: None, max_bandwidth: None, integrity: false, tls: client, channel_retries: 0, min_channels: 1 },
+            peer_timeout: None, max_bandwidth: None, integrity: false, tls: client, channel_retries: retries, min_channels: 1 },
             Failure::new(sink),
         )
         .unwrap();
