@@ -31,6 +31,7 @@ for (const channels of [1, 2, 4, 8, 16]) {
     t.true(summary.pages.zero > 0, 'every fifth page is zero and goes as an offset only')
     t.is(d.perChannel.length, channels)
     t.is(summary.bytes, d.bytes, 'both sides count the same channel bytes')
+    t.deepEqual(summary.perChannel.map((c) => c.packets), d.perChannel.map((c) => c.packets), 'and the same packets per channel, SYNCs included')
   })
 }
 

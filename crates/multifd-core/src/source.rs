@@ -926,7 +926,9 @@ impl Shared {
         if let Some(zc) = w.zc.as_mut() {
             zc.flush(stats, || self.queues.lock().unwrap().stopping)?;
         }
+        // A SYNC is a packet on the wire, as the destination counts it.
         ChannelStats::add(&stats.bytes, w.wire.len() as u64);
+        ChannelStats::add(&stats.packets, 1);
         let mut q = self.queues.lock().unwrap();
         if q.synced[w.id] < epoch {
             q.synced[w.id] = epoch;
