@@ -9,22 +9,23 @@
  */
 import test, { type ExecutionContext } from 'ava'
 import { Destination, Source, type MultifdErrorCode, type Recovery } from '../ts/index.js'
-import { faultProxy } from './fault-proxy.js'
-import { MiB, blockPair, fdCount, fillRandom, rejectionCode, sameBytes, testPki, threadCount, until } from './helpers.js'
+import { type FaultProxy, faultProxy } from './fault-proxy.js'
+import { MiB, blockPair, fdCount, rejectionCode, sameBytes, seeded, testPki, threadCount, until } from './helpers.js'
 
 const pki = testPki()
 const ROUNDS = 4
 
-/** mulberry32: a small seeded generator, so a failing run can be repeated from its seed. */
-function seeded(seed: number): () => number {
-  let a = seed >>> 0
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0
-    let t = a
-    t = Math.imul(t ^ (t >>> 15), t | 1)
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61)
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296
-  }
+/** Collects both sides' repairs; on a failure, nothing may keep the test process alive. */
+function watch(t: ExecutionContext, source: Source, dest: Destination, proxy: FaultProxy): Recovery[] {
+  t.teardown(async () => {
+    await source.cancel()
+    dest.close()
+    await proxy.close()
+  })
+  const recoveries: Recovery[] = []
+  source.on('recovery', (x) => recoveries.push(x))
+  dest.on('recovery', (x) => recoveries.push(x))
+  return recoveries
 }
 
 type Where = 'traffic' | 'sync' | 'complete'
@@ -47,19 +48,10 @@ const runs: Run[] = [
 async function cutRun(t: ExecutionContext, r: Run, seed: number): Promise<void> {
   const random = seeded(seed)
   const { src, dst } = blockPair([['pc.ram', 8 * MiB]])
-  fillRandom(src[0]!)
   const dest = Destination.listen({ address: 'tcp:127.0.0.1:0', blocks: dst, ...(r.tls ? { tls: pki.dest() } : {}) })
   const proxy = await faultProxy(dest.address)
   const source = await Source.connect({ address: proxy.address, blocks: src, channels: 4, compression: r.compression, integrity: 'xxh3', ...(r.tls ? { tls: { ...pki.source(), name: 'localhost' } } : {}) })
-  // On a failure, nothing may keep the test process alive.
-  t.teardown(async () => {
-    await source.cancel()
-    dest.close()
-    await proxy.close()
-  })
-  const recoveries: Recovery[] = []
-  source.on('recovery', (x) => recoveries.push(x))
-  dest.on('recovery', (x) => recoveries.push(x))
+  const recoveries = watch(t, source, dest, proxy)
   const control = proxy.connections()[0]!
   const cutRound = 1 + Math.floor(random() * (ROUNDS - 1))
   let cut = ''
@@ -162,18 +154,10 @@ test('a source whose control reconnects are refused fails after its retries with
 test('a control connection that hangs (nothing passes, no reset) is replaced after peerTimeoutMs on both sides, and the migration completes', async (t) => {
   t.timeout(60_000)
   const { src, dst } = blockPair([['pc.ram', 4 * MiB]])
-  fillRandom(src[0]!)
   const dest = Destination.listen({ address: 'tcp:127.0.0.1:0', blocks: dst, peerTimeoutMs: 1000 })
   const proxy = await faultProxy(dest.address)
   const source = await Source.connect({ address: proxy.address, blocks: src, channels: 2, peerTimeoutMs: 1000 })
-  t.teardown(async () => {
-    await source.cancel()
-    dest.close()
-    await proxy.close()
-  })
-  const recoveries: Recovery[] = []
-  source.on('recovery', (x) => recoveries.push(x))
-  dest.on('recovery', (x) => recoveries.push(x))
+  const recoveries = watch(t, source, dest, proxy)
   await source.sendAll()
   await source.sync()
   // From here the control connection passes nothing either way: the next sync's

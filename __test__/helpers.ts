@@ -22,6 +22,18 @@ export function fillRandom(block: RamBlock): void {
   for (let off = 0; off < view.length; off += 5 * block.pageSize) view.fill(0, off, off + block.pageSize)
 }
 
+/** mulberry32: a small seeded generator, so a failing run can be repeated from its seed. */
+export function seeded(seed: number): () => number {
+  let a = seed >>> 0
+  return () => {
+    a = (a + 0x6d2b79f5) >>> 0
+    let t = a
+    t = Math.imul(t ^ (t >>> 15), t | 1)
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61)
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296
+  }
+}
+
 /** Pairs of (source, destination) blocks with the same names and sizes. */
 export function blockPair(specs: Array<[string, number]>, options: { prefault?: boolean } = {}): { src: RamBlock[]; dst: RamBlock[] } {
   const src = specs.map(([name, size]) => RamBlock.allocate({ name, size, prefault: options.prefault ?? false }))

@@ -11,7 +11,7 @@ import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { randomBytes } from 'node:crypto'
 import { Destination, RamBlock, Source, encodeInitPacket, encodePacketHeader, migrate, type Recovery } from '../ts/index.js'
-import { MiB, blockPair, fdCount, rawChannel, rawControl, rejectionCode, sameBytes, testPki, threadCount, until, whenTrue } from './helpers.js'
+import { MiB, blockPair, fdCount, rawChannel, rawControl, rejectionCode, sameBytes, seeded, testPki, threadCount, until, whenTrue } from './helpers.js'
 import { faultProxy } from './fault-proxy.js'
 import { startDirtier } from './dirtier.js'
 import { cli, lastJson, receiver, sha, workdir } from './cli-helpers.js'
@@ -21,18 +21,6 @@ const tlsModes = {
   plain: { dest: {}, source: {} },
   tls: { dest: { tls: pki.dest() }, source: { tls: pki.source('source', 'ca.pem', 'localhost') } },
 } as const
-
-/** A small seeded generator (mulberry32), so a failing run can be replayed. */
-function rng(seed: number): () => number {
-  let a = seed >>> 0
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0
-    let t = a
-    t = Math.imul(t ^ (t >>> 15), t | 1)
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61)
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296
-  }
-}
 
 const SEED = Number(process.env.RECOVERY_SEED ?? Date.now() % 1_000_000)
 
@@ -78,7 +66,7 @@ async function cutOnce(r: CutRun): Promise<{ source: Recovery[]; dest: Recovery[
 test.serial('20 channel cuts with a RST at a random point: every migration completes byte-identical, each repair reported on both sides', async (t) => {
   t.timeout(180_000)
   t.log(`seed ${SEED} (replay with RECOVERY_SEED=${SEED})`)
-  const random = rng(SEED)
+  const random = seeded(SEED)
   const combos = [
     { compression: 'none', tls: 'plain' },
     { compression: 'zstd', tls: 'plain' },

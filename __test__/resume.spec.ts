@@ -23,6 +23,14 @@ function shmdir(t: ExecutionContext): string {
   return d
 }
 
+/** A scratch directory holding `in.img` of `bytes` random bytes, and where `out.img` goes. */
+function inputAndOutput(t: ExecutionContext, bytes: number): { d: string; input: string; out: string } {
+  const d = shmdir(t)
+  const input = join(d, 'in.img')
+  randomFile(input, bytes)
+  return { d, input, out: join(d, 'out.img') }
+}
+
 /** A file of `bytes` random bytes, written 64 MiB at a time. */
 function randomFile(path: string, bytes: number): void {
   const fd = openSync(path, 'w')
@@ -68,10 +76,7 @@ const GiB = 1024 * MiB
 
 test.serial('kill -9 the sender at about 50% of 1 GiB: send --resume completes byte-identical, sending at most 60%, into the receiver still running', async (t) => {
   t.timeout(240_000)
-  const d = shmdir(t)
-  const input = join(d, 'in.img')
-  const out = join(d, 'out.img')
-  randomFile(input, GiB)
+  const { d, input, out } = inputAndOutput(t, GiB)
   const recv = await listening(t, ['--out', out, '--resume', '--resume-window-ms', '120000', '--json'])
   const first = cli(['send', recv.address, input, '--max-bandwidth', '200M', '--json'])
   const at = await journalReaches(out, GiB, 0.5, 'the journal at 50%')
@@ -101,10 +106,7 @@ test.serial('kill -9 the sender at about 50% of 1 GiB: send --resume completes b
 
 test.serial('kill -9 the receiver at about 50% of 1 GiB: recv --resume again on the address, and send --resume, still running, completes byte-identical in a new session that sends at most 60%', async (t) => {
   t.timeout(240_000)
-  const d = shmdir(t)
-  const input = join(d, 'in.img')
-  const out = join(d, 'out.img')
-  randomFile(input, GiB)
+  const { d, input, out } = inputAndOutput(t, GiB)
   const recv1 = await listening(t, ['--out', out, '--resume', '--json'])
   let sendErr = ''
   const sender = cli(['send', recv1.address, input, '--resume', '--resume-window-ms', '120000', '--max-bandwidth', '200M', '--json'], { onStderr: (e) => (sendErr = e), timeoutMs: 180_000 })
@@ -129,11 +131,8 @@ test.serial('kill -9 the receiver at about 50% of 1 GiB: recv --resume again on 
 
 test.serial('a source file changed between the runs is still copied correctly: the changed pieces are sent, the rest skipped', async (t) => {
   t.timeout(120_000)
-  const d = shmdir(t)
-  const input = join(d, 'in.img')
-  const out = join(d, 'out.img')
   const size = 256 * MiB
-  randomFile(input, size)
+  const { d, input, out } = inputAndOutput(t, size)
   const recv = await listening(t, ['--out', out, '--resume', '--resume-window-ms', '60000', '--json'])
   const first = cli(['send', recv.address, input, '--max-bandwidth', '64M', '--json'])
   const at = await journalReaches(out, size, 0.5, 'the journal at 50%')
@@ -156,10 +155,7 @@ test.serial('a source file changed between the runs is still copied correctly: t
 
 test.serial('a journal of another block is refused (ERR_MULTIFD_RESUME_MISMATCH) and left as it is; a corrupt one is ignored with a warning (ERR_MULTIFD_RESUME_JOURNAL)', async (t) => {
   t.timeout(120_000)
-  const d = shmdir(t)
-  const input = join(d, 'in.img')
-  const out = join(d, 'out.img')
-  randomFile(input, 8 * MiB)
+  const { d, input, out } = inputAndOutput(t, 8 * MiB)
   writeFileSync(partialOf(out), randomFillSync(Buffer.alloc(8 * MiB)))
   new Journal(partialOf(out)).write({ name: 'other.img', length: 8 * MiB, pageSize: 4096 }, 3, new Uint8Array([0xff]))
   const before = [sha(partialOf(out)), sha(journalOf(out))]
@@ -191,10 +187,7 @@ test.serial('a journal of another block is refused (ERR_MULTIFD_RESUME_MISMATCH)
 
 test.serial('recv --resume waits a bounded window for a new session: it expires (exit 1) or Ctrl-C stops it (exit 130), the partial output and journal kept', async (t) => {
   t.timeout(120_000)
-  const d = shmdir(t)
-  const input = join(d, 'in.img')
-  const out = join(d, 'out.img')
-  randomFile(input, 16 * MiB)
+  const { d, input, out } = inputAndOutput(t, 16 * MiB)
   for (const [window, stop] of [['1500', 'expiry'], ['120000', 'SIGINT']] as const) {
     const recv = await listening(t, ['--out', out, '--resume', '--resume-window-ms', window, '--json'])
     const sender = cli(['send', recv.address, input, '--max-bandwidth', '1M', '--json'])

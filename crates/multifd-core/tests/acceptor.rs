@@ -366,20 +366,34 @@ fn read_frame(s: &mut TcpStream) -> Vec<u8> {
     frame
 }
 
-#[test]
-fn a_control_reconnect_is_admitted_only_for_this_session_and_answered_with_what_the_destination_knows() {
-    let _serial = one_at_a_time();
-    let (dsink, drx) = sink();
+/// A destination whose control connection said hello, configured for 2 channels with
+/// `resume_window`.
+struct Configured {
+    dest: Destination,
+    events: std::sync::mpsc::Receiver<Event>,
+    port: u16,
+    control: TcpStream,
+}
+
+fn configured_after_hello(resume_window: Duration) -> Configured {
+    let (dsink, events) = sink();
     let dest = Destination::listen(&Address::parse("tcp:127.0.0.1:0").unwrap(), Duration::from_secs(2), None, dsink).unwrap();
     let Address::Tcp { port, .. } = dest.address().clone() else { unreachable!() };
     let (control, _) = junk(port, &control_bytes(br#"{"type":"hello"}"#));
     loop {
-        if let Event::Control(_) = drx.recv_timeout(Duration::from_secs(10)).expect("the hello") {
+        if let Event::Control(_) = events.recv_timeout(Duration::from_secs(10)).expect("the hello") {
             break;
         }
     }
-    let dst = Arc::new(RamBlock::allocate("pc.ram", SIZE, 4096, false).unwrap());
-    dest.configure(DestConfig { resume_window: Duration::from_secs(5), ..dest_config(2, &dst) }).unwrap();
+    let block = Arc::new(RamBlock::allocate("pc.ram", SIZE, 4096, false).unwrap());
+    dest.configure(DestConfig { resume_window, ..dest_config(2, &block) }).unwrap();
+    Configured { dest, events, port, control }
+}
+
+#[test]
+fn a_control_reconnect_is_admitted_only_for_this_session_and_answered_with_what_the_destination_knows() {
+    let _serial = one_at_a_time();
+    let Configured { dest, events: drx, port, control, .. } = configured_after_hello(Duration::from_secs(5));
     let session = UUID.iter().map(|b| format!("{b:02x}")).collect::<String>();
     let next = || loop {
         match drx.recv_timeout(Duration::from_secs(10)).expect("an event within 10 s") {
@@ -411,17 +425,7 @@ fn a_control_reconnect_is_admitted_only_for_this_session_and_answered_with_what_
 #[test]
 fn a_lost_control_connection_fails_the_destination_only_after_the_resume_window() {
     let _serial = one_at_a_time();
-    let (dsink, drx) = sink();
-    let dest = Destination::listen(&Address::parse("tcp:127.0.0.1:0").unwrap(), Duration::from_secs(2), None, dsink).unwrap();
-    let Address::Tcp { port, .. } = dest.address().clone() else { unreachable!() };
-    let (control, _) = junk(port, &control_bytes(br#"{"type":"hello"}"#));
-    loop {
-        if let Event::Control(_) = drx.recv_timeout(Duration::from_secs(10)).expect("the hello") {
-            break;
-        }
-    }
-    let dst = Arc::new(RamBlock::allocate("pc.ram", SIZE, 4096, false).unwrap());
-    dest.configure(DestConfig { resume_window: Duration::from_millis(500), ..dest_config(2, &dst) }).unwrap();
+    let Configured { dest, events: drx, control, .. } = configured_after_hello(Duration::from_millis(500));
     let lost = Instant::now();
     drop(control);
     let end = loop {
