@@ -36,13 +36,17 @@ export interface FaultProxy {
   close: () => Promise<void>
 }
 
+/** One direction of a pair: bytes forwarded so far, and where a pending cut lands. */
+interface Flow {
+  bytes: number
+  cutAt?: number | undefined
+}
+
 interface Pair extends ProxiedConnection {
   down: net.Socket
   up: net.Socket
-  up_: number
-  down_: number
-  cutAt?: number | undefined
-  cutDownAt?: number | undefined
+  /** Source to destination, and back. */
+  flows: { up: Flow; down: Flow }
   held?: boolean
 }
 
@@ -80,45 +84,44 @@ export async function faultProxy(target: string): Promise<FaultProxy> {
       index,
       down,
       up,
-      up_: 0,
-      down_: 0,
-      upBytes: () => pair.up_,
-      downBytes: () => pair.down_,
+      flows: { up: { bytes: 0 }, down: { bytes: 0 } },
+      upBytes: () => pair.flows.up.bytes,
+      downBytes: () => pair.flows.down.bytes,
       open: () => !down.destroyed && !up.destroyed,
     }
-    down.on('data', (chunk: Buffer) => {
-      if (pair.held) return
-      pair.up_ += chunk.length
-      if (pair.cutAt !== undefined && pair.up_ >= pair.cutAt) {
-        // Forward only what fits under the threshold, then cut: the cut lands mid-stream.
-        const keep = chunk.length - (pair.up_ - pair.cutAt)
-        if (keep > 0) up.write(chunk.subarray(0, keep), () => cutPair(pair, 'reset'))
-        else cutPair(pair, 'reset')
-        pair.cutAt = undefined
-        return
-      }
-      if (!up.write(chunk)) down.pause()
-    })
-    up.on('drain', () => stalled || down.resume())
-    up.on('data', (chunk: Buffer) => {
-      if (pair.held) return
-      pair.down_ += chunk.length
-      if (pair.cutDownAt !== undefined && pair.down_ >= pair.cutDownAt) {
-        const keep = chunk.length - (pair.down_ - pair.cutDownAt)
-        if (keep > 0) down.write(chunk.subarray(0, keep), () => cutPair(pair, 'reset'))
-        else cutPair(pair, 'reset')
-        pair.cutDownAt = undefined
-        return
-      }
-      if (!down.write(chunk)) up.pause()
-    })
-    down.on('drain', () => stalled || up.resume())
+    const forward = (from: net.Socket, to: net.Socket, flow: Flow): void => {
+      from.on('data', (chunk: Buffer) => {
+        if (pair.held) return
+        flow.bytes += chunk.length
+        if (flow.cutAt !== undefined && flow.bytes >= flow.cutAt) {
+          // Forward only what fits under the threshold, then cut: the cut lands mid-stream.
+          const keep = chunk.length - (flow.bytes - flow.cutAt)
+          if (keep > 0) to.write(chunk.subarray(0, keep), () => cutPair(pair, 'reset'))
+          else cutPair(pair, 'reset')
+          flow.cutAt = undefined
+          return
+        }
+        if (!to.write(chunk)) from.pause()
+      })
+      to.on('drain', () => stalled || from.resume())
+    }
+    forward(down, up, pair.flows.up)
+    forward(up, down, pair.flows.down)
     // One side gone closes the other, except while stalled: a hung path passes nothing on.
     down.on('close', () => stalled || cutPair(pair, 'close'))
     up.on('close', () => stalled || cutPair(pair, 'close'))
     pairs.push(pair)
   })
   await new Promise<void>((r) => server.listen(0, '127.0.0.1', r))
+
+  /** Cuts connection `n` with a RST once its `direction` has forwarded `bytes` (at once if it has). */
+  const cutFlow = (n: number, direction: 'up' | 'down', bytes: number): void => {
+    const p = pairs.find((q) => q.index === n)
+    if (!p) throw new Error(`no connection ${n} yet`)
+    const flow = p.flows[direction]
+    if (flow.bytes >= bytes) cutPair(p, 'reset')
+    else flow.cutAt = bytes
+  }
 
   return {
     address: `tcp:127.0.0.1:${(server.address() as net.AddressInfo).port}`,
@@ -130,18 +133,8 @@ export async function faultProxy(target: string): Promise<FaultProxy> {
       cutPair(p, how)
       return true
     },
-    cutAfter: (n, bytes) => {
-      const p = pairs.find((q) => q.index === n)
-      if (!p) throw new Error(`no connection ${n} yet`)
-      if (p.up_ >= bytes) cutPair(p, 'reset')
-      else p.cutAt = bytes
-    },
-    cutAfterDown: (n, bytes) => {
-      const p = pairs.find((q) => q.index === n)
-      if (!p) throw new Error(`no connection ${n} yet`)
-      if (p.down_ >= bytes) cutPair(p, 'reset')
-      else p.cutDownAt = bytes
-    },
+    cutAfter: (n, bytes) => cutFlow(n, 'up', bytes),
+    cutAfterDown: (n, bytes) => cutFlow(n, 'down', bytes),
     refuseWhen: (r) => {
       refuse = r
     },
