@@ -5,7 +5,7 @@
  * completes with both sides' bytes equal, and no thread or descriptor is left behind. The time
  * the junk cost is printed against the same migration without it.
  */
-import test from 'ava'
+import test, { type ExecutionContext } from 'ava'
 import { randomBytes } from 'node:crypto'
 import net from 'node:net'
 import tls from 'node:tls'
@@ -72,7 +72,7 @@ interface Run {
 }
 
 /** One migration of ROUNDS sends and syncs over 4 channels, with `junk` connections arriving meanwhile. */
-async function migration(junk: number, secure: boolean): Promise<Run> {
+async function migration(t: ExecutionContext, junk: number, secure: boolean): Promise<Run> {
   const { src, dst } = blockPair([['pc.ram', 16 * MiB]])
   fillRandom(src[0]!)
   const dest = Destination.listen({ address: 'tcp:127.0.0.1:0', blocks: dst, handshakeTimeoutMs: 1000, ...(secure ? { tls: pki.dest() } : {}) })
@@ -82,7 +82,14 @@ async function migration(junk: number, secure: boolean): Promise<Run> {
   const source = await Source.connect({ address: dest.address, blocks: src, channels: 4, ...(secure ? { tls: { ...pki.source(), name: 'localhost' } } : {}) })
   const started = performance.now()
   // All at once, while the rounds run.
-  const flood = Promise.all(Array.from({ length: junk }, (_, i) => openJunk(port, i, secure)))
+  const opened: net.Socket[] = []
+  const flood = Promise.all(Array.from({ length: junk }, (_, i) => openJunk(port, i, secure).then((s) => (opened.push(s), s))))
+  // On a failure too: nothing may keep the test process alive.
+  t.teardown(async () => {
+    for (const s of opened) s.destroy()
+    await source.cancel()
+    dest.close()
+  })
   for (let r = 0; r < ROUNDS; r++) {
     await source.sendAll()
     await source.sync()
@@ -102,10 +109,10 @@ async function migration(junk: number, secure: boolean): Promise<Run> {
 for (const secure of [false, true]) {
   test.serial(`${JUNK} junk connections during a 4-channel migration${secure ? ' over TLS' : ''}: every one rejected and counted, warnings rate-limited and naming peers, the migration completes byte-identical, nothing left behind`, async (t) => {
     t.timeout(120_000)
-    await migration(0, secure) // warm up lazily created threads and descriptors
+    await migration(t, 0, secure) // warm up lazily created threads and descriptors
     const [threads, fds] = [threadCount(), fdCount()]
-    const clean = await migration(0, secure)
-    const dirty = await migration(JUNK, secure)
+    const clean = await migration(t, 0, secure)
+    const dirty = await migration(t, JUNK, secure)
     t.true(clean.equal && dirty.equal, 'destination equals source')
     t.is(clean.rejected, 0)
     t.is(dirty.rejected, JUNK)

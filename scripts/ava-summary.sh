@@ -4,7 +4,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 tap="$(mktemp)"
 trap 'rm -f "$tap"' EXIT
-npx ava --tap "$@" 2>&1 | tee "$tap"
+# Bounded: a test that leaves a handle open keeps its worker, and so ava, alive forever.
+timeout --kill-after=30 "${AVA_TIMEOUT:-1500}" npx ava --tap "$@" 2>&1 | tee "$tap"
 rc=${PIPESTATUS[0]}
 awk '
   /^ok [0-9]+ /      { if ($0 ~ /# SKIP/) s++; else p++ }
