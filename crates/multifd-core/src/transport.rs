@@ -408,6 +408,19 @@ impl Listener {
             Listener::Unix(s, _) => s.set_nonblocking(true),
         }
         .map_err(|e| os_error("set listener non-blocking", e))?;
+        // std listens with a backlog of 128. A flood of strangers arriving at once (a scanner,
+        // hundreds of health checks) would overflow that queue, and the kernel then silently
+        // drops connections that still look established to their peer, real channels among
+        // them. Ask for the system's maximum (net.core.somaxconn) instead.
+        let fd = match &l {
+            Listener::Tcp(s) => s.as_raw_fd(),
+            Listener::Unix(s, _) => s.as_raw_fd(),
+        };
+        // SAFETY: `fd` is the listening socket `l` owns, open for this call; calling listen()
+        // again on a listening socket only changes its backlog.
+        if unsafe { libc::listen(fd, libc::SOMAXCONN) } != 0 {
+            return Err(os_error("set the listen backlog", std::io::Error::last_os_error()));
+        }
         Ok(l)
     }
 
