@@ -56,7 +56,7 @@ fn main() {
             Failure::new(sink),
         )
         .unwrap();
-        let t = Instant::now();
+        let (t, cpu) = (Instant::now(), cpu_seconds());
         source.send(1, src.clone(), Selection::Whole).unwrap();
         source.sync(2).unwrap();
         loop {
@@ -64,10 +64,22 @@ fn main() {
                 break;
             }
         }
-        let secs = t.elapsed().as_secs_f64();
-        println!("channels={channels} zero={zero} gbps={:.2}", size as f64 / secs / 1e9);
+        let (secs, cpu) = (t.elapsed().as_secs_f64(), cpu_seconds() - cpu);
+        println!("channels={channels} zero={zero} gbps={:.2} cpu_s_per_gib={:.3}", size as f64 / secs / 1e9, cpu / (size as f64 / (1u64 << 30) as f64));
         dest.finish().unwrap();
         source.close(false);
         dest.close();
     }
+}
+
+/// User plus system CPU seconds of this process (both sides of the transfer) so far.
+fn cpu_seconds() -> f64 {
+    // SAFETY: getrusage writes one rusage into the zeroed local it is given.
+    let ru = unsafe {
+        let mut ru: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_SELF, &mut ru);
+        ru
+    };
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    secs(ru.ru_utime) + secs(ru.ru_stime)
 }

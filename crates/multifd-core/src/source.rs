@@ -6,7 +6,7 @@ use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, mpsc};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, mpsc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -27,9 +27,13 @@ use crate::zerocopy::{self, Notice, ZeroCopySender};
 const FIRST_REDIAL_WAIT: Duration = Duration::from_millis(50);
 const MAX_REDIAL_WAIT: Duration = Duration::from_secs(2);
 
-/// Jobs waiting per channel: one being written, one ready behind it, so no channel idles
-/// while the dispatcher finds its next batch.
-const QUEUE_DEPTH: usize = 2;
+/// Packets waiting per channel, so no channel idles while the dispatcher finds its next batches.
+/// Few, so the channels finish a send together (a fuller queue is a longer tail).
+const QUEUE_DEPTH: usize = 4;
+/// A channel wakes a waiting dispatcher only once its queue is down to this many jobs, so the
+/// dispatcher refills several slots per wake-up instead of one per packet (each wake-up is a
+/// futex call and, on few cores, a context switch on both sides).
+const REFILL_AT: usize = QUEUE_DEPTH / 2;
 
 #[derive(Debug, Clone)]
 pub struct SourceConfig {
@@ -90,6 +94,10 @@ struct Queues {
     dispatched: u64,
     cursor: usize,
     stopping: bool,
+    /// The dispatcher waits on `progress` for queue room (not for sync progress).
+    dispatcher_waiting: bool,
+    /// Per channel: its thread waits on `work[c]` for a job.
+    idle: Vec<bool>,
 }
 
 struct Shared {
@@ -172,7 +180,7 @@ impl Source {
             failure.watch(conn.clone());
         }
         let shared = Arc::new(Shared {
-            queues: Mutex::new(Queues { jobs: (0..n).map(|_| VecDeque::new()).collect(), synced: vec![0; n], broken: vec![false; n], dropped: vec![false; n], dispatched: 0, cursor: 0, stopping: false }),
+            queues: Mutex::new(Queues { jobs: (0..n).map(|_| VecDeque::new()).collect(), synced: vec![0; n], broken: vec![false; n], dropped: vec![false; n], dispatched: 0, cursor: 0, stopping: false, dispatcher_waiting: false, idle: vec![false; n] }),
             links: Mutex::new(conns.clone()),
             journals: (0..n).map(|_| Mutex::new(Journal::default())).collect(),
             wake_watcher: Mutex::new(Some(wake_watcher)),
@@ -483,10 +491,12 @@ impl Shared {
             if let Some(c) = (0..n).map(|i| (start + i) % n).find(|&c| !q.dropped[c] && q.jobs[c].len() < QUEUE_DEPTH) {
                 q.jobs[c].push_back(job);
                 q.cursor = (c + 1) % n;
-                self.work[c].notify_one();
+                if q.idle[c] {
+                    self.work[c].notify_one();
+                }
                 return Ok(());
             }
-            q = self.progress.wait(q).unwrap();
+            q = self.wait_for_room(q);
         }
     }
 
@@ -541,7 +551,7 @@ impl Shared {
         let target = q.dispatched;
         for c in 0..self.work.len() {
             while q.jobs[c].len() >= QUEUE_DEPTH && !q.stopping && !q.dropped[c] {
-                q = self.progress.wait(q).unwrap();
+                q = self.wait_for_room(q);
             }
             if q.stopping {
                 return Err(self.stopped_error());
@@ -573,11 +583,24 @@ impl Shared {
                 fail!(ConnectionClosed, "the destination's end of the connection closed or reset");
             }
             if let Some(job) = q.jobs[id].pop_front() {
-                self.progress.notify_one();
+                if q.dispatcher_waiting && q.jobs[id].len() <= REFILL_AT {
+                    self.progress.notify_one();
+                }
                 return Ok(Some(job));
             }
+            q.idle[id] = true;
             q = self.work[id].wait(q).unwrap();
+            q.idle[id] = false;
         }
+    }
+
+    /// The dispatcher's wait for a channel to take jobs off its full queue (see [`REFILL_AT`]);
+    /// `stop` and `give_up` wake it too.
+    fn wait_for_room<'a>(&self, mut q: MutexGuard<'a, Queues>) -> MutexGuard<'a, Queues> {
+        q.dispatcher_waiting = true;
+        q = self.progress.wait(q).unwrap();
+        q.dispatcher_waiting = false;
+        q
     }
 
     fn run_channel(&self, id: usize, conn: Arc<Conn>) -> Result<()> {

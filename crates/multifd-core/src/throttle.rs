@@ -4,7 +4,7 @@
 //! the test drives; the blocking part ([`Throttle`]) counts the channels parked on it, so a
 //! test knows a waiter is parked before it changes the rate or stops the throttle.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -105,6 +105,10 @@ pub struct Throttle {
     parked: Condvar,
     /// Total time channels spent waiting for tokens, in nanoseconds.
     waited_ns: AtomicU64,
+    /// Mirrors of `state`'s "no rate" and `stopped`, so an unlimited session's channels take
+    /// no lock per packet (a packet racing a rate change may go out at the old rate).
+    unlimited: AtomicBool,
+    stopped: AtomicBool,
 }
 
 #[derive(Debug)]
@@ -123,6 +127,8 @@ impl Throttle {
             changed: Condvar::new(),
             parked: Condvar::new(),
             waited_ns: AtomicU64::new(0),
+            unlimited: AtomicBool::new(rate.is_none()),
+            stopped: AtomicBool::new(false),
         })
     }
 
@@ -133,6 +139,7 @@ impl Throttle {
     /// Changes the rate at once, also for channels already waiting (see [`Bucket::set_rate`]).
     pub fn set_rate(&self, rate: Option<u64>) -> Result<()> {
         self.state.lock().unwrap().bucket.set_rate(rate, Instant::now())?;
+        self.unlimited.store(rate.is_none(), Ordering::Release);
         self.changed.notify_all();
         Ok(())
     }
@@ -140,6 +147,9 @@ impl Throttle {
     /// Takes `bytes` tokens, first waiting while the bucket is in debt. Returns false, without
     /// taking anything, once the throttle is stopped (the session is closing).
     pub fn acquire(&self, bytes: u64) -> bool {
+        if self.unlimited.load(Ordering::Acquire) {
+            return !self.stopped.load(Ordering::Acquire);
+        }
         let mut s = self.state.lock().unwrap();
         let mut waited_since: Option<Instant> = None;
         let granted = loop {
@@ -168,6 +178,7 @@ impl Throttle {
     /// Releases every waiting channel for good: `acquire` returns false from now on.
     pub fn stop(&self) {
         self.state.lock().unwrap().stopped = true;
+        self.stopped.store(true, Ordering::Release);
         self.changed.notify_all();
     }
 
