@@ -1,5 +1,6 @@
-//! zstd as QEMU's multifd-zstd: one frame per channel that never ends, `ZSTD_e_flush` after the
-//! last page of each packet; the decoder keeps its window between packets.
+//! zstd as QEMU's multifd-zstd: one frame per channel that never ends (except around packets
+//! that do not compress, below), `ZSTD_e_flush` after the last page of each packet; the
+//! decoder keeps its window between packets.
 //!
 //! Both directions use zstd-sys contexts directly: the compressor reads block pages through
 //! raw pointers (zstd copies its input into its own window, so no staging copy on our side),
@@ -52,6 +53,11 @@ pub(super) const RAW_PACKETS: u32 = 8;
 const MAGIC: [u8; 4] = 0xFD2F_B528u32.to_le_bytes();
 /// The largest block: 128 KiB (`ZSTD_BLOCKSIZE_MAX`), or the window if smaller.
 const MAX_BLOCK: usize = 128 << 10;
+/// The largest block a frame with window descriptor `descriptor` may hold (the descriptor's
+/// mantissa ignored: at most the window).
+fn max_block(descriptor: u8) -> usize {
+    MAX_BLOCK.min(1usize.checked_shl(10 + u32::from(descriptor >> 3)).unwrap_or(usize::MAX))
+}
 /// A block header: last-block flag, type (0 = raw), size, 3 bytes little-endian.
 fn raw_block_header(len: usize, last: bool) -> [u8; 3] {
     let h = (len as u32) << 3 | u32::from(last);
@@ -138,7 +144,7 @@ impl ZstdCompressor {
         self.pieces.clear();
         out.extend_from_slice(&MAGIC);
         out.extend_from_slice(&[0, window]);
-        let block = MAX_BLOCK.min(1 << (10 + (window >> 3)));
+        let block = max_block(window);
         let mut at = 0;
         loop {
             let n = block.min(len - at);
@@ -233,8 +239,7 @@ fn raw_frame_blocks(input: &[u8], expected: usize, blocks: &mut Vec<(usize, usiz
     if input.len() < 6 || input[..4] != MAGIC || input[4] != 0 {
         return None;
     }
-    let window = 1usize << (10 + (input[5] >> 3));
-    let max = MAX_BLOCK.min(window);
+    let max = max_block(input[5]);
     let (mut at, mut total) = (6, 0);
     loop {
         let h = input.get(at..at + 3)?;
