@@ -132,15 +132,16 @@ live('a QEMU file (ours, and QEMU\'s own mapped-ram save) -> send --qemu (none, 
   t.is(src.status, 'completed')
   const theirs = join(dir, 'theirs.qemu')
   execFileSync('python3', [py('qemu_mig.py'), '--mode', 'save', '--mapped-ram', '--file', theirs, '--src-ram', ram, '--size-mib', String(SIZE_MIB), '--channels', '2', '--prealloc', 'none'], { stdio: 'pipe', timeout: 120_000 })
-  // zlib too, also over RAM that does not compress at all: our deflate streams switch to
-  // stored blocks after an incompressible packet, and QEMU's inflate must take them.
+  // zlib and zstd too, also over RAM that does not compress at all: after an incompressible
+  // packet our deflate streams switch to stored blocks and our zstd streams to frames of raw
+  // blocks, and QEMU's inflate and page-by-page ZSTD_decompressStream must take them.
   const noise = join(dir, 'noise.img')
   writeFileSync(noise, randomBytes(SIZE_MIB << 20))
   const random = join(dir, 'random.qemu')
   const rx2 = QemuReceiver.listen({ address: 'tcp:127.0.0.1:0', to: random })
   const [src2] = await Promise.all([qemuSource(noise, rx2.address, 2), rx2.done])
   t.is(src2.status, 'completed')
-  for (const [file, channels, compression, guest] of [[ours, 3, 'none', ram], [theirs, 2, 'zstd', ram], [ours, 4, 'zlib', ram], [random, 2, 'zlib', noise]] as const) {
+  for (const [file, channels, compression, guest] of [[ours, 3, 'none', ram], [theirs, 2, 'zstd', ram], [ours, 4, 'zlib', ram], [random, 2, 'zlib', noise], [random, 2, 'zstd', noise]] as const) {
     const dst = await qemuDest(guest, channels, compression)
     const tx = QemuSender.start({ file, address: dst.address, channels, compression })
     const s = await tx.done

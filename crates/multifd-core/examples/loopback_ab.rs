@@ -2,7 +2,8 @@
 //! `cargo run --release --example loopback_ab -- CHANNELS SIZE_MIB REPS` (ZERO=0 disables
 //! zero-page detection; TLS=DIR uses mutual TLS with the certificates scripts/test-certs.sh
 //! made in DIR; RETRIES=N sets channel_retries, whose journal and idle-socket watcher run
-//! only when it is above 0).
+//! only when it is above 0; COMPRESSION=zstd|zlib compresses; DATA=text fills the block with
+//! the compression bench's text pages instead of random bytes).
 
 use std::sync::{Arc, mpsc, Mutex};
 use std::time::{Duration, Instant};
@@ -25,8 +26,19 @@ fn main() {
         Ok(path) => RamBlock::map_file("b", std::path::Path::new(&path), 4096, Some(size), true).unwrap(),
         Err(_) => RamBlock::allocate("b", size, 4096, true).unwrap(),
     });
+    let compression = std::env::var("COMPRESSION").map_or(Compression::None, |c| Compression::from_name(&c).unwrap());
+    let text = std::env::var("DATA").is_ok_and(|d| d == "text");
     let mut x = 0x9e3779b97f4a7c15u64;
     for p in 0..src.pages() as u64 {
+        if text {
+            const TEXT: &[u8] = b"The quick brown fox jumps over the lazy dog while multifd moves pages over parallel channels. ";
+            let mut page = format!("page 0:{p} ").into_bytes();
+            while page.len() < 4096 {
+                page.extend_from_slice(TEXT);
+            }
+            src.store(p * 4096, &page[..4096]).unwrap();
+            continue;
+        }
         let page: Vec<u8> = (0..512)
             .flat_map(|_| {
                 x ^= x << 13;
@@ -49,9 +61,9 @@ fn main() {
         let sink: multifd_core::session::EventSink = Arc::new(move |e| drop(tx.lock().unwrap().send(e)));
         let dest = Destination::listen(&Address::parse("tcp:127.0.0.1:0").unwrap(), Duration::from_secs(5), tls.as_ref().map(|t| t.0.clone()), sink.clone()).unwrap();
         let client = tls.as_ref().map(|t| TlsClient::new(&t.1, dest.address()).unwrap());
-        dest.configure(DestConfig { uuid: [0; 16], channels, geometry: Geometry::x86(), compression: Compression::None, blocks: vec![dst.clone()], channel_timeout: Duration::from_secs(5), peer_timeout: None, integrity: false, resume_window: if retries > 0 { Duration::from_secs(10) } else { Duration::ZERO } }).unwrap();
+        dest.configure(DestConfig { uuid: [0; 16], channels, geometry: Geometry::x86(), compression, blocks: vec![dst.clone()], channel_timeout: Duration::from_secs(5), peer_timeout: None, integrity: false, resume_window: if retries > 0 { Duration::from_secs(10) } else { Duration::ZERO } }).unwrap();
         let source = Source::start(
-            SourceConfig { address: dest.address().clone(), uuid: [0; 16], channels, geometry: Geometry::x86(), compression: Compression::None, zero_page_detection: zero, zero_copy: std::env::var("ZC").is_ok(), compression_level: None, connect_timeout: Duration::from_secs(5),
+            SourceConfig { address: dest.address().clone(), uuid: [0; 16], channels, geometry: Geometry::x86(), compression, zero_page_detection: zero, zero_copy: std::env::var("ZC").is_ok(), compression_level: None, connect_timeout: Duration::from_secs(5),
             peer_timeout: None, max_bandwidth: None, integrity: false, tls: client, channel_retries: retries, min_channels: 1 },
             Failure::new(sink),
         )

@@ -431,6 +431,9 @@ struct Writer {
     payload: Vec<u8>,
     /// Compression input with a digest: one packet's normal pages, copied out of block memory.
     staging: Vec<u8>,
+    /// A compressed packet's payload as iovecs: `payload`, spliced with the pages a method
+    /// sends as they are (`compress::Payload`).
+    body: Vec<libc::iovec>,
 }
 
 /// Whether a write went out or the source stopped first (between packets).
@@ -616,6 +619,7 @@ impl Shared {
             compressor: crate::compress::compressor(cfg.compression, cfg.compression_level)?,
             payload: Vec::new(),
             staging: Vec::new(),
+            body: Vec::new(),
         };
         loop {
             match self.pump(&mut w) {
@@ -842,7 +846,7 @@ impl Shared {
         let (id, stats) = (w.id, &self.stats[w.id]);
         let g = cfg.geometry;
         let page = g.page_size() as usize;
-        let Writer { conn, wire, header, iov, zc, compressor, payload, staging, .. } = w;
+        let Writer { conn, wire, header, iov, zc, compressor, payload, staging, body, .. } = w;
         header.offsets.clear();
         let mut zeros = Vec::new();
         for &o in offsets {
@@ -868,8 +872,12 @@ impl Shared {
                 for (&o, dst) in data.iter().zip(staging.chunks_exact_mut(page)) {
                     block.memory().copy_to(o, dst);
                 }
-                c.compress(&crate::memory::ReadSource::slices(&[staging]), payload)?;
-                header.next_packet_size = payload.len() as u32;
+                let copy = [staging.as_slice()];
+                let pages = crate::memory::ReadSource::slices(&copy);
+                let p = c.compress(&pages, payload)?;
+                header.next_packet_size = p.len(payload) as u32;
+                body.clear();
+                p.push_iovecs(payload, &pages, body, 0);
                 crate::integrity::pages_digest(staging.chunks_exact(page))
             }
             Some(c) => {
@@ -880,8 +888,11 @@ impl Shared {
                 }
                 // SAFETY: every iovec came from `push_page` on `block`, which the caller holds
                 // (an Arc in the job or the journal) until the call returns.
-                c.compress(&unsafe { crate::memory::ReadSource::pages(iov) }, payload)?;
-                header.next_packet_size = payload.len() as u32;
+                let pages = unsafe { crate::memory::ReadSource::pages(iov) };
+                let p = c.compress(&pages, payload)?;
+                header.next_packet_size = p.len(payload) as u32;
+                body.clear();
+                p.push_iovecs(payload, &pages, body, 0);
                 0
             }
             None if cfg.integrity => crate::integrity::block_pages_digest(block, data),
@@ -904,10 +915,12 @@ impl Shared {
         iov.push(iovec(wire.as_ptr(), wire.len()));
         if compressor.is_some() {
             if normal > 0 {
-                iov.push(iovec(payload.as_ptr(), payload.len()));
+                iov.extend_from_slice(body);
             }
-            // SAFETY: both iovecs point into buffers this thread owns.
-            unsafe { conn.writev_all(iov)? };
+            // SAFETY: the iovecs point into buffers this thread owns and, for pages a
+            // compressor sends as they are, into `block` (bounds-checked by `push_page`),
+            // which the caller holds.
+            unsafe { conn.writev_all(iov).map_err(|e| block.explain(e, true))? };
             block.check_faults(true)?;
             ChannelStats::add(&stats.bytes, (wire.len() + header.next_packet_size as usize) as u64);
         } else {

@@ -17,8 +17,78 @@ use crate::wire::Compression;
 
 /// Compresses the normal pages of one packet at a time.
 pub trait Compressor: Send {
-    /// Appends the compressed form of `pages` to `out` (cleared first), ending with a flush.
-    fn compress(&mut self, pages: &ReadSource, out: &mut Vec<u8>) -> Result<()>;
+    /// Compresses `pages` into a payload that ends with a flush: `out` (cleared first), or
+    /// `out` spliced with the pages themselves (see [`Payload`]).
+    fn compress(&mut self, pages: &ReadSource, out: &mut Vec<u8>) -> Result<Payload<'_>>;
+}
+
+/// What a packet's payload is made of, after [`Compressor::compress`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Payload<'c> {
+    /// `out`, all of it.
+    Packed,
+    /// `out` and the pages, spliced: each piece is the next bytes of one or the other, in
+    /// order (a method's framing around pages it sends as they are, with no copy).
+    Spliced(&'c [Piece]),
+}
+
+/// A piece of a spliced payload: the next `n` bytes of `out`, or of the pages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Piece {
+    Out(usize),
+    Pages(usize),
+}
+
+impl Payload<'_> {
+    /// Its length in bytes.
+    pub fn len(&self, out: &[u8]) -> usize {
+        match self {
+            Payload::Packed => out.len(),
+            Payload::Spliced(pieces) => pieces.iter().map(|&(Piece::Out(n) | Piece::Pages(n))| n).sum(),
+        }
+    }
+
+    /// Appends iovecs over the payload to `iov` (`out` and `pages` as given to `compress`);
+    /// iovecs before index `from` are never extended.
+    pub fn push_iovecs(&self, out: &[u8], pages: &ReadSource, iov: &mut Vec<libc::iovec>, from: usize) {
+        let Payload::Spliced(pieces) = self else {
+            iov.push(crate::memory::iovec(out.as_ptr(), out.len()));
+            return;
+        };
+        let (mut o, mut p) = (0, 0);
+        for &piece in *pieces {
+            match piece {
+                Piece::Out(n) => {
+                    crate::memory::push_merged(iov, from, out[o..o + n].as_ptr(), n);
+                    o += n;
+                }
+                Piece::Pages(n) => {
+                    pages.push_iovecs(iov, from, p, n);
+                    p += n;
+                }
+            }
+        }
+    }
+
+    /// The payload's bytes in `out` (for callers that write slices; a spliced payload is
+    /// copied together).
+    pub fn into_bytes(self, out: &mut Vec<u8>, pages: &ReadSource) {
+        let Payload::Spliced(pieces) = self else { return };
+        let framing = std::mem::take(out);
+        let (mut o, mut p) = (0, 0);
+        for &piece in pieces {
+            match piece {
+                Piece::Out(n) => {
+                    out.extend_from_slice(&framing[o..o + n]);
+                    o += n;
+                }
+                Piece::Pages(n) => {
+                    pages.extend_out(p, n, out);
+                    p += n;
+                }
+            }
+        }
+    }
 }
 
 /// Decompresses one packet's payload.
@@ -103,6 +173,12 @@ mod tests {
     use super::*;
     use crate::error::ErrorCode;
 
+    /// The whole payload of `ps` through `c`, spliced payloads copied together.
+    pub(super) fn pack(c: &mut dyn Compressor, ps: &[&[u8]], out: &mut Vec<u8>) {
+        let pages = ReadSource::slices(ps);
+        c.compress(&pages, out).unwrap().into_bytes(out, &pages);
+    }
+
     fn pages(seed: u64, n: usize) -> Vec<Vec<u8>> {
         let mut x = seed | 1;
         (0..n)
@@ -132,7 +208,7 @@ mod tests {
                 for packet in 0..6 {
                     let ps = pages(packet, 1 + (packet as usize * 37) % 128);
                     let mut wire = Vec::new();
-                    c.compress(&ReadSource::slices(&ps.iter().map(|p| p.as_slice()).collect::<Vec<_>>()), &mut wire).unwrap();
+                    pack(c.as_mut(), &ps.iter().map(|p| p.as_slice()).collect::<Vec<_>>(), &mut wire);
                     assert!(wire.len() <= crate::wire::MAX_COMPRESSED_PAYLOAD as usize);
                     let mut out = vec![0u8; ps.len() * 4096];
                     d.decompress(&wire, &mut WriteTarget::buffer(&mut out)).unwrap();
@@ -148,7 +224,7 @@ mod tests {
             let mut c = compressor(m.compression, None).unwrap().unwrap();
             let ps = pages(9, 4);
             let mut wire = Vec::new();
-            c.compress(&ReadSource::slices(&ps.iter().map(|p| p.as_slice()).collect::<Vec<_>>()), &mut wire).unwrap();
+            pack(c.as_mut(), &ps.iter().map(|p| p.as_slice()).collect::<Vec<_>>(), &mut wire);
             let name = m.compression.name();
             let fresh = || decompressor(m.compression).unwrap().unwrap();
 
@@ -175,7 +251,7 @@ mod tests {
             let mut c = compressor(m.compression, None).unwrap().unwrap();
             let zeros = vec![0u8; 4096];
             let mut wire = Vec::new();
-            c.compress(&ReadSource::slices(&vec![zeros.as_slice(); 128]), &mut wire).unwrap();
+            pack(c.as_mut(), &vec![zeros.as_slice(); 128], &mut wire);
             let e = decompressor(m.compression).unwrap().unwrap().decompress(&wire, &mut WriteTarget::buffer(&mut vec![0; 4096])).unwrap_err();
             assert_eq!(e.code, ErrorCode::PayloadSize);
         }
@@ -188,7 +264,7 @@ mod tests {
         let mut total = 0;
         for ps in packets {
             let mut wire = Vec::new();
-            enc.compress(&ReadSource::slices(&ps.iter().map(|p| p.as_slice()).collect::<Vec<_>>()), &mut wire).unwrap();
+            pack(enc.as_mut(), &ps.iter().map(|p| p.as_slice()).collect::<Vec<_>>(), &mut wire);
             let mut out = vec![0u8; ps.len() * 4096];
             dec.decompress(&wire, &mut WriteTarget::buffer(&mut out)).unwrap();
             assert_eq!(out, ps.concat());
@@ -239,10 +315,10 @@ mod tests {
             let mut c = compressor(meth.compression, None).unwrap().unwrap();
             let ps = pages(3, 2);
             let mut wire = Vec::new();
-            c.compress(&ReadSource::slices(&ps.iter().map(|p| p.as_slice()).collect::<Vec<_>>()), &mut wire).unwrap();
+            pack(c.as_mut(), &ps.iter().map(|p| p.as_slice()).collect::<Vec<_>>(), &mut wire);
             let mut bomb = Vec::new();
             let zeros = vec![0u8; 4096];
-            c.compress(&ReadSource::slices(&vec![zeros.as_slice(); 64]), &mut bomb).unwrap();
+            pack(c.as_mut(), &vec![zeros.as_slice(); 64], &mut bomb);
             let mut d = decompressor(meth.compression).unwrap().unwrap();
             m.fill(0, 4 * 4096, 0xee);
             // Two pages, not contiguous: pages 1 and 3 of the mapping.

@@ -31,7 +31,7 @@
 
 use flate2::{Compress, Decompress, FlushCompress, FlushDecompress, Status};
 
-use super::{Compressor, Decompressor, check_exact};
+use super::{Compressor, Decompressor, Payload, check_exact};
 use crate::error::{Error, ErrorCode, Result, fail};
 use crate::memory::{ReadSource, WriteTarget};
 use crate::wire::MAX_COMPRESSED_PAYLOAD;
@@ -66,7 +66,7 @@ fn zlib_error(e: impl std::fmt::Display) -> Error {
 }
 
 impl Compressor for ZlibCompressor {
-    fn compress(&mut self, pages: &ReadSource, out: &mut Vec<u8>) -> Result<()> {
+    fn compress(&mut self, pages: &ReadSource, out: &mut Vec<u8>) -> Result<Payload<'_>> {
         // deflate reads slices: block pages are copied out first (see `crate::memory`).
         let mut copy = std::mem::take(&mut self.copy);
         let r = match pages.as_slices() {
@@ -77,7 +77,7 @@ impl Compressor for ZlibCompressor {
             }
         };
         self.copy = copy;
-        r
+        r.map(|()| Payload::Packed)
     }
 }
 

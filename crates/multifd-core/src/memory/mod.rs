@@ -29,7 +29,9 @@
 //! - **Compressors** read a packet's pages through a [`ReadSource`]: zstd gets the raw pointers
 //!   as its `ZSTD_inBuffer` and `memcpy`s them into its own window before looking at them
 //!   (buffered-input mode), the same kind of read as [`Mapping::copy_to`]; zlib copies them
-//!   out with [`ReadSource::copy_out`] first.
+//!   out with [`ReadSource::copy_out`] first. A payload that carries pages as they are (zstd's
+//!   raw frames) hands them to the kernel as iovecs ([`ReadSource::push_iovecs`]), as the
+//!   uncompressed path does, and its decoder copies them in with [`WriteTarget::copy_in_at`].
 //! - **Digests** read in place with aligned `read_volatile` SIMD loads into registers
 //!   ([`Mapping::xxh3_runs`], kernel in [`xxh3`]), the same rule as the zero scan, wider; when a
 //!   digest must match compressed bytes, compression and digest read one private copy.
@@ -59,7 +61,8 @@
 //! a zero page; data pages usually stop in the first 32 bytes). A digest is one pass of xxh3
 //! over the bytes where they lie (AVX2 when the CPU has it, else SSE2), no copy.
 //! zstd compresses from and decodes into the pages in place (the only copy is zstd's own,
-//! between its window and the pages); zlib copies each packet's pages into a per-channel
+//! between its window and the pages); packets that do not compress go out as raw frames
+//! straight from the pages (no copy in user space) and are copied into the pages once; zlib copies each packet's pages into a per-channel
 //! buffer to compress, and decodes into one and copies that in (flate2 only takes slices).
 //! With integrity on, compression reads one private copy and the digest is taken from it, so it
 //! always matches the compressed bytes. TLS sends through a 64 KiB per-thread copy of the
@@ -363,6 +366,41 @@ impl<'a> ReadSource<'a> {
             at += n;
         }
     }
+
+    /// Appends a copy of bytes `at..at + len` of the regions taken in order to `out`. Panics
+    /// when the range is outside.
+    pub fn extend_out(&self, at: usize, len: usize, out: &mut Vec<u8>) {
+        let mut iov = Vec::new();
+        self.push_iovecs(&mut iov, 0, at, len);
+        out.reserve(len);
+        for v in iov {
+            // SAFETY: `push_iovecs` gave sub-ranges of the regions, readable while the source
+            // lives; `out` is a private buffer with room reserved for them, so no overlap.
+            unsafe {
+                std::ptr::copy_nonoverlapping(v.iov_base.cast::<u8>().cast_const(), out.as_mut_ptr().add(out.len()), v.iov_len);
+                out.set_len(out.len() + v.iov_len);
+            }
+        }
+    }
+
+    /// Appends iovecs over bytes `at..at + len` of the regions taken in order, for the kernel
+    /// to send (a payload that carries pages as they are); iovecs before index `from` are
+    /// never extended (see [`push_merged`]). Panics when the range is outside.
+    pub fn push_iovecs(&self, iov: &mut Vec<libc::iovec>, from: usize, mut at: usize, mut len: usize) {
+        for (p, n) in self.regions() {
+            if len == 0 {
+                break;
+            }
+            if at >= n {
+                at -= n;
+                continue;
+            }
+            let k = (n - at).min(len);
+            push_merged(iov, from, p.wrapping_add(at), k);
+            (at, len) = (0, len - k);
+        }
+        assert_eq!(len, 0, "range outside a read source");
+    }
 }
 
 /// Memory a decoder fills: one packet's pages as raw `iovec`s, or a private buffer. Nothing
@@ -428,6 +466,26 @@ impl<'a> WriteTarget<'a> {
             unsafe { std::ptr::copy_nonoverlapping(data.as_ptr().add(at), v.iov_base.cast::<u8>(), v.iov_len) };
             at += v.iov_len;
         }
+    }
+
+    /// Copies `data` over bytes `at..at + data.len()` of the regions taken in order (a
+    /// decoder that fills the target piece by piece). Panics when the range is outside.
+    pub fn copy_in_at(&self, mut at: usize, mut data: &[u8]) {
+        for v in self.regions() {
+            if data.is_empty() {
+                break;
+            }
+            if at >= v.iov_len {
+                at -= v.iov_len;
+                continue;
+            }
+            let k = (v.iov_len - at).min(data.len());
+            // SAFETY: the constructors guarantee each region is writable for its length, and
+            // `at + k <= iov_len`; `data` is a private buffer, so no overlap.
+            unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), v.iov_base.cast::<u8>().add(at), k) };
+            (at, data) = (0, &data[k..]);
+        }
+        assert!(data.is_empty(), "range outside a write target");
     }
 }
 

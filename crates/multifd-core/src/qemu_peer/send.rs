@@ -310,7 +310,9 @@ impl ChannelTx {
             slices.push(&[]);
             let payload_len = match &mut self.compressor {
                 Some(c) if !normal.is_empty() => {
-                    c.compress(&crate::memory::ReadSource::slices(&normal.iter().map(page).collect::<Vec<_>>()), &mut out)?;
+                    let pages = normal.iter().map(page).collect::<Vec<_>>();
+                    let pages = crate::memory::ReadSource::slices(&pages);
+                    c.compress(&pages, &mut out)?.into_bytes(&mut out, &pages);
                     slices.push(&out);
                     out.len()
                 }
