@@ -4,7 +4,7 @@
 //! The source is SRC_FILE (mapped, prefaulted) when set, else half-zero pages in 64 KiB runs
 //! (as bench/snapshot's source). The snapshot file's cached pages are dropped before each
 //! restore (posix_fadvise DONTNEED after its data is durable), so only this file goes cold.
-//! DIRECT=1 writes the pages with O_DIRECT. Prints save and restore GB/s of block memory and
+//! DROP_ALL=1 drops the whole page cache instead (as bench/snapshot does). DIRECT=1 writes the pages with O_DIRECT. Prints save and restore GB/s of block memory and
 //! the process CPU seconds each took.
 
 use std::path::Path;
@@ -57,6 +57,10 @@ fn main() {
         let (t, c) = (Instant::now(), cpu_seconds());
         snapshot::snapshot(std::slice::from_ref(&src), &path, SnapshotOptions { channels, direct_io: std::env::var("DIRECT").is_ok(), incremental: false }, &progress).unwrap();
         let (save, save_cpu) = (t.elapsed().as_secs_f64(), cpu_seconds() - c);
+        if std::env::var("DROP_ALL").is_ok() {
+            // As bench/snapshot does: every clean cached page and inode of the machine.
+            std::fs::write("/proc/sys/vm/drop_caches", "3").unwrap();
+        }
         let f = std::fs::File::open(&path).unwrap();
         // SAFETY: plain syscall on a descriptor we own.
         unsafe { libc::posix_fadvise(std::os::fd::AsRawFd::as_raw_fd(&f), 0, 0, libc::POSIX_FADV_DONTNEED) };
