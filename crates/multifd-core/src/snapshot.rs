@@ -67,6 +67,8 @@ pub struct Progress {
     pub zero_pages: AtomicU64,
     /// Bytes of block memory this job covers in all.
     pub total: AtomicU64,
+    /// Bytes of file data a restore asked the kernel to read ahead of its readers.
+    pub read_ahead: AtomicU64,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -524,20 +526,43 @@ const PREFETCH_STEP: u64 = 4 << 20;
 /// reads and returns). The readers skip absent pages, holes in the file, so the kernel's own
 /// readahead sees scattered reads and would wait for each run in turn; runs are taken in
 /// file order, so one shared mark of how far the file has been asked for covers every reader.
+/// Only data is asked for (`SEEK_DATA`/`SEEK_HOLE`): read-ahead of a hole would fill the page
+/// cache with zero pages nobody reads, most of a mostly-empty snapshot.
 #[derive(Default)]
 struct Prefetch {
     /// File offset up to which reads have been queued.
     until: AtomicU64,
 }
 
+/// `lseek(fd, offset, whence)`: the offset found, or None (ENXIO: no data past `offset`, or
+/// any error, which ends the hint).
+fn seek(file: &File, offset: u64, whence: libc::c_int) -> Option<u64> {
+    // SAFETY: lseek on a descriptor we own; it touches no memory. It moves the descriptor's
+    // file position, which nothing uses (every read is positioned).
+    let at = unsafe { libc::lseek(file.as_raw_fd(), offset as libc::off_t, whence) };
+    (at >= 0).then_some(at as u64)
+}
+
 impl Prefetch {
     /// Called by a reader about to read at `offset`: keeps the window ahead of it queued.
-    fn ahead_of(&self, file: &File, offset: u64) {
-        if let Some((from, len)) = self.claim(offset) {
+    /// Returns the bytes of data it asked the kernel to read.
+    fn ahead_of(&self, file: &File, offset: u64) -> u64 {
+        let Some((from, len)) = self.claim(offset) else { return 0 };
+        let end = from + len;
+        let mut asked = 0;
+        let mut at = from;
+        while let Some(data) = seek(file, at, libc::SEEK_DATA).filter(|&d| d < end) {
+            let hole = seek(file, data, libc::SEEK_HOLE).unwrap_or(end).min(end);
+            if hole <= data {
+                break;
+            }
             // SAFETY: posix_fadvise on a descriptor we own; it touches no memory of ours. A
             // hint: where it fails, the reads simply wait for the disk.
-            let _ = unsafe { libc::posix_fadvise(file.as_raw_fd(), from as libc::off_t, len as libc::off_t, libc::POSIX_FADV_WILLNEED) };
+            let _ = unsafe { libc::posix_fadvise(file.as_raw_fd(), data as libc::off_t, (hole - data) as libc::off_t, libc::POSIX_FADV_WILLNEED) };
+            asked += hole - data;
+            at = hole;
         }
+        asked
     }
 
     /// The range (offset, length) a reader at `offset` should queue, if the window ahead of
@@ -587,7 +612,7 @@ pub fn restore(path: &Path, blocks: &[Arc<RamBlock>], channels: usize, progress:
         let (b, e) = (&targets[run.block], &info.blocks[run.block]);
         let (at, len) = (run.first * page, run.count * page);
         let from = e.layout.pages_offset + at;
-        prefetch.ahead_of(&readers[r], from);
+        progress.read_ahead.fetch_add(prefetch.ahead_of(&readers[r], from), Ordering::Relaxed);
         if b.reserve(at, len)? {
             positioned_all(&readers[r], Direction::Read, b.memory().iovec(at, len as usize), from, path).map_err(|e| b.explain(e, false))?;
         } else {
