@@ -67,6 +67,8 @@ pub struct Progress {
     pub zero_pages: AtomicU64,
     /// Bytes of block memory this job covers in all.
     pub total: AtomicU64,
+    /// Bytes of file data a restore asked the kernel to read ahead of its readers.
+    pub read_ahead: AtomicU64,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -363,6 +365,16 @@ fn positioned_all(file: &File, dir: Direction, mut iov: libc::iovec, mut offset:
     Ok(())
 }
 
+/// Starts writing back the file's dirty pages in `offset..offset + len` without waiting for
+/// them (`sync_file_range(SYNC_FILE_RANGE_WRITE)`), so the disk works while later pages are
+/// still being written and the final `fdatasync` finds little left to do. Waits only when the
+/// device queue is full, which paces the writers to the disk. A hint: where it fails, the
+/// final `fdatasync` still writes everything and reports any error.
+fn start_writeback(file: &File, offset: u64, len: u64) {
+    // SAFETY: sync_file_range on a descriptor we own; it touches no memory of ours.
+    let _ = unsafe { libc::sync_file_range(file.as_raw_fd(), offset as libc::off64_t, len as libc::off64_t, libc::SYNC_FILE_RANGE_WRITE) };
+}
+
 fn sync(file: &File, path: &Path) -> Result<()> {
     file.sync_data().map_err(|e| os_error(format_args!("fdatasync {}", path.display()), e))
 }
@@ -480,16 +492,18 @@ pub fn snapshot(blocks: &[Arc<RamBlock>], path: &Path, options: SnapshotOptions,
             bm.set_range(start as usize, (p - start) as usize)?;
             progress.pages_written.fetch_add(p - start, Ordering::Relaxed);
         }
+        if !options.direct_io {
+            start_writeback(&writers[w], e.layout.pages_offset + run.first * page, run.count * page);
+        }
         // A source file truncated under the scan above.
         b.check_faults(true)?;
         progress.bytes.fetch_add(run.count * page, Ordering::Relaxed);
         Ok(())
     })?;
-    for w in &writers {
-        sync(w, path)?;
-    }
+    drop(writers);
 
-    // 3. Bitmaps, then flush, then the completion marker, flushed again.
+    // 3. Bitmaps, then one flush for them and the pages (fdatasync covers the file whatever
+    // descriptor wrote it), then the completion marker, flushed again.
     let mut out_entries = entries.clone();
     for ((e, bm), out) in entries.iter().zip(&bitmaps).zip(&mut out_entries) {
         let words = bm.snapshot();
@@ -501,6 +515,67 @@ pub fn snapshot(blocks: &[Arc<RamBlock>], path: &Path, options: SnapshotOptions,
     sync(&file, path)?;
     let file_len = file.metadata().map_err(|e| os_error(format_args!("stat {}", path.display()), e))?.len();
     Ok(SnapshotInfo { complete: true, page_size, generation: generation + 1, blocks: out_entries, file_len })
+}
+
+/// How far ahead of the readers the file is read into the page cache, and the least a
+/// further request asks for.
+const PREFETCH_WINDOW: u64 = 32 << 20;
+const PREFETCH_STEP: u64 = 4 << 20;
+
+/// Reads the file ahead of the restore's readers (`posix_fadvise(WILLNEED)`, which queues the
+/// reads and returns). The readers skip absent pages, holes in the file, so the kernel's own
+/// readahead sees scattered reads and would wait for each run in turn; runs are taken in
+/// file order, so one shared mark of how far the file has been asked for covers every reader.
+/// Only data is asked for (`SEEK_DATA`/`SEEK_HOLE`): read-ahead of a hole would fill the page
+/// cache with zero pages nobody reads, most of a mostly-empty snapshot.
+#[derive(Default)]
+struct Prefetch {
+    /// File offset up to which reads have been queued.
+    until: AtomicU64,
+}
+
+/// `lseek(fd, offset, whence)`: the offset found, or None (ENXIO: no data past `offset`, or
+/// any error, which ends the hint).
+fn seek(file: &File, offset: u64, whence: libc::c_int) -> Option<u64> {
+    // SAFETY: lseek on a descriptor we own; it touches no memory. It moves the descriptor's
+    // file position, which nothing uses (every read is positioned).
+    let at = unsafe { libc::lseek(file.as_raw_fd(), offset as libc::off_t, whence) };
+    (at >= 0).then_some(at as u64)
+}
+
+impl Prefetch {
+    /// Called by a reader about to read at `offset`: keeps the window ahead of it queued.
+    /// Returns the bytes of data it asked the kernel to read.
+    fn ahead_of(&self, file: &File, offset: u64) -> u64 {
+        let Some((from, len)) = self.claim(offset) else { return 0 };
+        let end = from + len;
+        let mut asked = 0;
+        let mut at = from;
+        while let Some(data) = seek(file, at, libc::SEEK_DATA).filter(|&d| d < end) {
+            let hole = seek(file, data, libc::SEEK_HOLE).unwrap_or(end).min(end);
+            if hole <= data {
+                break;
+            }
+            // SAFETY: posix_fadvise on a descriptor we own; it touches no memory of ours. A
+            // hint: where it fails, the reads simply wait for the disk.
+            let _ = unsafe { libc::posix_fadvise(file.as_raw_fd(), data as libc::off_t, (hole - data) as libc::off_t, libc::POSIX_FADV_WILLNEED) };
+            asked += hole - data;
+            at = hole;
+        }
+        asked
+    }
+
+    /// The range (offset, length) a reader at `offset` should queue, if the window ahead of
+    /// it has run short by a step; each byte is claimed by one reader only.
+    fn claim(&self, offset: u64) -> Option<(u64, u64)> {
+        let want = offset + PREFETCH_WINDOW;
+        if want < self.until.load(Ordering::Relaxed) + PREFETCH_STEP {
+            return None;
+        }
+        let queued = self.until.fetch_max(want, Ordering::Relaxed);
+        let from = queued.max(offset);
+        (from < want).then(|| (from, want - from))
+    }
 }
 
 /// Runs of pages queued for the reader threads before they are started on them: bounds the
@@ -532,10 +607,12 @@ pub fn restore(path: &Path, blocks: &[Arc<RamBlock>], channels: usize, progress:
     }
     progress.total.store(info.blocks.iter().map(|e| e.pages_present * page).sum(), Ordering::Relaxed);
     let readers = (0..channels.max(1)).map(|_| File::open(path).map_err(|e| os_error(format_args!("open {}", path.display()), e))).collect::<Result<Vec<_>>>()?;
+    let prefetch = Prefetch::default();
     let read = |r: usize, run: Run| {
         let (b, e) = (&targets[run.block], &info.blocks[run.block]);
         let (at, len) = (run.first * page, run.count * page);
         let from = e.layout.pages_offset + at;
+        progress.read_ahead.fetch_add(prefetch.ahead_of(&readers[r], from), Ordering::Relaxed);
         if b.reserve(at, len)? {
             positioned_all(&readers[r], Direction::Read, b.memory().iovec(at, len as usize), from, path).map_err(|e| b.explain(e, false))?;
         } else {
@@ -571,3 +648,26 @@ pub fn restore(path: &Path, blocks: &[Arc<RamBlock>], channels: usize, progress:
     Ok(info)
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefetch_keeps_a_window_ahead_in_steps_and_asks_for_each_byte_once() {
+        const MIB: u64 = 1 << 20;
+        let p = Prefetch::default();
+        // The first read queues a whole window from where it reads.
+        assert_eq!(p.claim(MIB), Some((MIB, PREFETCH_WINDOW)));
+        // Reads inside the queued window, or behind it (other readers), ask for nothing
+        // until the window has run short by a step.
+        assert_eq!(p.claim(2 * MIB), None);
+        assert_eq!(p.claim(0), None);
+        assert_eq!(p.claim(MIB + PREFETCH_STEP - 1), None);
+        // Then only the part not queued yet, which continues the previous request.
+        assert_eq!(p.claim(MIB + PREFETCH_STEP), Some((MIB + PREFETCH_WINDOW, PREFETCH_STEP)));
+        // A reader that jumps past the window (absent pages) starts a new one where it reads.
+        let far = 10 * PREFETCH_WINDOW;
+        assert_eq!(p.claim(far), Some((far, PREFETCH_WINDOW)));
+        assert_eq!(p.claim(far + MIB), None);
+    }
+}

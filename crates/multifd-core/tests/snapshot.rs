@@ -171,3 +171,21 @@ fn direct_io_where_the_filesystem_supports_it() {
         Err(e) => assert_eq!(e.code, ErrorCode::InvalidArgument, "{e}"),
     }
 }
+
+#[test]
+fn restore_asks_for_the_data_ahead_of_its_reader_and_never_for_holes() {
+    let dir = TempDir::new("ahead");
+    let path = dir.0.join("s.snap");
+    let src = blocks();
+    let info = snapshot(&src, &path, opts(1, false), &Progress::default()).unwrap();
+    let present: u64 = info.blocks.iter().map(|b| b.pages_present * 4096).sum();
+    let dst = fresh_like(&src);
+    let progress = Progress::default();
+    restore(&path, &dst, 1, &progress).unwrap();
+    assert!(same(&src, &dst));
+    // One reader: every present page was asked for ahead of it, once; of the rest of the file
+    // only the second block's header and bitmap (one filesystem block), never a hole (a third
+    // of the pages).
+    let asked = progress.read_ahead.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(asked >= present && asked <= present + 4096, "asked {asked} bytes ahead, {present} present");
+}
