@@ -10,6 +10,8 @@
 
 mod handshake;
 mod identity;
+#[cfg(test)]
+mod peer_tests;
 mod record;
 mod stream;
 

@@ -389,7 +389,7 @@ impl TlsStream {
         loop {
             // Room for one more record and a key update after it.
             if used + 2 * MAX_SEALED > tx.buf.len() {
-                crate::io::write_all(fd, &[&tx.buf[..used]])?;
+                crate::io::write_all_flags(fd, &tx.buf[..used], 0)?;
                 used = 0;
             }
             let at = used + tx.cipher.plaintext_offset();
@@ -403,9 +403,16 @@ impl TlsStream {
             }
         }
         if used > 0 {
-            crate::io::write_all(fd, &[&tx.buf[..used]])?;
+            crate::io::write_all_flags(fd, &tx.buf[..used], 0)?;
         }
         Ok(())
+    }
+
+    /// Renews our sending key every `records` records (tests reach the limit this way).
+    #[cfg(test)]
+    pub(super) fn set_rekey_after(&self, records: u64) {
+        let mut tx = self.tx.lock().unwrap();
+        tx.rekey_after = records;
     }
 
     /// Seals our KeyUpdate (update_not_requested) at `used` under the current key, then
