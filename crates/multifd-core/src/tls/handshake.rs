@@ -110,9 +110,17 @@ pub(super) fn run<C: Handshaking>(fd: RawFd, mut conn: C, inbox: &mut Inbox, dea
     let mut early = Vec::new();
     let mut first_read = server.is_none();
     loop {
+        // Done, and our last flight encoded: stop before rustls opens records after the
+        // handshake. A key update it processed would renew a key and queue its answer where
+        // the conversion below drops it; every record after the handshake is ours to open.
+        if !conn.state().is_handshaking() && !conn.state().wants_write() {
+            if used > 0 {
+                crate::io::write_all(fd, &[&out[..used]]).map_err(|e| e.context(format!("TLS handshake with the {peer}")))?;
+            }
+            break;
+        }
         let UnbufferedStatus { discard, state } = conn.process(inbox.pending_mut());
         let mut blocked = false;
-        let mut done = false;
         match state {
             Err(e) => {
                 inbox.consume(discard);
@@ -142,14 +150,11 @@ pub(super) fn run<C: Handshaking>(fd: RawFd, mut conn: C, inbox: &mut Inbox, dea
                     early.extend_from_slice(record.map_err(|e| tls_error(&e, peer))?.payload);
                 }
             }
-            Ok(ConnectionState::WriteTraffic(_)) => done = true,
+            Ok(ConnectionState::WriteTraffic(_)) => {}
             Ok(ConnectionState::PeerClosed | ConnectionState::Closed) => fail!(TlsHandshake, "the {peer} closed the TLS session during the handshake"),
             Ok(other) => fail!(TlsHandshake, "TLS handshake with the {peer}: unexpected state {other:?}"),
         }
         inbox.consume(discard);
-        if done {
-            break;
-        }
         if blocked {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() || !inbox.fill(fd, Some(left))? {

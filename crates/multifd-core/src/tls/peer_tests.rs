@@ -255,6 +255,7 @@ fn our_client_with_a_rustls_server() {
         stream.write_all(fd, &[data]).unwrap();
         assert!(read_exact(&stream, fd, data.len()) == *data, "we read what rustls sent");
         stream.write_all(fd, &[&[42]]).unwrap();
+        assert_eq!(stream.sent_under_current_key(), 1, "the server's key update renewed our key before the record after it");
         peer.join().unwrap();
     });
 }
@@ -295,5 +296,46 @@ fn the_data_path_allocates_nothing_per_record() {
         let sent = sender.join().unwrap();
         // 8 MiB is 512 records each way.
         assert_eq!((sent, received), (0, 0), "heap allocations sending and receiving 8 MiB");
+    });
+}
+
+/// A client whose Finished, first record and key-update request reach us in one read: rustls
+/// must hand over after the Finished, before it opens the records that follow (were it to
+/// process the key update, it would renew our sending key and drop the answer it queued).
+#[test]
+fn a_key_update_arriving_with_the_clients_finished() {
+    let (ours, mut theirs) = socket_pair();
+    let server = TlsServer::new(&options("dest")).unwrap();
+    std::thread::scope(|s| {
+        let peer = s.spawn(move || {
+            let mut conn = rustls_client(&[&rustls::version::TLS13], None);
+            // Drive the handshake by hand, holding back the client's last flight.
+            while conn.is_handshaking() {
+                while conn.wants_write() {
+                    conn.write_tls(&mut theirs).unwrap();
+                }
+                if !conn.is_handshaking() {
+                    break;
+                }
+                conn.read_tls(&mut theirs).unwrap();
+                conn.process_new_packets().unwrap();
+            }
+            conn.writer().write_all(b"first").unwrap();
+            conn.refresh_traffic_keys().unwrap();
+            let mut flight = Vec::new();
+            while conn.wants_write() {
+                conn.write_tls(&mut flight).unwrap();
+            }
+            theirs.write_all(&flight).unwrap();
+            let mut tls = StreamOwned::new(conn, theirs);
+            let mut reply = [0u8; 5];
+            tls.read_exact(&mut reply).unwrap();
+            assert_eq!(&reply, b"reply");
+        });
+        let fd = ours.as_raw_fd();
+        let stream = TlsStream::server(fd, &server, &[], Instant::now() + T).unwrap();
+        assert_eq!(read_exact(&stream, fd, 5), b"first");
+        stream.write_all(fd, &[b"reply"]).unwrap();
+        peer.join().unwrap();
     });
 }

@@ -408,6 +408,12 @@ impl TlsStream {
         Ok(())
     }
 
+    /// Records sealed under our current sending key.
+    #[cfg(test)]
+    pub(super) fn sent_under_current_key(&self) -> u64 {
+        self.tx.lock().unwrap().cipher.seq()
+    }
+
     /// Renews our sending key every `records` records (tests reach the limit this way).
     #[cfg(test)]
     pub(super) fn set_rekey_after(&self, records: u64) {
