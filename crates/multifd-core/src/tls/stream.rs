@@ -30,14 +30,16 @@ use crate::io::wait_readable;
 
 /// Bytes read from the socket per system call at most (about sixteen full records).
 const INBOX_SIZE: usize = 256 << 10;
-/// Records sealed before one `write` sends them (8 x 16 KiB of plaintext per system call).
-const RECORDS_PER_WRITE: usize = 8;
+/// Records sealed before one `send` sends them (16 x 16 KiB of plaintext per system call).
+const RECORDS_PER_WRITE: usize = 16;
 /// How many records before the cipher suite's confidentiality limit our sending key is renewed.
 const REKEY_MARGIN: u64 = 1 << 16;
 
 /// TLS 1.3 handshake message types met after the handshake.
 const NEW_SESSION_TICKET: u8 = 4;
 const KEY_UPDATE: u8 = 24;
+/// Room our KeyUpdate record takes (5-byte message, content type, tag, header; 64 is ample).
+const KEY_UPDATE_SEALED: usize = 64;
 
 /// What a plaintext destination answers to a TLS ClientHello before closing: the control
 /// magic "MFDC", which no TLS record starts with, so the source can say what went wrong.
@@ -110,10 +112,17 @@ impl Inbox {
         if self.end == self.buf.len() {
             fail!(TlsHandshake, "a TLS handshake message larger than {} bytes", self.buf.len());
         }
-        if !wait_readable(fd, timeout)? {
-            return Ok(false);
-        }
-        let n = raw_read(fd, &mut self.buf[self.end..]).map_err(|e| os_error("read from connection", e))?;
+        // Streaming, the socket usually holds more already: try before paying for a poll.
+        let n = match raw_read(fd, &mut self.buf[self.end..], libc::MSG_DONTWAIT) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                if !wait_readable(fd, timeout)? {
+                    return Ok(false);
+                }
+                raw_read(fd, &mut self.buf[self.end..], 0)
+            }
+            read => read,
+        };
+        let n = n.map_err(|e| os_error("read from connection", e))?;
         self.end += n;
         self.eof = n == 0;
         Ok(true)
@@ -221,7 +230,7 @@ impl TlsStream {
         let Established { kernel, secrets, version, info, early } = done;
         let key = |e: rustls::Error| Error::new(ErrorCode::TlsHandshake, format!("TLS with the {peer}: {e}"));
         let rekey_after = kernel.confidentiality_limit().saturating_sub(REKEY_MARGIN);
-        let tx = Tx { buf: vec![0u8; (RECORDS_PER_WRITE + 1) * MAX_SEALED].into_boxed_slice(), cipher: Cipher::new(version, secrets.tx).map_err(key)?, rekey_after };
+        let tx = Tx { buf: vec![0u8; RECORDS_PER_WRITE * MAX_SEALED + KEY_UPDATE_SEALED].into_boxed_slice(), cipher: Cipher::new(version, secrets.tx).map_err(key)?, rekey_after };
         let rx = Rx { inbox, cipher: Cipher::new(version, secrets.rx).map_err(key)?, plain: 0..0, early, early_at: 0, closed: false };
         Ok(TlsStream { rx: Mutex::new(rx), tx: Mutex::new(tx), kernel: Mutex::new(kernel), owe_key_update: AtomicBool::new(false), version, info, peer })
     }
@@ -388,7 +397,7 @@ impl TlsStream {
         }
         loop {
             // Room for one more record and a key update after it.
-            if used + 2 * MAX_SEALED > tx.buf.len() {
+            if used + MAX_SEALED + KEY_UPDATE_SEALED > tx.buf.len() {
                 crate::io::write_all_flags(fd, &tx.buf[..used], 0)?;
                 used = 0;
             }
@@ -437,10 +446,11 @@ impl TlsStream {
     }
 }
 
-fn raw_read(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
+/// `recv(2)` into `buf` with `flags`.
+fn raw_read(fd: RawFd, buf: &mut [u8], flags: libc::c_int) -> io::Result<usize> {
     loop {
         // SAFETY: buf is an exclusively borrowed slice of the given length.
-        let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+        let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), flags) };
         if n >= 0 {
             return Ok(n as usize);
         }
