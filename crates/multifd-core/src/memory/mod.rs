@@ -62,11 +62,10 @@
 //! between its window and the pages); zlib copies each packet's pages into a per-channel
 //! buffer to compress, and decodes into one and copies that in (flate2 only takes slices).
 //! With integrity on, compression reads one private copy and the digest is taken from it, so it
-//! always matches the compressed bytes. TLS sends through a 64 KiB per-thread copy of the
-//! pages (rustls encrypts from slices, copying into each record as it seals it); it receives by
-//! copying each decrypted record straight from rustls's buffer into the pages
-//! ([`copy_in_raw`]), the one write into block memory that the plaintext path's `readv` also
-//! makes.
+//! always matches the compressed bytes. TLS sends by copying the pages once into the
+//! plaintext of the records it then seals in place (`tls/record.rs`), and receives by copying
+//! each record it opened in place once into the pages ([`copy_in_raw`]), the one write into
+//! block memory that the plaintext path's `readv` also makes.
 
 pub mod guard;
 mod xxh3;
