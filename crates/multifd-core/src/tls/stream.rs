@@ -2,15 +2,19 @@
 //!
 //! rustls runs the handshake (`handshake.rs`); the records after it are ours (`record.rs`),
 //! sealed and opened in place in two private buffers, one per direction, each behind its own
-//! mutex. The reading thread polls the socket before it reads, so it never blocks a writer on
-//! another thread (the control connection writes from JavaScript while its reader waits).
+//! mutex: a reader waiting for an idle peer never blocks a writer on another thread (the
+//! control connection writes from JavaScript while its reader waits).
 //!
 //! Copies of the plaintext: a received record is read from the socket into the inbox (the
 //! kernel's copy), decrypted where it lies, and copied once from there to wherever the reader
 //! puts it (block pages, see `crate::memory`). A sent record's plaintext is copied once into
-//! the send buffer, sealed where it lies, and several records leave in one `write`. Block
+//! the send buffer, sealed where it lies, and sixteen records leave in one `send`. Block
 //! memory is never handed to the cipher: it may change while it is read (it is a live VM's
 //! RAM, and no Rust reference may cover it), so the one copy each way is the floor.
+//!
+//! Key updates (TLS 1.3): a peer's KeyUpdate renews our receiving key where it ends its record,
+//! and when it asks for ours, our next write starts with one; we renew our sending key
+//! ourselves before the cipher suite's confidentiality limit (2^24 records for AES-GCM).
 
 use std::io;
 use std::ops::Range;
@@ -72,7 +76,6 @@ pub enum Got {
     /// The read timeout passed with nothing to read.
     Idle,
 }
-
 
 /// Bytes read from the socket and not consumed yet.
 pub(super) struct Inbox {
