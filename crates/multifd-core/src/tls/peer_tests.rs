@@ -68,16 +68,19 @@ unsafe impl GlobalAlloc for CountingAllocator {
 static ALLOCATOR: CountingAllocator = CountingAllocator;
 
 /// A fresh test PKI from `scripts/test-certs.sh` (openssl), made once per process.
-fn pem(name: &str) -> Vec<u8> {
+fn pki() -> &'static PathBuf {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
-    let dir = DIR.get_or_init(|| {
+    DIR.get_or_init(|| {
         let dir = std::env::temp_dir().join(format!("multifd-tls-unit-{}", std::process::id()));
         let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../scripts/test-certs.sh");
         let ok = std::process::Command::new("bash").arg(script).arg(&dir).status().expect("run test-certs.sh").success();
         assert!(ok, "test-certs.sh failed (is openssl installed?)");
         dir
-    });
-    std::fs::read(dir.join(name)).unwrap()
+    })
+}
+
+fn pem(name: &str) -> Vec<u8> {
+    std::fs::read(pki().join(name)).unwrap()
 }
 
 fn options(who: &str) -> TlsOptions {
@@ -338,4 +341,50 @@ fn a_key_update_arriving_with_the_clients_finished() {
         stream.write_all(fd, &[b"reply"]).unwrap();
         peer.join().unwrap();
     });
+}
+
+/// OpenSSL's `s_server -rev` (a third implementation, which like GnuTLS numbers TLS 1.2
+/// AES-GCM explicit nonces its own way, where rustls derives them from the IV) requiring our
+/// client certificate: what we send comes back reversed line by line, over TLS 1.2 AES-GCM and
+/// TLS 1.3 (whose session tickets arrive after the handshake).
+#[test]
+fn our_client_with_an_openssl_server() {
+    use std::io::BufRead;
+    use std::net::TcpStream;
+    use std::process::{Command, Stdio};
+    let client = TlsClient::new(&options("source"), &Localhost).unwrap();
+    for (version, cipher, protocol) in [("-tls1_2", "ECDHE-ECDSA-AES128-GCM-SHA256", "TLS 1.2"), ("-tls1_2", "ECDHE-ECDSA-AES256-GCM-SHA384", "TLS 1.2"), ("-tls1_3", "DEFAULT", "TLS 1.3")] {
+        let dir = pki();
+        // `timeout` bounds the server's life whatever happens here.
+        let mut server = Command::new("timeout")
+            .args(["20", "openssl", "s_server", "-accept", "127.0.0.1:0", "-naccept", "1", "-rev", "-Verify", "1", version, "-cipher", cipher])
+            .arg("-cert").arg(dir.join("dest.pem")).arg("-key").arg(dir.join("dest.key")).arg("-CAfile").arg(dir.join("ca.pem"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("run openssl s_server");
+        let mut lines = std::io::BufReader::new(server.stdout.take().unwrap()).lines();
+        let port = loop {
+            let line = lines.next().expect("openssl s_server printed its port").unwrap();
+            if let Some(addr) = line.strip_prefix("ACCEPT ") {
+                break addr.rsplit_once(':').unwrap().1.parse::<u16>().unwrap();
+            }
+        };
+        let socket = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        socket.set_read_timeout(Some(T)).unwrap();
+        socket.set_write_timeout(Some(T)).unwrap();
+        let fd = socket.as_raw_fd();
+        let stream = TlsStream::client(fd, &client, Instant::now() + T).unwrap();
+        assert_eq!(stream.info().protocol, protocol);
+        // Eight 5000-byte lines in one write: three records out, eight back.
+        let text: Vec<u8> = (0..8).flat_map(|l| random(4999, 11 + l).into_iter().map(|b| b'a' + b % 26).chain([b'\n'])).collect();
+        stream.write_all(fd, &[&text]).unwrap();
+        let back = read_exact(&stream, fd, text.len());
+        let expected: Vec<u8> = text.split_inclusive(|&b| b == b'\n').flat_map(|line| line[..line.len() - 1].iter().rev().copied().chain([b'\n'])).collect();
+        assert!(back == expected, "{protocol} {cipher}: OpenSSL sent back our lines reversed");
+        drop(socket);
+        let _ = server.kill();
+        server.wait().unwrap();
+    }
 }
