@@ -116,11 +116,11 @@ fn rustls_client(versions: &[&'static SupportedProtocolVersion], suite: Option<r
 }
 
 /// rustls's own server, with the destination's certificate, requiring a client certificate.
-fn rustls_server() -> ServerConnection {
+fn rustls_server(versions: &[&'static SupportedProtocolVersion]) -> ServerConnection {
     let provider = only(None);
     let verifier = WebPkiClientVerifier::builder_with_provider(load_roots(&pem("ca.pem")).unwrap(), provider.clone()).build().unwrap();
     let config = ServerConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
+        .with_protocol_versions(versions)
         .unwrap()
         .with_client_cert_verifier(verifier)
         .with_single_cert(load_chain(&pem("dest.pem")).unwrap(), load_key(&pem("dest.key")).unwrap())
@@ -241,7 +241,7 @@ fn our_client_with_a_rustls_server() {
     std::thread::scope(|s| {
         let data = &data;
         let peer = s.spawn(move || {
-            let mut tls = StreamOwned::new(rustls_server(), theirs);
+            let mut tls = StreamOwned::new(rustls_server(&[&rustls::version::TLS13]), theirs);
             let mut got = vec![0u8; data.len()];
             tls.read_exact(&mut got).unwrap();
             assert!(got == *data, "rustls read what we sent");
@@ -387,4 +387,28 @@ fn our_client_with_an_openssl_server() {
         let _ = server.kill();
         server.wait().unwrap();
     }
+}
+
+/// TLS 1.2: a server's first record can follow its Finished in the same read, and rustls
+/// opens it before the handshake hands over; it is read first, not lost.
+#[test]
+fn our_tls12_client_reads_what_came_with_the_servers_finished() {
+    let (ours, theirs) = socket_pair();
+    let client = TlsClient::new(&options("source"), &Localhost).unwrap();
+    std::thread::scope(|s| {
+        let peer = s.spawn(move || {
+            let mut tls = StreamOwned::new(rustls_server(&[&rustls::version::TLS12]), theirs);
+            // Queued before the handshake: rustls sends it right behind its Finished.
+            tls.conn.writer().write_all(b"first words").unwrap();
+            let mut reply = [0u8; 2];
+            tls.read_exact(&mut reply).unwrap();
+            assert_eq!(&reply, b"ok");
+        });
+        let fd = ours.as_raw_fd();
+        let stream = TlsStream::client(fd, &client, Instant::now() + T).unwrap();
+        assert_eq!(stream.info().protocol, "TLS 1.2");
+        assert_eq!(read_exact(&stream, fd, 11), b"first words");
+        stream.write_all(fd, &[b"ok"]).unwrap();
+        peer.join().unwrap();
+    });
 }
