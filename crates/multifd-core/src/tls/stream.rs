@@ -198,8 +198,9 @@ pub struct TlsStream {
     tx: Mutex<Tx>,
     /// Renews the keys (TLS 1.3 key updates); either direction takes it briefly.
     kernel: Mutex<Kernel>,
-    /// The peer asked for a key update: our next write sends ours first (RFC 8446 4.6.3).
-    owe_key_update: AtomicBool,
+    /// Our KeyUpdate goes before our next record: the peer asked for one (RFC 8446 4.6.3, set
+    /// by the reader) or our key reached its record limit.
+    key_update_due: AtomicBool,
     version: Version,
     info: TlsInfo,
     /// "source" or "destination", for messages.
@@ -235,7 +236,7 @@ impl TlsStream {
         let rekey_after = kernel.confidentiality_limit().saturating_sub(REKEY_MARGIN);
         let tx = Tx { buf: vec![0u8; RECORDS_PER_WRITE * MAX_SEALED + KEY_UPDATE_SEALED].into_boxed_slice(), cipher: Cipher::new(version, secrets.tx).map_err(key)?, rekey_after };
         let rx = Rx { inbox, cipher: Cipher::new(version, secrets.rx).map_err(key)?, plain: 0..0, early, early_at: 0, closed: false };
-        Ok(TlsStream { rx: Mutex::new(rx), tx: Mutex::new(tx), kernel: Mutex::new(kernel), owe_key_update: AtomicBool::new(false), version, info, peer })
+        Ok(TlsStream { rx: Mutex::new(rx), tx: Mutex::new(tx), kernel: Mutex::new(kernel), key_update_due: AtomicBool::new(false), version, info, peer })
     }
 
     /// TLS 1.3 client: the handshake ends on our side before the destination has checked our
@@ -349,7 +350,7 @@ impl TlsStream {
                 (KEY_UPDATE, [request @ (0 | 1)]) if messages.is_empty() => {
                     new_rx_key = true;
                     if *request == 1 {
-                        self.owe_key_update.store(true, Ordering::Release);
+                        self.key_update_due.store(true, Ordering::Release);
                     }
                 }
                 (KEY_UPDATE, _) => return Err(fail(rustls::Error::PeerMisbehaved(rustls::PeerMisbehaved::KeyEpochWithPendingFragment))),
@@ -395,14 +396,14 @@ impl TlsStream {
         let mut guard = self.tx.lock().unwrap();
         let tx = &mut *guard;
         let mut used = 0;
-        if self.owe_key_update.swap(false, Ordering::AcqRel) {
-            used = self.key_update(tx, used)?;
-        }
         loop {
-            // Room for one more record and a key update after it.
-            if used + MAX_SEALED + KEY_UPDATE_SEALED > tx.buf.len() {
+            // Room for a key update, then one more record.
+            if used + KEY_UPDATE_SEALED + MAX_SEALED > tx.buf.len() {
                 crate::io::write_all_flags(fd, &tx.buf[..used], 0)?;
                 used = 0;
+            }
+            if self.key_update_due.load(Ordering::Relaxed) && self.key_update_due.swap(false, Ordering::AcqRel) {
+                used = self.key_update(tx, used)?;
             }
             let at = used + tx.cipher.plaintext_offset();
             let n = fill(&mut tx.buf[at..at + MAX_PLAINTEXT]);
@@ -411,7 +412,7 @@ impl TlsStream {
             }
             used += tx.cipher.seal(APPLICATION_DATA, &mut tx.buf[used..], n).map_err(fail)?;
             if tx.cipher.seq() >= tx.rekey_after {
-                used = self.key_update(tx, used)?;
+                self.key_update_due.store(true, Ordering::Release);
             }
         }
         if used > 0 {
