@@ -8,7 +8,6 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use std::io::IoSlice;
 use std::sync::Mutex;
 
 use crate::error::{Error, ErrorCode, Result, fail};
@@ -99,13 +98,6 @@ fn tls_step(got: Got, done: usize, total: usize) -> Result<Option<usize>> {
         Got::Eof => fail!(ConnectionClosed, "peer closed the channel after {done} of {total} bytes"),
         Got::Idle => fail!(Timeout, "read from channel timed out after {done} of {total} bytes"),
     }
-}
-
-/// Bytes TLS copies out of block memory at a time, per thread (rustls encrypts from a slice).
-const BOUNCE_SIZE: usize = 64 << 10;
-
-thread_local! {
-    static BOUNCE: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0u8; BOUNCE_SIZE]);
 }
 
 /// One stream connection: a control or a multifd channel, in plaintext or TLS.
@@ -264,15 +256,14 @@ impl Conn {
     /// Writes every byte of `bufs` (private buffers; with TLS, encrypted straight from them).
     pub fn write_all(&self, bufs: &[&[u8]]) -> Result<()> {
         if let Some(tls) = &self.tls {
-            let mut slices: Vec<IoSlice<'_>> = bufs.iter().map(|b| IoSlice::new(b)).collect();
-            return tls.write_all(self.fd(), &mut slices);
+            return tls.write_all(self.fd(), bufs);
         }
         crate::io::write_all(self.fd(), bufs)
     }
 
-    /// Writes every byte the iovecs describe (block memory: with TLS, copied out through a
-    /// per-thread buffer a chunk at a time, see `crate::memory`, all under one hold of the
-    /// session lock, so another thread's records never land in between).
+    /// Writes every byte the iovecs describe (block memory: with TLS, copied straight into the
+    /// plaintext of the records being sealed, see `crate::memory`, all under one hold of the
+    /// session's sending lock, so another thread's records never land in between).
     ///
     /// # Safety
     /// Every iovec must describe readable memory that stays mapped for the duration of the call.
@@ -283,21 +274,19 @@ impl Conn {
         };
         let mut pending = iov.iter().map(|v| (v.iov_base.cast::<u8>().cast_const(), v.iov_len));
         let mut part: Option<(*const u8, usize)> = None;
-        BOUNCE.with_borrow_mut(|bounce| {
-            tls.write_from(self.fd(), bounce, |buf| {
-                let mut filled = 0;
-                while filled < buf.len() {
-                    let Some((ptr, len)) = part.take().or_else(|| pending.next()) else { break };
-                    let n = len.min(buf.len() - filled);
-                    // SAFETY: the caller guarantees the iovec is readable for this call; n <= len.
-                    unsafe { crate::memory::copy_out_raw(ptr, &mut buf[filled..filled + n]) };
-                    filled += n;
-                    if n < len {
-                        part = Some((ptr.wrapping_add(n), len - n));
-                    }
+        tls.write_from(self.fd(), |buf| {
+            let mut filled = 0;
+            while filled < buf.len() {
+                let Some((ptr, len)) = part.take().or_else(|| pending.next()) else { break };
+                let n = len.min(buf.len() - filled);
+                // SAFETY: the caller guarantees the iovec is readable for this call; n <= len.
+                unsafe { crate::memory::copy_out_raw(ptr, &mut buf[filled..filled + n]) };
+                filled += n;
+                if n < len {
+                    part = Some((ptr.wrapping_add(n), len - n));
                 }
-                filled
-            })
+            }
+            filled
         })
     }
 

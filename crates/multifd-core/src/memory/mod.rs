@@ -65,11 +65,10 @@
 //! straight from the pages (no copy in user space) and are copied into the pages once; zlib copies each packet's pages into a per-channel
 //! buffer to compress, and decodes into one and copies that in (flate2 only takes slices).
 //! With integrity on, compression reads one private copy and the digest is taken from it, so it
-//! always matches the compressed bytes. TLS sends through a 64 KiB per-thread copy of the
-//! pages (rustls encrypts from slices, copying into each record as it seals it); it receives by
-//! copying each decrypted record straight from rustls's buffer into the pages
-//! ([`copy_in_raw`]), the one write into block memory that the plaintext path's `readv` also
-//! makes.
+//! always matches the compressed bytes. TLS sends by copying the pages once into the
+//! plaintext of the records it then seals in place (`tls/record.rs`), and receives by copying
+//! each record it opened in place once into the pages ([`copy_in_raw`]), the one write into
+//! block memory that the plaintext path's `readv` also makes.
 
 pub mod guard;
 mod xxh3;
@@ -310,14 +309,57 @@ pub unsafe fn copy_out_raw(src: *const u8, out: &mut [u8]) {
     unsafe { std::ptr::copy_nonoverlapping(src, out.as_mut_ptr(), out.len()) }
 }
 
-/// Copies `data` into the raw memory an iovec describes (TLS copies each decrypted record in
-/// from rustls's buffer).
+/// Copies `data` into the raw memory an iovec describes (TLS copies each record it opened in
+/// place in).
+///
+/// On x86-64, a copy of a page or more writes its 64-byte-aligned middle with non-temporal
+/// stores: received pages are not read again soon, and streaming them past the cache skips the
+/// read of every destination line that a cached store makes first. Measured on the EPYC
+/// development machine, 16 KiB copies into 1 GiB of cold, populated pages: 0.042 CPU-s/GiB
+/// against 0.086 for `copy_nonoverlapping`; copying a 512 KiB packet and then reading it all
+/// back (as a digest does): 0.073 against 0.097.
 ///
 /// # Safety
 /// `dst` must be writable for `data.len()` bytes for the duration of the call.
 pub unsafe fn copy_in_raw(dst: *mut u8, data: &[u8]) {
+    #[cfg(target_arch = "x86_64")]
+    if data.len() >= 4096 {
+        // SAFETY: forwarded from the caller.
+        return unsafe { stream_in(dst, data) };
+    }
     // SAFETY: forwarded from the caller; `data` is a private buffer.
     unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), dst, data.len()) }
+}
+
+/// [`copy_in_raw`] with SSE2 (every x86-64 has it) non-temporal stores for the aligned middle.
+///
+/// # Safety
+/// As for [`copy_in_raw`].
+#[cfg(target_arch = "x86_64")]
+unsafe fn stream_in(dst: *mut u8, data: &[u8]) {
+    use std::arch::x86_64::{__m128i, _mm_loadu_si128, _mm_sfence, _mm_stream_si128};
+    let head = dst.align_offset(64).min(data.len());
+    let body = (data.len() - head) & !63;
+    let src = data.as_ptr();
+    // SAFETY: the caller makes `dst..dst + data.len()` writable; every access below stays
+    // within it and within `data`: the head and the tail with `copy_nonoverlapping`, the middle
+    // 16 bytes at a time with unaligned loads from `data` and aligned (dst + head is 64-byte
+    // aligned) non-temporal stores into `dst`. The stores write bytes the copy would have
+    // written, only bypassing the cache; `sfence` orders them before whatever this thread
+    // stores next (the caller's progress flags), as a plain copy's stores would be.
+    unsafe {
+        std::ptr::copy_nonoverlapping(src, dst, head);
+        let mut at = head;
+        while at < head + body {
+            for lane in 0..4 {
+                let v = _mm_loadu_si128(src.add(at + 16 * lane).cast::<__m128i>());
+                _mm_stream_si128(dst.add(at + 16 * lane).cast::<__m128i>(), v);
+            }
+            at += 64;
+        }
+        _mm_sfence();
+        std::ptr::copy_nonoverlapping(src.add(at), dst.add(at), data.len() - at);
+    }
 }
 
 /// Memory a compressor reads: one packet's pages as raw `iovec`s, or private slices. Nothing
@@ -540,6 +582,24 @@ mod tests {
         // Iovecs before `from` (a header) are never extended.
         m.push_iovec(&mut iov, 1, 8192, 4096);
         assert_eq!(iov.len(), 2);
+    }
+
+    #[test]
+    fn copy_in_writes_exactly_its_bytes_at_any_alignment_and_length() {
+        let m = Mapping::anonymous(8 * 4096, false).unwrap();
+        let data: Vec<u8> = (0..5 * 4096 + 200).map(|i| (i * 7 + 1) as u8).collect();
+        for start in [0usize, 1, 15, 16, 63, 64, 65, 4095] {
+            for len in [0usize, 1, 63, 4095, 4096, 4097, 4096 + 63, 4096 + 64, 16384 + 5, data.len()] {
+                m.fill(0, m.len(), 0xee);
+                // SAFETY: start + len stays inside the mapping, which lives for the call.
+                unsafe { copy_in_raw(m.as_ptr().add(start), &data[..len]) };
+                let mut out = vec![0u8; m.len()];
+                m.copy_to(0, &mut out);
+                assert!(out[..start].iter().all(|&b| b == 0xee), "before, start {start} len {len}");
+                assert!(out[start..start + len] == data[..len], "copied, start {start} len {len}");
+                assert!(out[start + len..].iter().all(|&b| b == 0xee), "after, start {start} len {len}");
+            }
+        }
     }
 
     #[test]

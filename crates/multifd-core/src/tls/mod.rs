@@ -8,7 +8,11 @@
 //! protocol (control magic or init packet), so a destination never reads a page from a peer it
 //! has not authenticated.
 
+mod handshake;
 mod identity;
+#[cfg(test)]
+mod peer_tests;
+mod record;
 mod stream;
 
 use std::collections::HashMap;
@@ -125,11 +129,13 @@ impl TlsClient {
             .map_err(|e| config_error("certificate and key", e))?;
         let mut config = config;
         config.resumption = Resumption::disabled();
+        // Our record layer (`record.rs`) seals and opens application records with the keys.
+        config.enable_secret_extraction = true;
         Ok(TlsClient { config: Arc::new(config), name })
     }
 
-    pub(crate) fn connection(&self) -> Result<rustls::ClientConnection> {
-        rustls::ClientConnection::new(self.config.clone(), self.name.clone()).map_err(|e| config_error("TLS client", e))
+    pub(crate) fn connection(&self) -> Result<rustls::client::UnbufferedClientConnection> {
+        rustls::client::UnbufferedClientConnection::new(self.config.clone(), self.name.clone()).map_err(|e| config_error("TLS client", e))
     }
 }
 
@@ -154,11 +160,12 @@ impl TlsServer {
         // authenticates in full.
         config.send_tls13_tickets = 1;
         config.session_storage = Arc::new(VerdictTickets);
+        config.enable_secret_extraction = true;
         Ok(TlsServer { config: Arc::new(config), authz })
     }
 
-    pub(crate) fn connection(&self) -> Result<rustls::ServerConnection> {
-        rustls::ServerConnection::new(self.config.clone()).map_err(|e| config_error("TLS server", e))
+    pub(crate) fn connection(&self) -> Result<rustls::server::UnbufferedServerConnection> {
+        rustls::server::UnbufferedServerConnection::new(self.config.clone()).map_err(|e| config_error("TLS server", e))
     }
 
     /// Who the allow-list refused in the handshake this thread is running, if it refused.
