@@ -1075,20 +1075,10 @@ impl Inner {
         Some(old)
     }
 
-    /// Runs channel `id`'s receive loop for the thread that classified it. Plaintext: right
-    /// here. TLS: on a thread of its own, while this one waits, holding on to the allocator
-    /// arena its handshake allocated rustls's record buffer from. Sharing one arena with the
-    /// per-record plaintext allocations of the receive loop cost 50% more CPU per GiB (measured
-    /// with glibc: the record buffer shrinks and grows around them on every socket read).
+    /// Runs channel `id`'s receive loop on the thread that classified it.
     fn receive_from_classifier(self: &Arc<Self>, s: &Arc<Session>, a: Admitted) {
-        if a.conn.tls().is_none() {
-            name_this_thread(&format!("multifd/recv/{}", a.id));
-            return self.run_receiver(s, a);
-        }
-        name_this_thread(&format!("multifd/held/{}", a.id));
-        if let Some(receiver) = self.receiver_thread(s, a) {
-            let _ = receiver.join();
-        }
+        name_this_thread(&format!("multifd/recv/{}", a.id));
+        self.run_receiver(s, a)
     }
 
     /// A channel admitted by `configure` (it arrived before the session was known) gets a
