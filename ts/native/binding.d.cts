@@ -109,6 +109,12 @@ export declare class NativeDestination {
    */
   complete(epoch: number): void
   /**
+   * `block`'s digest at completion (docs/PROTOCOL.md, "Integrity"), as 16 hex digits, off
+   * the JavaScript thread: from the digests of its pages as they landed, hashing from memory
+   * the pages never received in this session.
+   */
+  completionDigest(block: Block): Promise<string>
+  /**
    * Each block's complete pieces as of the last sync barrier (docs/PROTOCOL.md, "Resume"):
    * one bitmap per block (bit `i` of byte `i / 8` for 1 MiB piece `i`), or null before the
    * first barrier.
@@ -177,6 +183,12 @@ export declare class NativeSource {
    * integrity, every block's digest.
    */
   sendComplete(epoch: number, digests?: Array<NativeBlockDigest> | undefined | null): void
+  /**
+   * `block`'s digest for `complete` (docs/PROTOCOL.md, "Integrity"), as 16 hex digits, off the
+   * JavaScript thread: from the digests of its pages as they were sent, hashing from memory
+   * the pages never sent or marked dirty since.
+   */
+  completionDigest(block: Block): Promise<string>
   /**
    * The destination acknowledged sync `epoch`; anything but a sync this source sent (and not
    * acknowledged before) fails the session with ERR_MULTIFD_OUT_OF_SEQUENCE. Returns the
