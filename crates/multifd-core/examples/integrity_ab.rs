@@ -1,8 +1,10 @@
-//! In-process A/B of the integrity path against plain, alternating rep by rep: wall time of the
-//! transfer (send + sync acknowledged), of the source's and the destination's block digests
-//! taken one after the other as the orchestrators do at completion, and process CPU seconds
-//! per GiB (both sides). `cargo run --release -p multifd-core --example integrity_ab -- CHANNELS
-//! SIZE_MIB PAIRS`
+//! In-process A/B of the integrity path against plain, variants rotated rep by rep: wall time
+//! of the transfer (send + sync acknowledged), of the source's and the destination's block
+//! digests taken one after the other as the orchestrators do at completion, and process CPU
+//! seconds per GiB (both sides). Variants: `plain`; `xxh3` (completion combines the page
+//! digests taken as pages moved, what the library does); `xxh3-mem` (completion hashes both
+//! blocks from memory again, what it did before). `cargo run --release -p multifd-core
+//! --example integrity_ab -- CHANNELS SIZE_MIB REPS`
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
@@ -15,15 +17,20 @@ use multifd_core::transport::Address;
 use multifd_core::wire::{Compression, Geometry};
 
 fn cpu() -> f64 {
-    // SAFETY: getrusage fills the struct it is given.
+    // SAFETY: rusage is plain integers, for which all zeroes is a value.
     let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: getrusage fills the struct it is given.
     unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) };
     let s = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
     s(u.ru_utime) + s(u.ru_stime)
 }
 
-/// One transfer; returns (transfer s, source digest s, destination digest s, CPU s, transfer CPU s).
-fn run(channels: u8, src: &Arc<RamBlock>, dst: &Arc<RamBlock>, integrity: bool) -> (f64, f64, f64, f64, f64) {
+/// One transfer's seconds: wall time of the transfer, of the source's and the destination's
+/// completion digests; process CPU in all and for the transfer alone.
+struct Sample(f64, f64, f64, f64, f64);
+
+fn run(channels: u8, src: &Arc<RamBlock>, dst: &Arc<RamBlock>, variant: usize) -> Sample {
+    let integrity = variant > 0;
     let (tx, rx) = mpsc::channel();
     let tx = Mutex::new(tx);
     let sink: multifd_core::session::EventSink = Arc::new(move |e| drop(tx.lock().unwrap().send(e)));
@@ -43,12 +50,13 @@ fn run(channels: u8, src: &Arc<RamBlock>, dst: &Arc<RamBlock>, integrity: bool) 
     let tc = cpu() - c0;
     let (mut sd, mut dd) = (0.0, 0.0);
     if integrity {
+        let (sent, landed) = (source.page_digests().unwrap(), dest.page_digests().unwrap());
         let t = Instant::now();
-        let a = block_digest(src);
+        let a = if variant == 1 { sent.block_digest(src, Some(&src.dirty)) } else { block_digest(src) };
         sd = t.elapsed().as_secs_f64();
         dest.finish().unwrap();
         let t = Instant::now();
-        let b = block_digest(dst);
+        let b = if variant == 1 { landed.block_digest(dst, None) } else { block_digest(dst) };
         dd = t.elapsed().as_secs_f64();
         assert_eq!(a, b);
     } else {
@@ -57,7 +65,7 @@ fn run(channels: u8, src: &Arc<RamBlock>, dst: &Arc<RamBlock>, integrity: bool) 
     let c = cpu() - c0;
     source.close(false);
     dest.close();
-    (transfer, sd, dd, c, tc)
+    Sample(transfer, sd, dd, c, tc)
 }
 
 fn main() {
@@ -78,21 +86,23 @@ fn main() {
     }
     let dst = Arc::new(RamBlock::allocate("b", size, 4096, true).unwrap());
     let gib = size as f64 / (1u64 << 30) as f64;
-    let mut rows: [Vec<(f64, f64, f64, f64, f64)>; 2] = [vec![], vec![]];
-    for rep in 0..pairs {
-        let order: [bool; 2] = if rep % 2 == 0 { [false, true] } else { [true, false] };
-        for integrity in order {
+    const NAMES: [&str; 3] = ["plain", "xxh3", "xxh3-mem"];
+    let mut rows: [Vec<Sample>; 3] = [vec![], vec![], vec![]];
+    for rep in 0..pairs as usize {
+        for k in 0..3 {
+            let variant = (rep + k) % 3;
             dst.fill(0, size, 0).unwrap();
-            rows[integrity as usize].push(run(channels, &src, &dst, integrity));
+            rows[variant].push(run(channels, &src, &dst, variant));
         }
     }
     let med = |mut v: Vec<f64>| {
         v.sort_by(f64::total_cmp);
         (v[v.len() / 2], v[0], v[v.len() - 1])
     };
-    println!("{channels} channels, {mib} MiB, {pairs} alternating pairs: median [min..max]");
-    let mut totals = [0.0; 2];
-    for (i, name) in ["plain", "xxh3"].iter().enumerate() {
+    println!("{channels} channels, {mib} MiB, {pairs} rotated reps: median [min..max]");
+    let mut totals = [0.0; 3];
+    let mut cpus = [0.0; 3];
+    for (i, name) in NAMES.iter().enumerate() {
         let r = &rows[i];
         let total = med(r.iter().map(|t| t.0 + t.1 + t.2).collect());
         totals[i] = total.0;
@@ -101,7 +111,10 @@ fn main() {
         let dd = med(r.iter().map(|t| t.2 * 1e3).collect());
         let c = med(r.iter().map(|t| t.3 / gib).collect());
         let tc = med(r.iter().map(|t| t.4 / gib).collect());
-        println!("{name:6} total {:.2} GB/s [{:.2}..{:.2}]  transfer {:.1} ms  src digest {:.1} ms  dst digest {:.1} ms  CPU {:.3} s/GiB [{:.3}..{:.3}] (transfer alone {:.3})", size as f64 / total.0 / 1e9, size as f64 / total.2 / 1e9, size as f64 / total.1 / 1e9, tr.0, sd.0, dd.0, c.0, c.1, c.2, tc.0);
+        cpus[i] = c.0;
+        println!("{name:8} total {:.2} GB/s [{:.2}..{:.2}]  transfer {:.1} ms  src digest {:.1} ms  dst digest {:.1} ms  CPU {:.3} s/GiB [{:.3}..{:.3}] (transfer alone {:.3})", size as f64 / total.0 / 1e9, size as f64 / total.2 / 1e9, size as f64 / total.1 / 1e9, tr.0, sd.0, dd.0, c.0, c.1, c.2, tc.0);
     }
-    println!("ratio xxh3/plain throughput {:.2}x", totals[0] / totals[1]);
+    for i in 1..3 {
+        println!("{}/plain: throughput {:.2}x, CPU {:.2}x", NAMES[i], totals[0] / totals[i], cpus[i] / cpus[0]);
+    }
 }

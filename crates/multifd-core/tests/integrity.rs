@@ -74,8 +74,8 @@ fn run(channels: u8, compression: Compression) {
     }
     source.sync(30).unwrap();
     wait_for(&drx, |e| matches!(e, Event::Synced { epoch: 2, .. }));
-    for i in 0..2 {
-        assert_eq!(completion(i), (block_digest(&src[i]), block_digest(&src[i])), "{compression:?}: block {i} after round 2");
+    for (i, b) in src.iter().enumerate() {
+        assert_eq!(completion(i), (block_digest(b), block_digest(b)), "{compression:?}: block {i} after round 2");
     }
 
     // A source page changed after it was sent and marked dirty, not sent again: the source
