@@ -43,9 +43,10 @@ export declare class Block {
   /** Marks every page dirty. */
   markAllDirty(): void
   /**
-   * The block digest the integrity check compares at completion, as 16 hex digits: xxh3-64
-   * over the xxh3-64 digests of the block's 1 MiB pieces (docs/PROTOCOL.md), computed on up
-   * to one thread per core. Blocks the calling thread; see `digestAsync`.
+   * The block digest the integrity check compares at completion, as 16 hex digits, of memory
+   * as it is now: xxh3-64 over the digests of the block's 1 MiB pieces, each over the xxh3-64
+   * of its pages (docs/PROTOCOL.md, "Integrity"), computed on up to one thread per core.
+   * Blocks the calling thread; see `digestAsync`.
    */
   digest(): string
   /** `digest()` computed off the JavaScript thread (the event loop keeps running). */

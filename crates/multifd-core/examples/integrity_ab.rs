@@ -3,7 +3,7 @@
 //! digests taken one after the other as the orchestrators do at completion, and process CPU
 //! seconds per GiB (both sides). Variants: `plain`; `xxh3` (completion combines the page
 //! digests taken as pages moved, what the library does); `xxh3-mem` (completion hashes both
-//! blocks from memory again, what it did before). `cargo run --release -p multifd-core
+//! blocks from memory again, what it did before); ONLY=NAME runs one. `cargo run --release -p multifd-core
 //! --example integrity_ab -- CHANNELS SIZE_MIB REPS`
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
@@ -87,10 +87,15 @@ fn main() {
     let dst = Arc::new(RamBlock::allocate("b", size, 4096, true).unwrap());
     let gib = size as f64 / (1u64 << 30) as f64;
     const NAMES: [&str; 3] = ["plain", "xxh3", "xxh3-mem"];
+    // ONLY=NAME runs one variant (for profiles).
+    let only = std::env::var("ONLY").ok().map(|o| NAMES.iter().position(|n| *n == o).expect("ONLY names a variant"));
     let mut rows: [Vec<Sample>; 3] = [vec![], vec![], vec![]];
     for rep in 0..pairs as usize {
         for k in 0..3 {
             let variant = (rep + k) % 3;
+            if only.is_some_and(|o| o != variant) {
+                continue;
+            }
             dst.fill(0, size, 0).unwrap();
             rows[variant].push(run(channels, &src, &dst, variant));
         }
@@ -104,6 +109,9 @@ fn main() {
     let mut cpus = [0.0; 3];
     for (i, name) in NAMES.iter().enumerate() {
         let r = &rows[i];
+        if r.is_empty() {
+            continue;
+        }
         let total = med(r.iter().map(|t| t.0 + t.1 + t.2).collect());
         totals[i] = total.0;
         let tr = med(r.iter().map(|t| t.0 * 1e3).collect());
@@ -114,7 +122,7 @@ fn main() {
         cpus[i] = c.0;
         println!("{name:8} total {:.2} GB/s [{:.2}..{:.2}]  transfer {:.1} ms  src digest {:.1} ms  dst digest {:.1} ms  CPU {:.3} s/GiB [{:.3}..{:.3}] (transfer alone {:.3})", size as f64 / total.0 / 1e9, size as f64 / total.2 / 1e9, size as f64 / total.1 / 1e9, tr.0, sd.0, dd.0, c.0, c.1, c.2, tc.0);
     }
-    for i in 1..3 {
+    for i in (1..3).filter(|_| only.is_none()) {
         println!("{}/plain: throughput {:.2}x, CPU {:.2}x", NAMES[i], totals[0] / totals[i], cpus[i] / cpus[0]);
     }
 }
