@@ -20,8 +20,8 @@ use xxhash_rust::xxh3::xxh3_64;
 use crate::bitmap::AtomicBitmap;
 use crate::block::RamBlock;
 
-/// Bytes of a block per piece: the unit of resume, and of the block digest's middle level
-/// (a block of larger pages has one page per piece there). Small enough to spread a block over
+/// Bytes of a block per piece: the unit of resume, and of the block digest's middle level (a
+/// whole number of pages: page sizes stop at 512 KiB). Small enough to spread a block over
 /// every core, large enough that the leaves (8 bytes per MiB) cost nothing to combine.
 pub const PIECE: u64 = 1 << 20;
 
@@ -48,13 +48,13 @@ pub fn block_pages_digest(block: &RamBlock, offsets: &[u64], each: &mut Vec<u64>
 
 /// Pages per piece of the block digest's middle level.
 fn pages_per_piece(block: &RamBlock) -> usize {
-    (PIECE / u64::from(block.page_size())).max(1) as usize
+    (PIECE / u64::from(block.page_size())) as usize
 }
 
 /// The block digest compared at completion: xxh3-64 of the concatenated little-endian piece
 /// digests, where a piece digest is the xxh3-64 of the concatenated little-endian xxh3-64
 /// digests of the piece's pages (the pages of each consecutive [`PIECE`] bytes, the last piece
-/// may be shorter; one page per piece for pages larger than that). Read from memory, the
+/// may be shorter). Read from memory, the
 /// pieces in parallel on up to one thread per core.
 pub fn block_digest(block: &RamBlock) -> u64 {
     tree(block, &|_, _| None)
@@ -226,7 +226,7 @@ mod tests {
 
     /// The definition, spelled out over a private copy with the crate's xxh3.
     fn reference(bytes: &[u8], page: usize) -> u64 {
-        let per_piece = (PIECE as usize / page).max(1) * page;
+        let per_piece = PIECE as usize / page * page;
         let pieces: Vec<u8> = bytes.chunks(per_piece).flat_map(|piece| xxh3_64(&piece.chunks(page).flat_map(|p| xxh3_64(p).to_le_bytes()).collect::<Vec<u8>>()).to_le_bytes()).collect();
         xxh3_64(&pieces)
     }
@@ -252,36 +252,39 @@ mod tests {
             let b = filled(len);
             assert_eq!(block_digest(&b), reference(&private(&b), 4096), "len {len}");
         }
-        let big = RamBlock::allocate("big", 8 << 20, 2 << 20, false).unwrap();
-        big.memory().copy_from(3 << 20, b"one page of two");
-        assert_eq!(block_digest(&big), reference(&private(&big), 2 << 20), "pages larger than a piece");
+        // The smallest pages (hashed in two passes, see `Mapping::xxh3_pages`) and the largest.
+        for page in [512u32, 512 << 10] {
+            let b = RamBlock::allocate("b", 3 * PIECE, page, false).unwrap();
+            b.memory().copy_from(PIECE + 1000, &private(&filled(8192)));
+            assert_eq!(block_digest(&b), reference(&private(&b), page as usize), "{page}-byte pages");
+        }
     }
 
     #[test]
-    fn a_ledger_combines_the_digests_taken_and_hashes_the_rest_from_memory() {
+    fn session_digests_combine_the_page_digests_taken_and_hash_the_rest_from_memory() {
         let b = filled(3 * PIECE + 8192);
         let want = block_digest(&b);
-        let ledger = SessionDigests::default();
-        assert_eq!(ledger.block_digest(&b, None), want, "nothing recorded: all from memory");
-        let d = ledger.block(&b);
+        let all = SessionDigests::default();
+        assert_eq!(all.block_digest(&b, None), want, "nothing recorded: all from memory");
+        let d = all.block(&b);
         let offsets: Vec<u64> = (0..300).map(|p| p * 4096).collect();
         let mut each = Vec::new();
         block_pages_digest(&b, &offsets, &mut each);
         d.record(&offsets, &each);
-        assert_eq!(ledger.block_digest(&b, None), want, "some recorded, the rest from memory");
+        assert_eq!(all.block_digest(&b, None), want, "some recorded, the rest from memory");
         // A recorded page is taken from the record, not from memory again ...
         b.memory().copy_from(4096, &[0xee; 16]);
-        assert_eq!(ledger.block_digest(&b, None), want);
+        assert_eq!(all.block_digest(&b, None), want);
         assert_ne!(block_digest(&b), want);
         // ... unless it is stale (on the source: marked dirty after it was sent).
         let stale = AtomicBitmap::new(b.pages());
         stale.set(1);
-        assert_eq!(ledger.block_digest(&b, Some(&stale)), block_digest(&b));
+        assert_eq!(all.block_digest(&b, Some(&stale)), block_digest(&b));
         // A zero page recorded as such.
         b.memory().fill(0, 4096, 0);
         d.record_zero(&[0]);
         b.memory().copy_from(4096, &private(&filled(3 * PIECE + 8192))[4096..8192]);
-        assert_eq!(ledger.block_digest(&b, None), block_digest(&b));
+        assert_eq!(all.block_digest(&b, None), block_digest(&b));
     }
 
     #[test]
