@@ -250,6 +250,10 @@ impl Source {
         if block.page_size() != self.shared.config.geometry.page_size() {
             fail!(InvalidArgument, "block {:?} has {}-byte pages, the session uses {}", block.name(), block.page_size(), self.shared.config.geometry.page_size());
         }
+        if let Some(all) = &self.shared.digests {
+            // Made here (8 bytes a page), not by the first channel thread that writes a page.
+            all.block(&block);
+        }
         self.command(Command::Send { id, block, selection })
     }
 
