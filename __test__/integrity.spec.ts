@@ -34,18 +34,47 @@ test('a packet whose data does not match its digest fails with ERR_MULTIFD_INTEG
   t.regex((err as MultifdError).message, /channel 0, block "pc\.ram", packet 0 \(1 data pages from offset 0x2000\): data digest 0x[0-9a-f]{16}, header says 0x0000000000003039/)
 })
 
-test('a block that differs at completion fails both sides with ERR_MULTIFD_INTEGRITY naming the block', async (t) => {
+test('a page changed after it was sent and not sent again fails both sides with ERR_MULTIFD_INTEGRITY naming the block', async (t) => {
   t.timeout(30_000)
   const { src, dst } = blockPair([['pc.ram', 4 * MiB], ['rom', 4096 * 3]])
   const dest = Destination.listen({ address: 'tcp:127.0.0.1:0', blocks: dst })
   const source = await Source.connect({ address: dest.address, blocks: src, channels: 2, integrity: 'xxh3' })
   await source.sendAll()
   await source.sync()
-  dst[0]!.view(12345, 1)[0]! ^= 0xff // memory changed behind the migration's back
+  src[0]!.write(12345, Buffer.from([src[0]!.view(12345, 1)[0]! ^ 0xff])) // marked dirty, never sent
   const err = await t.throwsAsync(source.complete(), { instanceOf: MultifdError })
   t.is(err?.code, 'ERR_MULTIFD_INTEGRITY')
   t.regex(err?.message ?? '', /block "pc\.ram" differs after the migration/)
   t.is(await rejectionCode(dest.done), 'ERR_MULTIFD_INTEGRITY')
+})
+
+test('a page never sent fails both sides with ERR_MULTIFD_INTEGRITY naming the block', async (t) => {
+  t.timeout(30_000)
+  const { src, dst } = blockPair([['pc.ram', 4 * MiB]])
+  const dest = Destination.listen({ address: 'tcp:127.0.0.1:0', blocks: dst })
+  const source = await Source.connect({ address: dest.address, blocks: src, channels: 2, integrity: 'xxh3' })
+  await source.sendBlock(src[0]!, [{ offset: 0, length: 4 * MiB - 4096 }])
+  const err = await t.throwsAsync(source.complete(), { instanceOf: MultifdError })
+  t.is(err?.code, 'ERR_MULTIFD_INTEGRITY')
+  t.regex(err?.message ?? '', /block "pc\.ram" differs after the migration/)
+  t.is(await rejectionCode(dest.done), 'ERR_MULTIFD_INTEGRITY')
+})
+
+test('pages sent again in a later round are digested again on both sides: the migration completes with equal digests', async (t) => {
+  t.timeout(30_000)
+  const { src, dst } = blockPair([['pc.ram', 4 * MiB + 8192]])
+  const dest = Destination.listen({ address: 'tcp:127.0.0.1:0', blocks: dst })
+  const source = await Source.connect({ address: dest.address, blocks: src, channels: 3, integrity: 'xxh3' })
+  await source.sendAll()
+  await source.sync()
+  src[0]!.write(MiB + 100, randomBytes(5000)) // two pages with new data
+  src[0]!.write(3 * MiB, Buffer.alloc(4096)) // a data page that became a zero page
+  t.is(await source.sendDirty(), 3)
+  const s = await source.complete()
+  await dest.done
+  t.is(s.status, 'completed')
+  t.true(sameBytes(src, dst))
+  t.is(src[0]!.digest(), dst[0]!.digest())
 })
 
 test('the digest sits in a reserved word: a header carrying it decodes as QEMU would read it', (t) => {

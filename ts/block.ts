@@ -125,9 +125,11 @@ export class RamBlock {
   }
 
   /**
-   * The block digest the integrity check compares at completion (16 hex digits): xxh3-64 over
-   * the little-endian xxh3-64 digests of the block's consecutive 1 MiB pieces, hashed in
-   * parallel in Rust. This blocks the calling thread; {@link digestAsync} does not.
+   * The block digest the integrity check compares at completion (16 hex digits), of memory as
+   * it is now: xxh3-64 over the little-endian digests of the block's 1 MiB pieces, each the
+   * xxh3-64 over the little-endian xxh3-64 digests of its pages (docs/PROTOCOL.md,
+   * "Integrity"), hashed in parallel in Rust. This blocks the calling thread;
+   * {@link digestAsync} does not.
    */
   digest(): string {
     return this.native.digest()
@@ -152,11 +154,13 @@ export class RamBlock {
 export const RamBlockSchema = z.custom<RamBlock>((v) => v instanceof RamBlock, { error: 'expected a RamBlock' })
 
 /**
- * The block digests the integrity check exchanges at completion, in the order given. One block
- * at a time: each already spreads over every core, off the JavaScript thread.
+ * The block digests the integrity check exchanges at completion, in the order given, each from
+ * `digest` (a session's digest from the page digests it took, or the block's own from memory).
+ * One block at a time: each is native work off the JavaScript thread that already spreads over
+ * every core.
  */
-export async function blockDigests(blocks: readonly RamBlock[]): Promise<Array<{ name: string; xxh3: string }>> {
+export async function blockDigests(blocks: readonly RamBlock[], digest: (b: RamBlock) => Promise<string> = (b) => b.digestAsync()): Promise<Array<{ name: string; xxh3: string }>> {
   const out: Array<{ name: string; xxh3: string }> = []
-  for (const b of blocks) out.push({ name: b.name, xxh3: await b.digestAsync() })
+  for (const b of blocks) out.push({ name: b.name, xxh3: await digest(b) })
   return out
 }

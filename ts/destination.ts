@@ -375,8 +375,10 @@ export class Destination extends Session {
         if (!b) throw new MultifdError('ERR_MULTIFD_PROTOCOL', `complete carries a digest for unknown block ${JSON.stringify(d.name)}`)
         return b
       })
-      // Native work off the JavaScript thread; a cancel or error may end the session meanwhile.
-      const here = await blockDigests(blocks)
+      // From the digests the channels took of the pages as they landed (pages never received in
+      // this session are hashed from memory): native work off the JavaScript thread; a cancel
+      // or error may end the session meanwhile.
+      const here = await blockDigests(blocks, (b) => this.#native.completionDigest(b.native))
       if (this.state !== 'active') return
       digests.forEach((d, i) => {
         if (here[i]!.xxh3 !== d.xxh3) throw new MultifdError('ERR_MULTIFD_INTEGRITY', `block ${JSON.stringify(d.name)} differs after the migration: xxh3 ${here[i]!.xxh3} here, ${d.xxh3} on the source`)

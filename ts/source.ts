@@ -585,16 +585,17 @@ export class Source extends Session {
 
   /**
    * Finishes: a final sync, then both sides complete and close. Resolves with the summary.
-   * Nothing may write the blocks from here on: with integrity, their digests are taken while
-   * the final sync drains.
+   * Nothing may write the blocks from here on.
    */
   async complete(): Promise<Summary> {
     const n = this.#requireActive('complete')
     this.setState('device')
     try {
-      // Block digests are native work off the JavaScript thread, overlapping the final sync
-      // (this is downtime): the blocks no longer change once `complete` is called.
-      const [epoch, digests] = await Promise.all([this.sync(), this.#options.integrity === 'xxh3' ? blockDigests(this.blocks) : undefined])
+      const epoch = await this.sync()
+      // Once every page is delivered, the block digests combine the digests the channels took of
+      // the pages as they sent them (native work off the JavaScript thread; pages never sent or
+      // marked dirty since are hashed from memory).
+      const digests = this.#options.integrity === 'xxh3' ? await blockDigests(this.blocks, (b) => n.completionDigest(b.native)) : undefined
       // After a given-up channel the source synced once more on its own: the last sync is that one.
       native(() => n.sendComplete(Math.max(epoch, this.#acked), digests))
       await this.#until('completed', 'the destination completion', this.#options.handshakeTimeoutMs)

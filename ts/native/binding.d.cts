@@ -43,9 +43,10 @@ export declare class Block {
   /** Marks every page dirty. */
   markAllDirty(): void
   /**
-   * The block digest the integrity check compares at completion, as 16 hex digits: xxh3-64
-   * over the xxh3-64 digests of the block's 1 MiB pieces (docs/PROTOCOL.md), computed on up
-   * to one thread per core. Blocks the calling thread; see `digestAsync`.
+   * The block digest the integrity check compares at completion, as 16 hex digits, of memory
+   * as it is now: xxh3-64 over the digests of the block's 1 MiB pieces, each over the xxh3-64
+   * of its pages (docs/PROTOCOL.md, "Integrity"), computed on up to one thread per core.
+   * Blocks the calling thread; see `digestAsync`.
    */
   digest(): string
   /** `digest()` computed off the JavaScript thread (the event loop keeps running). */
@@ -108,6 +109,12 @@ export declare class NativeDestination {
    * are joined.
    */
   complete(epoch: number): void
+  /**
+   * `block`'s digest at completion (docs/PROTOCOL.md, "Integrity"), as 16 hex digits, off
+   * the JavaScript thread: from the digests of its pages as they landed, hashing from memory
+   * the pages never received in this session.
+   */
+  completionDigest(block: Block): Promise<string>
   /**
    * Each block's complete pieces as of the last sync barrier (docs/PROTOCOL.md, "Resume"):
    * one bitmap per block (bit `i` of byte `i / 8` for 1 MiB piece `i`), or null before the
@@ -177,6 +184,12 @@ export declare class NativeSource {
    * integrity, every block's digest.
    */
   sendComplete(epoch: number, digests?: Array<NativeBlockDigest> | undefined | null): void
+  /**
+   * `block`'s digest for `complete` (docs/PROTOCOL.md, "Integrity"), as 16 hex digits, off the
+   * JavaScript thread: from the digests of its pages as they were sent, hashing from memory
+   * the pages never sent or marked dirty since.
+   */
+  completionDigest(block: Block): Promise<string>
   /**
    * The destination acknowledged sync `epoch`; anything but a sync this source sent (and not
    * acknowledged before) fails the session with ERR_MULTIFD_OUT_OF_SEQUENCE. Returns the

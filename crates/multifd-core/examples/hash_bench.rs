@@ -1,7 +1,9 @@
 //! Integrity hash path, GB/s on one core, on the same bytes: the crate's one-shot xxh3-64 over a
 //! private buffer (the ceiling), the old path (each 4 KiB page copied to a stack buffer, then a
-//! streaming update) and the in-place path (`integrity::block_pages_digest`), for a packet that
-//! sits in cache (128 pages hashed again and again) and for a block streamed from memory.
+//! streaming update) and the in-place path (`integrity::block_pages_digest`, which also yields
+//! every page's digest from the same pass; next to it the packet digest alone, what that extra
+//! costs), for a packet that sits in cache (128 pages hashed again and again) and for a block
+//! streamed from memory.
 //! Variants alternate rep by rep. `cargo run --release -p multifd-core --example hash_bench`
 use std::hint::black_box;
 use std::time::Instant;
@@ -43,16 +45,18 @@ fn main() {
     let hot_rounds = 4096; // 2 GiB through a 512 KiB packet
     let packets: Vec<Vec<u64>> = (0..size / (128 * PAGE)).map(|p| (0..128).map(|i| (p * 128 + i) * PAGE).collect()).collect();
     let gbs = |bytes: u64, t: f64| bytes as f64 / t / 1e9;
+    let mut each = Vec::with_capacity(128);
     let mut rows: Vec<(&str, Vec<f64>)> = vec![
         ("hot  crate xxh3_64 (private buffer)", vec![]),
         ("hot  old: page copy + streaming", vec![]),
-        ("hot  new: in place", vec![]),
+        ("hot  new: in place, with page digests", vec![]),
+        ("hot  in place, packet digest only", vec![]),
         ("cold old: page copy + streaming", vec![]),
-        ("cold new: in place", vec![]),
-        ("block digest (tree, all cores)", vec![]),
+        ("cold new: in place, with page digests", vec![]),
+        ("block digest from memory (all cores)", vec![]),
     ];
-    assert_eq!(old_path(&block, &packet), integrity::block_pages_digest(&block, &packet));
-    assert_eq!(xxh3_64(&private), integrity::block_pages_digest(&block, &packet));
+    assert_eq!(old_path(&block, &packet), integrity::block_pages_digest(&block, &packet, &mut Vec::new()));
+    assert_eq!(xxh3_64(&private), integrity::block_pages_digest(&block, &packet, &mut Vec::new()));
     for _ in 0..reps {
         let hot_bytes = hot_rounds * 128 * PAGE;
         let t = Instant::now();
@@ -67,22 +71,28 @@ fn main() {
         rows[1].1.push(gbs(hot_bytes, t.elapsed().as_secs_f64()));
         let t = Instant::now();
         (0..hot_rounds).for_each(|_| {
-            black_box(integrity::block_pages_digest(&block, black_box(&packet)));
+            black_box(integrity::block_pages_digest(&block, black_box(&packet), &mut each));
         });
         rows[2].1.push(gbs(hot_bytes, t.elapsed().as_secs_f64()));
+        let t = Instant::now();
+        let runs = [(0u64, 128 * PAGE as usize)];
+        (0..hot_rounds).for_each(|_| {
+            black_box(block.memory().xxh3_runs(black_box(&runs)));
+        });
+        rows[3].1.push(gbs(hot_bytes, t.elapsed().as_secs_f64()));
         let t = Instant::now();
         packets.iter().for_each(|p| {
             black_box(old_path(&block, p));
         });
-        rows[3].1.push(gbs(size, t.elapsed().as_secs_f64()));
-        let t = Instant::now();
-        packets.iter().for_each(|p| {
-            black_box(integrity::block_pages_digest(&block, p));
-        });
         rows[4].1.push(gbs(size, t.elapsed().as_secs_f64()));
         let t = Instant::now();
-        black_box(integrity::block_digest(&block));
+        packets.iter().for_each(|p| {
+            black_box(integrity::block_pages_digest(&block, p, &mut each));
+        });
         rows[5].1.push(gbs(size, t.elapsed().as_secs_f64()));
+        let t = Instant::now();
+        black_box(integrity::block_digest(&block));
+        rows[6].1.push(gbs(size, t.elapsed().as_secs_f64()));
     }
     println!("{} MiB block, {reps} alternating reps, GB/s median [min..max]", size >> 20);
     for (name, mut v) in rows {

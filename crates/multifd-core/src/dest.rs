@@ -12,6 +12,7 @@ use crate::block::RamBlock;
 use crate::control::{CONTROL_MAGIC, Control, Inbound, InboundSink, read_frame};
 use crate::control_messages::ControlMessage;
 use crate::hex::Hex;
+use crate::integrity::{PageDigests, SessionDigests};
 use crate::error::{Error, ErrorCode, Result, fail};
 use crate::io::Boundary;
 use crate::limits::{MAX_EARLY_CHANNELS, MAX_UNIDENTIFIED};
@@ -197,6 +198,13 @@ struct Admitted {
     synced: u64,
 }
 
+/// The destination's page digests ([`crate::integrity::SessionDigests`]), and each block's in the
+/// table's order for the receive loops.
+struct Digests {
+    all: Arc<SessionDigests>,
+    blocks: Vec<Arc<PageDigests>>,
+}
+
 struct Session {
     uuid: [u8; 16],
     channels: u32,
@@ -206,7 +214,8 @@ struct Session {
     claims: Mutex<ChannelClaims>,
     deadline: Instant,
     peer_timeout: Option<Duration>,
-    integrity: bool,
+    /// With integrity: the digest of every page as it landed, per block in the table's order.
+    digests: Option<Digests>,
     barrier: Barrier,
     stats: Vec<ChannelStats>,
     resume_window: Duration,
@@ -399,6 +408,10 @@ impl Destination {
         }
         let by_name = config.blocks.iter().enumerate().map(|(i, b)| (b.name().as_bytes().to_vec(), i)).collect();
         let n = u32::from(config.channels);
+        let digests = config.integrity.then(|| {
+            let all = Arc::new(SessionDigests::default());
+            Digests { blocks: config.blocks.iter().map(|b| all.block(b)).collect(), all }
+        });
         let session = Arc::new(Session {
             uuid: config.uuid,
             channels: n,
@@ -408,7 +421,7 @@ impl Destination {
             claims: Mutex::new(ChannelClaims::new(n)?),
             deadline: Instant::now() + config.channel_timeout,
             peer_timeout: config.peer_timeout,
-            integrity: config.integrity,
+            digests,
             barrier: Barrier { state: Mutex::new(BarrierState::new(n)), cv: Condvar::new() },
             stats: (0..n).map(|_| ChannelStats::default()).collect(),
             resume_window: config.resume_window,
@@ -447,6 +460,12 @@ impl Destination {
     /// earlier one (docs/PROTOCOL.md, "Resume").
     pub fn complete_pieces(&self) -> Option<(u64, Vec<Vec<u8>>)> {
         self.inner.session.lock().unwrap().as_ref().and_then(|s| s.complete_pieces.lock().unwrap().clone())
+    }
+
+    /// With integrity, the digests of the pages as they landed (for the block digests at
+    /// completion, [`SessionDigests::block_digest`]); None without integrity or before `configure`.
+    pub fn page_digests(&self) -> Option<Arc<SessionDigests>> {
+        self.inner.session.lock().unwrap().as_ref().and_then(|s| s.digests.as_ref().map(|d| d.all.clone()))
     }
 
     /// The source said `complete {epoch}`: accepted only when every announced channel was
@@ -1147,6 +1166,7 @@ impl Inner {
         let mut decompressor = crate::compress::decompressor(s.compression)?;
         let mut payload: Vec<u8> = Vec::new();
         let mut pages: Vec<u8> = Vec::new();
+        let mut each: Vec<u64> = Vec::new();
         ChannelStats::add(&stats.bytes, INIT_PACKET_LEN as u64);
         loop {
             match conn.read_at_boundary(&mut buf[..COMMON_HEADER_LEN])? {
@@ -1165,7 +1185,11 @@ impl Inner {
             let v = validator.decode(&buf, &mut header)?;
             if let Some(index) = v.block {
                 let block = &s.table.blocks[index];
+                let digests = s.digests.as_ref().map(|d| &*d.blocks[index]);
                 block.zero_pages_at(header.zero_offsets())?;
+                if let Some(d) = digests {
+                    d.record_zero(header.zero_offsets());
+                }
                 let data = header.normal_offsets();
                 if let Some(d) = decompressor.as_mut().filter(|_| header.normal_pages > 0) {
                     payload.resize(v.payload_len as usize, 0);
@@ -1184,16 +1208,20 @@ impl Inner {
                         // in the block; the session holds an Arc to every block while this
                         // thread runs, and no Rust reference covers block memory.
                         d.decompress(&payload, &mut unsafe { WriteTarget::pages(&iov) }).map_err(|e| block.explain(e, false))?;
-                        if s.integrity {
-                            check_digest(&header, id, block.name(), crate::integrity::block_pages_digest(block, data))?;
+                        if let Some(d) = digests {
+                            check_digest(&header, id, block.name(), crate::integrity::block_pages_digest(block, data, &mut each))?;
+                            d.record(data, &each);
                         }
                     } else {
                         pages.resize(data.len() * page, 0);
                         d.decompress(&payload, &mut WriteTarget::buffer(&mut pages))?;
-                        if s.integrity {
-                            check_digest(&header, id, block.name(), crate::integrity::pages_digest(pages.chunks_exact(page)))?;
+                        if digests.is_some() {
+                            check_digest(&header, id, block.name(), crate::integrity::pages_digest(pages.chunks_exact(page), &mut each))?;
                         }
                         store_pages(block, data, &pages)?;
+                        if let Some(d) = digests {
+                            d.record(data, &each);
+                        }
                     }
                     block.check_faults(false)?;
                     ChannelStats::add(&stats.normal_pages, u64::from(header.normal_pages));
@@ -1216,8 +1244,9 @@ impl Inner {
                     if !iov.is_empty() && !unsafe { conn.readv_exact(&mut iov).map_err(|e| block.explain(e, false))? } {
                         fail!(ConnectionClosed, "unexpected end of stream before the packet's pages");
                     }
-                    if s.integrity && !data.is_empty() {
-                        check_digest(&header, id, block.name(), crate::integrity::block_pages_digest(block, data))?;
+                    if let Some(d) = digests.filter(|_| !data.is_empty()) {
+                        check_digest(&header, id, block.name(), crate::integrity::block_pages_digest(block, data, &mut each))?;
+                        d.record(data, &each);
                     }
                 } else {
                     // No `fallocate` on this filesystem: the pages go through a buffer and the
@@ -1226,10 +1255,13 @@ impl Inner {
                     if !conn.read_exact(&mut pages)? {
                         fail!(ConnectionClosed, "unexpected end of stream before the packet's pages");
                     }
-                    if s.integrity && !data.is_empty() {
-                        check_digest(&header, id, block.name(), crate::integrity::pages_digest(pages.chunks_exact(page)))?;
+                    if digests.is_some() && !data.is_empty() {
+                        check_digest(&header, id, block.name(), crate::integrity::pages_digest(pages.chunks_exact(page), &mut each))?;
                     }
                     store_pages(block, data, &pages)?;
+                    if let Some(d) = digests.filter(|_| !data.is_empty()) {
+                        d.record(data, &each);
+                    }
                 }
                 block.check_faults(false)?;
                 ChannelStats::add(&stats.normal_pages, u64::from(header.normal_pages));

@@ -215,6 +215,11 @@ impl SourceSession {
         self.source.value.lock().unwrap().as_ref().map(|s| s.stats()).unwrap_or_default()
     }
 
+    /// With integrity, the page digests taken as pages were sent ([`Source::page_digests`]).
+    pub fn page_digests(&self) -> Option<Arc<crate::integrity::SessionDigests>> {
+        self.source.value.lock().unwrap().as_ref().and_then(|s| s.page_digests())
+    }
+
     /// Bytes the channels wrote that the destination has not taken yet (see
     /// [`Source::unsent_bytes`]); 0 before the channels are up and after close.
     pub fn unsent_bytes(&self) -> u64 {

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use crate::block::RamBlock;
 use crate::compress::Compressor;
 use crate::error::{Error, ErrorCode, Result, fail};
+use crate::integrity::{PageDigests, SessionDigests};
 use crate::io::iovec;
 use crate::journal::{Entry, Journal};
 use crate::limits::{SourceChoices, check_source, millis};
@@ -125,6 +126,8 @@ struct Shared {
     acks: Mutex<Acks>,
     /// Syncs queued by the source itself (one after each dropped channel).
     internal_syncs: AtomicU64,
+    /// With integrity: the digest of every page as it was sent, from source memory.
+    digests: Option<Arc<SessionDigests>>,
 }
 
 /// Acknowledgements that prove delivery. After a channel is given up, the pages it owed go
@@ -187,6 +190,7 @@ impl Source {
             completing: AtomicBool::new(false),
             acks: Mutex::new(Acks::default()),
             internal_syncs: AtomicU64::new(0),
+            digests: config.integrity.then(Arc::default),
             work: (0..n).map(|_| Condvar::new()).collect(),
             progress: Condvar::new(),
             packet_num: AtomicU64::new(0),
@@ -254,7 +258,17 @@ impl Source {
         if block.page_size() != self.shared.config.geometry.page_size() {
             fail!(InvalidArgument, "block {:?} has {}-byte pages, the session uses {}", block.name(), block.page_size(), self.shared.config.geometry.page_size());
         }
+        if let Some(all) = &self.shared.digests {
+            // Made here (8 bytes a page), not by the first channel thread that writes a page.
+            all.block(&block);
+        }
         self.command(Command::Send { id, block, selection })
+    }
+
+    /// With integrity, the digests of the pages as they were sent (for the block digests at
+    /// completion, [`SessionDigests::block_digest`] with each block's dirty bitmap as `stale`).
+    pub fn page_digests(&self) -> Option<Arc<SessionDigests>> {
+        self.shared.digests.clone()
     }
 
     /// Queues a SYNC on every channel after its queued work; `Event::Done { id, result: epoch }`
@@ -434,6 +448,10 @@ struct Writer {
     /// A compressed packet's payload as iovecs: `payload`, spliced with the pages a method
     /// sends as they are (`compress::Payload`).
     body: Vec<libc::iovec>,
+    /// With integrity: each data page's digest in the packet being written.
+    each: Vec<u64>,
+    /// The page digests of the block last written (see [`SessionDigests::block`]).
+    digests: Option<(Arc<RamBlock>, Arc<PageDigests>)>,
 }
 
 /// Whether a write went out or the source stopped first (between packets).
@@ -620,6 +638,8 @@ impl Shared {
             payload: Vec::new(),
             staging: Vec::new(),
             body: Vec::new(),
+            each: Vec::new(),
+            digests: None,
         };
         loop {
             match self.pump(&mut w) {
@@ -846,7 +866,7 @@ impl Shared {
         let (id, stats) = (w.id, &self.stats[w.id]);
         let g = cfg.geometry;
         let page = g.page_size() as usize;
-        let Writer { conn, wire, header, iov, zc, compressor, payload, staging, body, .. } = w;
+        let Writer { conn, wire, header, iov, zc, compressor, payload, staging, body, each, digests, .. } = w;
         header.offsets.clear();
         let mut zeros = Vec::new();
         for &o in offsets {
@@ -878,7 +898,7 @@ impl Shared {
                 header.next_packet_size = p.len(payload) as u32;
                 body.clear();
                 p.push_iovecs(payload, &pages, body, 0);
-                crate::integrity::pages_digest(staging.chunks_exact(page))
+                crate::integrity::pages_digest(staging.chunks_exact(page), each)
             }
             Some(c) => {
                 // Otherwise it reads the pages where they are (see `crate::memory`).
@@ -895,10 +915,19 @@ impl Shared {
                 p.push_iovecs(payload, &pages, body, 0);
                 0
             }
-            None if cfg.integrity => crate::integrity::block_pages_digest(block, data),
+            None if cfg.integrity => crate::integrity::block_pages_digest(block, data, each),
             None => 0,
         };
         header.digest = digest;
+        if let Some(all) = &self.digests {
+            // Every page's digest as sent, from this read of source memory; the zero pages' too.
+            let d = match digests {
+                Some((b, d)) if Arc::ptr_eq(b, block) => d,
+                _ => &digests.insert((block.clone(), all.block(block))).1,
+            };
+            d.record(data, each);
+            d.record_zero(&header.offsets[normal as usize..]);
+        }
         // A source file truncated under the scan or the copies above.
         block.check_faults(true)?;
         // Bandwidth limit: the whole packet, just before it is numbered and written. A stop

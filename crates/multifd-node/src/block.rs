@@ -47,6 +47,32 @@ impl Task for DigestTask {
     }
 }
 
+/// A block digest at completion on libuv's thread pool: from the page digests a session took as
+/// pages moved, hashing from memory only the pages without one
+/// ([`multifd_core::integrity::SessionDigests::block_digest`]).
+pub struct CompletionDigestTask {
+    pub(crate) block: Arc<RamBlock>,
+    pub(crate) digests: Option<Arc<multifd_core::integrity::SessionDigests>>,
+    /// On a source: pages marked dirty since they were sent are hashed from memory.
+    pub(crate) source: bool,
+}
+
+impl Task for CompletionDigestTask {
+    type Output = u64;
+    type JsValue = String;
+
+    fn compute(&mut self) -> napi::Result<u64> {
+        Ok(match &self.digests {
+            Some(d) => d.block_digest(&self.block, self.source.then_some(&self.block.dirty)),
+            None => multifd_core::integrity::block_digest(&self.block),
+        })
+    }
+
+    fn resolve(&mut self, _env: Env, digest: u64) -> napi::Result<String> {
+        Ok(hex_digest(digest))
+    }
+}
+
 /// Piece digests on libuv's thread pool (which fans them out to more threads).
 pub struct PieceDigestTask {
     block: Arc<RamBlock>,
@@ -225,9 +251,10 @@ impl Block {
         self.inner.dirty.set_all();
     }
 
-    /// The block digest the integrity check compares at completion, as 16 hex digits: xxh3-64
-    /// over the xxh3-64 digests of the block's 1 MiB pieces (docs/PROTOCOL.md), computed on up
-    /// to one thread per core. Blocks the calling thread; see `digestAsync`.
+    /// The block digest the integrity check compares at completion, as 16 hex digits, of memory
+    /// as it is now: xxh3-64 over the digests of the block's 1 MiB pieces, each over the xxh3-64
+    /// of its pages (docs/PROTOCOL.md, "Integrity"), computed on up to one thread per core.
+    /// Blocks the calling thread; see `digestAsync`.
     #[napi]
     pub fn digest(&self) -> String {
         hex_digest(multifd_core::integrity::block_digest(&self.inner))

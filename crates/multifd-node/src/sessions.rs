@@ -16,10 +16,10 @@ use multifd_core::tls::{TlsClient, TlsOptions, TlsServer};
 use multifd_core::transport::Address;
 use multifd_core::wire::Geometry;
 use multifd_core::{Error, ErrorCode};
-use napi::bindgen_prelude::{Buffer, Function};
+use napi::bindgen_prelude::{AsyncTask, Buffer, Function};
 use napi_derive::napi;
 
-use crate::block::Block;
+use crate::block::{Block, CompletionDigestTask};
 use crate::control_messages::{self, NativeBlockDigest, NativeControlMessage};
 use crate::errors::{IntoCoded, Result, coded};
 use crate::events::{JsEvents, NativeEvent};
@@ -218,6 +218,14 @@ impl NativeSource {
         let epoch = to_u64(epoch, "epoch").into_coded()?;
         let frame = control_messages::encode(NativeControlMessage::Complete { epoch: epoch as f64, digests })?;
         self.session.send_complete(epoch, &frame).into_coded()
+    }
+
+    /// `block`'s digest for `complete` (docs/PROTOCOL.md, "Integrity"), as 16 hex digits, off the
+    /// JavaScript thread: from the digests of its pages as they were sent, hashing from memory
+    /// the pages never sent or marked dirty since.
+    #[napi(ts_return_type = "Promise<string>")]
+    pub fn completion_digest(&self, block: &Block) -> AsyncTask<CompletionDigestTask> {
+        AsyncTask::new(CompletionDigestTask { block: block.inner.clone(), digests: self.session.page_digests(), source: true })
     }
 
     /// The destination acknowledged sync `epoch`; anything but a sync this source sent (and not
@@ -468,6 +476,14 @@ impl NativeDestination {
     pub fn complete(&self, epoch: f64) -> Result<()> {
         let epoch = to_u64(epoch, "epoch").into_coded()?;
         self.dest.complete(epoch).into_coded()
+    }
+
+    /// `block`'s digest at completion (docs/PROTOCOL.md, "Integrity"), as 16 hex digits, off
+    /// the JavaScript thread: from the digests of its pages as they landed, hashing from memory
+    /// the pages never received in this session.
+    #[napi(ts_return_type = "Promise<string>")]
+    pub fn completion_digest(&self, block: &Block) -> AsyncTask<CompletionDigestTask> {
+        AsyncTask::new(CompletionDigestTask { block: block.inner.clone(), digests: self.dest.page_digests(), source: false })
     }
 
     /// Each block's complete pieces as of the last sync barrier (docs/PROTOCOL.md, "Resume"):

@@ -33,8 +33,9 @@
 //!   raw frames) hands them to the kernel as iovecs ([`ReadSource::push_iovecs`]), as the
 //!   uncompressed path does, and its decoder copies them in with [`WriteTarget::copy_in_at`].
 //! - **Digests** read in place with aligned `read_volatile` SIMD loads into registers
-//!   ([`Mapping::xxh3_runs`], kernel in [`xxh3`]), the same rule as the zero scan, wider; when a
-//!   digest must match compressed bytes, compression and digest read one private copy.
+//!   ([`Mapping::xxh3_runs`], [`Mapping::xxh3_pages`], kernels in [`xxh3`]), the same rule as
+//!   the zero scan, wider; when a digest must match compressed bytes, compression and digest
+//!   read one private copy.
 //!
 //! Bounds are checked here, once, against the mapping's length; the mapping lives as long as
 //! its owner (a `RamBlock` of `block.rs`, held by `Arc` by every thread and JavaScript view that
@@ -287,6 +288,24 @@ impl Mapping {
             }
         }
         h.digest()
+    }
+
+    /// The xxh3-64 of the `page`-byte pages at `offsets`, taken in order (what
+    /// [`Mapping::xxh3_runs`] returns for them), and each page's own xxh3-64 in `out`, in one
+    /// pass over the bytes where page sizes allow it (multiples of 1 KiB, so always for 4 KiB
+    /// pages), in two otherwise.
+    pub fn xxh3_pages(&self, offsets: &[u64], page: usize, out: &mut Vec<u64>) -> u64 {
+        out.clear();
+        let raw: Vec<*const u8> = offsets.iter().map(|&o| self.at(o, page).cast_const()).collect();
+        if !raw.is_empty() && page > 240 && xxh3::fits_pages(page) && raw.iter().all(|&p| xxh3::fits(p, page)) {
+            out.resize(raw.len(), 0);
+            // SAFETY: `at` checked every page against the mapping, which outlives this call;
+            // `fits` and `fits_pages` checked their shape; `raw` is not empty.
+            return unsafe { xxh3::digest_pages(&raw, page, out) };
+        }
+        out.extend(offsets.iter().map(|&o| self.xxh3_runs(&[(o, page)])));
+        let runs: Vec<(u64, usize)> = offsets.iter().map(|&o| (o, page)).collect();
+        self.xxh3_runs(&runs)
     }
 }
 

@@ -71,14 +71,54 @@ pub(super) unsafe fn digest(runs: &[(*const u8, usize)], total: usize) -> u64 {
     }
 }
 
+/// True when pages of `page` bytes can be hashed with [`digest_pages`]: a page is whole 16-stripe
+/// blocks, so a stripe sits at the same place within its block in the page as in the packet.
+pub(super) fn fits_pages(page: usize) -> bool {
+    page.is_multiple_of(STRIPE * STRIPES_PER_BLOCK)
+}
+
+/// One pass over `pages` (each `page` bytes): returns the xxh3-64 of their concatenation and
+/// writes each page's own xxh3-64 to `out` (same length as `pages`).
+///
+/// Within a page the two hashes see the same stripes with the same secret (a page is whole
+/// blocks, [`fits_pages`]), so each stripe is loaded and multiplied once and added to both
+/// accumulators; they differ only at a page's last stripe (the page's closing stripe uses the
+/// secret at 121, the concatenation goes on with the block's last key and a scramble).
+///
+/// # Safety
+/// Every page must satisfy [`fits`] and be readable for `page` bytes during the call (a checked
+/// range of a live mapping); `page` satisfies [`fits_pages`]; `pages` is not empty.
+pub(super) unsafe fn digest_pages(pages: &[*const u8], page: usize, out: &mut [u64]) -> u64 {
+    debug_assert!(fits_pages(page) && !pages.is_empty() && out.len() == pages.len());
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU has AVX2; the pages are the caller's promise.
+            return unsafe { x86::digest_pages_avx2(pages, page, out) };
+        }
+        // SAFETY: SSE2 is part of x86-64; the pages are the caller's promise.
+        unsafe { x86::digest_pages_sse2(pages, page, out) }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        long_pages::<Scalar>(pages, page, out)
+    }
+}
+
 /// One accumulate and one scramble step over the eight 64-bit lanes.
 trait Kernel {
     /// Accumulates the 64-byte stripe at `stripe` (32-byte aligned block memory) with the
     /// secret's 64 bytes at `secret`.
     unsafe fn accumulate(acc: &mut [u64; 8], stripe: *const u8, secret: &[u8]);
+    /// As [`Kernel::accumulate`], adding the stripe's one contribution to two sets of lanes.
+    unsafe fn accumulate2(acc: &mut [u64; 8], other: &mut [u64; 8], stripe: *const u8, secret: &[u8]);
     /// Scrambles the lanes with the secret's last 64 bytes.
     unsafe fn scramble(acc: &mut [u64; 8]);
 }
+
+/// Where the input's last stripe takes its secret.
+const LAST_SECRET: usize = 192 - STRIPE - 7;
 
 /// xxh3's long hash, stripe by stripe across the runs: every stripe but the last is accumulated
 /// with the secret at 8 times its index within a 16-stripe block, each full block is followed by
@@ -108,8 +148,46 @@ unsafe fn long<K: Kernel>(runs: &[(*const u8, usize)], total: usize) -> u64 {
         }
     }
     // SAFETY: `tail` is the input's last stripe (found above, since the lengths add to `total`).
-    unsafe { K::accumulate(&mut acc, tail, &SECRET[192 - STRIPE - 7..192 - 7]) };
+    unsafe { K::accumulate(&mut acc, tail, &SECRET[LAST_SECRET..LAST_SECRET + STRIPE]) };
     merge(&acc, total as u64)
+}
+
+/// [`long`] over whole pages, each page's own long hash taken alongside (see [`digest_pages`]).
+#[inline(always)]
+unsafe fn long_pages<K: Kernel>(pages: &[*const u8], page: usize, out: &mut [u64]) -> u64 {
+    let stripes = page / STRIPE;
+    let mut acc = INITIAL_ACC;
+    for (k, &p) in pages.iter().enumerate() {
+        let mut own = INITIAL_ACC;
+        for s in 0..stripes - 1 {
+            let j = s % STRIPES_PER_BLOCK;
+            // SAFETY: the stripe lies in a page the caller vouches for.
+            unsafe { K::accumulate2(&mut acc, &mut own, p.wrapping_add(s * STRIPE), &SECRET[j * 8..j * 8 + STRIPE]) };
+            if j == STRIPES_PER_BLOCK - 1 {
+                // SAFETY: no memory access beyond the lanes.
+                unsafe {
+                    K::scramble(&mut acc);
+                    K::scramble(&mut own);
+                }
+            }
+        }
+        let tail = p.wrapping_add((stripes - 1) * STRIPE);
+        // SAFETY: the page's last stripe, as above.
+        unsafe { K::accumulate(&mut own, tail, &SECRET[LAST_SECRET..LAST_SECRET + STRIPE]) };
+        out[k] = merge(&own, page as u64);
+        if k + 1 == pages.len() {
+            // SAFETY: as above; the input's last stripe.
+            unsafe { K::accumulate(&mut acc, tail, &SECRET[LAST_SECRET..LAST_SECRET + STRIPE]) };
+        } else {
+            let j = STRIPES_PER_BLOCK - 1;
+            // SAFETY: as above; a block's last stripe, then its scramble.
+            unsafe {
+                K::accumulate(&mut acc, tail, &SECRET[j * 8..j * 8 + STRIPE]);
+                K::scramble(&mut acc);
+            }
+        }
+    }
+    merge(&acc, (page * pages.len()) as u64)
 }
 
 fn secret_word(at: usize) -> u64 {
@@ -144,6 +222,19 @@ impl Kernel for Scalar {
         }
     }
 
+    unsafe fn accumulate2(acc: &mut [u64; 8], other: &mut [u64; 8], stripe: *const u8, secret: &[u8]) {
+        for (i, key) in secret.chunks_exact(8).enumerate() {
+            // SAFETY: as in `accumulate`.
+            let data = u64::from_le(unsafe { std::ptr::read_volatile(stripe.cast::<u64>().add(i)) });
+            let dk = data ^ u64::from_le_bytes(key.try_into().expect("8 bytes"));
+            let product = (dk & 0xffff_ffff) * (dk >> 32);
+            for a in [&mut *acc, &mut *other] {
+                a[i ^ 1] = a[i ^ 1].wrapping_add(data);
+                a[i] = a[i].wrapping_add(product);
+            }
+        }
+    }
+
     unsafe fn scramble(acc: &mut [u64; 8]) {
         for (i, a) in acc.iter_mut().enumerate() {
             let v = (*a ^ (*a >> 47)) ^ secret_word(192 - STRIPE + 8 * i);
@@ -156,7 +247,7 @@ impl Kernel for Scalar {
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{Kernel, PRIME32_1, SECRET, STRIPE, long};
+    use super::{Kernel, PRIME32_1, SECRET, STRIPE, long, long_pages};
 
     pub(super) struct Sse2;
     pub(super) struct Avx2;
@@ -175,6 +266,22 @@ mod x86 {
                     let product = _mm_mul_epu32(dk, _mm_shuffle_epi32::<0b00_11_00_01>(dk));
                     let sum = _mm_add_epi64(_mm_loadu_si128(a.add(i)), _mm_shuffle_epi32::<0b01_00_11_10>(data));
                     _mm_storeu_si128(a.add(i), _mm_add_epi64(product, sum));
+                }
+            }
+        }
+
+        #[inline(always)]
+        unsafe fn accumulate2(acc: &mut [u64; 8], other: &mut [u64; 8], stripe: *const u8, secret: &[u8]) {
+            let (a, b) = (acc.as_mut_ptr().cast::<__m128i>(), other.as_mut_ptr().cast::<__m128i>());
+            for i in 0..4 {
+                // SAFETY: as in `accumulate`; `other` is four more unaligned lanes.
+                unsafe {
+                    let data = std::ptr::read_volatile(stripe.cast::<__m128i>().add(i));
+                    let key = _mm_loadu_si128(secret.as_ptr().cast::<__m128i>().add(i));
+                    let dk = _mm_xor_si128(data, key);
+                    let add = _mm_add_epi64(_mm_mul_epu32(dk, _mm_shuffle_epi32::<0b00_11_00_01>(dk)), _mm_shuffle_epi32::<0b01_00_11_10>(data));
+                    _mm_storeu_si128(a.add(i), _mm_add_epi64(_mm_loadu_si128(a.add(i)), add));
+                    _mm_storeu_si128(b.add(i), _mm_add_epi64(_mm_loadu_si128(b.add(i)), add));
                 }
             }
         }
@@ -216,6 +323,22 @@ mod x86 {
         }
 
         #[inline(always)]
+        unsafe fn accumulate2(acc: &mut [u64; 8], other: &mut [u64; 8], stripe: *const u8, secret: &[u8]) {
+            let (a, b) = (acc.as_mut_ptr().cast::<__m256i>(), other.as_mut_ptr().cast::<__m256i>());
+            for i in 0..2 {
+                // SAFETY: as in `accumulate`; `other` is two more unaligned lanes.
+                unsafe {
+                    let data = std::ptr::read_volatile(stripe.cast::<__m256i>().add(i));
+                    let key = _mm256_loadu_si256(secret.as_ptr().cast::<__m256i>().add(i));
+                    let dk = _mm256_xor_si256(data, key);
+                    let add = _mm256_add_epi64(_mm256_mul_epu32(dk, _mm256_srli_epi64::<32>(dk)), _mm256_shuffle_epi32::<0b01_00_11_10>(data));
+                    _mm256_storeu_si256(a.add(i), _mm256_add_epi64(_mm256_loadu_si256(a.add(i)), add));
+                    _mm256_storeu_si256(b.add(i), _mm256_add_epi64(_mm256_loadu_si256(b.add(i)), add));
+                }
+            }
+        }
+
+        #[inline(always)]
         unsafe fn scramble(acc: &mut [u64; 8]) {
             let a = acc.as_mut_ptr().cast::<__m256i>();
             for i in 0..2 {
@@ -246,6 +369,21 @@ mod x86 {
     pub(super) unsafe fn digest_avx2(runs: &[(*const u8, usize)], total: usize) -> u64 {
         // SAFETY: forwarded.
         unsafe { long::<Avx2>(runs, total) }
+    }
+
+    /// # Safety
+    /// As [`super::digest_pages`].
+    pub(super) unsafe fn digest_pages_sse2(pages: &[*const u8], page: usize, out: &mut [u64]) -> u64 {
+        // SAFETY: forwarded.
+        unsafe { long_pages::<Sse2>(pages, page, out) }
+    }
+
+    /// # Safety
+    /// As [`super::digest_pages`], on a CPU with AVX2.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn digest_pages_avx2(pages: &[*const u8], page: usize, out: &mut [u64]) -> u64 {
+        // SAFETY: forwarded.
+        unsafe { long_pages::<Avx2>(pages, page, out) }
     }
 }
 
@@ -282,6 +420,49 @@ mod tests {
                         assert_eq!(x86::digest_sse2(&runs, total), want, "sse2 {total} split {split}");
                         if std::arch::is_x86_feature_detected!("avx2") {
                             assert_eq!(x86::digest_avx2(&runs, total), want, "avx2 {total} split {split}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// One pass gives the crate's xxh3-64 of the concatenation and of every page, for each
+    /// kernel, page sizes of one and more blocks, one page and many, in any order.
+    #[test]
+    fn page_kernels_match_the_crate() {
+        let m = Mapping::anonymous(64 * 1024, false).unwrap();
+        let mut bytes = vec![0u8; m.len()];
+        let mut x = 0x0bad_cafe_f00d_d00du64;
+        for b in &mut bytes {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            *b = x as u8;
+        }
+        m.copy_from(0, &bytes);
+        let p = m.as_ptr().cast_const();
+        for page in [1024usize, 4096, 8192] {
+            let n = bytes.len() / page;
+            for order in [vec![0], vec![1, 0], (0..n).collect(), (0..n).rev().step_by(2).collect::<Vec<_>>()] {
+                let pages: Vec<*const u8> = order.iter().map(|&i| p.wrapping_add(i * page)).collect();
+                let concat: Vec<u8> = order.iter().flat_map(|&i| bytes[i * page..(i + 1) * page].iter().copied()).collect();
+                let want = xxhash_rust::xxh3::xxh3_64(&concat);
+                let want_pages: Vec<u64> = order.iter().map(|&i| xxhash_rust::xxh3::xxh3_64(&bytes[i * page..(i + 1) * page])).collect();
+                let mut out = vec![0u64; pages.len()];
+                // SAFETY: pages inside the mapping, page aligned, whole 16-stripe blocks.
+                unsafe {
+                    assert_eq!(long_pages::<Scalar>(&pages, page, &mut out), want, "scalar {page} {order:?}");
+                    assert_eq!(out, want_pages);
+                    assert_eq!(digest_pages(&pages, page, &mut out), want, "dispatched {page} {order:?}");
+                    assert_eq!(out, want_pages);
+                    #[cfg(target_arch = "x86_64")]
+                    {
+                        assert_eq!(x86::digest_pages_sse2(&pages, page, &mut out), want, "sse2 {page}");
+                        assert_eq!(out, want_pages);
+                        if std::arch::is_x86_feature_detected!("avx2") {
+                            assert_eq!(x86::digest_pages_avx2(&pages, page, &mut out), want, "avx2 {page}");
+                            assert_eq!(out, want_pages);
                         }
                     }
                 }
