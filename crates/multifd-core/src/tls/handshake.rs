@@ -182,27 +182,15 @@ pub(super) fn run<C: Handshaking>(fd: RawFd, mut conn: C, inbox: &mut Inbox, dea
     Ok(Established { kernel, secrets, version, info, early })
 }
 
-/// Sends the alert rustls queued when the handshake failed.
+/// Sends the alert rustls queued when the handshake failed: one record, taken from rustls's
+/// first answer. rustls is not asked again: it would read the pending bytes that failed once
+/// more, fail again and queue a second fatal alert (which it asserts never happens).
 fn send_alert<C: Handshaking>(fd: RawFd, conn: &mut C, inbox: &mut Inbox) -> Result<()> {
     let mut out = vec![0u8; 512];
-    let mut used = 0;
-    for _ in 0..4 {
-        match conn.process(inbox.pending_mut()).state {
-            Ok(ConnectionState::EncodeTlsData(mut data)) => {
-                if let Ok(n) = data.encode(&mut out[used..]) {
-                    used += n;
-                }
-            }
-            Ok(ConnectionState::TransmitTlsData(data)) => {
-                crate::io::write_all(fd, &[&out[..used]])?;
-                data.done();
-                return Ok(());
-            }
-            _ => break,
-        }
-    }
-    if used > 0 {
-        crate::io::write_all(fd, &[&out[..used]])?;
+    if let Ok(ConnectionState::EncodeTlsData(mut data)) = conn.process(inbox.pending_mut()).state
+        && let Ok(n) = data.encode(&mut out)
+    {
+        crate::io::write_all(fd, &[&out[..n]])?;
     }
     Ok(())
 }

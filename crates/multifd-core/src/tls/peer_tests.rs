@@ -412,3 +412,32 @@ fn our_tls12_client_reads_what_came_with_the_servers_finished() {
         peer.join().unwrap();
     });
 }
+
+/// A client whose ClientHello is followed, in the same read, by a record of no known content
+/// type: the handshake fails with `ERR_MULTIFD_TLS_HANDSHAKE`, one record (the alert; TLS 1.3
+/// already encrypts it) goes back, and nothing panics (rustls asserts it is never made to send a second fatal alert, which
+/// asking it for the queued alert with the bad bytes still pending used to do).
+#[test]
+fn a_malformed_record_after_the_client_hello_fails_the_handshake_with_one_alert() {
+    let (ours, mut theirs) = socket_pair();
+    let server = TlsServer::new(&options("dest")).unwrap();
+    let mut conn = rustls_client(&[&rustls::version::TLS13], None);
+    let mut flight = Vec::new();
+    while conn.wants_write() {
+        conn.write_tls(&mut flight).unwrap();
+    }
+    flight.extend_from_slice(&[0x63, 3, 3, 0, 4, 1, 2, 3, 4]);
+    theirs.write_all(&flight).unwrap();
+    let err = TlsStream::server(ours.as_raw_fd(), &server, &[], Instant::now() + T).err().expect("the handshake must fail");
+    assert_eq!(err.code, crate::error::ErrorCode::TlsHandshake, "{err}");
+    drop(ours);
+    let mut answer = Vec::new();
+    theirs.read_to_end(&mut answer).unwrap();
+    let mut records = 0;
+    let mut at = 0;
+    while at + 5 <= answer.len() {
+        at += 5 + usize::from(u16::from_be_bytes([answer[at + 3], answer[at + 4]]));
+        records += 1;
+    }
+    assert_eq!((records, at), (1, answer.len()), "{} bytes back: {answer:02x?}", answer.len());
+}
