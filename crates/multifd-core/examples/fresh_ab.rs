@@ -15,14 +15,9 @@ use multifd_core::source::{Selection, Source, SourceConfig};
 use multifd_core::transport::Address;
 use multifd_core::wire::{Compression, Geometry};
 
-fn cpu_seconds() -> f64 {
-    // SAFETY: an all-zero rusage is valid.
-    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: getrusage writes into the struct we own.
-    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) };
-    let t = |v: libc::timeval| v.tv_sec as f64 + v.tv_usec as f64 / 1e6;
-    t(u.ru_utime) + t(u.ru_stime)
-}
+
+mod common;
+use common::cpu_seconds;
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -32,18 +27,7 @@ fn main() {
     let dir = args.get(3).cloned().unwrap_or_else(|| "/dev/shm".into());
     let size = mib << 20;
     let src = Arc::new(RamBlock::allocate("b", size, 4096, true).unwrap());
-    let mut x = 0x9e3779b97f4a7c15u64;
-    for p in 0..src.pages() as u64 {
-        let page: Vec<u8> = (0..512)
-            .flat_map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x.to_ne_bytes()
-            })
-            .collect();
-        src.store(p * 4096, &page).unwrap();
-    }
+    common::fill_random(&src);
     let path = Path::new(&dir).join(format!("fresh-ab-{}.ram", std::process::id()));
     for _ in 0..reps {
         let _ = std::fs::remove_file(&path);

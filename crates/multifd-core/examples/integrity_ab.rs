@@ -16,14 +16,9 @@ use multifd_core::source::{Selection, Source, SourceConfig};
 use multifd_core::transport::Address;
 use multifd_core::wire::{Compression, Geometry};
 
-fn cpu() -> f64 {
-    // SAFETY: rusage is plain integers, for which all zeroes is a value.
-    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: getrusage fills the struct it is given.
-    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) };
-    let s = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
-    s(u.ru_utime) + s(u.ru_stime)
-}
+
+mod common;
+use common::cpu_seconds as cpu;
 
 /// One transfer's seconds: wall time of the transfer, of the source's and the destination's
 /// completion digests; process CPU in all and for the transfer alone.
@@ -73,17 +68,7 @@ fn main() {
     let (channels, mib, pairs) = (args[0] as u8, args[1], args.get(2).copied().unwrap_or(5));
     let size = mib << 20;
     let src = Arc::new(RamBlock::allocate("b", size, 4096, true).unwrap());
-    let mut x = 0x9e37_79b9_7f4a_7c15u64;
-    let mut page = vec![0u8; 4096];
-    for p in 0..src.pages() as u64 {
-        for w in page.chunks_exact_mut(8) {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            w.copy_from_slice(&x.to_ne_bytes());
-        }
-        src.store(p * 4096, &page).unwrap();
-    }
+    common::fill_random(&src);
     let dst = Arc::new(RamBlock::allocate("b", size, 4096, true).unwrap());
     let gib = size as f64 / (1u64 << 30) as f64;
     const NAMES: [&str; 3] = ["plain", "xxh3", "xxh3-mem"];

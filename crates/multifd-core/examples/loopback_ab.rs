@@ -16,6 +16,9 @@ use multifd_core::tls::{TlsClient, TlsOptions, TlsServer};
 use multifd_core::transport::Address;
 use multifd_core::wire::{Compression, Geometry};
 
+mod common;
+use common::cpu_seconds;
+
 fn main() {
     let args: Vec<u64> = std::env::args().skip(1).map(|a| a.parse().unwrap()).collect();
     let (channels, mib, reps) = (args[0] as u8, args[1], args.get(2).copied().unwrap_or(3));
@@ -84,14 +87,3 @@ fn main() {
     }
 }
 
-/// User plus system CPU seconds of this process (both sides of the transfer) so far.
-fn cpu_seconds() -> f64 {
-    // SAFETY: getrusage writes one rusage into the zeroed local it is given.
-    let ru = unsafe {
-        let mut ru: libc::rusage = std::mem::zeroed();
-        libc::getrusage(libc::RUSAGE_SELF, &mut ru);
-        ru
-    };
-    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
-    secs(ru.ru_utime) + secs(ru.ru_stime)
-}

@@ -14,14 +14,9 @@ use std::time::Instant;
 use multifd_core::block::RamBlock;
 use multifd_core::snapshot::{self, Progress, SnapshotOptions};
 
-fn cpu_seconds() -> f64 {
-    // SAFETY: an all-zero rusage is valid; getrusage writes into the struct we own.
-    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: as above.
-    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) };
-    let t = |v: libc::timeval| v.tv_sec as f64 + v.tv_usec as f64 / 1e6;
-    t(u.ru_utime) + t(u.ru_stime)
-}
+
+mod common;
+use common::cpu_seconds;
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
