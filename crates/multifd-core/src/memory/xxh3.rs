@@ -392,13 +392,10 @@ mod tests {
     use super::*;
     use crate::memory::Mapping;
 
-    /// Every kernel equals the crate's xxh3-64 over the same bytes, across block boundaries,
-    /// run splits and the last-stripe cases.
-    #[test]
-    fn kernels_match_the_crate() {
+    /// 64 KiB of xorshift bytes from `seed`, in a mapping and in a Vec.
+    fn random_mapping(mut x: u64) -> (Mapping, Vec<u8>) {
         let m = Mapping::anonymous(64 * 1024, false).unwrap();
         let mut bytes = vec![0u8; m.len()];
-        let mut x = 0x1234_5678_9abc_def0u64;
         for b in &mut bytes {
             x ^= x << 13;
             x ^= x >> 7;
@@ -406,6 +403,14 @@ mod tests {
             *b = x as u8;
         }
         m.copy_from(0, &bytes);
+        (m, bytes)
+    }
+
+    /// Every kernel equals the crate's xxh3-64 over the same bytes, across block boundaries,
+    /// run splits and the last-stripe cases.
+    #[test]
+    fn kernels_match_the_crate() {
+        let (m, bytes) = random_mapping(0x1234_5678_9abc_def0);
         let p = m.as_ptr().cast_const();
         for total in [256usize, 512, 960, 1024, 1088, 2048, 4096, 4160, 12288, 65536] {
             let want = xxhash_rust::xxh3::xxh3_64(&bytes[..total]);
@@ -431,16 +436,7 @@ mod tests {
     /// kernel, page sizes of one and more blocks, one page and many, in any order.
     #[test]
     fn page_kernels_match_the_crate() {
-        let m = Mapping::anonymous(64 * 1024, false).unwrap();
-        let mut bytes = vec![0u8; m.len()];
-        let mut x = 0x0bad_cafe_f00d_d00du64;
-        for b in &mut bytes {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            *b = x as u8;
-        }
-        m.copy_from(0, &bytes);
+        let (m, bytes) = random_mapping(0x0bad_cafe_f00d_d00d);
         let p = m.as_ptr().cast_const();
         for page in [1024usize, 4096, 8192] {
             let n = bytes.len() / page;
