@@ -3,7 +3,9 @@
 //! zero-page detection; TLS=DIR uses mutual TLS with the certificates scripts/test-certs.sh
 //! made in DIR; RETRIES=N sets channel_retries, whose journal and idle-socket watcher run
 //! only when it is above 0; COMPRESSION=zstd|zlib compresses; DATA=text fills the block with
-//! the compression bench's text pages instead of random bytes).
+//! the compression bench's text pages instead of random bytes; DEST_DIR=DIR receives into a new
+//! file in DIR each rep, as `recv --out` does, e.g. /dev/shm for tmpfs). Every rep is checked
+//! byte for byte after it is timed.
 
 use std::sync::{Arc, mpsc, Mutex};
 use std::time::{Duration, Instant};
@@ -31,34 +33,33 @@ fn main() {
     });
     let compression = std::env::var("COMPRESSION").map_or(Compression::None, |c| Compression::from_name(&c).unwrap());
     let text = std::env::var("DATA").is_ok_and(|d| d == "text");
-    let mut x = 0x9e3779b97f4a7c15u64;
-    for p in 0..src.pages() as u64 {
-        if text {
-            const TEXT: &[u8] = b"The quick brown fox jumps over the lazy dog while multifd moves pages over parallel channels. ";
+    if text {
+        const TEXT: &[u8] = b"The quick brown fox jumps over the lazy dog while multifd moves pages over parallel channels. ";
+        for p in 0..src.pages() as u64 {
             let mut page = format!("page 0:{p} ").into_bytes();
             while page.len() < 4096 {
                 page.extend_from_slice(TEXT);
             }
             src.store(p * 4096, &page[..4096]).unwrap();
-            continue;
         }
-        let page: Vec<u8> = (0..512)
-            .flat_map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x.to_ne_bytes()
-            })
-            .collect();
-        src.store(p * 4096, &page).unwrap();
+    } else {
+        common::fill_random(&src);
     }
-    let dst = Arc::new(RamBlock::allocate("b", size, 4096, true).unwrap());
+    // DEST_DIR: a new file there per rep, pages allocated as they arrive (`recv --out`).
+    let dest_file = std::env::var("DEST_DIR").ok().map(|d| std::path::Path::new(&d).join(format!("loopback-ab-{}.ram", std::process::id())));
     let tls = std::env::var("TLS").ok().map(|dir| {
         let read = |f: &str| std::fs::read(std::path::Path::new(&dir).join(f)).unwrap();
         let opts = |who: &str| TlsOptions { cert: read(&format!("{who}.pem")), key: read(&format!("{who}.key")), ca: read("ca.pem"), name: Some("localhost".into()), allow: vec![] };
         (TlsServer::new(&opts("dest")).unwrap(), opts("source"))
     });
     for _ in 0..reps {
+        let dst = Arc::new(match &dest_file {
+            Some(path) => {
+                let _ = std::fs::remove_file(path);
+                RamBlock::map_file("b", path, 4096, Some(size), false).unwrap()
+            }
+            None => RamBlock::allocate("b", size, 4096, true).unwrap(),
+        });
         let (tx, rx) = mpsc::channel();
         let tx = Mutex::new(tx);
         let sink: multifd_core::session::EventSink = Arc::new(move |e| drop(tx.lock().unwrap().send(e)));
@@ -75,7 +76,7 @@ fn main() {
         source.send(1, src.clone(), Selection::Whole).unwrap();
         source.sync(2).unwrap();
         loop {
-            if let Event::Synced { .. } = rx.recv().unwrap() {
+            if let Event::Synced { .. } = rx.recv_timeout(Duration::from_secs(60)).unwrap() {
                 break;
             }
         }
@@ -84,6 +85,11 @@ fn main() {
         dest.finish().unwrap();
         source.close(false);
         dest.close();
+        let same = (0..size).step_by(1 << 20).all(|at| src.read_vec(at, 1 << 20) == dst.read_vec(at, 1 << 20));
+        assert!(same, "the destination differs from the source");
+    }
+    if let Some(path) = &dest_file {
+        let _ = std::fs::remove_file(path);
     }
 }
 
