@@ -536,13 +536,7 @@ impl<'a> WriteTarget<'a> {
     /// Fills the regions in order with `data`, which must be exactly [`Self::len`] bytes.
     pub fn copy_in(&self, data: &[u8]) {
         assert_eq!(data.len(), self.len(), "a write target is filled exactly");
-        let mut at = 0;
-        for v in self.regions() {
-            // SAFETY: the constructors guarantee each region is writable for its length; `data`
-            // is a private buffer, so no overlap; `at + iov_len <= data.len()` by the assert.
-            unsafe { std::ptr::copy_nonoverlapping(data.as_ptr().add(at), v.iov_base.cast::<u8>(), v.iov_len) };
-            at += v.iov_len;
-        }
+        self.copy_in_at(0, data);
     }
 
     /// Copies `data` over bytes `at..at + data.len()` of the regions taken in order (a
