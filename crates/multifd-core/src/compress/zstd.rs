@@ -1,26 +1,38 @@
-//! zstd as QEMU's multifd-zstd: one frame per channel that never ends (except around packets
-//! that do not compress, below), `ZSTD_e_flush` after the last page of each packet; the
-//! decoder keeps its window between packets.
+//! zstd for multifd-zstd, one frame per packet: a stream any zstd decoder reads (QEMU's
+//! page-by-page `ZSTD_decompressStream` loop included, which takes concatenated frames as long
+//! as a frame never ends before a page is full), with the costs of QEMU's single endless frame
+//! per channel taken out.
 //!
-//! Both directions use zstd-sys contexts directly: the compressor reads block pages through
-//! raw pointers (zstd copies its input into its own window, so no staging copy on our side),
-//! and the decoder writes straight into the destination pages (zstd copies its output out of
-//! its own window, so none there either). The parameters are QEMU's: the level alone
-//! (`ZSTD_initCStream(level)`), every other parameter zstd's default, the same frame.
+//! # Why a frame per packet
+//! In QEMU's stream (`ZSTD_e_flush` after each packet, the frame never ending) zstd cannot
+//! work in place on either side: the compressor copies every page into its window before
+//! looking at it, and the decoder writes every page into its window, then copies it out. On
+//! compressible data those two copies were a third of the transfer's CPU. A packet that is a
+//! frame of its own, with its size in the header, needs neither when its pages are one run of
+//! memory (contiguous pages, the common case): `ZSTD_compress2` reads the run where it is, and
+//! zstd's stream decoder, given a whole frame whose size it knows and one output buffer that
+//! holds it, decodes it there in one pass, taking matches from the pages it has just written.
+//! Pages in several runs go through zstd's stream with its copies, still one frame per packet. The price is the history a packet no longer borrows from the ones before
+//! it, some tens of bytes per packet on text (docs/ARCHITECTURE.md has the figures); QEMU's streams,
+//! which never end a frame, are still decoded with zstd's stream.
+//!
+//! Compressing in place reads block memory that the application may write meanwhile. zstd's
+//! fast and double-fast match finders (levels up to [`IN_PLACE_MAX_LEVEL`]) bound every read
+//! by the run's end whatever the bytes they see, and a frame always decodes to exactly the
+//! run's length; a page written during its compression can decode to bytes it never held, as
+//! a page written during `writev` can arrive torn, and either is dirty and sent again. Higher
+//! levels' parsers are only given zstd's own copy.
+//!
+//! The parameters are QEMU's: the level alone, every other parameter zstd's default.
 //!
 //! # Incompressible packets
 //! zstd spends most of a random page's cost finding that it does not compress, then copies
 //! it twice on each side (into its window, out as a raw block). So, as zlib does
 //! (`zlib::STORED_PACKETS`), a packet that does not shrink is followed by [`RAW_PACKETS`]
-//! packets sent as frames of their own made of raw blocks: the packet that did not shrink
-//! ends the stream's frame (`ZSTD_e_end` after its flush: an empty last block, which the
-//! decoder reads together with the packet's last page), each raw packet is then a complete
-//! frame with its pages spliced in as they are ([`Payload::Spliced`], no copy on the sender),
-//! and the next packet zstd compresses starts a new frame. Any zstd decoder takes
-//! concatenated frames (QEMU's page-by-page `ZSTD_decompressStream` loop does, as long as a
-//! frame never ends before a page is full); ours copies a raw frame's blocks straight into
-//! the pages, once, without zstd. The bytes on the wire grow by 6 per raw packet (the frame
-//! header) and 3 per switch; zstd's own raw blocks cost 3 per 128 KiB either way.
+//! packets sent as frames of raw blocks with the pages spliced in as they are
+//! ([`Payload::Spliced`], no copy on the sender); ours copies a raw frame's blocks straight
+//! into the pages, once, without zstd. A raw packet costs 6 bytes of frame header and 3 per
+//! 128 KiB block.
 
 use std::ptr::NonNull;
 
@@ -32,22 +44,22 @@ use crate::memory::{ReadSource, WriteTarget};
 use crate::wire::MAX_COMPRESSED_PAYLOAD;
 
 pub fn compressor(level: u32) -> Result<Box<dyn Compressor>> {
-    // SAFETY: creates a fresh context (or returns null when out of memory).
-    let ctx = NonNull::new(unsafe { sys::ZSTD_createCCtx() }).ok_or_else(|| Error::new(ErrorCode::Io, "zstd init: out of memory"))?;
-    let c = ZstdCompressor { ctx, raw_for: 0, window: None, pieces: Vec::new() };
-    // SAFETY: our context; sets its level (QEMU's `ZSTD_initCStream(level)` does the same).
-    check(unsafe { sys::ZSTD_CCtx_setParameter(ctx.as_ptr(), sys::ZSTD_cParameter::ZSTD_c_compressionLevel, level as i32) }, ErrorCode::InvalidArgument, "level")?;
-    Ok(Box::new(c))
+    Ok(Box::new(ZstdCompressor::new(level)?))
 }
 
 pub fn decompressor() -> Result<Box<dyn Decompressor>> {
-    // SAFETY: creates a fresh context (or returns null when out of memory).
-    let ctx = NonNull::new(unsafe { sys::ZSTD_createDCtx() }).ok_or_else(|| Error::new(ErrorCode::Decompress, "zstd init: out of memory"))?;
-    Ok(Box::new(ZstdDecompressor { ctx, at_frame_start: true, blocks: Vec::new() }))
+    Ok(Box::new(ZstdDecompressor::new()?))
 }
 
 /// Packets sent as raw frames after one that did not compress.
 pub(super) const RAW_PACKETS: u32 = 8;
+
+/// The highest level whose match finder zstd runs on the pages in place (fast at 1 and 2,
+/// double-fast at 3 and 4, for inputs of a packet's size); level 0 is zstd's default, 3.
+const IN_PLACE_MAX_LEVEL: u32 = 4;
+
+/// A raw frame's window descriptor: 512 KiB (a packet), so its blocks may be 128 KiB.
+const RAW_WINDOW: u8 = 9 << 3;
 
 /// A zstd frame's magic number, little-endian.
 const MAGIC: [u8; 4] = 0xFD2F_B528u32.to_le_bytes();
@@ -79,9 +91,8 @@ struct ZstdCompressor {
     ctx: NonNull<sys::ZSTD_CCtx>,
     /// Packets left to send as raw frames before zstd tries again.
     raw_for: u32,
-    /// The window descriptor of zstd's frames (header byte 5), once one was seen; raw
-    /// frames declare the same window, so the decoder keeps its buffers.
-    window: Option<u8>,
+    /// The level lets zstd read a run of pages in place (see the module's documentation).
+    in_place: bool,
     /// A raw packet's layout (see [`Payload::Spliced`]).
     pieces: Vec<Piece>,
 }
@@ -99,21 +110,13 @@ impl Drop for ZstdCompressor {
 
 impl Compressor for ZstdCompressor {
     fn compress(&mut self, pages: &ReadSource, out: &mut Vec<u8>) -> Result<Payload<'_>> {
-        if self.raw_for > 0
-            && let Some(window) = self.window
-        {
+        if self.raw_for > 0 {
             self.raw_for -= 1;
-            self.raw_frame(window, pages.len(), out);
+            self.raw_frame(pages.len(), out);
             return Ok(Payload::Spliced(&self.pieces));
         }
-        self.stream(pages, out)?;
-        if self.window.is_none() {
-            // The first packet begins with the frame header: magic, a descriptor with no
-            // dictionary, checksum or content size (zstd's streaming frame), the window.
-            self.window = (out.len() > 6 && out[..4] == MAGIC && out[4] == 0).then(|| out[5]);
-        }
-        if out.len() >= pages.len() && self.window.is_some() {
-            self.end_frame(out)?;
+        self.frame(pages, out)?;
+        if out.len() >= pages.len() {
             self.raw_for = RAW_PACKETS;
         }
         Ok(Payload::Packed)
@@ -121,30 +124,22 @@ impl Compressor for ZstdCompressor {
 }
 
 impl ZstdCompressor {
-    /// Ends zstd's frame after the packet in `out` (its next packet starts a new one).
-    fn end_frame(&mut self, out: &mut Vec<u8>) -> Result<()> {
-        // An empty last block (3 bytes, no checksum), and room to spare.
-        out.reserve(64);
-        let mut outb = sys::ZSTD_outBuffer { dst: out.as_mut_ptr().cast(), size: out.capacity(), pos: out.len() };
-        let mut inb = sys::ZSTD_inBuffer { src: [0u8; 0].as_ptr().cast(), size: 0, pos: 0 };
-        // SAFETY: `outb` is `out`'s allocation, `size` its capacity, from `pos` on unwritten;
-        // the input is empty. The context is ours.
-        let left = check(unsafe { sys::ZSTD_compressStream2(self.ctx.as_ptr(), &mut outb, &mut inb, sys::ZSTD_EndDirective::ZSTD_e_end) }, ErrorCode::Io, "end")?;
-        if left != 0 {
-            return Err(Error::new(ErrorCode::Io, "zstd end: the frame's end did not fit"));
-        }
-        // SAFETY: zstd initialised the bytes up to `outb.pos <= capacity`.
-        unsafe { out.set_len(outb.pos) };
-        Ok(())
+    fn new(level: u32) -> Result<Self> {
+        // SAFETY: creates a fresh context (or returns null when out of memory).
+        let ctx = NonNull::new(unsafe { sys::ZSTD_createCCtx() }).ok_or_else(|| Error::new(ErrorCode::Io, "zstd init: out of memory"))?;
+        let c = ZstdCompressor { ctx, raw_for: 0, in_place: level <= IN_PLACE_MAX_LEVEL, pieces: Vec::new() };
+        // SAFETY: our context; sets its level (QEMU's `ZSTD_initCStream(level)` does the same).
+        check(unsafe { sys::ZSTD_CCtx_setParameter(ctx.as_ptr(), sys::ZSTD_cParameter::ZSTD_c_compressionLevel, level as i32) }, ErrorCode::InvalidArgument, "level")?;
+        Ok(c)
     }
 
     /// A raw packet: a frame of raw blocks whose bytes are the pages, spliced in.
-    fn raw_frame(&mut self, window: u8, len: usize, out: &mut Vec<u8>) {
+    fn raw_frame(&mut self, len: usize, out: &mut Vec<u8>) {
         out.clear();
         self.pieces.clear();
         out.extend_from_slice(&MAGIC);
-        out.extend_from_slice(&[0, window]);
-        let block = max_block(window);
+        out.extend_from_slice(&[0, RAW_WINDOW]);
+        let block = max_block(RAW_WINDOW);
         let mut at = 0;
         loop {
             let n = block.min(len - at);
@@ -160,16 +155,33 @@ impl ZstdCompressor {
         }
     }
 
-    /// One packet through zstd's stream, into `out`.
-    fn stream(&mut self, pages: &ReadSource, out: &mut Vec<u8>) -> Result<()> {
+    /// One packet as one frame, into `out`: in place when its pages are one run and the level
+    /// allows it, through zstd's stream otherwise.
+    fn frame(&mut self, pages: &ReadSource, out: &mut Vec<u8>) -> Result<()> {
         out.clear();
         out.reserve(MAX_COMPRESSED_PAYLOAD as usize);
-        let mut outb = sys::ZSTD_outBuffer { dst: out.as_mut_ptr().cast(), size: MAX_COMPRESSED_PAYLOAD as usize, pos: 0 };
+        let cap = MAX_COMPRESSED_PAYLOAD as usize;
+        let mut regions = pages.regions();
+        if let (Some((ptr, len)), None, true) = (regions.next(), regions.next(), self.in_place) {
+            // SAFETY: the run is readable for `len` bytes while `pages` lives, and zstd only
+            // reads it, each read bounded by its end (see the module's documentation on
+            // block memory written meanwhile); `out`'s allocation holds `cap` bytes. The
+            // context is ours.
+            let n = check(unsafe { sys::ZSTD_compress2(self.ctx.as_ptr(), out.as_mut_ptr().cast(), cap, ptr.cast(), len) }, ErrorCode::Io, "compress")?;
+            // SAFETY: zstd initialised the first `n <= cap` bytes.
+            unsafe { out.set_len(n) };
+            return Ok(());
+        }
+        // SAFETY: our context, between frames; the size makes the frame say how long it is.
+        unsafe {
+            check(sys::ZSTD_CCtx_reset(self.ctx.as_ptr(), sys::ZSTD_ResetDirective::ZSTD_reset_session_only), ErrorCode::Io, "reset")?;
+            check(sys::ZSTD_CCtx_setPledgedSrcSize(self.ctx.as_ptr(), pages.len() as u64), ErrorCode::Io, "size")?;
+        }
+        let mut outb = sys::ZSTD_outBuffer { dst: out.as_mut_ptr().cast(), size: cap, pos: 0 };
         let mut regions = pages.regions().peekable();
         while let Some((ptr, len)) = regions.next() {
-            // QEMU flushes with the last page; the last region ends with that page.
             let last = regions.peek().is_none();
-            let mode = if last { sys::ZSTD_EndDirective::ZSTD_e_flush } else { sys::ZSTD_EndDirective::ZSTD_e_continue };
+            let mode = if last { sys::ZSTD_EndDirective::ZSTD_e_end } else { sys::ZSTD_EndDirective::ZSTD_e_continue };
             let mut inb = sys::ZSTD_inBuffer { src: ptr.cast(), size: len, pos: 0 };
             loop {
                 // SAFETY: `inb` is a region of `pages`, readable while it lives (zstd `memcpy`s
@@ -213,6 +225,12 @@ impl Drop for ZstdDecompressor {
 }
 
 impl ZstdDecompressor {
+    fn new() -> Result<Self> {
+        // SAFETY: creates a fresh context (or returns null when out of memory).
+        let ctx = NonNull::new(unsafe { sys::ZSTD_createDCtx() }).ok_or_else(|| Error::new(ErrorCode::Decompress, "zstd init: out of memory"))?;
+        Ok(ZstdDecompressor { ctx, at_frame_start: true, blocks: Vec::new() })
+    }
+
     /// One `ZSTD_decompressStream` call; true when it read input or wrote output.
     fn step(&mut self, input: &mut sys::ZSTD_inBuffer, output: &mut sys::ZSTD_outBuffer) -> Result<bool> {
         let (read, made) = (input.pos, output.pos);
@@ -367,6 +385,104 @@ mod tests {
             ours.decompress(&out, &mut WriteTarget::buffer(&mut got)).unwrap();
             assert!(got == ps.concat(), "packet {i}: our decoder");
             assert!(qemu_decode(&mut qemu, &out, 128) == ps.concat(), "packet {i}: QEMU's decoding loop");
+        }
+    }
+
+    /// Bytes a context holds: its tables, and its window and staging buffers once it needed them.
+    fn cctx_bytes(c: &ZstdCompressor) -> usize {
+        // SAFETY: a live context of ours.
+        unsafe { sys::ZSTD_sizeof_CCtx(c.ctx.as_ptr()) }
+    }
+    fn dctx_bytes(d: &ZstdDecompressor) -> usize {
+        // SAFETY: a live context of ours.
+        unsafe { sys::ZSTD_sizeof_DCtx(d.ctx.as_ptr()) }
+    }
+
+    /// `n` pages of `m` from page `first`, every `step`th page, as the data path's iovecs
+    /// (contiguous pages merged into one run).
+    fn runs(m: &crate::memory::Mapping, first: usize, n: usize, step: usize) -> Vec<libc::iovec> {
+        let mut iov: Vec<libc::iovec> = Vec::new();
+        for p in (0..n).map(|i| first + i * step) {
+            match iov.last_mut() {
+                Some(v) if v.iov_base as usize + v.iov_len == m.iovec((p * PAGE) as u64, PAGE).iov_base as usize => v.iov_len += PAGE,
+                _ => iov.push(m.iovec((p * PAGE) as u64, PAGE)),
+            }
+        }
+        iov
+    }
+
+    #[test]
+    fn a_packet_is_a_frame_of_its_own_made_and_decoded_in_place_when_its_pages_are_one_run() {
+        let src = crate::memory::Mapping::anonymous(256 * PAGE, false).unwrap();
+        let dst = crate::memory::Mapping::anonymous(256 * PAGE, false).unwrap();
+        // One pair works on runs (as contiguous block pages are), the other on every other page.
+        let (mut c_run, mut c_scattered) = (ZstdCompressor::new(1).unwrap(), ZstdCompressor::new(1).unwrap());
+        let (mut d_run, mut d_scattered) = (ZstdDecompressor::new().unwrap(), ZstdDecompressor::new().unwrap());
+        let mut qemu = DCtx::create();
+        for i in 0..4 {
+            let ps = text_packet(i);
+            for (step, c, d) in [(1, &mut c_run, &mut d_run), (2, &mut c_scattered, &mut d_scattered)] {
+                for (k, p) in ps.iter().enumerate() {
+                    src.copy_from((k * step * PAGE) as u64, p);
+                }
+                let from = runs(&src, 0, 128, step);
+                assert_eq!(from.len(), if step == 1 { 1 } else { 128 });
+                let mut out = Vec::new();
+                // SAFETY: iovecs of a live private mapping no reference covers.
+                let payload = c.compress(&unsafe { ReadSource::pages(&from) }, &mut out).unwrap();
+                assert!(matches!(payload, Payload::Packed));
+                // A whole frame that says how long it is, so a decoder can write it in place.
+                // SAFETY: reads headers within a live slice.
+                let (size, content) = unsafe { (sys::ZSTD_findFrameCompressedSize(out.as_ptr().cast(), out.len()), sys::ZSTD_getFrameContentSize(out.as_ptr().cast(), out.len())) };
+                assert_eq!((size, content), (out.len(), (128 * PAGE) as u64), "packet {i}, step {step}");
+                assert!(out.len() < 128 * PAGE / 10, "packet {i}: text compresses ({} bytes)", out.len());
+                dst.fill(0, 256 * PAGE, 0xee);
+                let into = runs(&dst, 1, 128, step);
+                // SAFETY: as above.
+                d.decompress(&out, &mut unsafe { WriteTarget::pages(&into) }).unwrap();
+                let mut got = vec![0u8; PAGE];
+                for p in 0..256 {
+                    dst.copy_to((p * PAGE) as u64, &mut got);
+                    let k = (p as isize - 1) / step as isize;
+                    if p >= 1 && (p - 1) % step == 0 && k < 128 {
+                        assert!(got == ps[k as usize], "packet {i}, step {step}: page {k}");
+                    } else {
+                        assert!(got.iter().all(|&b| b == 0xee), "packet {i}, step {step}: wrote page {p}, outside the pages");
+                    }
+                }
+                assert!(qemu_decode(&mut qemu, &out, 128) == ps.concat(), "packet {i}, step {step}: QEMU's decoding loop");
+            }
+        }
+        // In place, neither side needed zstd's window (512 KiB, and its staging buffers).
+        assert!(cctx_bytes(&c_run) + (512 << 10) <= cctx_bytes(&c_scattered), "compressor: {} vs {} bytes", cctx_bytes(&c_run), cctx_bytes(&c_scattered));
+        assert!(dctx_bytes(&d_run) + (512 << 10) <= dctx_bytes(&d_scattered), "decoder: {} vs {} bytes", dctx_bytes(&d_run), dctx_bytes(&d_scattered));
+    }
+
+    #[test]
+    fn a_frame_decoded_in_place_of_the_wrong_size_or_corrupt_is_refused_within_its_run() {
+        let ps = text_packet(7);
+        let slices: Vec<&[u8]> = ps.iter().map(|p| p.as_slice()).collect();
+        let mut frame = Vec::new();
+        pack(compressor(1).unwrap().as_mut(), &slices, &mut frame);
+        let mut corrupt = frame.clone();
+        let at = corrupt.len() / 2;
+        corrupt[at] ^= 0x5a;
+        let dst = crate::memory::Mapping::anonymous(130 * PAGE, false).unwrap();
+        for (what, payload, pages, codes) in [
+            ("fewer pages", &frame, 127, &[ErrorCode::PayloadSize][..]),
+            ("more pages", &frame, 129, &[ErrorCode::PayloadSize]),
+            ("short", &frame[..frame.len() - 1].to_vec(), 128, &[ErrorCode::PayloadSize, ErrorCode::Decompress]),
+            ("corrupt", &corrupt, 128, &[ErrorCode::PayloadSize, ErrorCode::Decompress]),
+        ] {
+            dst.fill(0, 130 * PAGE, 0xee);
+            let mut d = ZstdDecompressor::new().unwrap();
+            let into = runs(&dst, 0, pages, 1);
+            // SAFETY: iovecs of a live private mapping no reference covers.
+            let e = d.decompress(payload, &mut unsafe { WriteTarget::pages(&into) }).unwrap_err();
+            assert!(codes.contains(&e.code), "{what}: {e}");
+            let mut after = vec![0u8; (130 - pages) * PAGE];
+            dst.copy_to((pages * PAGE) as u64, &mut after);
+            assert!(after.iter().all(|&b| b == 0xee), "{what}: wrote past the run");
         }
     }
 
