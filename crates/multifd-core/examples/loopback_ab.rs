@@ -3,7 +3,7 @@
 //! zero-page detection; TLS=DIR uses mutual TLS with the certificates scripts/test-certs.sh
 //! made in DIR; RETRIES=N sets channel_retries, whose journal and idle-socket watcher run
 //! only when it is above 0; COMPRESSION=zstd|zlib compresses; DATA=text fills the block with
-//! the compression bench's text pages instead of random bytes; DEST_DIR=DIR receives into a new
+//! the compression bench's text pages instead of random bytes; INTEGRITY=1 turns on xxh3 digests; DEST_DIR=DIR receives into a new
 //! file in DIR each rep, as `recv --out` does, e.g. /dev/shm for tmpfs). Every rep is checked
 //! byte for byte after it is timed.
 
@@ -25,6 +25,7 @@ fn main() {
     let args: Vec<u64> = std::env::args().skip(1).map(|a| a.parse().unwrap()).collect();
     let (channels, mib, reps) = (args[0] as u8, args[1], args.get(2).copied().unwrap_or(3));
     let zero = std::env::var("ZERO").map(|v| v != "0").unwrap_or(true);
+    let integrity = std::env::var("INTEGRITY").is_ok();
     let retries: u32 = std::env::var("RETRIES").map(|v| v.parse().unwrap()).unwrap_or(0);
     let size = mib << 20;
     let src = Arc::new(match std::env::var("SRC_FILE") {
@@ -65,10 +66,10 @@ fn main() {
         let sink: multifd_core::session::EventSink = Arc::new(move |e| drop(tx.lock().unwrap().send(e)));
         let dest = Destination::listen(&Address::parse("tcp:127.0.0.1:0").unwrap(), Duration::from_secs(5), tls.as_ref().map(|t| t.0.clone()), sink.clone()).unwrap();
         let client = tls.as_ref().map(|t| TlsClient::new(&t.1, dest.address()).unwrap());
-        dest.configure(DestConfig { uuid: [0; 16], channels, geometry: Geometry::x86(), compression, blocks: vec![dst.clone()], channel_timeout: Duration::from_secs(5), peer_timeout: None, integrity: false, resume_window: if retries > 0 { Duration::from_secs(10) } else { Duration::ZERO } }).unwrap();
+        dest.configure(DestConfig { uuid: [0; 16], channels, geometry: Geometry::x86(), compression, blocks: vec![dst.clone()], channel_timeout: Duration::from_secs(5), peer_timeout: None, integrity, resume_window: if retries > 0 { Duration::from_secs(10) } else { Duration::ZERO } }).unwrap();
         let source = Source::start(
             SourceConfig { address: dest.address().clone(), uuid: [0; 16], channels, geometry: Geometry::x86(), compression, zero_page_detection: zero, zero_copy: std::env::var("ZC").is_ok(), compression_level: None, connect_timeout: Duration::from_secs(5),
-            peer_timeout: None, max_bandwidth: None, integrity: false, tls: client, channel_retries: retries, min_channels: 1 },
+            peer_timeout: None, max_bandwidth: None, integrity, tls: client, channel_retries: retries, min_channels: 1 },
             Failure::new(sink),
         )
         .unwrap();
