@@ -12,9 +12,10 @@
 //! memory (contiguous pages, the common case): `ZSTD_compress2` reads the run where it is, and
 //! zstd's stream decoder, given a whole frame whose size it knows and one output buffer that
 //! holds it, decodes it there in one pass, taking matches from the pages it has just written.
-//! Pages in several runs go through zstd's stream with its copies, still one frame per packet. The price is the history a packet no longer borrows from the ones before
-//! it, some tens of bytes per packet on text (docs/ARCHITECTURE.md has the figures); QEMU's streams,
-//! which never end a frame, are still decoded with zstd's stream.
+//! Pages in several runs go through zstd's stream with its copies, still one frame per packet.
+//! The price is the history a packet no longer borrows from the ones before it, some tens of
+//! bytes per packet on text (docs/ARCHITECTURE.md has the figures); QEMU's streams, which never
+//! end a frame, are still decoded with zstd's stream.
 //!
 //! Compressing in place reads block memory that the application may write meanwhile. zstd's
 //! fast and double-fast match finders (levels up to [`IN_PLACE_MAX_LEVEL`]) bound every read
