@@ -6,7 +6,7 @@
 import test from 'ava'
 import { execFileSync } from 'node:child_process'
 import { createHash } from 'node:crypto'
-import { mkdtempSync, readFileSync, rmSync } from 'node:fs'
+import { mkdtempSync, readFileSync, readdirSync, rmSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { fileURLToPath } from 'node:url'
@@ -45,6 +45,10 @@ for (const channels of [0, 2]) {
     t.is(extractQemuBlock(save, 'mem', out), 16 << 20)
     t.is(sha(out), sha(ram))
     t.throws(() => extractQemuBlock(save, 'nope', out), { instanceOf: MultifdError, message: /has no RAM block "nope"/ })
+    t.is(sha(out), sha(ram), 'a failed extract leaves the file at out as it was')
+    t.is(t.throws(() => extractQemuBlock(save, 'mem', save), { instanceOf: MultifdError })?.code, 'ERR_MULTIFD_INVALID_ARGUMENT', 'the input is never an output')
+    t.true(inspectQemuFile(save).complete)
+    t.deepEqual(readdirSync(dir).sort(), ['mem.raw', 'ram.img', 'save.img'], 'no partial file is left')
   })
 }
 

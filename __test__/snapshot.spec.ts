@@ -1,7 +1,7 @@
 import test from 'ava'
 import { execFileSync } from 'node:child_process'
 import { createHash } from 'node:crypto'
-import { mkdtempSync, openSync, closeSync, writeSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs'
+import { mkdtempSync, openSync, closeSync, writeSync, readFileSync, readdirSync, rmSync, statSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { MultifdError, RamBlock, inspectSnapshot, restore, snapshot } from '../ts/index.js'
@@ -74,25 +74,71 @@ test('restore refuses an incomplete snapshot and one whose blocks do not match',
   t.throws(() => inspectSnapshot(join(dir, 'missing')), { instanceOf: MultifdError, message: /missing/ })
 })
 
-test('disk full: the snapshot fails with ERR_MULTIFD_NO_SPACE, the file is left incomplete, nothing else touched', async (t) => {
-  t.timeout(60_000)
-  const dir = tempDir(t)
+/** A 4 MiB tmpfs inside `dir`, unmounted at teardown. */
+function smallDisk(t: import('ava').ExecutionContext, dir: string): string {
   const mnt = join(dir, 'small')
   execFileSync('mkdir', [mnt])
   execFileSync('mount', ['-t', 'tmpfs', '-o', 'size=4m', 'tmpfs', mnt])
   t.teardown(() => execFileSync('umount', ['-l', mnt]))
+  return mnt
+}
+
+test('disk full: the snapshot fails with ERR_MULTIFD_NO_SPACE, the good snapshot already at the path is untouched', async (t) => {
+  t.timeout(60_000)
+  const dir = tempDir(t)
+  const mnt = smallDisk(t, dir)
   writeFileSync(join(mnt, 'neighbour'), 'keep me')
+  const file = join(mnt, 'vm.snap')
+  const { src: old } = blockPair([['pc.ram', MiB]])
+  await snapshot(old, file)
+  const oldFile = readFileSync(file)
   const { src } = blockPair([['pc.ram', 16 * MiB]])
   const before = sha256(src[0]!)
-  const err = await t.throwsAsync(snapshot(src, join(mnt, 'vm.snap'), { channels: 4 }), { instanceOf: MultifdError })
+  const err = await t.throwsAsync(snapshot(src, file, { channels: 4 }), { instanceOf: MultifdError })
   t.is(err?.code, 'ERR_MULTIFD_NO_SPACE')
   t.regex(err?.message ?? '', /No space left on device/)
-  t.false(inspectSnapshot(join(mnt, 'vm.snap')).complete, 'clearly incomplete')
+  t.true(readFileSync(file).equals(oldFile), 'the earlier snapshot is byte for byte what it was')
+  const r = await restore(file)
+  t.true(sameBytes(old, r.blocks), 'and restores to the blocks it was taken of')
+  t.deepEqual(readdirSync(mnt).sort(), ['neighbour', 'vm.snap'], 'no partial file is left')
   t.is(readFileSync(join(mnt, 'neighbour'), 'utf8'), 'keep me')
   t.is(sha256(src[0]!), before, 'the block is untouched')
   // The process goes on: the same blocks snapshot fine elsewhere.
   const ok = await snapshot(src, join(dir, 'vm.snap'))
   t.true(ok.file.complete)
+})
+
+test('disk full with inPlace: the snapshot fails with ERR_MULTIFD_NO_SPACE, the file is left marked incomplete', async (t) => {
+  t.timeout(60_000)
+  const dir = tempDir(t)
+  const mnt = smallDisk(t, dir)
+  const file = join(mnt, 'vm.snap')
+  const { src } = blockPair([['pc.ram', 16 * MiB]])
+  t.is(await rejectionCode(snapshot(src, file, { channels: 4, inPlace: true })), 'ERR_MULTIFD_NO_SPACE')
+  t.false(inspectSnapshot(file).complete, 'clearly incomplete')
+  t.is(await rejectionCode(restore(file)), 'ERR_MULTIFD_INCOMPLETE')
+})
+
+test('a full snapshot appears at its path only complete: never beside a partial file, never two at once', async (t) => {
+  t.timeout(60_000)
+  const dir = tempDir(t)
+  const file = join(dir, 'vm.snap')
+  const { src } = blockPair(ODD)
+  let seen: string[] = []
+  const first = snapshot(src, file, {
+    channels: 2,
+    onProgress: () => {
+      seen = readdirSync(dir)
+    },
+  })
+  t.is(await rejectionCode(snapshot(src, file)), 'ERR_MULTIFD_STATE', 'a second snapshot to the same path while one runs is refused')
+  const s = await first
+  t.true(s.file.complete)
+  t.true(seen.some((n) => n.startsWith('.vm.snap.multifd-partial-')), 'it was written under a partial name')
+  t.false(seen.includes('vm.snap'), 'nothing was at the path while the snapshot was written')
+  t.deepEqual(readdirSync(dir), ['vm.snap'])
+  t.true(sameBytes(src, (await restore(file)).blocks))
+  t.is(await rejectionCode(snapshot(src, dir)), 'ERR_MULTIFD_INVALID_ARGUMENT', 'a directory is no snapshot path')
 })
 
 test('snapshot options are validated', async (t) => {

@@ -5,7 +5,7 @@ export { Destination, type DestinationOptions, type AnnouncedBlock } from './des
 export { type SourceTlsOptions, type DestinationTlsOptions, type PemSource } from './tls.js'
 export { migrate, type MigrateOptions } from './migrate.js'
 export { runLiveMigration, type LiveMigrateOptions, type LiveOptions, type LiveSummary, type RoundDecision, type RoundStats } from './live.js'
-export { extractQemuBlock, inspectQemuFile, type QemuBlockInfo, type QemuFileInfo } from './qemu.js'
+export { extractQemuBlock, inspectQemuFile, type ExtractOptions, type QemuBlockInfo, type QemuFileInfo } from './qemu.js'
 export { QemuReceiver, QemuSender, type QemuReceiveOptions, type QemuSendOptions, type QemuRecvSummary, type QemuSendSummary, type QemuPeerBlock, type QemuPeerChannel, type QemuPeerProgress } from './qemu-peer.js'
 export { inspectSnapshot, restore, snapshot, type FileProgress, type FileSummary, type RestoreOptions, type SnapshotBlockInfo, type SnapshotInfo, type SnapshotOptions } from './snapshot.js'
 export { type ChannelState, type ChannelStats, type DestinationStats, type Recovery, type Stats, type Summary, type SessionEvents, type TlsSummary } from './types.js'

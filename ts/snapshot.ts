@@ -4,9 +4,10 @@
  */
 import { z } from 'zod'
 import { binding, type NativeEvent } from './native.js'
-import { MultifdError, native, nativeError } from './errors.js'
+import { MultifdError, asMultifdError, native, nativeError } from './errors.js'
 import { RamBlock, RamBlockSchema } from './block.js'
 import { Channels as ChannelCount, parseOptions } from './options.js'
+import { Output } from './outputs.js'
 import type { FileProgress, SnapshotBlockInfo, SnapshotFileInfo } from './native/binding.cjs'
 
 export type { FileProgress, SnapshotBlockInfo } from './native/binding.cjs'
@@ -53,24 +54,47 @@ const SnapshotOptions = z.strictObject({
   channels: Channels,
   /** Write pages with O_DIRECT (refused with ERR_MULTIFD_INVALID_ARGUMENT where unsupported). */
   directIo: z.boolean().default(false),
-  /** Write only dirty pages into an existing complete snapshot of the same blocks. */
+  /**
+   * Write only dirty pages into an existing complete snapshot of the same blocks (at `path`
+   * itself, as `inPlace`).
+   */
   incremental: z.boolean().default(false),
+  /**
+   * Write at `path` itself rather than under a partial name renamed into place once complete;
+   * a failed snapshot then leaves the file marked incomplete. A path that is not a regular file
+   * (a device) is always written in place.
+   */
+  inPlace: z.boolean().default(false),
   onProgress: OnProgress,
 })
 export type SnapshotOptions = z.input<typeof SnapshotOptions>
 
 /**
  * Writes `blocks` to `path`. Zero pages are not written (the file stays sparse); the bitmaps
- * and then the completion marker are written last, each followed by fdatasync. Clears the
- * blocks' dirty bits (a full snapshot) or takes them (incremental). On failure (disk full:
- * ERR_MULTIFD_NO_SPACE) the file is left marked incomplete.
+ * and then the completion marker are written last, each followed by fdatasync. A full
+ * snapshot is written under a partial name beside `path` (`.NAME.multifd-partial-PID`) and
+ * renamed into place, the directory synced, once complete: on failure (disk full:
+ * ERR_MULTIFD_NO_SPACE) or process exit the partial file is removed and whatever was at
+ * `path` is untouched. Clears the blocks' dirty bits (a full snapshot) or takes them
+ * (incremental).
  */
 export async function snapshot(blocks: RamBlock[], path: string, options: SnapshotOptions = {}): Promise<FileSummary> {
   const o = parseOptions(SnapshotOptions, options, 'snapshot options')
   const bs = parseOptions(z.array(RamBlockSchema).min(1), blocks, 'snapshot blocks')
+  const target = parseOptions(z.string().min(1), path, 'snapshot path')
   const job = new binding.NativeFileJob()
   for (const b of bs) job.addBlock(b.native)
-  return run(job, o.channels, (cb) => job.startSnapshot(path, o.channels, o.directIo, o.incremental, cb), o.onProgress)
+  let out: Output | undefined
+  try {
+    out = Output.plan(target, { inPlace: o.inPlace || o.incremental }).create()
+    const { writePath } = out
+    const summary = await run(job, o.channels, (cb) => job.startSnapshot(writePath, o.channels, o.directIo, o.incremental, cb), o.onProgress)
+    out.commit(true)
+    return summary
+  } catch (e) {
+    out?.discard()
+    throw asMultifdError(e)
+  }
 }
 
 const RestoreOptions = z.strictObject({

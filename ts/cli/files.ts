@@ -10,7 +10,8 @@ import { LIMITS } from '../options.js'
 import { bytes } from './format.js'
 import { interruptStatus, onInterrupt } from './interrupt.js'
 import { type CommandResult, failure, print } from './output.js'
-import { Output, refuseOverlap } from './outputs.js'
+import { Output } from '../outputs.js'
+import { refuseOverlap } from './outputs.js'
 import { Progress } from './progress.js'
 
 function fromFile(s: FileSummary, extra: Record<string, unknown> = {}): CommandResult {
@@ -44,21 +45,19 @@ export async function snapshotCommand(argv: string[]): Promise<CommandResult> {
   refuseOverlap(specs.map((s) => s.file), [o.to])
   const json = values.json === true
   const { onProgress, progress } = tracked(json, 'snapshot')
-  const out = Output.plan(o.to, { inPlace: o['in-place'] })
+  const inPlace = Output.plan(o.to, { inPlace: o['in-place'] }).inPlace
   cancelByExit(json, 'snapshot', o.channels, progress)
   try {
     const blocks = specs.map((s) => RamBlock.mapFile({ name: s.name, path: s.file }))
-    const s = await snapshot(blocks, out.create().writePath, { channels: o.channels, directIo: o['direct-io'], onProgress })
-    out.commit(true)
+    const s = await snapshot(blocks, o.to, { channels: o.channels, directIo: o['direct-io'], inPlace: o['in-place'], onProgress })
     progress.stop()
     const r = fromFile(s, { snapshot: o.to, complete: true })
     print(r, json, 'snapshot', [`${o.to}: ${bytes(s.file.fileLength)} (sparse), generation ${s.file.generation}`, ...specs.map((b) => `${b.name} <- ${b.file}`)])
     return r
   } catch (e) {
-    out.discard()
     progress.stop()
     const r = { ...failure(e, o.channels), complete: false }
-    print(r, json, 'snapshot', [out.inPlace ? `${o.to} is left marked incomplete` : `${o.to} is untouched`])
+    print(r, json, 'snapshot', [inPlace ? `${o.to} is left marked incomplete` : `${o.to} is untouched`])
     return r
   }
 }

@@ -13,7 +13,7 @@ import { bytes } from './format.js'
 import { INSPECT_HELP, inspect } from './inspect.js'
 import { installInterruptHandler, interruptStatus } from './interrupt.js'
 import type { CommandResult } from './output.js'
-import { Output, refuseOverlap } from './outputs.js'
+import { refuseOverlap } from './outputs.js'
 import { RECV_QEMU_HELP, SEND_QEMU_HELP, recvQemu, sendQemu } from './qemu-peer.js'
 import { RECV_HELP, SEND_HELP, recv, send } from './transfer.js'
 import { z } from 'zod'
@@ -51,15 +51,7 @@ function extract(argv: string[]): number {
   const o = check(z.object({ block: z.string({ error: 'extract needs --block NAME' }).min(1), out: z.string({ error: 'extract needs --out FILE' }).min(1), 'in-place': z.boolean().default(false) }), values)
   if (positionals.length !== 1) throw new UsageError('extract takes exactly one QEMU_FILE')
   refuseOverlap(positionals, [o.out])
-  const out = Output.plan(o.out, { inPlace: o['in-place'] }).create()
-  let n: number
-  try {
-    n = extractQemuBlock(positionals[0]!, o.block, out.writePath)
-    out.commit()
-  } catch (e) {
-    out.discard()
-    throw e
-  }
+  const n = extractQemuBlock(positionals[0]!, o.block, o.out, { inPlace: o['in-place'] })
   if (values.json === true) process.stdout.write(JSON.stringify({ status: 'completed', block: o.block, out: o.out, bytes: n }) + '\n')
   else process.stdout.write(`extracted ${JSON.stringify(o.block)}: ${bytes(n)} -> ${o.out}\n`)
   return 0

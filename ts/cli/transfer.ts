@@ -14,7 +14,8 @@ import { bytes, rate } from './format.js'
 import { type CommandResult, failure, print } from './output.js'
 import { Progress } from './progress.js'
 import { onInterrupt, wasInterrupted } from './interrupt.js'
-import { Output, refuseOverlap } from './outputs.js'
+import { Output } from '../outputs.js'
+import { refuseOverlap } from './outputs.js'
 
 function fromSummary(s: Summary, extra: Record<string, unknown> = {}): CommandResult {
   return { status: s.status, bytes: s.bytes, seconds: s.seconds, bytesPerSecond: s.bytesPerSecond, channels: s.channels, pages: s.pages, ...(s.error ? { error: s.error } : {}), perChannel: s.perChannel, recoveries: s.recoveries, ...(s.tls ? { tls: s.tls } : {}), ...extra }
