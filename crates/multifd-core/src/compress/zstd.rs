@@ -225,11 +225,21 @@ impl Drop for ZstdDecompressor {
     }
 }
 
+/// The largest window a frame may ask the decoder for: 2^25 bytes (32 MiB), what zstd's level
+/// 20 uses (QEMU's highest `multifd-zstd-level`, and ours). zstd's default, 2^27, let a frame
+/// header of a few bytes reserve 128 MiB per channel; a frame asking for more than this is
+/// refused before anything is allocated. A frame decoded in one pass (its whole content in
+/// the pages, as ours are) needs no window at all.
+const WINDOW_LOG_MAX: i32 = 25;
+
 impl ZstdDecompressor {
     fn new() -> Result<Self> {
         // SAFETY: creates a fresh context (or returns null when out of memory).
         let ctx = NonNull::new(unsafe { sys::ZSTD_createDCtx() }).ok_or_else(|| Error::new(ErrorCode::Decompress, "zstd init: out of memory"))?;
-        Ok(ZstdDecompressor { ctx, at_frame_start: true, blocks: Vec::new() })
+        let d = ZstdDecompressor { ctx, at_frame_start: true, blocks: Vec::new() };
+        // SAFETY: the context just made, ours.
+        check(unsafe { sys::ZSTD_DCtx_setParameter(d.ctx.as_ptr(), sys::ZSTD_dParameter::ZSTD_d_windowLogMax, WINDOW_LOG_MAX) }, ErrorCode::Decompress, "window limit")?;
+        Ok(d)
     }
 
     /// One `ZSTD_decompressStream` call; true when it read input or wrote output.
@@ -386,6 +396,50 @@ mod tests {
             ours.decompress(&out, &mut WriteTarget::buffer(&mut got)).unwrap();
             assert!(got == ps.concat(), "packet {i}: our decoder");
             assert!(qemu_decode(&mut qemu, &out, 128) == ps.concat(), "packet {i}: QEMU's decoding loop");
+        }
+    }
+
+    /// A frame with no content size asking for a `window_log` window, of one RLE block making
+    /// `PAGE` bytes of 'A' (zstd decodes it; it is no raw frame).
+    fn frame_asking_window(window_log: u8) -> Vec<u8> {
+        let mut f = MAGIC.to_vec();
+        f.push(0); // no content size, not single-segment, no checksum, no dictionary
+        f.push((window_log - 10) << 3); // window descriptor: exponent, mantissa 0
+        let h = (PAGE as u32) << 3 | 1 << 1 | 1; // last block, RLE, PAGE bytes
+        f.extend_from_slice(&h.to_le_bytes()[..3]);
+        f.push(b'A');
+        f
+    }
+
+    #[test]
+    fn a_frame_asking_for_a_window_past_level_20s_is_refused_before_it_is_allocated() {
+        // QEMU's stream at its highest level (20): no content size, zstd's level-20 window.
+        let mut qemu = zstd::zstd_safe::CCtx::create();
+        qemu.set_parameter(zstd::zstd_safe::CParameter::CompressionLevel(20)).unwrap();
+        let pages = text_packet(7).concat();
+        let mut payload = vec![0u8; 2 * pages.len()];
+        let mut out = OutBuffer::around(&mut payload[..]);
+        let mut input = InBuffer::around(&pages);
+        while qemu.compress_stream2(&mut out, &mut input, sys::ZSTD_EndDirective::ZSTD_e_flush).unwrap() > 0 || input.pos() < pages.len() {}
+        let n = out.pos();
+        payload.truncate(n);
+        assert_eq!(payload[5] >> 3, 25 - 10, "level 20 asks for a 2^25 window");
+        let mut ours = decompressor().unwrap();
+        let mut got = vec![0u8; pages.len()];
+        ours.decompress(&payload, &mut WriteTarget::buffer(&mut got)).unwrap();
+        assert!(got == pages, "QEMU's level-20 stream decodes");
+
+        for (window_log, ok) in [(25, true), (26, false), (27, false)] {
+            let mut d = ZstdDecompressor::new().unwrap();
+            let mut page = vec![0u8; PAGE];
+            let r = d.decompress(&frame_asking_window(window_log), &mut WriteTarget::buffer(&mut page));
+            if ok {
+                r.unwrap();
+                assert!(page.iter().all(|&b| b == b'A'));
+            } else {
+                assert_eq!(r.unwrap_err().code, ErrorCode::Decompress, "window 2^{window_log}");
+                assert!(dctx_bytes(&d) < 1 << 20, "window 2^{window_log}: nothing allocated ({} bytes)", dctx_bytes(&d));
+            }
         }
     }
 
