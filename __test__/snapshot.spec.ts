@@ -1,7 +1,7 @@
 import test from 'ava'
 import { execFileSync } from 'node:child_process'
-import { createHash } from 'node:crypto'
-import { mkdtempSync, openSync, closeSync, writeSync, readFileSync, readdirSync, rmSync, statSync, writeFileSync } from 'node:fs'
+import { createHash, randomBytes } from 'node:crypto'
+import { mkdtempSync, openSync, closeSync, writeSync, readFileSync, readdirSync, rmSync, statSync, symlinkSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { MultifdError, RamBlock, inspectSnapshot, restore, snapshot } from '../ts/index.js'
@@ -11,6 +11,8 @@ const ODD: Array<[string, number]> = [
   ['pc.ram', 16 * MiB + 5 * 4096],
   ['vga.vram', 3 * 4096],
 ]
+
+const sha256File = (path: string): string => createHash('sha256').update(readFileSync(path)).digest('hex')
 
 function tempDir(t: import('ava').ExecutionContext): string {
   const dir = mkdtempSync(join(tmpdir(), 'multifd-snap-'))
@@ -139,6 +141,29 @@ test('a full snapshot appears at its path only complete: never beside a partial 
   t.deepEqual(readdirSync(dir), ['vm.snap'])
   t.true(sameBytes(src, (await restore(file)).blocks))
   t.is(await rejectionCode(snapshot(src, dir)), 'ERR_MULTIFD_INVALID_ARGUMENT', 'a directory is no snapshot path')
+})
+
+test('a snapshot never overwrites the file a block is mapped from, nor a restore the snapshot it reads', async (t) => {
+  t.timeout(60_000)
+  const dir = tempDir(t)
+  const img = join(dir, 'img.raw')
+  writeFileSync(img, randomBytes(64 * 4096))
+  const before = sha256File(img)
+  const block = RamBlock.mapFile({ name: 'pc.ram', path: img })
+  symlinkSync(img, join(dir, 'link'))
+  for (const [path, options] of [[img, {}], [img, { inPlace: true }], [join(dir, 'link'), {}]] as const) {
+    const err = await t.throwsAsync(snapshot([block], path, options), { instanceOf: MultifdError })
+    t.is(err?.code, 'ERR_MULTIFD_INVALID_ARGUMENT')
+    t.regex(err?.message ?? '', /block "pc.ram" is mapped from/)
+  }
+  t.is(sha256File(img), before, 'the image is untouched')
+  const snap = join(dir, 'vm.snap')
+  await snapshot([block], snap)
+  const snapBefore = sha256File(snap)
+  const onSnapshot = RamBlock.mapFile({ name: 'pc.ram', path: snap })
+  t.is(await rejectionCode(restore(snap, { blocks: [onSnapshot] })), 'ERR_MULTIFD_INVALID_ARGUMENT')
+  t.is(sha256File(snap), snapBefore, 'the snapshot is untouched')
+  t.deepEqual(readdirSync(dir).sort(), ['img.raw', 'link', 'vm.snap'])
 })
 
 test('snapshot options are validated', async (t) => {

@@ -82,6 +82,7 @@ export async function snapshot(blocks: RamBlock[], path: string, options: Snapsh
   const o = parseOptions(SnapshotOptions, options, 'snapshot options')
   const bs = parseOptions(z.array(RamBlockSchema).min(1), blocks, 'snapshot blocks')
   const target = parseOptions(z.string().min(1), path, 'snapshot path')
+  refuseBackingFile(bs, target, 'writing the snapshot there would destroy the block')
   const job = new binding.NativeFileJob()
   for (const b of bs) job.addBlock(b.native)
   let out: Output | undefined
@@ -95,6 +96,12 @@ export async function snapshot(blocks: RamBlock[], path: string, options: Snapsh
     out?.discard()
     throw asMultifdError(e)
   }
+}
+
+/** Refuses a snapshot file that is the memory of one of `blocks` (a block mapped from it). */
+function refuseBackingFile(blocks: readonly RamBlock[], path: string, why: string): void {
+  const b = blocks.find((x) => x.native.isBackedBy(path))
+  if (b) throw new MultifdError('ERR_MULTIFD_INVALID_ARGUMENT', `${path} is the file block ${JSON.stringify(b.name)} is mapped from: ${why}`)
 }
 
 const RestoreOptions = z.strictObject({
@@ -117,6 +124,7 @@ export async function restore(path: string, options: RestoreOptions = {}): Promi
     typeof o.blocks === 'function'
       ? o.blocks(info.blocks, info.pageSize)
       : (o.blocks ?? info.blocks.map((b) => RamBlock.allocate({ name: b.name, size: b.length, pageSize: info.pageSize })))
+  refuseBackingFile(blocks, path, 'restoring into the block would overwrite the snapshot being read')
   const job = new binding.NativeFileJob()
   for (const b of blocks) job.addBlock(b.native)
   const summary = await run(job, o.channels, (cb) => job.startRestore(path, o.channels, cb), o.onProgress)

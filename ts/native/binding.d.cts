@@ -14,6 +14,8 @@ export declare class Block {
   static allocate(name: string, length: number, pageSize: number, prefault: boolean): Block
   /** A file mapped MAP_SHARED; with `length` the file is created or resized first. */
   static mapFile(name: string, path: string, pageSize: number, length: number | undefined | null, prefault: boolean): Block
+  /** Whether the block's memory is the file at `path` (same device and inode, links followed). */
+  isBackedBy(path: string): boolean
   /**
    * Registers this block for other threads of the process and returns its token (the same
    * token every time until `unshare`). The registry keeps the memory alive until then.

@@ -190,6 +190,17 @@ impl RamBlock {
         self.memory.is_empty()
     }
 
+    /// Whether the block's memory is the file at `path` (same device and inode, links followed):
+    /// writing that path would write the block.
+    pub fn is_backed_by(&self, path: &Path) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        let Some(backing) = &self.file else { return false };
+        match (backing.file.metadata(), std::fs::metadata(path)) {
+            (Ok(ours), Ok(theirs)) => ours.dev() == theirs.dev() && ours.ino() == theirs.ino(),
+            _ => false,
+        }
+    }
+
     pub fn page_size(&self) -> u32 {
         self.geometry.page_size()
     }

@@ -149,6 +149,12 @@ impl Block {
         Ok(Block { inner: Arc::new(inner) })
     }
 
+    /// Whether the block's memory is the file at `path` (same device and inode, links followed).
+    #[napi]
+    pub fn is_backed_by(&self, path: String) -> bool {
+        self.inner.is_backed_by(Path::new(&path))
+    }
+
     /// Registers this block for other threads of the process and returns its token (the same
     /// token every time until `unshare`). The registry keeps the memory alive until then.
     #[napi]
