@@ -1,8 +1,7 @@
 /** Running the `multifd` command in tests: real processes, their output and exit status. */
 import type { ExecutionContext } from 'ava'
 import { spawn } from 'node:child_process'
-import { createHash } from 'node:crypto'
-import { mkdtempSync, readFileSync, rmSync } from 'node:fs'
+import { mkdtempSync, rmSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { fileURLToPath } from 'node:url'
@@ -35,7 +34,7 @@ export function cli(args: string[], opts: { onStderr?: (s: string) => void; time
   return { done, kill: (s) => child.kill(s) }
 }
 
-export const sha = (f: string): string => createHash('sha256').update(readFileSync(f)).digest('hex')
+export { sha256File as sha } from './helpers.js'
 export const lastJson = (s: string): Record<string, unknown> => JSON.parse(s.trim().split('\n').pop()!) as Record<string, unknown>
 
 export function workdir(t: ExecutionContext): string {

@@ -11,6 +11,9 @@ import { MultifdError, RamBlock, type MultifdErrorCode } from '../ts/index.js'
 
 export const MiB = 1 << 20
 
+/** sha256 of a whole file. */
+export const sha256File = (path: string): string => createHash('sha256').update(readFileSync(path)).digest('hex')
+
 export function sha256(block: RamBlock): string {
   return createHash('sha256').update(block.view()).digest('hex')
 }

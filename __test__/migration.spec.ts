@@ -1,11 +1,10 @@
 import test from 'ava'
-import { createHash } from 'node:crypto'
 import diagnostics from 'node:diagnostics_channel'
-import { mkdtempSync, readFileSync, rmSync } from 'node:fs'
+import { mkdtempSync, rmSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { Destination, MultifdError, RamBlock, Source, migrate, type MigrationState } from '../ts/index.js'
-import { MiB, blockPair, fdCount, rawControl, rejectionCode, sameBytes, scribble, sha256, spawnPeer, threadCount, until, whenTrue } from './helpers.js'
+import { MiB, blockPair, fdCount, rawControl, rejectionCode, sameBytes, scribble, sha256, sha256File, spawnPeer, threadCount, until, whenTrue } from './helpers.js'
 
 // Odd sizes: not multiples of a 128-page packet.
 const ODD: Array<[string, number]> = [
@@ -86,7 +85,7 @@ test('destination creates blocks for the announced table (mapped files, as the C
     await migrate({ address: dest.address, blocks: src, channels: 3 })
     await dest.done
     t.deepEqual(dest.blocks.map((b) => b.name), ODD.map(([n]) => n))
-    for (const [i, b] of src.entries()) t.is(createHash('sha256').update(readFileSync(join(dir, `block-${i}.img`))).digest('hex'), sha256(b))
+    for (const [i, b] of src.entries()) t.is(sha256File(join(dir, `block-${i}.img`)), sha256(b))
   } finally {
     rmSync(dir, { recursive: true, force: true })
   }

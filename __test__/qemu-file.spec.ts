@@ -5,12 +5,12 @@
  */
 import test from 'ava'
 import { execFileSync } from 'node:child_process'
-import { createHash } from 'node:crypto'
-import { mkdtempSync, readFileSync, readdirSync, rmSync } from 'node:fs'
+import { mkdtempSync, readdirSync, rmSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { fileURLToPath } from 'node:url'
 import { MultifdError, extractQemuBlock, inspectQemuFile } from '../ts/index.js'
+import { sha256File as sha } from './helpers.js'
 
 const root = fileURLToPath(new URL('..', import.meta.url))
 const haveQemu = (() => {
@@ -21,7 +21,6 @@ const haveQemu = (() => {
   }
 })()
 const live = haveQemu ? test : test.skip
-const sha = (f: string): string => createHash('sha256').update(readFileSync(f)).digest('hex')
 
 for (const channels of [0, 2]) {
   live(`QEMU 10 mapped-ram save ${channels ? `with multifd (${channels} channels)` : 'without multifd'}: extracted RAM equals the backing file`, (t) => {

@@ -9,8 +9,8 @@
  */
 import test, { type ExecutionContext } from 'ava'
 import { execFile, execFileSync, spawn } from 'node:child_process'
-import { createHash, randomBytes } from 'node:crypto'
-import { existsSync, mkdtempSync, readFileSync, readdirSync, rmSync, writeFileSync } from 'node:fs'
+import { randomBytes } from 'node:crypto'
+import { existsSync, mkdtempSync, readdirSync, rmSync, writeFileSync } from 'node:fs'
 import net from 'node:net'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
@@ -18,7 +18,7 @@ import { createInterface } from 'node:readline'
 import { fileURLToPath } from 'node:url'
 import { promisify } from 'node:util'
 import { MultifdError, QemuReceiver, QemuSender, inspectQemuFile } from '../ts/index.js'
-import { fdCount, threadCount } from './helpers.js'
+import { fdCount, sha256File as sha, threadCount } from './helpers.js'
 
 const root = fileURLToPath(new URL('..', import.meta.url))
 const py = (name: string): string => join(root, 'bench/qemu', name)
@@ -33,7 +33,6 @@ const haveQemu = (() => {
 if (!haveQemu) console.log('qemu-peer.spec: qemu-system-x86_64 >= 10 not found; the tests with a real QEMU are skipped')
 const live = haveQemu ? test.serial : test.skip
 const SIZE_MIB = 64
-const sha = (f: string): string => createHash('sha256').update(readFileSync(f)).digest('hex')
 
 /** A work directory with the guest RAM image, removed after the test. */
 function workdir(t: ExecutionContext): { dir: string; ram: string } {

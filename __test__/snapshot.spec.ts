@@ -1,18 +1,16 @@
 import test from 'ava'
 import { execFileSync } from 'node:child_process'
-import { createHash, randomBytes } from 'node:crypto'
+import { randomBytes } from 'node:crypto'
 import { mkdtempSync, openSync, closeSync, writeSync, readFileSync, readdirSync, rmSync, statSync, symlinkSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { MultifdError, RamBlock, inspectSnapshot, restore, snapshot } from '../ts/index.js'
-import { MiB, blockPair, rejectionCode, sameBytes, scribble, sha256 } from './helpers.js'
+import { MiB, blockPair, rejectionCode, sameBytes, scribble, sha256, sha256File } from './helpers.js'
 
 const ODD: Array<[string, number]> = [
   ['pc.ram', 16 * MiB + 5 * 4096],
   ['vga.vram', 3 * 4096],
 ]
-
-const sha256File = (path: string): string => createHash('sha256').update(readFileSync(path)).digest('hex')
 
 function tempDir(t: import('ava').ExecutionContext): string {
   const dir = mkdtempSync(join(tmpdir(), 'multifd-snap-'))
@@ -56,7 +54,7 @@ test('incremental snapshot writes only dirty pages; restore into mapped files', 
   t.is(s.file.generation, 2)
   const r = await restore(file, { blocks: (table) => table.map((b, i) => RamBlock.mapFile({ name: b.name, path: join(dir, `out-${i}.img`), size: b.length })) })
   t.true(sameBytes(src, r.blocks))
-  t.is(createHash('sha256').update(readFileSync(join(dir, 'out-0.img'))).digest('hex'), sha256(src[0]!))
+  t.is(sha256File(join(dir, 'out-0.img')), sha256(src[0]!))
 })
 
 test('restore refuses an incomplete snapshot and one whose blocks do not match', async (t) => {
